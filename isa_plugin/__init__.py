@@ -1,0 +1,9 @@
+"""isa-plugin: In-context Sparse Attention (ISA) for in-context video editing pipelines in diffusers."""
+
+from .attention import ISAInfo, isa_attention
+from .config import ISAConfig
+from .layout import Layout
+
+__version__ = "0.1.0"
+
+__all__ = ["Layout", "ISAConfig", "ISAInfo", "isa_attention", "__version__"]

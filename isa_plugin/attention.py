@@ -1,0 +1,156 @@
+"""Public functional entry point: :func:`isa_attention` (plan, then execute; dense fallback)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .config import ISAConfig
+from .kernels.reference import isa_attention_reference
+from .layout import Layout
+
+__all__ = ["isa_attention", "ISAInfo", "dense_attention"]
+
+logger = logging.getLogger(__name__)
+
+LayoutArg = Union[Layout, Sequence[Layout]]
+
+
+@dataclass(frozen=True)
+class ISAInfo:
+    """How one :func:`isa_attention` call was served.
+
+    Attributes:
+        used_isa: False when the call fell back to dense attention.
+        backend: ``"reference"``, ``"triton"`` or ``"dense"``.
+        reason: why the call fell back to dense attention (None when ISA ran).
+    """
+
+    used_isa: bool
+    backend: str
+    reason: Optional[str] = None
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """Dense softmax attention through torch SDPA, q/k/v/out in [B, N, H, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+def _check_inputs(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.ndim != 4:
+        raise ValueError(f"q has shape {tuple(q.shape)}; expected [B, N, H, D] (diffusers' layout)")
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share one [B, N, H, D] shape "
+            "(ISA serves self-attention; use dense attention for cross-attention)"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
+    if not q.is_floating_point():
+        raise TypeError(f"q has dtype {q.dtype}; ISA needs floating-point inputs")
+
+
+def _ineligible(q: torch.Tensor, layout: Layout, config: ISAConfig) -> Optional[str]:
+    blocks = layout.blocks(config.block_size)
+    if blocks.num_blocks < 2:
+        return f"fewer than two blocks ({layout.num_tokens} tokens, block_size={config.block_size})"
+    return None
+
+
+def _choose_backend(q: torch.Tensor, config: ISAConfig) -> Tuple[str, Optional[str]]:
+    """Pick 'triton' or 'reference'; the second item is a reason the kernels cannot serve the call."""
+    if config.backend == "reference":
+        return "reference", None
+    from .kernels import dispatch
+
+    why_not = dispatch.triton_ineligible(q, config)
+    if why_not is None:
+        return "triton", None
+    if config.backend == "triton":
+        raise RuntimeError(f"ISAConfig.backend='triton' but the Triton kernels cannot serve this call: {why_not}")
+    return "reference", why_not
+
+
+def isa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: LayoutArg,
+    config: Optional[ISAConfig] = None,
+    *,
+    scale: Optional[float] = None,
+    return_info: bool = False,
+):
+    """In-context sparse attention over target, context and text tokens.
+
+    Args:
+        q, k, v: [B, N, H, D] (sequence before heads, as diffusers' processors hold them), one dtype.
+        layout: a :class:`Layout` covering the N tokens, or one Layout per batch entry (each covering N).
+        config: ratios, block size, sharpness metric and backend; default :class:`ISAConfig`.
+        scale: softmax scale, default 1/sqrt(D).
+        return_info: also return an :class:`ISAInfo` saying how the call was served.
+
+    Returns:
+        [B, N, H, D] in q's dtype (or ``(out, info)``). Each query attends over the target and text
+        tokens and the kept context blocks; sharp query blocks exactly, the others through the
+        0th-order Taylor branch. No row is ever empty: every query sees at least its target blocks.
+        NaN/Inf in the inputs propagate as in dense attention.
+        With all ratios 1 the result is dense attention. Calls that cannot use ISA (fewer than two
+        blocks) are served by dense attention, reported through ``info``.
+
+    Raises:
+        ValueError: shapes that differ, a layout that does not cover N tokens, per-head ratios whose
+            length is not H, or a list of layouts whose length is not B.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 512, 2, 64)
+        >>> out, info = isa_attention(q, k, v, Layout([("target", 256), ("context", 256)]), return_info=True)
+        >>> info.used_isa
+        True
+    """
+    config = config or ISAConfig()
+    if not isinstance(config, ISAConfig):
+        raise TypeError(f"config must be an ISAConfig, got {type(config).__name__}")
+    _check_inputs(q, k, v)
+    B, N, H, _ = q.shape
+    config.per_head(H)  # validates per-head lengths
+    if not isinstance(layout, Layout):
+        layouts = list(layout)
+        if len(layouts) != B or not all(isinstance(l, Layout) for l in layouts):
+            raise ValueError(f"layout must be a Layout or a list of {B} Layouts (one per batch entry); got {layout!r}")
+        if len(set(layouts)) == 1:
+            layout = layouts[0]
+        else:
+            parts = [isa_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], l, config, scale=scale, return_info=True) for i, l in enumerate(layouts)]
+            out = torch.cat([p[0] for p in parts])
+            infos = [p[1] for p in parts]
+            info = next((i for i in infos if not i.used_isa), infos[0])
+            return (out, info) if return_info else out
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a Layout, got {type(layout).__name__}")
+    layout.check(N)
+
+    reason = _ineligible(q, layout, config)
+    if reason is not None:
+        out, info = dense_attention(q, k, v, scale), ISAInfo(False, "dense", reason)
+    else:
+        backend, why_not = _choose_backend(q, config)
+        if backend == "triton":
+            from .kernels import dispatch
+
+            out = dispatch.isa_attention_triton(q, k, v, layout, config, scale=scale)
+        else:
+            if q.is_cuda and why_not is not None:
+                logger.debug("ISA kernels unavailable (%s); using the PyTorch reference", why_not)
+            out = isa_attention_reference(q, k, v, layout, config, scale=scale)
+        info = ISAInfo(True, backend)
+    return (out, info) if return_info else out

@@ -1,0 +1,157 @@
+"""ISA configuration: the three ratios, block size, sharpness metric and backend."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["ISAConfig", "Ratio", "SHARPNESS_METRICS", "BACKENDS"]
+
+Ratio = Union[float, Tuple[float, ...]]
+SHARPNESS_METRICS = ("topk_mass", "l2")
+BACKENDS = ("auto", "reference", "triton")
+_RATIOS = ("alpha_s", "alpha_f", "alpha_ns")
+
+
+def _check_ratio(name: str, value: Any) -> Ratio:
+    def one(v, where=""):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"ISAConfig.{name}{where}={v!r} must be a number in (0, 1]")
+        v = float(v)
+        if not (0.0 < v <= 1.0) or math.isnan(v):
+            raise ValueError(f"ISAConfig.{name}{where}={v!r} is out of range; use a value in (0, 1] (1 = keep everything)")
+        return v
+
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            raise ValueError(f"ISAConfig.{name} is an empty sequence; give one value per head or a single number")
+        return tuple(one(v, f"[{i}]") for i, v in enumerate(value))
+    return one(value)
+
+
+@dataclass(frozen=True)
+class ISAConfig:
+    """Settings of one ISA attention call.
+
+    Args:
+        alpha_s: fraction of context key blocks kept (by saliency); the rest are dropped. (0, 1].
+        alpha_f: fraction of non-text query blocks (the sharpest) sent to exact attention over KV'. (0, 1].
+        alpha_ns: fraction of non-text KV' blocks each Taylor query block computes exactly; the others
+            enter as block means. (0, 1].
+        block_size: tokens per block (each span is blocked separately). Default 64.
+        sharpness: ``"topk_mass"`` (mass of the top ``topk_fraction`` target key blocks of the pooled row,
+            default) or ``"l2"`` (squared norm of the pooled row).
+        topk_fraction: k = max(1, floor(topk_fraction * #target blocks)) for ``"topk_mass"``.
+        backend: ``"auto"`` (Triton kernels on CUDA when eligible, else the PyTorch reference),
+            ``"reference"`` or ``"triton"``.
+
+    Each ratio may be a sequence with one value per attention head.
+
+    Raises:
+        TypeError / ValueError: a ratio outside (0, 1], a bad block size, unknown metric or backend.
+
+    Example:
+        >>> cfg = ISAConfig(alpha_s=0.25, alpha_f=(0.5, 0.75))   # per-head alpha_f for 2 heads
+        >>> ISAConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    alpha_s: Ratio = 0.125
+    alpha_f: Ratio = 0.5
+    alpha_ns: Ratio = 0.0625
+    block_size: int = 64
+    sharpness: str = "topk_mass"
+    topk_fraction: float = 0.0625
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in _RATIOS:
+            object.__setattr__(self, name, _check_ratio(name, getattr(self, name)))
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, numbers.Integral) or self.block_size < 1:
+            raise ValueError(f"ISAConfig.block_size={self.block_size!r} must be a positive integer (default 64)")
+        object.__setattr__(self, "block_size", int(self.block_size))
+        if self.sharpness not in SHARPNESS_METRICS:
+            raise ValueError(f"ISAConfig.sharpness={self.sharpness!r} is not supported; supported: {list(SHARPNESS_METRICS)}")
+        object.__setattr__(self, "topk_fraction", _check_ratio("topk_fraction", self.topk_fraction))
+        if isinstance(self.topk_fraction, tuple):
+            raise TypeError("ISAConfig.topk_fraction must be a single number")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"ISAConfig.backend={self.backend!r} is not supported; supported: {list(BACKENDS)}")
+
+    # -------------------------------------------------------------- helpers
+    @property
+    def is_dense(self) -> bool:
+        """True when every ratio is 1, i.e. ISA computes exactly dense attention."""
+        return all(v == 1.0 for name in _RATIOS for v in _as_tuple(getattr(self, name)))
+
+    @property
+    def num_heads(self) -> int | None:
+        """The head count implied by per-head ratios, or None when all ratios are scalars."""
+        lens = {len(getattr(self, n)) for n in _RATIOS if isinstance(getattr(self, n), tuple)}
+        if len(lens) > 1:
+            return -1
+        return lens.pop() if lens else None
+
+    def per_head(self, num_heads: int, device=None) -> Dict[str, torch.Tensor]:
+        """The three ratios as float64 tensors of shape [num_heads].
+
+        Raises:
+            ValueError: a per-head ratio whose length differs from ``num_heads``.
+        """
+        out = {}
+        for name in _RATIOS:
+            v = getattr(self, name)
+            if isinstance(v, tuple):
+                if len(v) != num_heads:
+                    raise ValueError(
+                        f"ISAConfig.{name} has {len(v)} per-head values but the attention call has {num_heads} heads; "
+                        f"give {num_heads} values or a single number"
+                    )
+                out[name] = torch.tensor(v, dtype=torch.float64, device=device)
+            else:
+                out[name] = torch.full((num_heads,), v, dtype=torch.float64, device=device)
+        return out
+
+    def replace(self, **changes) -> "ISAConfig":
+        d = self.to_dict()
+        d.update(changes)
+        return ISAConfig.from_dict(d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain-Python dict (lists for per-head ratios), safe for YAML/JSON."""
+        d = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ISAConfig":
+        """Inverse of :meth:`to_dict`. Unknown keys raise ``ValueError``."""
+        if not isinstance(d, dict):
+            raise TypeError(f"ISAConfig.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ISAConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+def _as_tuple(v: Ratio) -> Tuple[float, ...]:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def count_of(alpha: torch.Tensor, n: int) -> torch.Tensor:
+    """ceil(alpha * n) per head, at least 1 when n > 0 and at most n (robust to float round-off)."""
+    if n <= 0:
+        return torch.zeros_like(alpha, dtype=torch.int64)
+    c = torch.ceil(alpha * n - 1e-9).to(torch.int64)
+    return c.clamp(1, n)
+
+
