@@ -192,7 +192,8 @@ def execute_plan_reference(
         q, k, v: [B, N, H, D].
         plan: from :func:`plan_reference` (or a kernel planner with the same fields).
     Returns:
-        [B, N, H, D] in q's dtype.
+        [B, N, H, D] in q's dtype. A non-finite value anywhere in k or v of a (batch, head) makes that
+        head's output NaN (for v, the affected feature columns), as in dense attention.
     """
     ct = _compute_dtype(q)
     sc = _scale(q, scale)
@@ -221,6 +222,10 @@ def execute_plan_reference(
             s_bar = s_bar.masked_fill(~approx[b][:, qb], float("-inf"))
             p = torch.softmax(torch.cat([s_tok, s_bar], dim=-1), dim=-1)
             out[b, :, s0:s1] = p[..., :N] @ vh[b] + p[..., N:] @ vbar[b]
+    # Dense attention turns a NaN/Inf anywhere in k or v into NaN outputs for the whole head, even when
+    # ISA would have dropped that block; keep that behaviour (0 * non-finite = NaN, else 0).
+    # A non-finite v element only poisons its own feature column, as in dense attention.
+    out += (kbar.sum(dim=(2, 3)) * 0)[:, :, None, None] + (vbar.sum(dim=2) * 0)[:, :, None, :]
     return out.permute(0, 2, 1, 3).to(q.dtype)
 
 
