@@ -1,0 +1,208 @@
+"""Execution of a :class:`~isa_plugin.kernels.plan.CompactPlan`: the exact group and the Taylor group.
+
+Two ways to run the exact group (query blocks that attend over all of KV'):
+
+- ``"triton"``: :func:`~isa_plugin.kernels.isa_attn.isa_attn_items` walks each (b, h)'s KV' list.
+- ``"sdpa"``: per chunk of heads, gather the exact query rows and a common prefix of full KV' blocks
+  into dense [B, Hc, L, D] tensors and run cuDNN attention (torch's private op that also returns the
+  log-sum-exp); the Triton kernel then folds in the KV' blocks that are not in the common prefix (short
+  blocks, or blocks beyond the shortest list of the chunk) and scatters the rows back to their tokens.
+  Heads are chunked so that the gathered copies stay under about one size of k.
+
+The Taylor group always runs in Triton, on a side stream so that it overlaps the exact group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .isa_attn import isa_attn_items
+from .plan import CompactPlan
+from .pooling import pool_blocks_triton
+
+__all__ = ["execute_compact", "sdpa_with_lse"]
+
+
+def sdpa_with_lse(q, k, v, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention on [B, H, L, D] tensors returning (out, natural-log lse [B, H, Lq] float32).
+
+    Uses cuDNN attention when it accepts the inputs, else the flash backend.
+    """
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    except Exception:  # cuDNN unavailable or refusing this shape: the flash backend
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    o, lse = res[0], res[1]
+    B, H, L, _ = q.shape
+    lse = lse.reshape(B, H, L).float().contiguous()
+    return o, lse
+
+
+def _items(mask: torch.Tensor):
+    """(bh, qb) int32 pairs of the True entries of a [B, H, nb] mask."""
+    B, H, nb = mask.shape
+    nz = torch.nonzero(mask.reshape(B * H, nb))
+    return nz[:, 0].to(torch.int32).contiguous(), nz[:, 1].to(torch.int32).contiguous()
+
+
+def _pooled_kv(k, v, cp: CompactPlan, starts, counts):
+    B, N, H, D = k.shape
+    nb = starts.numel()
+    if k.stride() == v.stride():
+        kbar, vbar = pool_blocks_triton(k, v, starts=starts, counts=counts, block_size=cp.blocks.block_size)
+    else:
+        kbar = pool_blocks_triton(k, starts=starts, counts=counts, block_size=cp.blocks.block_size)[0]
+        vbar = pool_blocks_triton(v, starts=starts, counts=counts, block_size=cp.blocks.block_size)[0]
+    return kbar.to(k.dtype).reshape(B * H, nb, D), vbar.to(v.dtype).reshape(B * H, nb, D)
+
+
+def _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale):
+    B, H, nb = cp.exact_q.shape
+    w_bh, w_qb = _items(~cp.exact_q)
+    if w_bh.numel() == 0:
+        return
+    S = cp.tsel.shape[-1]
+    w_loff = (w_bh.long() * nb + w_qb.long()) * S
+    w_llen = cp.tsel_len.reshape(B * H, nb)[w_bh.long(), w_qb.long()].to(torch.int32)
+    isa_attn_items(
+        q, k, v, out, kbar, vbar, log2n, starts, counts,
+        w_bh, w_qb, w_loff.contiguous(), w_llen.contiguous(), cp.tsel.reshape(-1),
+        block_size=cp.blocks.block_size, scale=scale, taylor=True,
+        kv_list=cp.kv_list.reshape(B * H, -1), kv_len=cp.kv_len.reshape(-1), approx=cp.approx.reshape(B * H, nb, -1),
+    )
+
+
+def _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale):
+    B, H, nb = cp.exact_q.shape
+    w_bh, w_qb = _items(cp.exact_q)
+    if w_bh.numel() == 0:
+        return
+    kmax = cp.kv_list.shape[-1]
+    w_llen = cp.kv_len.reshape(-1)[w_bh.long()]
+    order = torch.argsort(w_llen, descending=True, stable=True)  # heavy items first
+    w_bh, w_qb, w_llen = w_bh[order].contiguous(), w_qb[order].contiguous(), w_llen[order].contiguous()
+    w_loff = (w_bh.long() * kmax).contiguous()
+    isa_attn_items(
+        q, k, v, out, kbar, vbar, log2n, starts, counts,
+        w_bh, w_qb, w_loff, w_llen, cp.kv_list.reshape(-1),
+        block_size=cp.blocks.block_size, scale=scale,
+    )
+
+
+def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale, mem_budget_bytes):
+    B, N, H, D = q.shape
+    nb = cp.exact_q.shape[-1]
+    bs = cp.blocks.block_size
+    dev = q.device
+    kmax = cp.kv_list.shape[-1]
+    n_eq = cp.exact_q.sum(-1)  # [B, H]
+    # group heads with equal (query blocks, common full prefix) so no chunk pads much
+    nq_h = n_eq.max(0).values  # [H]
+    full_h = cp.kv_full.min(0).values.long()  # [H]
+    keys = torch.stack([nq_h, full_h], 1).tolist()
+    groups = {}
+    for h, key in enumerate(keys):
+        groups.setdefault(tuple(key), []).append(h)
+    ar = torch.arange(bs, device=dev)
+    item_bytes = q.element_size() * D
+    leftovers = []
+    for (nq, F), heads in sorted(groups.items(), key=lambda kv: -kv[0][0] * (kv[0][1] + 1)):
+        if nq == 0:
+            continue
+        if F == 0:
+            leftovers.extend(heads)
+            continue
+        per_head = B * (2 * nq * bs + 2 * F * bs) * item_bytes
+        hc = max(1, min(len(heads), int(mem_budget_bytes // max(1, per_head))))
+        for c0 in range(0, len(heads), hc):
+            hs = torch.tensor(heads[c0 : c0 + hc], device=dev, dtype=torch.long)
+            Hc = int(hs.numel())
+            eq = cp.exact_q[:, hs]  # [B, Hc, nb]
+            blk_key = (~eq).long() * nb + torch.arange(nb, device=dev)
+            q_blocks = torch.topk(blk_key, nq, dim=-1, largest=False, sorted=True).indices  # [B, Hc, nq]
+            q_rows_valid = torch.arange(nq, device=dev) < n_eq[:, hs].unsqueeze(-1)  # [B, Hc, nq]
+            qcnt = cp.blocks.counts.to(dev)[q_blocks]
+            tok_q = cp.blocks.starts.to(dev)[q_blocks].unsqueeze(-1) + torch.minimum(ar, qcnt.unsqueeze(-1) - 1)
+            kvb = cp.kv_list[:, hs, :F].long()  # [B, Hc, F] full blocks
+            tok_k = cp.blocks.starts.to(dev)[kvb].unsqueeze(-1) + ar  # [B, Hc, F, bs]
+            bi = torch.arange(B, device=dev).view(B, 1, 1)
+            hi = hs.view(1, Hc, 1)
+            qg = q[bi, tok_q.reshape(B, Hc, -1), hi]  # [B, Hc, nq*bs, D]
+            kg = k[bi, tok_k.reshape(B, Hc, -1), hi]
+            vg = v[bi, tok_k.reshape(B, Hc, -1), hi]
+            og, lse = sdpa_with_lse(qg, kg, vg, scale)
+            del qg, kg, vg
+            # finishing items: fold in kv_list[F:kv_len] and scatter rows back
+            bb, hh, rr = torch.nonzero(q_rows_valid, as_tuple=True)
+            w_bh = (bb * H + hs[hh]).to(torch.int32)
+            w_qb = q_blocks[bb, hh, rr].to(torch.int32)
+            w_loff = w_bh.long() * kmax + F
+            w_llen = (cp.kv_len.reshape(-1)[w_bh.long()] - F).to(torch.int32)
+            w_ioff = bb * og.stride(0) + hh * og.stride(1) + rr * bs * og.stride(2)
+            w_irow = (bb * Hc + hh) * (nq * bs) + rr * bs
+            isa_attn_items(
+                q, k, v, out, kbar, vbar, log2n, starts, counts,
+                w_bh.contiguous(), w_qb.contiguous(), w_loff.contiguous(), w_llen.contiguous(), cp.kv_list.reshape(-1),
+                block_size=bs, scale=scale,
+                init_o=og, init_lse=lse, w_ioff=w_ioff.contiguous(), w_irow=w_irow.contiguous(),
+                init_row_stride=og.stride(2),
+            )
+            del og, lse
+    if leftovers:
+        mask = torch.zeros_like(cp.exact_q)
+        mask[:, leftovers] = cp.exact_q[:, leftovers]
+        sub = CompactPlan(**{**cp.__dict__, "exact_q": mask})
+        _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, sub, scale)
+
+
+def execute_compact(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp: CompactPlan,
+    scale: Optional[float] = None,
+    exact_backend: str = "auto",
+    overlap: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Run ISA attention for q, k, v [B, N, H, D] according to ``cp``; returns [B, N, H, D] in q's dtype.
+
+    Args:
+        exact_backend: ``"sdpa"`` (cuDNN on gathered tensors, CUDA fp16/bf16 only), ``"triton"``, or
+            ``"auto"`` (sdpa where allowed).
+        overlap: run the Taylor group on a side CUDA stream, concurrently with the exact group.
+    """
+    B, N, H, D = q.shape
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dev = q.device
+    blocks = cp.blocks.to(dev)
+    starts = blocks.starts.to(torch.int32)
+    counts = blocks.counts.to(torch.int32)
+    log2n = torch.log2(blocks.counts.to(torch.float32)).contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    kbar, vbar = _pooled_kv(k, v, cp, starts, counts)
+    use_sdpa = exact_backend == "sdpa" or (exact_backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))
+    if exact_backend not in ("auto", "sdpa", "triton"):
+        raise ValueError(f"exact_backend={exact_backend!r}; supported: 'auto', 'sdpa', 'triton'")
+    side = None
+    if overlap and q.is_cuda:
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
+    else:
+        _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
+    if use_sdpa:
+        budget = k.numel() * k.element_size()
+        _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, budget)
+    else:
+        _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
+    if side is not None:
+        torch.cuda.current_stream(dev).wait_stream(side)
+        for t in (kbar, vbar, log2n, starts, counts, out, cp.tsel, cp.tsel_len, cp.kv_list, cp.kv_len, cp.approx):
+            t.record_stream(side)
+    return out
