@@ -7,6 +7,9 @@ EXPECTED = {
     "ISAConfig",
     "ISAInfo",
     "isa_attention",
+    "apply_isa",
+    "remove_isa",
+    "stats",
     "__version__",
 }
 
