@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,26 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     return out.transpose(1, 2)
 
 
+@torch.library.custom_op("isa_plugin::isa_attention_reference", mutates_args=())
+def _reference_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    span_kinds: List[int],
+    span_lens: List[int],
+    config_json: str,
+    scale: float,
+) -> torch.Tensor:
+    """The PyTorch reference as one opaque op, so ``torch.compile`` does not trace (or break on) it."""
+    layout = Layout.decode(span_kinds, span_lens)
+    return isa_attention_reference(q, k, v, layout, ISAConfig.decode(config_json), scale=scale).contiguous()
+
+
+@_reference_op.register_fake
+def _(q, k, v, span_kinds, span_lens, config_json, scale):
+    return q.new_empty(q.shape)
+
+
 def _check_inputs(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -60,8 +80,7 @@ def _check_inputs(q, k, v) -> None:
 
 
 def _ineligible(q: torch.Tensor, layout: Layout, config: ISAConfig) -> Optional[str]:
-    blocks = layout.blocks(config.block_size)
-    if blocks.num_blocks < 2:
+    if layout.num_blocks(config.block_size) < 2:
         return f"fewer than two blocks ({layout.num_tokens} tokens, block_size={config.block_size})"
     return None
 
@@ -151,6 +170,8 @@ def isa_attention(
         else:
             if q.is_cuda and why_not is not None:
                 logger.debug("ISA kernels unavailable (%s); using the PyTorch reference", why_not)
-            out = isa_attention_reference(q, k, v, layout, config, scale=scale)
+            kinds, lens = layout.encode()
+            sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            out = _reference_op(q, k, v, kinds, lens, config.encode(), sc)
         info = ISAInfo(True, backend)
     return (out, info) if return_info else out

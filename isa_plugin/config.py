@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Sequence, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 
@@ -83,6 +84,8 @@ class ISAConfig:
             raise TypeError("ISAConfig.topk_fraction must be a single number")
         if self.backend not in BACKENDS:
             raise ValueError(f"ISAConfig.backend={self.backend!r} is not supported; supported: {list(BACKENDS)}")
+        # computed once so that traced code (torch.compile) only reads an attribute
+        object.__setattr__(self, "_encoded", json.dumps(self.to_dict(), sort_keys=True))
 
     # -------------------------------------------------------------- helpers
     @property
@@ -130,6 +133,15 @@ class ISAConfig:
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
+
+    def encode(self) -> str:
+        """The config as one JSON string, the form custom ops take."""
+        return self._encoded
+
+    @classmethod
+    def decode(cls, text: str) -> "ISAConfig":
+        """Inverse of :meth:`encode`."""
+        return cls.from_dict(json.loads(text))
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ISAConfig":

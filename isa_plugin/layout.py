@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -143,6 +143,20 @@ class Layout:
     @classmethod
     def from_list(cls, spans: Sequence) -> "Layout":
         return cls([tuple(s) for s in spans])
+
+    def num_blocks(self, block_size: int) -> int:
+        """Number of blocks when every span is blocked separately (plain Python, no tensors)."""
+        return sum(-(-n // block_size) for _, n in self._spans)
+
+    def encode(self) -> Tuple[List[int], List[int]]:
+        """(span kinds as ints, span lengths): the form custom ops take."""
+        return [SPAN_KINDS[k] for k, _ in self._spans], [n for _, n in self._spans]
+
+    @classmethod
+    def decode(cls, kinds: Sequence[int], lengths: Sequence[int]) -> "Layout":
+        """Inverse of :meth:`encode`."""
+        names = {v: k for k, v in SPAN_KINDS.items()}
+        return cls([(names[int(k)], int(n)) for k, n in zip(kinds, lengths)])
 
     def check(self, seq_len: int) -> None:
         """Raise ``ValueError`` unless the layout covers exactly ``seq_len`` tokens."""
