@@ -59,4 +59,40 @@ def tiny():
         SPARSE=SPARSE,
         wan=tiny_wan,
         wan_inputs=wan_inputs,
+        wan_icl_pipe=tiny_wan_icl_pipe,
+        source_video=source_video,
     )
+
+
+def tiny_wan_icl_pipe(two_experts=False):
+    """A tiny WanInContextEditPipeline: random UMT5 + byte tokenizer, tiny VAE, head_dim 32 transformer."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    from isa_plugin.pipelines import WanInContextEditPipeline
+
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+            use_cache=False, tie_word_embeddings=False,
+        )
+    ).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
+    transformer = tiny_wan(in_channels=16, out_channels=16, text_dim=32)
+    transformer_2 = tiny_wan(in_channels=16, out_channels=16, text_dim=32) if two_experts else None
+    return WanInContextEditPipeline(
+        tokenizer=ByT5Tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.5 if two_experts else None,
+    )
+
+
+def source_video(frames=9, size=64, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(frames, 3, size, size, generator=g)  # [F, C, H, W] in [0, 1]
