@@ -603,6 +603,25 @@ def _user_provider(layout) -> Optional[LayoutProvider]:
     raise TypeError(f"layout must be a Layout, a LayoutProvider or a callable seq_len -> Layout; got {type(layout).__name__}")
 
 
+def _attn_processors(transformer) -> Dict[str, Any]:
+    """``transformer.attn_processors``, or the same walk for models without diffusers' ``AttentionMixin``
+    (``HunyuanVideoFramepackTransformer3DModel`` has no ``attn_processors`` / ``set_attn_processor``)."""
+    if hasattr(type(transformer), "attn_processors"):
+        return transformer.attn_processors
+    return {f"{n}.processor": m.get_processor() for n, m in transformer.named_modules() if hasattr(m, "get_processor")}
+
+
+def _set_attn_processors(transformer, processors: Dict[str, Any]) -> None:
+    """``transformer.set_attn_processor(processors)``, or per-module ``set_processor`` without ``AttentionMixin``."""
+    if hasattr(type(transformer), "set_attn_processor"):
+        transformer.set_attn_processor(processors)
+        return
+    for n, m in transformer.named_modules():
+        key = f"{n}.processor"
+        if hasattr(m, "set_processor") and key in processors:
+            m.set_processor(processors[key])
+
+
 def _install(transformer, config_or_profile, provider, *, observe_only: bool = False) -> ISAState:
     if getattr(transformer, _STATE_ATTR, None) is not None:
         raise RuntimeError(
@@ -625,7 +644,7 @@ def _install(transformer, config_or_profile, provider, *, observe_only: bool = F
     for n, c in configs.items():
         if c is not None:
             c.per_head(layers[n].heads)  # per-head ratios must fit the layer (raises ValueError)
-    original = transformer.attn_processors
+    original = _attn_processors(transformer)
     state = ISAState(transformer, family, provider, dict(original))
     new = {}
     key_of = {f"{n}.processor": n for n in names}
@@ -647,7 +666,7 @@ def _install(transformer, config_or_profile, provider, *, observe_only: bool = F
     missing = [n for n in names if n not in state.processors]
     if missing:  # pragma: no cover - adapter bug
         raise RuntimeError(f"{family.name} adapter selected layers without processors: {missing[:5]}")
-    transformer.set_attn_processor(new)
+    _set_attn_processors(transformer, new)
     state.handles.append(transformer.register_forward_pre_hook(state.pre_hook, with_kwargs=True))
     state.handles.append(transformer.register_forward_hook(state.post_hook, with_kwargs=True, always_call=True))
     setattr(transformer, _STATE_ATTR, state)
@@ -744,7 +763,7 @@ def _uninstall(transformer) -> None:
     state: ISAState = getattr(transformer, _STATE_ATTR)
     for h in state.handles:
         h.remove()
-    transformer.set_attn_processor(dict(state.original_processors))
+    _set_attn_processors(transformer, dict(state.original_processors))
     for p in state.processors.values():
         p.state = None
     state.context = None
