@@ -61,6 +61,9 @@ def tiny():
         wan_inputs=wan_inputs,
         wan_icl_pipe=tiny_wan_icl_pipe,
         source_video=source_video,
+        ltx=tiny_ltx,
+        ltx_inputs=ltx_inputs,
+        ltx_condition_pipe=tiny_ltx_condition_pipe,
     )
 
 
@@ -96,3 +99,60 @@ def tiny_wan_icl_pipe(two_experts=False):
 def source_video(frames=9, size=64, seed=2):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(frames, 3, size, size, generator=g)  # [F, C, H, W] in [0, 1]
+
+
+def tiny_ltx(num_layers=2, in_channels=8, caption_channels=16):
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return LTXVideoTransformer3DModel(
+        in_channels=in_channels, out_channels=in_channels, num_attention_heads=2, attention_head_dim=32,
+        cross_attention_dim=64, num_layers=num_layers, qk_norm="rms_norm_across_heads", caption_channels=caption_channels,
+    ).eval()
+
+
+def ltx_inputs(frames=3, h=4, w=8, prefix_frames=0, batch=1, channels=8, caption_channels=16):
+    """Packed LTX inputs; with ``prefix_frames`` > 0, condition tokens at frame coordinate > 0 are prepended."""
+    g = torch.Generator().manual_seed(3)
+    grid = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1).float()
+    grid[0] = (grid[0] * 8 + 1 - 8).clamp(min=0)
+    parts = []
+    if prefix_frames:
+        pre = torch.stack(torch.meshgrid(torch.arange(prefix_frames), torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1).float()
+        pre[0] = (pre[0] * 8 + 1 - 8).clamp(min=0) + 8  # a condition at frame_index 8
+        parts.append(pre)
+    coords = torch.cat(parts + [grid], dim=1)[None].repeat(batch, 1, 1)
+    coords[:, 0] /= 25.0
+    S = coords.shape[-1]
+    return dict(
+        hidden_states=torch.randn(batch, S, channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, 6, caption_channels, generator=g),
+        timestep=torch.full((batch, 1), 500.0),
+        encoder_attention_mask=torch.ones(batch, 6),
+        video_coords=coords,
+    )
+
+
+def tiny_ltx_condition_pipe():
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXConditionPipeline
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False,
+    ).eval()
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                 is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+    ).eval()
+    return LTXConditionPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=ByT5Tokenizer(),
+        transformer=tiny_ltx(in_channels=8, caption_channels=32),
+    )
