@@ -21,7 +21,7 @@ import torch
 
 from .isa_attn import isa_attn_items
 from .plan import CompactPlan
-from .pooling import pool_blocks_triton
+from .pooling import gather_blocks_triton, pool_blocks_triton
 
 __all__ = ["execute_compact", "sdpa_with_lse"]
 
@@ -106,7 +106,6 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
     groups = {}
     for h, key in enumerate(keys):
         groups.setdefault(tuple(key), []).append(h)
-    ar = torch.arange(bs, device=dev)
     item_bytes = q.element_size() * D
     leftovers = []
     for (nq, F), heads in sorted(groups.items(), key=lambda kv: -kv[0][0] * (kv[0][1] + 1)):
@@ -124,15 +123,14 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
             blk_key = (~eq).long() * nb + torch.arange(nb, device=dev)
             q_blocks = torch.topk(blk_key, nq, dim=-1, largest=False, sorted=True).indices  # [B, Hc, nq]
             q_rows_valid = torch.arange(nq, device=dev) < n_eq[:, hs].unsqueeze(-1)  # [B, Hc, nq]
-            qcnt = cp.blocks.counts.to(dev)[q_blocks]
-            tok_q = cp.blocks.starts.to(dev)[q_blocks].unsqueeze(-1) + torch.minimum(ar, qcnt.unsqueeze(-1) - 1)
-            kvb = cp.kv_list[:, hs, :F].long()  # [B, Hc, F] full blocks
-            tok_k = cp.blocks.starts.to(dev)[kvb].unsqueeze(-1) + ar  # [B, Hc, F, bs]
-            bi = torch.arange(B, device=dev).view(B, 1, 1)
-            hi = hs.view(1, Hc, 1)
-            qg = q[bi, tok_q.reshape(B, Hc, -1), hi]  # [B, Hc, nq*bs, D]
-            kg = k[bi, tok_k.reshape(B, Hc, -1), hi]
-            vg = v[bi, tok_k.reshape(B, Hc, -1), hi]
+            hs32 = hs.to(torch.int32)
+            (qg,) = gather_blocks_triton(q, blist=q_blocks.to(torch.int32).contiguous(), heads=hs32, starts=starts, counts=counts, block_size=bs)
+            kvb = cp.kv_list[:, hs, :F].contiguous()  # [B, Hc, F] full blocks
+            if k.stride() == v.stride():
+                kg, vg = gather_blocks_triton(k, v, blist=kvb, heads=hs32, starts=starts, counts=counts, block_size=bs)
+            else:
+                (kg,) = gather_blocks_triton(k, blist=kvb, heads=hs32, starts=starts, counts=counts, block_size=bs)
+                (vg,) = gather_blocks_triton(v, blist=kvb, heads=hs32, starts=starts, counts=counts, block_size=bs)
             og, lse = sdpa_with_lse(qg, kg, vg, scale)
             del qg, kg, vg
             # finishing items: fold in kv_list[F:kv_len] and scatter rows back
@@ -185,7 +183,8 @@ def execute_compact(
     if out is None:
         out = torch.empty_like(q)
     kbar, vbar = _pooled_kv(k, v, cp, starts, counts)
-    use_sdpa = exact_backend == "sdpa" or (exact_backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))
+    bs = cp.blocks.block_size
+    use_sdpa = (exact_backend == "sdpa" or (exact_backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))) and bs & (bs - 1) == 0
     if exact_backend not in ("auto", "sdpa", "triton"):
         raise ValueError(f"exact_backend={exact_backend!r}; supported: 'auto', 'sdpa', 'triton'")
     side = None

@@ -83,8 +83,12 @@ def _kv_lists(kv_keep: torch.Tensor, blocks: BlockLayout):
     return kv_list, kv_len, kv_full
 
 
-def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=None, sal=None) -> CompactPlan:
-    """sel_pos [B, H, nb, Kmax] bool: non-text KV' positions computed exactly by Taylor query blocks."""
+def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=None, sal=None, sel_first=None) -> CompactPlan:
+    """sel_pos [B, H, nb, Kmax] bool: non-text KV' positions computed exactly by Taylor query blocks.
+
+    ``sel_first`` [B, H, nb, s] (optional): those positions, selected ones first in each row, when the
+    caller already has them (saves a top-k).
+    """
     B, H, nb = kv_keep.shape
     dev = kv_keep.device
     kinds = blocks.kinds.to(dev)
@@ -98,8 +102,10 @@ def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=No
     n_sel = sel_pos.sum(-1)  # [B, H, nb]
     s_max = max(1, int(n_sel.max()) if n_sel.numel() else 1)
     # positions of the selected entries first (ascending position for a stable, cache-friendly order)
-    key = (~sel_pos).long() * kmax + pos
-    first = torch.topk(key, min(s_max, kmax), dim=-1, largest=False, sorted=True).indices  # [B, H, nb, s]
+    if sel_first is None:
+        key = (~sel_pos).long() * kmax + pos
+        sel_first = torch.topk(key, min(s_max, kmax), dim=-1, largest=False, sorted=True).indices  # [B, H, nb, s]
+    first = sel_first
     sel_blocks = torch.gather(kv_list[:, :, None, :].expand(B, H, nb, kmax), -1, first)
     text_ids = torch.nonzero(is_x).squeeze(1)
     n_text = int(text_ids.numel())
@@ -186,9 +192,12 @@ def plan_compact_from_pooled(qbar, kbar, blocks: BlockLayout, config: ISAConfig,
     lg = torch.gather(logits, -1, kv_list[:, :, None, :].expand(B, H, nb, kmax))
     del logits
     lg.masked_fill_(~cand[:, :, None, :], float("-inf"))
-    sel_pos = _rank_mask(lg, n_exact[:, :, None].expand(B, H, nb)) & cand[:, :, None, :]
+    s_max = min(int(n_exact.max()), kmax)
+    top = torch.topk(lg, s_max, dim=-1, largest=True, sorted=True).indices  # [B, H, nb, s_max]
     del lg
-    return _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp.float(), saliency)
+    sel_pos = torch.zeros(B, H, nb, kmax, dtype=torch.bool, device=dev)
+    sel_pos.scatter_(-1, top, (torch.arange(s_max, device=dev) < n_exact[:, :, None, None]).expand(B, H, nb, s_max))
+    return _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp.float(), saliency, sel_first=top)
 
 
 def plan_compact(q, k, layout, config: ISAConfig, scale: Optional[float] = None) -> CompactPlan:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["pool_blocks_triton"]
+__all__ = ["pool_blocks_triton", "gather_blocks_triton"]
 
 
 @triton.jit
@@ -92,5 +92,71 @@ def pool_blocks_triton(*xs: torch.Tensor, starts: torch.Tensor, counts: torch.Te
         X[0], X[1], X[2], O[0], O[1], O[2], starts, counts,
         x0.stride(0), x0.stride(1), x0.stride(2), H, nb,
         D=D, BLOCK=BLOCK, num_warps=4,
+    )
+    return outs
+
+
+@triton.jit
+def _gather_blocks_fwd_kernel(
+    X0, X1, Y0, Y1,  # inputs [B, N, H, D] (shared strides); outputs [B, Hc, nblk * BLOCK, D] contiguous
+    BLIST,  # [B, Hc, nblk] int32 block ids
+    HEADS,  # [Hc] int32 head of each output head slot
+    STARTS, COUNTS,  # [nb] int32
+    sx_b, sx_n, sx_h,
+    Hc, nblk,
+    D: tl.constexpr,  # head dim: tile width
+    BLOCK: tl.constexpr,  # rows per block (the ISA block size, a power of two)
+):
+    i_j = tl.program_id(0)
+    i_bhc = tl.program_id(1)
+    i_x = tl.program_id(2)
+    i_b = (i_bhc // Hc).to(tl.int64)
+    i_h = tl.load(HEADS + i_bhc % Hc).to(tl.int64)
+    i_blk = tl.load(BLIST + i_bhc.to(tl.int64) * nblk + i_j)
+    start = tl.load(STARTS + i_blk).to(tl.int64)
+    count = tl.load(COUNTS + i_blk)
+    o_r = tl.arange(0, BLOCK)
+    o_d = tl.arange(0, D)
+    # rows past a short block's count repeat its last token (their outputs are never used)
+    o_t = start + tl.minimum(o_r, count - 1).to(tl.int64)
+    off_x = i_b * sx_b + i_h * sx_h + o_t[:, None] * sx_n + o_d[None, :]
+    off_y = ((i_bhc.to(tl.int64) * nblk + i_j) * BLOCK + o_r.to(tl.int64))[:, None] * D + o_d[None, :]
+    if i_x == 0:
+        tl.store(Y0 + off_y, tl.load(X0 + off_x))  # [BLOCK, D]
+    else:
+        tl.store(Y1 + off_y, tl.load(X1 + off_x))  # [BLOCK, D]
+
+
+def gather_blocks_triton(*xs: torch.Tensor, blist: torch.Tensor, heads: torch.Tensor, starts, counts, block_size: int):
+    """Gather whole blocks of one or two [B, N, H, D] tensors into dense [B, Hc, nblk * block_size, D] copies.
+
+    Args:
+        *xs: one or two tensors [B, N, H, D] with equal strides and a unit stride on D.
+        blist: [B, Hc, nblk] int32 block ids per (batch, output head); heads: [Hc] int32 source heads.
+        starts, counts: [nb] int32; block_size must be a power of two (rows of short blocks are padded
+            with copies of the block's last token).
+
+    Returns:
+        A list of contiguous [B, Hc, nblk * block_size, D] tensors.
+    """
+    if not 1 <= len(xs) <= 2:
+        raise ValueError("gather_blocks_triton takes one or two tensors")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size={block_size} must be a power of two")
+    x0 = xs[0]
+    for x in xs:
+        if x.stride() != x0.stride() or x.stride(-1) != 1:
+            raise ValueError("gather_blocks_triton inputs must share strides with a unit stride on D")
+    B, N, H, D = x0.shape
+    _, Hc, nblk = blist.shape
+    outs = [torch.empty(B, Hc, nblk * block_size, D, device=x0.device, dtype=x0.dtype) for _ in xs]
+    if nblk == 0:
+        return outs
+    X = list(xs) + [x0] * (2 - len(xs))
+    Y = outs + [outs[0]] * (2 - len(outs))
+    _gather_blocks_fwd_kernel[(nblk, B * Hc, len(xs))](
+        X[0], X[1], Y[0], Y[1], blist, heads, starts, counts,
+        x0.stride(0), x0.stride(1), x0.stride(2), Hc, nblk,
+        D=D, BLOCK=block_size, num_warps=4,
     )
     return outs

@@ -1,0 +1,66 @@
+"""Where the time of one ISA call goes: phase timings (CUDA events) and a torch.profiler kernel table.
+
+    python benchmarks/profile_isa.py --n 65536 --heads 40 [--alpha-f 0.5] [--exact-backend auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from isa_plugin.config import ISAConfig  # noqa: E402
+from isa_plugin.layout import Layout  # noqa: E402
+from isa_plugin.kernels import executor as ex  # noqa: E402
+from isa_plugin.kernels.plan import plan_compact  # noqa: E402
+
+
+def main():
+    import triton
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=65536)
+    ap.add_argument("--heads", type=int, default=40)
+    ap.add_argument("--alpha-f", type=float, default=0.5)
+    ap.add_argument("--alpha-s", type=float, default=0.125)
+    ap.add_argument("--exact-backend", default="auto")
+    ap.add_argument("--rows", type=int, default=30)
+    a = ap.parse_args()
+    N, H = a.n, a.heads
+    q, k, v = (torch.randn(1, N, H, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    layout = Layout([("target", N // 2), ("context", N - N // 2)])
+    cfg = ISAConfig(alpha_s=a.alpha_s, alpha_f=a.alpha_f)
+    cp = plan_compact(q, k, layout, cfg)
+    blocks = cp.blocks
+    starts, counts = blocks.starts.to(torch.int32), blocks.counts.to(torch.int32)
+    log2n = torch.log2(blocks.counts.float()).cuda()
+    out = torch.empty_like(q)
+    kbar, vbar = ex._pooled_kv(k, v, cp, starts, counts)
+    sc = 128 ** -0.5
+    bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=300, return_mode="median")  # noqa: E731
+    phases = {
+        "plan (pool q,k + selections)": lambda: plan_compact(q, k, layout, cfg),
+        "pool k,v": lambda: ex._pooled_kv(k, v, cp, starts, counts),
+        "taylor group": lambda: ex._run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc),
+        "exact group sdpa": lambda: ex._run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, k.numel() * 2),
+        "exact group triton": lambda: ex._run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc),
+        "execute (overlap)": lambda: ex.execute_compact(q, k, v, cp, exact_backend=a.exact_backend, overlap=True),
+        "execute (serial)": lambda: ex.execute_compact(q, k, v, cp, exact_backend=a.exact_backend, overlap=False),
+    }
+    for name, f in phases.items():
+        print(f"{name:32s} {bench(f):8.2f} ms", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        c = plan_compact(q, k, layout, cfg)
+        ex.execute_compact(q, k, v, c, exact_backend=a.exact_backend)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
