@@ -1,0 +1,161 @@
+"""Kernel-time model used to rank ISA settings: time ≈ a·exact pairs + b·approximated pairs + c.
+
+The kernel benchmark writes ``isa_plugin/kernels/cost_model.json`` per GPU. Accepted shapes:
+
+- ``{"a": ..., "b": ..., "c": ..., "dense_a": ..., "dense_c": ...}`` (one model), or
+- ``{"cards": {"<GPU name>": {...one model...}, ...}, "default": "<GPU name>"}``, or
+- ``{"<GPU name>": {...}, ...}``.
+
+``a`` is the time per exactly computed (query token, key token) pair (per head), ``b`` per query token
+and block-mean pseudo-key, ``c`` a per-call constant (planning, launches). Dense attention costs
+``dense_a·N²·H + dense_c`` (default: ``a`` and 0). Only ratios matter for fitting, so units are free.
+
+Without that file, :data:`DEFAULT_COST_MODEL` counts pairs (a = b = 1, c = 0): the predicted relative cost
+is then :meth:`isa_plugin.kernels.reference.ISAPlan.relative_cost`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "load_cost_model", "setting_pairs"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_PATH = Path(__file__).resolve().parent.parent / "kernels" / "cost_model.json"
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """time ≈ a·exact pairs + b·approximated pairs + c; dense ≈ dense_a·N²·H + dense_c."""
+
+    a: float = 1.0
+    b: float = 1.0
+    c: float = 0.0
+    dense_a: Optional[float] = None
+    dense_c: float = 0.0
+    source: str = "default (pair count: a = b = 1, c = 0)"
+
+    def __post_init__(self):
+        for n in ("a", "b", "c", "dense_c"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"cost model {n}={v!r} must be a finite non-negative number")
+        if self.a <= 0:
+            raise ValueError(f"cost model a={self.a!r} must be positive")
+        if self.dense_a is not None and not (isinstance(self.dense_a, numbers.Real) and self.dense_a > 0):
+            raise ValueError(f"cost model dense_a={self.dense_a!r} must be positive")
+
+    def time(self, exact_pairs: float, approx_pairs: float) -> float:
+        return self.a * exact_pairs + self.b * approx_pairs + self.c
+
+    def dense_time(self, n_tokens: float, heads: int) -> float:
+        da = self.a if self.dense_a is None else self.dense_a
+        return da * n_tokens * n_tokens * heads + self.dense_c
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+DEFAULT_COST_MODEL = CostModel()
+
+
+def _from_mapping(d: Mapping[str, Any], source: str) -> CostModel:
+    known = {"a", "b", "c", "dense_a", "dense_c"}
+    kw = {k: d[k] for k in known if k in d}
+    if "a" not in kw:
+        raise ValueError(f"{source}: a cost model needs at least 'a' (time per exact pair); got keys {sorted(d)}")
+    return CostModel(**kw, source=source)
+
+
+def load_cost_model(path: Union[str, Path, None] = None, device_name: Optional[str] = None) -> CostModel:
+    """Read the kernel benchmark's cost model, falling back to :data:`DEFAULT_COST_MODEL`.
+
+    Args:
+        path: a JSON file; default ``isa_plugin/kernels/cost_model.json`` (missing -> default model).
+        device_name: pick this card's entry (default: the current CUDA device, else the file's default,
+            else the first entry).
+
+    Raises:
+        ValueError: ``path`` was given explicitly and is unreadable or malformed.
+    """
+    explicit = path is not None
+    p = Path(path) if explicit else _DEFAULT_PATH
+    if not p.is_file():
+        if explicit:
+            raise ValueError(f"cost model file {str(p)!r} does not exist")
+        return DEFAULT_COST_MODEL
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        if explicit:
+            raise ValueError(f"cost model file {str(p)!r} is not valid JSON ({e})") from None
+        logger.warning("ignoring unreadable %s (%s); using the pair-count cost model", p, e)
+        return DEFAULT_COST_MODEL
+    try:
+        if isinstance(data, Mapping) and "a" in data:
+            return _from_mapping(data, str(p))
+        cards = data.get("cards", data) if isinstance(data, Mapping) else None
+        if not isinstance(cards, Mapping):
+            raise ValueError(f"{p}: expected a JSON object")
+        cards = {k: v for k, v in cards.items() if isinstance(v, Mapping) and "a" in v}
+        if not cards:
+            raise ValueError(f"{p}: no cost model entry with an 'a' coefficient")
+        if device_name is None:
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    device_name = torch.cuda.get_device_name()
+            except Exception:  # pragma: no cover
+                device_name = None
+        name = None
+        if device_name:
+            name = next((k for k in cards if k == device_name), None) or next(
+                (k for k in cards if k.lower() in device_name.lower() or device_name.lower() in k.lower()), None)
+        if name is None and isinstance(data, Mapping) and data.get("default") in cards:
+            name = data["default"]
+        name = name or next(iter(cards))
+        return _from_mapping(cards[name], f"{p} [{name}]")
+    except ValueError:
+        if explicit:
+            raise
+        logger.warning("ignoring malformed %s; using the pair-count cost model", p)
+        return DEFAULT_COST_MODEL
+
+
+def _count(alpha: float, n: float) -> float:
+    n_int = int(round(n))
+    if n_int <= 0:
+        return 0.0
+    return float(min(max(math.ceil(alpha * n_int - 1e-9), 1), n_int))
+
+
+def setting_pairs(alpha_s: float, alpha_f: float, alpha_ns: float, tokens: Mapping[str, float], blocks: Mapping[str, float]):
+    """(exact pairs, approximated pairs) of one head for one setting, from token and block counts.
+
+    Mirrors ISA's counting (``ceil`` per head): ⌈α_s·C⌉ context blocks kept, ⌈α_f·Q⌉ exact query blocks,
+    ⌈α_ns·K'⌉ exact key blocks per Taylor query block; text queries exact, text keys always exact.
+    """
+    tt, tc, tx = tokens.get("target", 0.0), tokens.get("context", 0.0), tokens.get("text", 0.0)
+    bt, bc, bx = blocks.get("target", 0.0), blocks.get("context", 0.0), blocks.get("text", 0.0)
+    per_c = tc / bc if bc else 0.0
+    per_t = tt / bt if bt else 0.0
+    kept = _count(alpha_s, bc)
+    kv_tokens = tt + tx + kept * per_c
+    kprime = bt + kept  # non-text KV' blocks
+    q_blocks = bt + bc
+    q_tokens = tt + tc
+    ex_q = _count(alpha_f, q_blocks) / q_blocks * q_tokens if q_blocks else 0.0
+    tay_q = q_tokens - ex_q
+    n_ex = _count(alpha_ns, kprime)
+    per_kv = (tt + kept * per_c) / kprime if kprime else 0.0
+    exact = (ex_q + tx) * kv_tokens + tay_q * (n_ex * per_kv + tx)
+    approx = tay_q * (kprime - n_ex)
+    return exact, approx

@@ -1,0 +1,237 @@
+"""Choose per-layer (and per-head) ISA ratios from calibration statistics: :func:`fit_profile`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..profile import LayerSetting, ThresholdProfile, _versions
+from .cost import DEFAULT_COST_MODEL, CostModel, setting_pairs
+from .stats import CalibrationStats, Grid, LayerStats
+
+__all__ = ["fit_profile", "parse_budget", "layer_costs"]
+
+logger = logging.getLogger(__name__)
+
+BudgetArg = Union[float, Tuple[float, float], Mapping[str, float]]
+
+
+def parse_budget(budget: BudgetArg) -> Dict[str, Any]:
+    """``0.05`` -> both kinds 0.05; ``(t, c)`` or ``{"target": t, "context": c}`` -> separate budgets.
+
+    Raises:
+        ValueError: a budget that is not a non-negative number.
+    """
+    if isinstance(budget, Mapping):
+        t, c = budget.get("target"), budget.get("context", budget.get("target"))
+    elif isinstance(budget, (tuple, list)):
+        if len(budget) != 2:
+            raise ValueError(f"budget {budget!r} must be one number or (target, context)")
+        t, c = budget
+    else:
+        t = c = budget
+    for name, v in (("target", t), ("context", c)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or float(v) < 0:
+            raise ValueError(f"error budget for {name} queries is {v!r}; give a non-negative number such as 0.05 (5% relative L1)")
+    return {"metric": "rel_l1", "target": float(t), "context": float(c)}
+
+
+def layer_costs(ls: LayerStats, grid: Grid, cost_model: CostModel) -> Tuple[torch.Tensor, float, float]:
+    """Per-head time of every grid setting [S, F, NS], the per-head time of a dense head, and the dense layer time."""
+    tokens, blocks = ls.mean_tokens(), ls.mean_blocks()
+    n = sum(tokens.values())
+    out = torch.empty(len(grid.alpha_s), len(grid.alpha_f), len(grid.alpha_ns), dtype=torch.float64)
+    for si, a_s in enumerate(grid.alpha_s):
+        for fi, a_f in enumerate(grid.alpha_f):
+            for ni, a_ns in enumerate(grid.alpha_ns):
+                e, a = setting_pairs(a_s, a_f, a_ns, tokens, blocks)
+                out[si, fi, ni] = cost_model.a * e + cost_model.b * a
+    e, a = setting_pairs(1.0, 1.0, 1.0, tokens, blocks)
+    dense_head = cost_model.a * e + cost_model.b * a
+    return out, dense_head, cost_model.dense_time(n, ls.heads)
+
+
+def _fit_layer(ls: LayerStats, grid: Grid, budget: Dict[str, Any], cost_model: CostModel, per_head: Union[bool, str],
+               margin: float, min_gain: float) -> LayerSetting:
+    H = ls.heads
+    bt, bc = budget["target"] * margin, budget["context"] * margin
+    head_cost, dense_head, dense_layer = layer_costs(ls, grid, cost_model)  # [S, F, NS]
+    den = ls.den.sum(0)  # [2]
+    has = den > 0
+    num = ls.num  # [H, 2, M, S, F, NS]
+    # layer-level errors per metric; a kind with no queries has no error
+    err = torch.where(has.view(2, 1, 1, 1, 1), num.sum(0) / den.clamp(min=1e-300).view(2, 1, 1, 1, 1), torch.zeros(()).double())
+    rel_uniform = (H * head_cost + cost_model.c) / dense_layer  # [S, F, NS]
+    best: Optional[Tuple[float, float, LayerSetting]] = None
+
+    def consider(rel: float, score: float, setting: LayerSetting):
+        nonlocal best
+        if best is None or (rel, score) < (best[0], best[1]):
+            best = (rel, score, setting)
+
+    # ---- one setting for the whole layer
+    for mi, metric in enumerate(grid.metrics):
+        et, ec = err[0, mi], err[1, mi]  # [S, F, NS]
+        ok = (et <= bt + 1e-12) & (ec <= bc + 1e-12)
+        if not bool(ok.any()):
+            continue
+        score = et / max(bt, 1e-12) + ec / max(bc, 1e-12)
+        rel = torch.where(ok, rel_uniform, torch.full_like(rel_uniform, math.inf))
+        # cheapest, then lowest error
+        key = rel * 1e6 + score.clamp(max=1e5) * 1e-6
+        idx = int(torch.argmin(torch.where(ok, key, torch.full_like(key, math.inf))))
+        si, fi, ni = (idx // (rel.shape[1] * rel.shape[2])), (idx // rel.shape[2]) % rel.shape[1], idx % rel.shape[2]
+        s = LayerSetting(alpha_s=grid.alpha_s[si], alpha_f=grid.alpha_f[fi], alpha_ns=grid.alpha_ns[ni], sharpness=metric,
+                         error_target=float(et[si, fi, ni]), error_context=float(ec[si, fi, ni]),
+                         relative_cost=float(rel_uniform[si, fi, ni]),
+                         error_target_per_head=None, error_context_per_head=None)
+        consider(float(rel_uniform[si, fi, ni]), float(score[si, fi, ni]), s)
+
+    # ---- per head (where heads differ), Lagrangian relaxation of the two budget constraints
+    if per_head and H > 1:
+        uniform_best = best[0] if best is not None else 1.0
+        for mi, metric in enumerate(grid.metrics):
+            cand = _fit_heads(num[:, :, mi], den, has, head_cost, dense_head, bt, bc)
+            if cand is None:
+                continue
+            choice, et, ec = cand  # choice: [H] option index (-1 dense)
+            cost = sum(dense_head if c < 0 else float(head_cost.flatten()[c]) for c in choice) + cost_model.c
+            rel = cost / dense_layer
+            if per_head == "always" or rel < uniform_best * (1 - min_gain):
+                S_, F_, N_ = head_cost.shape
+                ratios = {"alpha_s": [], "alpha_f": [], "alpha_ns": []}
+                eth, ech = [], []
+                for h, c in enumerate(choice):
+                    if c < 0:
+                        a = (1.0, 1.0, 1.0)
+                        eth.append(0.0), ech.append(0.0)
+                    else:
+                        si, fi, ni = c // (F_ * N_), (c // N_) % F_, c % N_
+                        a = (grid.alpha_s[si], grid.alpha_f[fi], grid.alpha_ns[ni])
+                        d0, d1 = float(ls.den[h, 0]), float(ls.den[h, 1])
+                        eth.append(float(num[h, 0, mi, si, fi, ni]) / d0 if d0 > 0 else 0.0)
+                        ech.append(float(num[h, 1, mi, si, fi, ni]) / d1 if d1 > 0 else 0.0)
+                    for key, val in zip(("alpha_s", "alpha_f", "alpha_ns"), a):
+                        ratios[key].append(val)
+                r = {k: (v[0] if len(set(v)) == 1 else tuple(v)) for k, v in ratios.items()}
+                s = LayerSetting(**r, sharpness=metric, error_target=et, error_context=ec, relative_cost=rel,
+                                 error_target_per_head=tuple(eth), error_context_per_head=tuple(ech))
+                consider(rel, et / max(bt, 1e-12) + ec / max(bc, 1e-12), s)
+
+    if best is None or best[0] >= 1.0:
+        return LayerSetting(dense=True, error_target=0.0, error_context=0.0, relative_cost=1.0)
+    return best[2]
+
+
+def _fit_heads(num: torch.Tensor, den: torch.Tensor, has: torch.Tensor, head_cost: torch.Tensor, dense_head: float,
+               bt: float, bc: float):
+    """Per-head choice minimising Σ cost subject to layer-level target and context errors within budget.
+
+    num: [H, 2, S, F, NS]; returns (choice [H] flat option or -1 for dense, error_t, error_c) or None.
+    """
+    H = num.shape[0]
+    n_opt = head_cost.numel()
+    cost = torch.cat([head_cost.flatten(), torch.tensor([dense_head], dtype=torch.float64)]) / dense_head  # [O]
+    gt = torch.zeros(H, n_opt + 1, dtype=torch.float64)
+    gc = torch.zeros(H, n_opt + 1, dtype=torch.float64)
+    if bool(has[0]):
+        gt[:, :n_opt] = num[:, 0].reshape(H, -1) / float(den[0])
+    if bool(has[1]):
+        gc[:, :n_opt] = num[:, 1].reshape(H, -1) / float(den[1])
+    best = None
+    for rho in (0.25, 1.0, 4.0):
+        pen = rho * gt / max(bt, 1e-12) + gc / max(bc, 1e-12)  # [H, O]
+
+        def solve(lam):
+            ch = torch.argmin(cost[None, :] + lam * pen, dim=1)
+            et = float(gt.gather(1, ch[:, None]).sum())
+            ec = float(gc.gather(1, ch[:, None]).sum())
+            return ch, et, ec, float(cost[ch].sum())
+
+        lo, hi = -6.0, 8.0  # log10 lambda
+        ch, et, ec, c = solve(10**hi)
+        if et > bt + 1e-12 or ec > bc + 1e-12:
+            continue
+        found = (ch, et, ec, c)
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            ch, et, ec, c = solve(10**mid)
+            if et <= bt + 1e-12 and ec <= bc + 1e-12:
+                hi, found = mid, (ch, et, ec, c)
+            else:
+                lo = mid
+        if best is None or found[3] < best[3]:
+            best = found
+    if best is None:
+        return None
+    ch, et, ec, _ = best
+    choice = [(-1 if int(c) == n_opt else int(c)) for c in ch]
+    return choice, et, ec
+
+
+def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: Optional[CostModel] = None, *,
+                per_head: Union[bool, str] = "auto", margin: float = 0.85, min_gain: float = 0.02,
+                metadata: Optional[Mapping[str, Any]] = None) -> ThresholdProfile:
+    """Pick, per layer (and timestep bucket), the cheapest ISA setting whose errors stay within budget.
+
+    A pure function of its arguments. For each layer it considers every grid setting (sharpness metric,
+    α_s, α_f, α_ns) for the whole layer, and — when ``per_head`` — per-head ratios (a Lagrangian search
+    over each head's options, dense included, subject to the *layer's* target-query and context-query
+    errors), keeping per-head ratios only when they cut the predicted cost by more than ``min_gain``.
+    A layer stays dense when no setting meets the budget or none is predicted to be faster.
+
+    Args:
+        stats: :class:`CalibrationStats` from a calibration run (or synthetic statistics).
+        budget: relative L1 error budget of the attention output: one number for target and context
+            queries, ``(target, context)``, or ``{"target": t, "context": c}``.
+        cost_model: kernel-time model (default: :func:`~isa_plugin.calibration.cost.load_cost_model` result
+            is *not* read here; pass it; None = pair counting).
+        per_head: ``"auto"`` (per head where it pays), ``"always"``, or False.
+        margin: fit to ``margin × budget`` to leave room for sampling noise (1 = none).
+        min_gain: relative cost reduction per-head ratios must bring over the best layer-wide setting.
+        metadata: merged into the profile's ``calibrated_on`` (transformer class, config hash, ...).
+
+    Returns:
+        A :class:`ThresholdProfile`.
+
+    Raises:
+        ValueError: a bad budget, or statistics without any measured layer.
+
+    Example:
+        >>> profile = fit_profile(stats, budget=0.05, cost_model=load_cost_model())
+        >>> profile.save("profile.yaml")
+    """
+    b = parse_budget(budget)
+    if not (0 < margin <= 1):
+        raise ValueError(f"margin={margin!r} must lie in (0, 1]")
+    if per_head not in (True, False, "auto", "always"):
+        raise ValueError(f"per_head={per_head!r}; use 'auto', 'always' or False")
+    cm = cost_model or DEFAULT_COST_MODEL
+    names = stats.layer_names()
+    if not names:
+        raise ValueError("the calibration statistics hold no measured attention call; was the layout known and did the run reach the sampled steps?")
+    layers: Dict[str, List[LayerSetting]] = {}
+    for name in names:
+        per_bucket = []
+        for bucket in range(stats.num_buckets):
+            ls = stats.get(name, bucket)
+            if ls is None or not bool((ls.den > 0).any()):
+                per_bucket.append(LayerSetting(dense=True))
+                continue
+            per_bucket.append(_fit_layer(ls, stats.grid, b, cm, per_head, margin, min_gain))
+        layers[name] = per_bucket
+    on = {
+        "layer_names": names,
+        "timesteps": list(stats.meta.get("timesteps", [])),
+        "attention_calls": int(stats.meta.get("calls", 0)),
+        "grid": stats.grid.to_dict(),
+        "margin": margin,
+        "versions": _versions(),
+    }
+    on.update(dict(metadata or {}))
+    return ThresholdProfile(layers=layers, budget=b, block_size=stats.block_size, timestep_edges=stats.timestep_edges,
+                            calibrated_on=on, cost_model=cm.to_dict())

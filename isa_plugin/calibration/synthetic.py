@@ -1,0 +1,309 @@
+"""A structured synthetic attention workload that behaves like a video DiT's ICL self-attention.
+
+i.i.d. Gaussian q/k/v make every head near-uniform and every ISA setting look equally bad (or good). Here
+tokens sit on a 3D (frames × height × width) grid for the target and the context video, each segment with
+its own 3D rotary embedding, and q/k/v are made from:
+
+- a smooth content field (a few low-frequency 3D Fourier modes per channel), shared by both videos: the
+  context video is the clean source, the target is the same content with a local "edit" (a blob region
+  replaced by other content) plus noise that grows with the timestep — so context and target correlate;
+- per head a mixture of a positional term (a constant vector rotated by RoPE: attention peaks at small
+  grid offsets — a *local* head), a content term (projections of the content field: a *semantic* head),
+  and a temperature (near-uniform heads have a low one);
+- a segment term that makes target queries put less mass on context keys, growing with depth (ISA.md §1).
+
+A :class:`SyntheticModel` fixes the "weights" (projections, head kinds and temperatures per layer) from a
+seed; :meth:`SyntheticModel.sample` draws one "video" (a content field) from another seed. Calibrating on
+some samples and checking on held-out ones is then meaningful. :func:`synthetic_qkv` is a one-call helper
+for benchmarks (e.g. Wan 480p ICL: ``frames=21, height=30, width=52`` twice = 65,520 tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..layout import Layout
+
+__all__ = ["SyntheticSpec", "SyntheticModel", "synthetic_qkv", "calibrate_synthetic", "evaluate_synthetic", "HEAD_KINDS"]
+
+HEAD_KINDS = ("local", "semantic", "uniform", "mixed")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Shape and character of a synthetic ICL attention model.
+
+    Args:
+        frames, height, width: latent token grid of each video (target and context alike).
+        heads, head_dim, layers: attention shape.
+        channels: content channels; modes: Fourier modes per channel of the content field.
+        head_mix: relative frequency of head kinds (local, semantic, uniform, mixed).
+        context_first: put the context span before the target span.
+        text_tokens: a text span (joint attention models) after the videos; 0 for none.
+        rope_theta: RoPE base (Wan: 10000).
+    """
+
+    frames: int = 4
+    height: int = 16
+    width: int = 16
+    heads: int = 8
+    head_dim: int = 64
+    layers: int = 4
+    channels: int = 24
+    modes: int = 6
+    head_mix: Tuple[float, float, float, float] = (0.35, 0.3, 0.12, 0.23)
+    context_first: bool = False
+    text_tokens: int = 0
+    rope_theta: float = 10000.0
+
+    @property
+    def tokens_per_video(self) -> int:
+        return self.frames * self.height * self.width
+
+    def layout(self) -> Layout:
+        t = ("target", self.tokens_per_video)
+        c = ("context", self.tokens_per_video)
+        spans = [c, t] if self.context_first else [t, c]
+        if self.text_tokens:
+            spans.append(("text", self.text_tokens))
+        return Layout(spans)
+
+
+def _grid_positions(f: int, h: int, w: int, device) -> torch.Tensor:
+    ff, hh, ww = torch.meshgrid(torch.arange(f, device=device), torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([ff, hh, ww], -1).reshape(-1, 3).to(torch.float32)  # [n, 3]
+
+
+def _rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """[n, head_dim/2] rotation angles; the pairs are split over (t, h, w) like Wan's 3D RoPE."""
+    half = head_dim // 2
+    parts = [half - 2 * (half // 3), half // 3, half // 3]
+    angs = []
+    for axis, d in enumerate(parts):
+        freqs = theta ** (-torch.arange(d, device=pos.device, dtype=torch.float32) / max(d, 1))
+        angs.append(pos[:, axis : axis + 1] * freqs[None, :])
+    return torch.cat(angs, -1)
+
+
+def _rotate(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE: x [n, H, D] with angles [n, D/2] (pairs (2i, 2i+1))."""
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
+
+
+class SyntheticModel:
+    """Fixed per-layer, per-head "weights" of a synthetic ICL attention; samples are videos.
+
+    Args:
+        spec: the :class:`SyntheticSpec`.
+        seed: the model seed (projections, head kinds, temperatures).
+
+    Example:
+        >>> model = SyntheticModel(SyntheticSpec(), seed=0)
+        >>> q, k, v, layout = model.sample(layer=2, sample_seed=7)   # q: [1, 2048, 8, 64]
+    """
+
+    def __init__(self, spec: SyntheticSpec = SyntheticSpec(), seed: int = 0):
+        self.spec = spec
+        self.seed = int(seed)
+        g = torch.Generator().manual_seed(10_007 * self.seed + 1)
+        H, D, C, L = spec.heads, spec.head_dim, spec.channels, spec.layers
+        mix = torch.tensor(spec.head_mix, dtype=torch.float64)
+        self.head_kinds: List[List[str]] = []
+        self.params: List[Dict[str, torch.Tensor]] = []
+        for layer in range(L):
+            depth = layer / max(L - 1, 1)
+            kinds = torch.multinomial(mix, H, replacement=True, generator=g).tolist()
+            names = [HEAD_KINDS[i] for i in kinds]
+            w_pos = torch.tensor([{"local": 1.0, "semantic": 0.25, "uniform": 0.3, "mixed": 0.7}[n] for n in names])
+            w_sem = torch.tensor([{"local": 0.35, "semantic": 1.0, "uniform": 0.3, "mixed": 0.8}[n] for n in names])
+            temp = torch.tensor([{"local": 2.6, "semantic": 2.2, "uniform": 0.6, "mixed": 1.8}[n] for n in names])
+            temp = temp * torch.exp(0.15 * torch.randn(H, generator=g))
+            self.head_kinds.append(names)
+            self.params.append({
+                "wq": torch.randn(H, C, D, generator=g) / math.sqrt(C),
+                "wk": torch.randn(H, C, D, generator=g) / math.sqrt(C),
+                "wv": torch.randn(H, C, D, generator=g) / math.sqrt(C),
+                "wqk": torch.randn(H, C, D, generator=g) / math.sqrt(C),  # shared q/k part: self-similar content
+                "cpos": torch.randn(H, D, generator=g),
+                "vbias": 0.7 * torch.randn(H, D, generator=g),  # values have a mean (projection bias, DC content)
+                "w_pos": w_pos,
+                "w_sem": w_sem,
+                "temp": temp,
+                # target queries -> context keys penalty grows with depth (context gets less mass)
+                "beta": (0.5 + 2.5 * depth) * torch.exp(0.2 * torch.randn(H, generator=g)),
+                "beta_ctx": 0.3 * torch.ones(H),
+            })
+
+    @property
+    def layer_names(self) -> List[str]:
+        return [f"blocks.{i}.attn1" for i in range(self.spec.layers)]
+
+    # ------------------------------------------------------------------ content
+    def content(self, sample_seed: int, device=None, noise: float = 0.3) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Content features of one sample: (target [n, C], context [n, C], text [n_text, C])."""
+        s = self.spec
+        g = torch.Generator().manual_seed(7919 * int(sample_seed) + 13)
+        C, K = s.channels, s.modes
+        pos = _grid_positions(s.frames, s.height, s.width, device)
+        size = torch.tensor([s.frames, s.height, s.width], dtype=torch.float32, device=device)
+        freqs = (torch.rand(C, K, 3, generator=g) * torch.tensor([0.8, 2.5, 2.5])).to(device)  # cycles per video
+        phase = (torch.rand(C, K, generator=g) * 2 * math.pi).to(device)
+        amp = (torch.randn(C, K, generator=g) / math.sqrt(K)).to(device)
+        # motion: a global drift over frames
+        drift = (torch.randn(2, generator=g) * 1.5).to(device)
+        p = pos.clone()
+        p[:, 1] += drift[0] * pos[:, 0]
+        p[:, 2] += drift[1] * pos[:, 0]
+        arg = 2 * math.pi * torch.einsum("nd,ckd->nck", p / size, freqs) + phase
+        ctx = (torch.cos(arg) * amp).sum(-1)  # [n, C]
+        ctx = (ctx - ctx.mean(0)) / ctx.std(0).clamp(min=1e-6)
+        # the edit: a blob whose content is replaced by another field
+        centre = torch.rand(3, generator=g).to(device) * size
+        radius = (0.25 + 0.2 * torch.rand(1, generator=g)).to(device) * size[1:].min()
+        d2 = ((pos[:, 1:] - centre[1:]) ** 2).sum(-1)
+        blob = torch.exp(-d2 / (2 * radius**2))[:, None]
+        other = torch.randn(C, C, generator=g).to(device) / math.sqrt(C)
+        tgt = (1 - blob) * ctx + blob * (ctx @ other)
+        tgt = tgt + noise * torch.randn(tgt.shape, generator=g).to(device)
+        txt = torch.randn(s.text_tokens, C, generator=g).to(device)
+        return tgt, ctx, txt
+
+    # ------------------------------------------------------------------ q, k, v
+    def sample(self, layer: int, sample_seed: int, *, device=None, dtype=torch.float32, noise: float = 0.3
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Layout]:
+        """q, k, v [1, N, H, D] and the :class:`Layout` of one layer on one sample."""
+        s = self.spec
+        prm = {k: v.to(device) for k, v in self.params[layer].items()}
+        H, D = s.heads, s.head_dim
+        tgt, ctx, txt = self.content(sample_seed, device=device, noise=noise)
+        n = s.tokens_per_video
+        pos = _grid_positions(s.frames, s.height, s.width, device)
+        ang = _rope_angles(pos, D, s.rope_theta)
+        # positional energy sits in the pairs that rotate within the grid (as trained q/k put it there)
+        omega = ang[1:].abs().amax(0) if ang.shape[0] > 1 else torch.ones(D // 2, device=device)
+        pw = torch.minimum(omega, torch.ones_like(omega)).clamp(min=0.02).sqrt()
+        pw = (pw / pw.square().mean().sqrt()).repeat_interleave(2)  # [D], mean square 1
+        prm["cpos"] = prm["cpos"] * pw[None, :]
+
+        def project(feat, seg):
+            fq = torch.einsum("nc,hcd->nhd", feat, prm["wq"]) * 0.6 + torch.einsum("nc,hcd->nhd", feat, prm["wqk"])
+            fk = torch.einsum("nc,hcd->nhd", feat, prm["wk"]) * 0.6 + torch.einsum("nc,hcd->nhd", feat, prm["wqk"])
+            fv = torch.einsum("nc,hcd->nhd", feat, prm["wv"]) + prm["vbias"][None]
+            base = prm["cpos"][None] * prm["w_pos"][None, :, None]
+            qq = base + fq * prm["w_sem"][None, :, None]
+            kk = base + fk * prm["w_sem"][None, :, None]
+            return qq, kk, fv
+
+        qt, kt, vt = project(tgt, "target")
+        qc, kc, vc = project(ctx, "context")
+        # each segment gets its own 3D RoPE, positions starting at 0
+        qt, kt, qc, kc = (_rotate(x, ang) for x in (qt, kt, qc, kc))
+        # segment terms on the last two (unrotated) dims: target queries are pushed away from context keys
+        # (logit -beta·temp) and context queries a little away from target keys
+        root = math.sqrt(D)
+        qt[..., -2], qt[..., -1], qc[..., -2], qc[..., -1] = root, 0.0, 0.0, root
+        kt[..., -2], kt[..., -1] = 0.0, -prm["beta_ctx"]
+        kc[..., -2], kc[..., -1] = -prm["beta"], 0.0
+        temp = prm["temp"][None, :, None]
+        # the segment logits (-beta, -beta_ctx) do not scale with the head's temperature
+        for x in (qt, qc):
+            x[..., -2:] /= temp[..., 0:1]
+        parts_q, parts_k, parts_v = [qt, qc], [kt, kc], [vt, vc]
+        if s.context_first:
+            parts_q, parts_k, parts_v = parts_q[::-1], parts_k[::-1], parts_v[::-1]
+        if s.text_tokens:
+            parts_q.append(torch.einsum("nc,hcd->nhd", txt, prm["wq"]))
+            parts_k.append(torch.einsum("nc,hcd->nhd", txt, prm["wk"]))
+            parts_v.append(torch.einsum("nc,hcd->nhd", txt, prm["wv"]))
+        q = torch.cat(parts_q) * temp
+        k = torch.cat(parts_k)
+        v = torch.cat(parts_v)
+        return q[None].to(dtype), k[None].to(dtype), v[None].to(dtype), s.layout()
+
+
+def synthetic_qkv(frames: int, height: int, width: int, heads: int, head_dim: int = 128, *, layer_depth: float = 0.5,
+                  seed: int = 0, sample_seed: int = 0, device=None, dtype=torch.bfloat16, noise: float = 0.3,
+                  context_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Layout]:
+    """q, k, v [1, N, H, D] of one structured synthetic ICL attention call (N = 2·frames·height·width).
+
+    Args:
+        frames, height, width: latent token grid per video (Wan 480p 81 frames: 21, 30, 52).
+        heads, head_dim: attention shape.
+        layer_depth: 0 (first layer) .. 1 (last): how strongly target queries avoid context keys.
+        seed, sample_seed: model and sample seeds.
+
+    Returns:
+        ``(q, k, v, layout)`` with the layout ``[target, context]`` (or reversed with ``context_first``).
+
+    Example:
+        >>> q, k, v, layout = synthetic_qkv(21, 30, 52, 40, device="cuda")   # 65,520 tokens
+    """
+    spec = SyntheticSpec(frames=frames, height=height, width=width, heads=heads, head_dim=head_dim, layers=11,
+                         context_first=context_first)
+    model = SyntheticModel(spec, seed)
+    layer = int(round(min(max(layer_depth, 0.0), 1.0) * (spec.layers - 1)))
+    return model.sample(layer, sample_seed, device=device, dtype=dtype, noise=noise)
+
+
+def calibrate_synthetic(model: SyntheticModel, sample_seeds: Sequence[int], *, grid=None, block_size: int = 64,
+                        blocks_per_kind: int = 48, tokens_per_block: int = 16, seed: int = 0, device=None,
+                        dtype=torch.float32):
+    """:class:`~isa_plugin.calibration.stats.CalibrationStats` of every layer of ``model`` over ``sample_seeds``."""
+    from .stats import CalibrationStats
+
+    stats = CalibrationStats(grid, block_size=block_size, blocks_per_kind=blocks_per_kind, tokens_per_block=tokens_per_block, seed=seed)
+    for s in sample_seeds:
+        for layer, name in enumerate(model.layer_names):
+            q, k, v, layout = model.sample(layer, s, device=device, dtype=dtype)
+            stats.observe(name, q, k, v, layout)
+    return stats
+
+
+def evaluate_synthetic(model: SyntheticModel, profile_or_config, sample_seeds: Sequence[int], *, device=None,
+                       dtype=torch.float32) -> Dict[str, Dict[str, float]]:
+    """Measured ISA error (full reference ISA against dense) and relative cost per layer on ``sample_seeds``.
+
+    Args:
+        profile_or_config: a :class:`~isa_plugin.ThresholdProfile` (its per-layer configs) or one
+            :class:`~isa_plugin.ISAConfig` for every layer.
+
+    Returns:
+        ``{layer: {"error_target", "error_context", "relative_cost"}}``: relative L1 over all target / context
+        query outputs of all samples, and the mean :meth:`ISAPlan.relative_cost` (1 for dense layers).
+    """
+    from ..config import ISAConfig
+    from ..kernels.reference import dense_attention_reference, isa_attention_reference
+
+    out = {}
+    for layer, name in enumerate(model.layer_names):
+        cfg = profile_or_config if isinstance(profile_or_config, ISAConfig) else profile_or_config.config_for(name)
+        num = {"target": 0.0, "context": 0.0}
+        den = {"target": 0.0, "context": 0.0}
+        costs = []
+        for s in sample_seeds:
+            q, k, v, layout = model.sample(layer, s, device=device, dtype=dtype)
+            dense = dense_attention_reference(q, k, v)
+            if cfg is None:
+                o, cost = dense, 1.0
+            else:
+                o, plan = isa_attention_reference(q, k, v, layout, cfg.replace(backend="reference"), return_plan=True)
+                cost = plan.relative_cost()
+            costs.append(cost)
+            kinds = layout.blocks(64).kinds[layout.blocks(64).token_block]
+            for kind, kid in (("target", 0), ("context", 1)):
+                sel = (kinds == kid).to(q.device)
+                num[kind] += float((o - dense)[0, sel].abs().sum())
+                den[kind] += float(dense[0, sel].abs().sum())
+        out[name] = {"error_target": num["target"] / max(den["target"], 1e-30),
+                     "error_context": num["context"] / max(den["context"], 1e-30),
+                     "relative_cost": sum(costs) / len(costs)}
+    return out
