@@ -1,0 +1,227 @@
+"""QwenImage family (Edit / EditPlus): exactness, text masks, removal, state_dict, layout, the pipelines."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from isa_plugin import ISAConfig, Layout
+from isa_plugin.adapters import apply_isa, isa_processors, remove_isa, stats
+from isa_plugin.adapters.qwenimage import QwenImageISAAttnProcessor, attend_with_key_mask, qwen_image_layout
+
+diffusers = pytest.importorskip("diffusers")
+
+EXACT = ISAConfig(alpha_s=1.0, alpha_f=1.0, alpha_ns=1.0, block_size=8)
+SPARSE = ISAConfig(block_size=8)
+SHAPES = [(1, 8, 8), (1, 8, 12)]  # target 64 tokens, one condition image of 96 tokens
+TEXT = 12
+LAYERS = ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+
+
+def tiny_qwen(num_layers=2):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+    ).eval()
+
+
+def qwen_inputs(batch=1, shapes=SHAPES, text_valid=None):
+    """``text_valid``: per batch entry, the number of unpadded text tokens (None: no mask)."""
+    g = torch.Generator().manual_seed(1)
+    S = sum(f * h * w for f, h, w in shapes)
+    mask = None
+    if text_valid is not None:
+        mask = torch.zeros(batch, TEXT, dtype=torch.long)
+        for i, n in enumerate(text_valid):
+            mask[i, :n] = 1
+    return dict(
+        hidden_states=torch.randn(batch, S, 16, generator=g),
+        encoder_hidden_states=torch.randn(batch, TEXT, 16, generator=g),
+        encoder_hidden_states_mask=mask,
+        timestep=torch.full((batch,), 0.5),
+        img_shapes=[list(shapes)] * batch,
+    )
+
+
+def _fwd(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def test_processor_signature_matches_stock():
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+    assert list(inspect.signature(QwenImageISAAttnProcessor.__call__).parameters) == list(
+        inspect.signature(QwenDoubleStreamAttnProcessor2_0.__call__).parameters
+    )
+
+
+@pytest.mark.parametrize("batch,text_valid", [(1, None), (2, None), (1, [9]), (2, [12, 5])])
+def test_all_ratios_one_equals_stock(batch, text_valid):
+    t = tiny_qwen()
+    x = qwen_inputs(batch, text_valid=text_valid)
+    ref = _fwd(t, x)
+    apply_isa(t, EXACT)
+    out = _fwd(t, x)
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert list(stats(t)) == LAYERS
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+
+
+def _stock_and_isa_processor_outputs(config, text_valid):
+    t = tiny_qwen(1)
+    attn = t.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(5)
+    B = len(text_valid)
+    img = torch.randn(B, 160, attn.inner_dim, generator=g)
+    txt = torch.randn(B, TEXT, attn.inner_dim, generator=g)
+    mask = torch.zeros(B, TEXT, dtype=torch.bool)
+    for i, n in enumerate(text_valid):
+        mask[i, :n] = True
+    rope = t.pos_embed([SHAPES], max_txt_seq_len=TEXT, device=img.device)
+    with torch.no_grad():
+        ref = attn(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, image_rotary_emb=rope)
+        proc = QwenImageISAAttnProcessor(config, layout=Layout([("text", TEXT), ("target", 64), ("context", 96)]), original=attn.processor)
+        attn.set_processor(proc)
+        out = attn(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, image_rotary_emb=rope)
+    return ref, out, proc
+
+
+def test_text_mask_is_honoured_including_padded_queries():
+    """The processor alone (layout= given): image and text outputs, padded text queries included."""
+    ref, out, proc = _stock_and_isa_processor_outputs(EXACT, [12, 7, 3])
+    for r, o in zip(ref, out):
+        assert (o - r).abs().max().item() <= 1e-5
+    assert proc.stats.isa_calls == 1 and not proc.stats.fallbacks
+    _, out, proc = _stock_and_isa_processor_outputs(SPARSE, [12, 7, 3])
+    assert all(torch.isfinite(o).all() for o in out) and proc.stats.isa_calls == 1
+
+
+def test_mask_on_non_text_tokens_falls_back():
+    layout = Layout([("text", 8), ("target", 32), ("context", 32)])
+    proc = QwenImageISAAttnProcessor(SPARSE, layout=layout)
+    q, k, v = (torch.randn(1, 72, 2, 32) for _ in range(3))
+    valid = torch.ones(1, 72, dtype=torch.bool)
+    valid[0, 50] = False  # a context token
+    sentinel = torch.zeros(1, 72, 2, 32)
+    out = attend_with_key_mask(proc, q, k, v, valid, lambda: sentinel)
+    assert out is sentinel and dict(proc.stats.fallbacks) == {"attention mask on non-text tokens": 1}
+
+
+def test_dense_layers_reproduce_stock_bitwise():
+    t = tiny_qwen()
+    x = qwen_inputs(2, text_valid=[12, 5])
+    ref = _fwd(t, x)
+    apply_isa(t, {n: None for n in LAYERS})
+    assert torch.equal(_fwd(t, x), ref)
+
+
+def test_default_ratios_use_isa_then_remove_restores():
+    t = tiny_qwen()
+    x = qwen_inputs()
+    ref = _fwd(t, x)
+    before = t.attn_processors
+    sd = {k: v.clone() for k, v in t.state_dict().items()}
+    apply_isa(t, SPARSE)
+    out = _fwd(t, x)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert t.state_dict().keys() == sd.keys() and all(torch.equal(t.state_dict()[k], v) for k, v in sd.items())
+    remove_isa(t)
+    assert all(p is before[k] for k, p in t.attn_processors.items())
+    assert torch.equal(_fwd(t, x), ref)
+
+
+def test_layout_from_img_shapes():
+    x = qwen_inputs()
+    assert qwen_image_layout(x["encoder_hidden_states"], x["hidden_states"], x["img_shapes"]) == Layout(
+        [("text", TEXT), ("target", 64), ("context", 96)]
+    )
+    hs = torch.zeros(1, 64 + 96 + 16, 4)
+    two = [(1, 8, 8), (1, 8, 12), (1, 4, 4)]
+    assert qwen_image_layout(x["encoder_hidden_states"], hs, [two]) == Layout(
+        [("text", TEXT), ("target", 64), ("context", 96), ("context", 16)]
+    )
+    assert qwen_image_layout(x["encoder_hidden_states"], hs, [SHAPES]) is None  # does not add up
+    # plain text-to-image: no condition image -> no context span -> the call runs dense
+    t = tiny_qwen(1)
+    y = qwen_inputs(shapes=[(1, 8, 8)])
+    ref = _fwd(t, y)
+    apply_isa(t, SPARSE)
+    assert torch.equal(_fwd(t, y), ref)
+    assert "no context tokens (not an in-context call)" in stats(t)["transformer_blocks.0.attn"]["reasons"]
+
+
+def tiny_edit_pipe(cls_name):
+    import diffusers as d
+
+    torch.manual_seed(0)
+    vae = d.AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, False, False, False, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )  # 32x spatial: the ~1024^2 condition images become 32x32 latents (16x16 tokens)
+    cls = getattr(d, cls_name)
+    return cls(
+        scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, processor=None,
+        transformer=tiny_qwen(),
+    )
+
+
+@pytest.mark.parametrize("cls_name", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
+def test_edit_pipelines_end_to_end(cls_name):
+    from PIL import Image
+
+    module = inspect.getmodule(getattr(diffusers, cls_name))
+    pipe = tiny_edit_pipe(cls_name)
+    rng = np.random.default_rng(0)
+    sizes = [(48, 32)] if cls_name == "QwenImageEditPipeline" else [(48, 32), (40, 40)]  # (width, height)
+    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for w, h in sizes]
+    g = torch.Generator().manual_seed(3)
+    neg_mask = torch.ones(1, 8, dtype=torch.long)
+    neg_mask[0, 6:] = 0  # the negative prompt is padded: its calls carry a text mask
+    kw = dict(
+        image=images[0] if len(images) == 1 else images, height=256, width=256, num_inference_steps=2,
+        true_cfg_scale=2.0, prompt_embeds=torch.randn(1, 8, 16, generator=g), prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long),
+        negative_prompt_embeds=torch.randn(1, 8, 16, generator=g), negative_prompt_embeds_mask=neg_mask, output_type="pt",
+    )
+
+    def run():
+        latents = []
+
+        def grab(p, i, t, cb):
+            latents.append(cb["latents"])
+            return {}
+
+        return pipe(**kw, generator=torch.Generator().manual_seed(0), callback_on_step_end=grab).images, latents
+
+    if cls_name == "QwenImageEditPipeline":  # each run VAE-encodes ~1024^2 condition images: keep runs few
+        ref, _ = run()
+        apply_isa(pipe, EXACT)
+        out, _ = run()
+        assert (out - ref).abs().max().item() <= 1e-4
+        remove_isa(pipe)
+
+    apply_isa(pipe, SPARSE)
+    seen = []
+    for p in isa_processors(pipe).values():
+        p.observer = lambda name, q, k, v, layout, step: seen.append((q.shape[1], layout))
+    out, latents = run()
+    assert torch.isfinite(out).all()
+    # expected spans from the pipeline's own latents (target) and its own condition-image sizing
+    vsf = pipe.vae_scale_factor
+    area = 1024 * 1024 if cls_name == "QwenImageEditPipeline" else module.VAE_IMAGE_SIZE
+    contexts = []
+    for w, h in sizes:
+        cw, ch = module.calculate_dimensions(area, w / h)[:2]
+        contexts.append((ch // vsf // 2) * (cw // vsf // 2))
+    n_target = latents[0].shape[1]
+    assert n_target == (256 // vsf // 2) ** 2
+    expected = Layout([("text", 8), ("target", n_target)] + [("context", n) for n in contexts])
+    assert len(seen) == len(LAYERS) * 2 * 2  # layers x steps x (cond, uncond)
+    assert all(layout == expected and n == expected.num_tokens for n, layout in seen)
+    assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}} for s in stats(pipe).values())
+    remove_isa(pipe)
