@@ -41,11 +41,23 @@ def sdpa_with_lse(q, k, v, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return o, lse
 
 
-def _items(mask: torch.Tensor):
-    """(bh, qb) int32 pairs of the True entries of a [B, H, nb] mask."""
+def _to_dev(values, dev, dtype=torch.long):
+    """A small host list on the device without a device synchronisation (pinned, non-blocking copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+def _select_blocks(mask: torch.Tensor, count: int):
+    """Per (b, h), the first ``count`` block ids where ``mask`` [B, H, nb] is True (ascending), padded
+    with -1 where a row has fewer: [B, H, count] int64. No host synchronisation."""
     B, H, nb = mask.shape
-    nz = torch.nonzero(mask.reshape(B * H, nb))
-    return nz[:, 0].to(torch.int32).contiguous(), nz[:, 1].to(torch.int32).contiguous()
+    ar = torch.arange(nb, device=mask.device)
+    key = (~mask).long() * nb + ar
+    idx = torch.topk(key, count, dim=-1, largest=False, sorted=True).indices
+    ok = torch.gather(mask, -1, idx)
+    return torch.where(ok, idx, torch.full_like(idx, -1))
 
 
 def _pooled_kv(k, v, cp: CompactPlan, starts, counts):
@@ -61,33 +73,43 @@ def _pooled_kv(k, v, cp: CompactPlan, starts, counts):
 
 def _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale):
     B, H, nb = cp.exact_q.shape
-    w_bh, w_qb = _items(~cp.exact_q)
-    if w_bh.numel() == 0:
+    n_t = max(cp.host["n_taylor"]) if cp.host else nb
+    if n_t == 0:
         return
+    qb = _select_blocks(~cp.exact_q, n_t)  # [B, H, n_t]
+    w_bh = torch.arange(B * H, device=q.device, dtype=torch.int32).view(B, H, 1).expand(B, H, n_t).reshape(-1)
+    w_qb = qb.reshape(-1).to(torch.int32)
     S = cp.tsel.shape[-1]
-    w_loff = (w_bh.long() * nb + w_qb.long()) * S
-    w_llen = cp.tsel_len.reshape(B * H, nb)[w_bh.long(), w_qb.long()].to(torch.int32)
+    qc = qb.clamp_min(0).reshape(-1)
+    w_loff = (w_bh.long() * nb + qc) * S
+    w_llen = cp.tsel_len.reshape(-1)[w_bh.long() * nb + qc]
     isa_attn_items(
         q, k, v, out, kbar, vbar, log2n, starts, counts,
-        w_bh, w_qb, w_loff.contiguous(), w_llen.contiguous(), cp.tsel.reshape(-1),
+        w_bh.contiguous(), w_qb.contiguous(), w_loff.contiguous(), w_llen.contiguous(), cp.tsel.reshape(-1),
         block_size=cp.blocks.block_size, scale=scale, taylor=True,
         kv_list=cp.kv_list.reshape(B * H, -1), kv_len=cp.kv_len.reshape(-1), approx=cp.approx.reshape(B * H, nb, -1),
     )
 
 
-def _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale):
+def _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale, heads=None):
     B, H, nb = cp.exact_q.shape
-    w_bh, w_qb = _items(cp.exact_q)
-    if w_bh.numel() == 0:
+    hs = list(range(H)) if heads is None else list(heads)
+    n_q = max(cp.host["nq_exact"][h] for h in hs) if cp.host else nb
+    if n_q == 0 or not hs:
         return
+    hs_d = _to_dev(hs, q.device) if heads is not None else torch.arange(H, device=q.device)
+    Hs = len(hs)
+    qb = _select_blocks(cp.exact_q[:, hs_d], n_q)  # [B, Hs, n_q]
     kmax = cp.kv_list.shape[-1]
-    w_llen = cp.kv_len.reshape(-1)[w_bh.long()]
+    w_bh = (torch.arange(B, device=q.device).view(B, 1, 1) * H + hs_d.view(1, Hs, 1)).expand(B, Hs, n_q).reshape(-1)
+    w_llen = cp.kv_len.reshape(-1)[w_bh]
     order = torch.argsort(w_llen, descending=True, stable=True)  # heavy items first
-    w_bh, w_qb, w_llen = w_bh[order].contiguous(), w_qb[order].contiguous(), w_llen[order].contiguous()
-    w_loff = (w_bh.long() * kmax).contiguous()
+    w_bh, w_llen = w_bh[order], w_llen[order]
+    w_qb = qb.reshape(-1)[order].to(torch.int32)
+    w_loff = w_bh * kmax
     isa_attn_items(
         q, k, v, out, kbar, vbar, log2n, starts, counts,
-        w_bh, w_qb, w_loff, w_llen, cp.kv_list.reshape(-1),
+        w_bh.to(torch.int32).contiguous(), w_qb.contiguous(), w_loff.contiguous(), w_llen.to(torch.int32).contiguous(), cp.kv_list.reshape(-1),
         block_size=cp.blocks.block_size, scale=scale,
     )
 
@@ -98,14 +120,10 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
     bs = cp.blocks.block_size
     dev = q.device
     kmax = cp.kv_list.shape[-1]
-    n_eq = cp.exact_q.sum(-1)  # [B, H]
-    # group heads with equal (query blocks, common full prefix) so no chunk pads much
-    nq_h = n_eq.max(0).values  # [H]
-    full_h = cp.kv_full.min(0).values.long()  # [H]
-    keys = torch.stack([nq_h, full_h], 1).tolist()
+    # group heads with equal (query blocks, common full prefix): one dense problem per group chunk
     groups = {}
-    for h, key in enumerate(keys):
-        groups.setdefault(tuple(key), []).append(h)
+    for h in range(H):
+        groups.setdefault((cp.host["nq_exact"][h], cp.host["full_min"][h]), []).append(h)
     item_bytes = q.element_size() * D
     leftovers = []
     for (nq, F), heads in sorted(groups.items(), key=lambda kv: -kv[0][0] * (kv[0][1] + 1)):
@@ -116,16 +134,22 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
             continue
         per_head = B * (2 * nq * bs + 2 * F * bs) * item_bytes
         hc = max(1, min(len(heads), int(mem_budget_bytes // max(1, per_head))))
+        n_chunks = -(-len(heads) // hc)
+        hc = -(-len(heads) // n_chunks)  # balance the chunks
         for c0 in range(0, len(heads), hc):
-            hs = torch.tensor(heads[c0 : c0 + hc], device=dev, dtype=torch.long)
-            Hc = int(hs.numel())
-            eq = cp.exact_q[:, hs]  # [B, Hc, nb]
-            blk_key = (~eq).long() * nb + torch.arange(nb, device=dev)
-            q_blocks = torch.topk(blk_key, nq, dim=-1, largest=False, sorted=True).indices  # [B, Hc, nq]
-            q_rows_valid = torch.arange(nq, device=dev) < n_eq[:, hs].unsqueeze(-1)  # [B, Hc, nq]
+            hl = heads[c0 : c0 + hc]
+            Hc = len(hl)
+            if hl == list(range(hl[0], hl[0] + Hc)):
+                hs = torch.arange(hl[0], hl[0] + Hc, device=dev)
+                eq = cp.exact_q[:, hl[0] : hl[0] + Hc]
+                kvb = cp.kv_list[:, hl[0] : hl[0] + Hc, :F].contiguous()
+            else:
+                hs = _to_dev(hl, dev)
+                eq = cp.exact_q[:, hs]
+                kvb = cp.kv_list[:, hs, :F].contiguous()
             hs32 = hs.to(torch.int32)
-            (qg,) = gather_blocks_triton(q, blist=q_blocks.to(torch.int32).contiguous(), heads=hs32, starts=starts, counts=counts, block_size=bs)
-            kvb = cp.kv_list[:, hs, :F].contiguous()  # [B, Hc, F] full blocks
+            q_blocks = _select_blocks(eq, nq)  # [B, Hc, nq], -1 = padding
+            (qg,) = gather_blocks_triton(q, blist=q_blocks.clamp_min(0).to(torch.int32).contiguous(), heads=hs32, starts=starts, counts=counts, block_size=bs)
             if k.stride() == v.stride():
                 kg, vg = gather_blocks_triton(k, v, blist=kvb, heads=hs32, starts=starts, counts=counts, block_size=bs)
             else:
@@ -133,27 +157,26 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
                 (vg,) = gather_blocks_triton(v, blist=kvb, heads=hs32, starts=starts, counts=counts, block_size=bs)
             og, lse = sdpa_with_lse(qg, kg, vg, scale)
             del qg, kg, vg
-            # finishing items: fold in kv_list[F:kv_len] and scatter rows back
-            bb, hh, rr = torch.nonzero(q_rows_valid, as_tuple=True)
-            w_bh = (bb * H + hs[hh]).to(torch.int32)
-            w_qb = q_blocks[bb, hh, rr].to(torch.int32)
-            w_loff = w_bh.long() * kmax + F
-            w_llen = (cp.kv_len.reshape(-1)[w_bh.long()] - F).to(torch.int32)
+            # finishing items: fold in kv_list[F:kv_len] and scatter rows back to their tokens
+            bb = torch.arange(B, device=dev).view(B, 1, 1).expand(B, Hc, nq).reshape(-1)
+            hh = torch.arange(Hc, device=dev).view(1, Hc, 1).expand(B, Hc, nq).reshape(-1)
+            rr = torch.arange(nq, device=dev).view(1, 1, nq).expand(B, Hc, nq).reshape(-1)
+            w_bh = bb * H + hs[hh]
+            w_qb = q_blocks.reshape(-1).to(torch.int32)
+            w_loff = w_bh * kmax + F
+            w_llen = (cp.kv_len.reshape(-1)[w_bh] - F).to(torch.int32)
             w_ioff = bb * og.stride(0) + hh * og.stride(1) + rr * bs * og.stride(2)
             w_irow = (bb * Hc + hh) * (nq * bs) + rr * bs
             isa_attn_items(
                 q, k, v, out, kbar, vbar, log2n, starts, counts,
-                w_bh.contiguous(), w_qb.contiguous(), w_loff.contiguous(), w_llen.contiguous(), cp.kv_list.reshape(-1),
+                w_bh.to(torch.int32).contiguous(), w_qb.contiguous(), w_loff.contiguous(), w_llen.contiguous(), cp.kv_list.reshape(-1),
                 block_size=bs, scale=scale,
                 init_o=og, init_lse=lse, w_ioff=w_ioff.contiguous(), w_irow=w_irow.contiguous(),
                 init_row_stride=og.stride(2),
             )
             del og, lse
     if leftovers:
-        mask = torch.zeros_like(cp.exact_q)
-        mask[:, leftovers] = cp.exact_q[:, leftovers]
-        sub = CompactPlan(**{**cp.__dict__, "exact_q": mask})
-        _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, sub, scale)
+        _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, scale, heads=leftovers)
 
 
 def execute_compact(

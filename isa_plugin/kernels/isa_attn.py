@@ -5,7 +5,8 @@ Layout:
         fp16 / bf16 (fp32 supported with IEEE dots, for tests and fp32 callers).
     kbar, vbar: [B*H, nb, D] block means in the input dtype; log2n: [nb] float32, log2 of true counts.
     Work items (one program each): ``w_bh`` (b*H + h), ``w_qb`` (query block), ``w_loff`` / ``w_llen``
-        (slice of ``lists`` holding the exactly computed KV blocks).
+        (slice of ``lists`` holding the exactly computed KV blocks); ``w_qb = -1`` marks a padding item
+        that writes nothing.
     Taylor items also walk the (b, h)'s KV' list ``kv_list`` [B*H, Kmax] and take as pseudo-key every
         position whose ``approx`` [B*H, nb, Kmax] flag is set, with logit bias ln(n_j).
     Exact items may start from a partial softmax state (``init_o`` rows and their natural-log
@@ -74,13 +75,16 @@ def _isa_attn_fwd_kernel(
     i_w = tl.program_id(0)
     i_bh = tl.load(W_BH + i_w)
     i_qb = tl.load(W_QB + i_w)
+    # padding items (query block -1) write nothing: zero rows, empty lists
+    valid = i_qb >= 0
+    i_qb = tl.maximum(i_qb, 0)
     l_off = tl.load(W_LOFF + i_w).to(tl.int64)
-    l_len = tl.load(W_LLEN + i_w)
+    l_len = tl.where(valid, tl.load(W_LLEN + i_w), 0)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
 
     q_start = tl.load(STARTS + i_qb).to(tl.int64)
-    q_cnt = tl.load(COUNTS + i_qb)
+    q_cnt = tl.where(valid, tl.load(COUNTS + i_qb), 0)
     o_m = tl.arange(0, BLOCK)
     o_n = tl.arange(0, BLOCK)
     o_d = tl.arange(0, D)
@@ -125,7 +129,7 @@ def _isa_attn_fwd_kernel(
         b_m = b_mn
 
     if TAYLOR:
-        kv_len = tl.load(KV_LEN + i_bh)
+        kv_len = tl.where(valid, tl.load(KV_LEN + i_bh), 0)
         o_p = tl.arange(0, BP)
         p_list = KV_LIST + i_bh.to(tl.int64) * Kmax
         p_appr = APPROX + (i_bh.to(tl.int64) * nb + i_qb) * Kmax
@@ -152,7 +156,7 @@ def _isa_attn_fwd_kernel(
                 b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_vb.dtype), b_vb)
             b_m = b_mn
 
-    b_o = b_acc / b_l[:, None]
+    b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]  # padding items have empty rows
     p_o = O + i_b * so_b + i_h * so_h + (q_start + o_m)[:, None] * so_n + o_d[None, :]
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
 

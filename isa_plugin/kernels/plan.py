@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -35,7 +35,12 @@ __all__ = ["CompactPlan", "plan_compact", "plan_compact_from_pooled", "compact_f
 
 @dataclass
 class CompactPlan:
-    """Index-list form of an ISA plan (see the module docstring for the fields)."""
+    """Index-list form of an ISA plan (see the module docstring for the fields).
+
+    ``host`` holds per-head counts known on the host, so execution needs no device synchronisation:
+    ``nq_exact`` / ``n_taylor`` (the most exact / Taylor query blocks of any batch entry, per head) and
+    ``full_min`` (a lower bound of ``kv_full`` over the batch, per head).
+    """
 
     blocks: BlockLayout
     kv_keep: torch.Tensor  # [B, H, nb] bool
@@ -48,6 +53,7 @@ class CompactPlan:
     approx: torch.Tensor  # [B, H, nb, Kmax] int8
     sharpness: Optional[torch.Tensor] = None
     saliency: Optional[torch.Tensor] = None
+    host: Optional[Dict[str, List[int]]] = None
 
     @property
     def shape(self):
@@ -69,25 +75,104 @@ class CompactPlan:
         return exact, approx
 
 
-def _kv_lists(kv_keep: torch.Tensor, blocks: BlockLayout):
+def _ceil_host(alpha: float, n: int) -> int:
+    """Host twin of reference._ceil_count: ceil(alpha * n) clamped to [min(1, n), n]."""
+    if n <= 0:
+        return 0
+    return int(min(max(math.ceil(alpha * n - 1e-9), 1), n))
+
+
+class _Static:
+    """Everything about a plan that depends only on the layout, the config and H (cached per device)."""
+
+    def __init__(self, blocks: BlockLayout, config: ISAConfig, H: int, device: str):
+        kinds = blocks.kinds
+        bs = blocks.block_size
+        dev = torch.device(device)
+        self.blocks = blocks.to(dev)
+        nb = blocks.num_blocks
+        is_t, is_c, is_x = kinds == TARGET, kinds == CONTEXT, kinds == TEXT
+        short = blocks.counts < bs
+        self.n_t, self.n_c, self.n_x = int(is_t.sum()), int(is_c.sum()), int(is_x.sum())
+        self.n_nt = nb - self.n_x
+        n_short_ctx = int((short & is_c).sum())
+        n_full_nonctx = int((~short & ~is_c).sum())
+
+        def vals(name):
+            v = getattr(config, name)
+            return list(v) if isinstance(v, tuple) else [v] * H
+
+        a_s, a_f, a_ns = vals("alpha_s"), vals("alpha_f"), vals("alpha_ns")
+        self.cnt_s = [_ceil_host(a, self.n_c) for a in a_s]
+        self.cnt_f = [_ceil_host(a, self.n_nt) for a in a_f]
+        self.n_exact = [_ceil_host(a, self.n_t + c) for a, c in zip(a_ns, self.cnt_s)]
+        self.kmax = max(1, (nb - self.n_c) + max(self.cnt_s))
+        self.s_max = max(1, max(self.n_exact))
+        self.host = dict(
+            nq_exact=[c + self.n_x for c in self.cnt_f],
+            n_taylor=[self.n_nt - c for c in self.cnt_f],
+            full_min=[n_full_nonctx + max(0, c - n_short_ctx) for c in self.cnt_s],
+        )
+        self.topk = max(1, int(math.floor(config.topk_fraction * self.n_t + 1e-9)))
+        self.is_t, self.is_c, self.is_x = is_t.to(dev), is_c.to(dev), is_x.to(dev)
+        self.t_idx = _index(is_t, dev)
+        self.c_idx = _index(is_c, dev)
+        self.nt_idx = _index(~is_x, dev)
+        self.x_ids = torch.nonzero(is_x).squeeze(1).to(dev)
+        self.short = short.to(dev)
+        self.cnt_s_d = torch.tensor(self.cnt_s, device=dev)
+        self.cnt_f_d = torch.tensor(self.cnt_f, device=dev)
+        self.n_exact_d = torch.tensor(self.n_exact, device=dev)
+        self.kv_base = (~is_c).to(dev)
+        self.arange_nb = torch.arange(nb, device=dev)
+        self.starts32 = self.blocks.starts.to(torch.int32)
+        self.counts32 = self.blocks.counts.to(torch.int32)
+        self.log2n = torch.log2(self.blocks.counts.to(torch.float32))
+
+
+def _index(mask: torch.Tensor, dev):
+    """A slice when the True entries are one contiguous run (no copy on indexing), else an index tensor."""
+    idx = torch.nonzero(mask).squeeze(1)
+    if idx.numel() and int(idx[-1] - idx[0]) + 1 == idx.numel():
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx.to(dev)
+
+
+_STATIC_CACHE: Dict[tuple, _Static] = {}
+
+
+def _static(blocks: BlockLayout, config: ISAConfig, H: int, device) -> _Static:
+    if blocks.starts.device.type != "cpu":
+        blocks = BlockLayout(blocks.block_size, *(t.cpu() for t in (blocks.starts, blocks.counts, blocks.kinds, blocks.spans, blocks.token_block)))
+    key = (blocks.starts.numpy().tobytes(), blocks.counts.numpy().tobytes(), blocks.kinds.numpy().tobytes(), blocks.block_size,
+           config.alpha_s, config.alpha_f, config.alpha_ns, config.topk_fraction, H, str(device))
+    st = _STATIC_CACHE.get(key)
+    if st is None:
+        if len(_STATIC_CACHE) > 64:
+            _STATIC_CACHE.clear()
+        st = _STATIC_CACHE[key] = _Static(blocks, config, H, str(device))
+    return st
+
+
+def _kv_lists(kv_keep: torch.Tensor, blocks: BlockLayout, kmax: Optional[int] = None):
     B, H, nb = kv_keep.shape
     dev = kv_keep.device
     idx = torch.arange(nb, device=dev)
     short = blocks.counts.to(dev) < blocks.block_size
     key = (~kv_keep).long() * (2 * nb) + short.long() * nb + idx
-    order = torch.argsort(key, dim=-1)
     kv_len = kv_keep.sum(-1)
-    kmax = max(1, int(kv_len.max()))
-    kv_list = order[..., :kmax]
+    if kmax is None:
+        kmax = max(1, int(kv_len.max()))
+    kv_list = torch.topk(key, kmax, dim=-1, largest=False, sorted=True).indices
     kv_full = (kv_keep & ~short).sum(-1)
     return kv_list, kv_len, kv_full
 
 
-def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=None, sal=None, sel_first=None) -> CompactPlan:
+def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=None, sal=None, sel_first=None, s_max=None, host=None) -> CompactPlan:
     """sel_pos [B, H, nb, Kmax] bool: non-text KV' positions computed exactly by Taylor query blocks.
 
     ``sel_first`` [B, H, nb, s] (optional): those positions, selected ones first in each row, when the
-    caller already has them (saves a top-k).
+    caller already has them (saves a top-k); ``s_max``: the most selected positions of any row.
     """
     B, H, nb = kv_keep.shape
     dev = kv_keep.device
@@ -100,20 +185,25 @@ def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=No
     nontext_valid = valid & ~text_at
     sel_pos = sel_pos & nontext_valid[:, :, None, :]
     n_sel = sel_pos.sum(-1)  # [B, H, nb]
-    s_max = max(1, int(n_sel.max()) if n_sel.numel() else 1)
-    # positions of the selected entries first (ascending position for a stable, cache-friendly order)
     if sel_first is None:
+        s_max = max(1, int(n_sel.max()) if n_sel.numel() else 1)
         key = (~sel_pos).long() * kmax + pos
         sel_first = torch.topk(key, min(s_max, kmax), dim=-1, largest=False, sorted=True).indices  # [B, H, nb, s]
-    first = sel_first
-    sel_blocks = torch.gather(kv_list[:, :, None, :].expand(B, H, nb, kmax), -1, first)
-    text_ids = torch.nonzero(is_x).squeeze(1)
+    sel_blocks = torch.gather(kv_list[:, :, None, :].expand(B, H, nb, kmax), -1, sel_first)
+    text_ids = torch.nonzero(blocks.kinds == TEXT).squeeze(1).to(dev)
     n_text = int(text_ids.numel())
     # text ids first (the same for every row), then each row's n_sel selected ids
     tsel = torch.cat([text_ids.view(1, 1, 1, -1).expand(B, H, nb, n_text), sel_blocks], dim=-1)
     tsel_len = (n_sel + n_text).to(torch.int32)
     # text KV' blocks are always exact; only non-text, unselected KV' blocks are pseudo-keys
     approx = nontext_valid[:, :, None, :] & ~sel_pos
+    if host is None:
+        nq = exact_q.sum(-1)
+        host = dict(
+            nq_exact=nq.max(0).values.tolist(),
+            n_taylor=(nb - nq).max(0).values.tolist(),
+            full_min=kv_full.min(0).values.tolist(),
+        )
     return CompactPlan(
         blocks=blocks,
         kv_keep=kv_keep,
@@ -126,13 +216,13 @@ def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=No
         approx=approx.to(torch.int8).contiguous(),
         sharpness=sharp,
         saliency=sal,
+        host=host,
     )
 
 
-def _rank_mask(scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Mark the ``count`` (broadcast over the last dim) highest scores along the last dim."""
+def _rank_mask(scores: torch.Tensor, count: torch.Tensor, kmax: int) -> torch.Tensor:
+    """Mark the ``count`` (broadcast over the last dim) highest scores along the last dim; kmax >= count."""
     n = scores.shape[-1]
-    kmax = int(count.max()) if count.numel() else 0
     kmax = min(max(kmax, 0), n)
     out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if kmax == 0:
@@ -144,74 +234,68 @@ def _rank_mask(scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 def plan_compact_from_pooled(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: float) -> CompactPlan:
-    """Steps 3-7 of ISA from block means q̄, k̄ [B, H, nb, D] (float32), as index lists."""
+    """Steps 3-7 of ISA from block means q̄, k̄ [B, H, nb, D] (float32), as index lists.
+
+    Launches only device work (no host synchronisation): every count is known from the layout and
+    the ratios.
+    """
     B, H, nb, _ = qbar.shape
     dev = qbar.device
-    blocks = blocks.to(dev)
-    ratios = config.per_head(H, device=dev)
-    kinds = blocks.kinds
-    is_t, is_c, is_x = kinds == TARGET, kinds == CONTEXT, kinds == TEXT
-    t_idx = torch.nonzero(is_t).squeeze(1)
-    c_idx = torch.nonzero(is_c).squeeze(1)
-    nt_idx = torch.nonzero(~is_x).squeeze(1)
+    st = _static(blocks, config, H, dev)
+    blocks = st.blocks
 
     logits = torch.matmul(qbar, kbar.transpose(-1, -2)).mul_(scale)  # [B, H, nb, nb]
     P = torch.softmax(logits, dim=-1)
 
     # step 4: context pre-selection
     saliency = torch.zeros(B, H, nb, device=dev, dtype=torch.float32)
-    kv_keep = (~is_c).expand(B, H, nb).clone()
-    if c_idx.numel():
-        sal_c = torch.matmul(is_t.to(P.dtype), P[..., c_idx])  # [B, H, C]
-        saliency[..., c_idx] = sal_c.float()
-        cnt = _ceil_count(ratios["alpha_s"], torch.tensor(int(c_idx.numel()), device=dev))  # [H]
-        keep_c = _rank_mask(sal_c, cnt[None, :, None].expand(B, H, 1).squeeze(-1))
-        kv_keep[..., c_idx] = keep_c
+    kv_keep = st.kv_base.expand(B, H, nb).clone()
+    if st.n_c:
+        sal_c = torch.matmul(st.is_t.to(P.dtype), P[..., st.c_idx])  # [B, H, C]
+        saliency[..., st.c_idx] = sal_c
+        kv_keep[..., st.c_idx] = _rank_mask(sal_c, st.cnt_s_d.expand(B, H), max(st.cnt_s))
 
     # step 5: sharpness
     if config.sharpness == "topk_mass":
-        kk = max(1, int(math.floor(config.topk_fraction * int(t_idx.numel()) + 1e-9)))
-        sharp = P[..., t_idx].topk(kk, dim=-1).values.sum(-1)
+        sharp = P[..., st.t_idx].topk(st.topk, dim=-1, sorted=False).values.sum(-1)
     else:
         sharp = (P * P).sum(-1)
     del P
-    sharp = sharp.masked_fill(is_x, float("inf"))
+    sharp = sharp.masked_fill(st.is_x, float("inf"))
 
     # step 6: grouping
-    exact_q = is_x.expand(B, H, nb).clone()
-    cnt_f = _ceil_count(ratios["alpha_f"], torch.tensor(int(nt_idx.numel()), device=dev))  # [H]
-    exact_q[..., nt_idx] = _rank_mask(sharp[..., nt_idx], cnt_f[None, :].expand(B, H))
+    exact_q = st.is_x.expand(B, H, nb).clone()
+    exact_q[..., st.nt_idx] = _rank_mask(sharp[..., st.nt_idx], st.cnt_f_d.expand(B, H), max(st.cnt_f))
 
     # step 7: Taylor selections among the non-text KV' blocks, by pooled logits
-    kv_list, kv_len, kv_full = _kv_lists(kv_keep, blocks)
-    kmax = kv_list.shape[-1]
+    kv_list, kv_len, kv_full = _kv_lists(kv_keep, blocks, st.kmax)
+    kmax = st.kmax
     pos = torch.arange(kmax, device=dev)
-    cand = (pos < kv_len.unsqueeze(-1)) & ~is_x[kv_list]  # [B, H, Kmax]
-    k_prime = cand.sum(-1)  # [B, H]
-    n_exact = _ceil_count(ratios["alpha_ns"][None, :], k_prime)  # [B, H]
+    cand = (pos < kv_len.unsqueeze(-1)) & ~st.is_x[kv_list]  # [B, H, Kmax]
     lg = torch.gather(logits, -1, kv_list[:, :, None, :].expand(B, H, nb, kmax))
     del logits
     lg.masked_fill_(~cand[:, :, None, :], float("-inf"))
-    s_max = min(int(n_exact.max()), kmax)
+    s_max = min(st.s_max, kmax)
     top = torch.topk(lg, s_max, dim=-1, largest=True, sorted=True).indices  # [B, H, nb, s_max]
     del lg
     sel_pos = torch.zeros(B, H, nb, kmax, dtype=torch.bool, device=dev)
-    sel_pos.scatter_(-1, top, (torch.arange(s_max, device=dev) < n_exact[:, :, None, None]).expand(B, H, nb, s_max))
-    return _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp.float(), saliency, sel_first=top)
+    sel_pos.scatter_(-1, top, (torch.arange(s_max, device=dev) < st.n_exact_d[None, :, None, None]).expand(B, H, nb, s_max))
+    return _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp.float(), saliency, sel_first=top, host=st.host)
 
 
 def plan_compact(q, k, layout, config: ISAConfig, scale: Optional[float] = None) -> CompactPlan:
     """Steps 1-7 of ISA for q, k [B, N, H, D]: Triton pooling, then :func:`plan_compact_from_pooled`."""
     from .pooling import pool_blocks_triton
 
-    blocks = layout.blocks(config.block_size).to(q.device)
+    blocks = layout.blocks(config.block_size)
+    st = _static(blocks, config, q.shape[2], q.device)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    qbar, kbar = pool_blocks_triton(
-        q, k, starts=blocks.starts.to(torch.int32), counts=blocks.counts.to(torch.int32), block_size=config.block_size
-    ) if q.stride() == k.stride() else (
-        pool_blocks_triton(q, starts=blocks.starts.to(torch.int32), counts=blocks.counts.to(torch.int32), block_size=config.block_size)[0],
-        pool_blocks_triton(k, starts=blocks.starts.to(torch.int32), counts=blocks.counts.to(torch.int32), block_size=config.block_size)[0],
-    )
+    starts, counts = st.starts32, st.counts32
+    if q.stride() == k.stride():
+        qbar, kbar = pool_blocks_triton(q, k, starts=starts, counts=counts, block_size=config.block_size)
+    else:
+        (qbar,) = pool_blocks_triton(q, starts=starts, counts=counts, block_size=config.block_size)
+        (kbar,) = pool_blocks_triton(k, starts=starts, counts=counts, block_size=config.block_size)
     return plan_compact_from_pooled(qbar, kbar, blocks, config, sc)
 
 
