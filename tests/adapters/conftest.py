@@ -64,6 +64,9 @@ def tiny():
         ltx=tiny_ltx,
         ltx_inputs=ltx_inputs,
         ltx_condition_pipe=tiny_ltx_condition_pipe,
+        ltx2=tiny_ltx2,
+        ltx2_inputs=ltx2_inputs,
+        ltx2_ic_pipe=tiny_ltx2_ic_pipe,
     )
 
 
@@ -155,4 +158,89 @@ def tiny_ltx_condition_pipe():
     return LTXConditionPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=ByT5Tokenizer(),
         transformer=tiny_ltx(in_channels=8, caption_channels=32),
+    )
+
+
+def tiny_ltx2(num_layers=2, caption_channels=16, rope_type="interleaved", perturbed_attn=False, gated_attn=False):
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=32,
+        cross_attention_dim=64, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=num_layers, qk_norm="rms_norm_across_heads",
+        caption_channels=caption_channels, rope_double_precision=False, rope_type=rope_type,
+        perturbed_attn=perturbed_attn, gated_attn=gated_attn,
+    ).eval()
+
+
+def ltx2_inputs(frames=3, h=4, w=8, extra_tokens=0, batch=1, caption_channels=16, audio_frames=5):
+    """LTX-2 transformer inputs; ``extra_tokens`` context tokens are appended after the F*H*W noisy tokens."""
+    g = torch.Generator().manual_seed(4)
+    S = frames * h * w + extra_tokens
+    return dict(
+        hidden_states=torch.randn(batch, S, 4, generator=g),
+        audio_hidden_states=torch.randn(batch, audio_frames, 4, generator=g),
+        encoder_hidden_states=torch.randn(batch, 6, caption_channels, generator=g),
+        audio_encoder_hidden_states=torch.randn(batch, 6, caption_channels, generator=g),
+        timestep=torch.full((batch,), 500.0),
+        audio_timestep=torch.full((batch,), 500.0),
+        encoder_attention_mask=torch.ones(batch, 6),
+        audio_encoder_attention_mask=torch.ones(batch, 6),
+        num_frames=frames,
+        height=h,
+        width=w,
+        audio_num_frames=audio_frames,
+        **({"video_coords": _ltx2_coords(frames, h, w, extra_tokens, batch)} if extra_tokens else {}),
+    )
+
+
+def _ltx2_coords(frames, h, w, extra, batch):
+    """[B, 3, S, 2] pixel-space patch bounds: the noisy grid, then ``extra`` reference tokens on the same grid."""
+    grid = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1).float()
+    ref = grid[:, : extra % grid.shape[1] or grid.shape[1]] if extra <= grid.shape[1] else grid.repeat(1, extra // grid.shape[1] + 1)[:, :extra]
+    c = torch.cat([grid, ref[:, :extra]], dim=1)
+    c = torch.stack([c, c + 1], dim=-1) * torch.tensor([8.0, 32.0, 32.0]).view(3, 1, 1)
+    c[0] = (c[0] + 1 - 8).clamp(min=0) / 24.0
+    return c[None].repeat(batch, 1, 1, 1)
+
+
+def tiny_ltx2_ic_pipe():
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2InContextPipeline
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    transformer = tiny_ltx2(caption_channels=32, rope_type="split")
+    torch.manual_seed(0)
+    connectors = LTX2TextConnectors(
+        caption_channels=32, text_proj_in_factor=3, video_connector_num_attention_heads=4,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1, video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
+        rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
+    ).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False,
+    ).eval()
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    torch.manual_seed(0)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
+    ).eval()
+    torch.manual_seed(0)
+    vocoder = LTX2Vocoder(
+        in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
+    ).eval()
+    return LTX2InContextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=None, tokenizer=None,
+        connectors=connectors, transformer=transformer, vocoder=vocoder,
     )

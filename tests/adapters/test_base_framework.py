@@ -33,7 +33,7 @@ def _fwd(model, inputs):
 # ----------------------------------------------------------------------------- registry
 def test_registry_enumerates_family_modules():
     names = load_adapter_modules()
-    assert {"wan"} <= set(names)
+    assert {"wan", "ltx", "ltx2"} <= set(names)
     fams = registered_families()
     for mod_name in names:
         mod = importlib.import_module(f"isa_plugin.adapters.{mod_name}")
@@ -51,9 +51,14 @@ def test_registry_enumerates_family_modules():
         assert type(adapter).__doc__, cls_name
 
 
-def test_registry_has_wan():
-    assert registered_families()["WanTransformer3DModel"].name == "wan"
-    assert "WanInContextEditPipeline" in registered_pipelines()
+def test_registry_has_my_families():
+    fams = registered_families()
+    assert fams["WanTransformer3DModel"].name == "wan"
+    assert fams["LTXVideoTransformer3DModel"].name == "ltx"
+    assert fams["LTX2VideoTransformer3DModel"].name == "ltx2"
+    pipes = registered_pipelines()
+    for name in ("WanInContextEditPipeline", "LTXConditionPipeline", "LTX2InContextPipeline", "LTX2ConditionPipeline"):
+        assert name in pipes
 
 
 def test_processor_signatures_match_stock():

@@ -1,0 +1,151 @@
+"""LTX-2 family: exactness (both RoPE types, gated, perturbed), video attn1 only, removal, IC-LoRA pipeline."""
+
+import inspect
+
+import pytest
+import torch
+
+from isa_plugin import Layout
+from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats
+from isa_plugin.adapters.ltx2 import LTX2ISAAttnProcessor, LTX2PerturbedISAAttnProcessor, ltx2_appended_layout
+
+
+def _fwd(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)
+
+
+def test_signatures_match_stock():
+    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor, LTX2PerturbedAttnProcessor
+
+    for mine, stock in ((LTX2ISAAttnProcessor, LTX2AudioVideoAttnProcessor), (LTX2PerturbedISAAttnProcessor, LTX2PerturbedAttnProcessor)):
+        assert list(inspect.signature(mine.__call__).parameters) == list(inspect.signature(stock.__call__).parameters)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(rope_type="split"), dict(gated_attn=True), dict(perturbed_attn=True, rope_type="split")], ids=str
+)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_all_ratios_one_equals_stock(tiny, kw, batch):
+    t = tiny.ltx2(**kw)
+    x = tiny.ltx2_inputs(frames=3, extra_tokens=48, batch=batch)
+    ref_v, ref_a = _fwd(t, x)
+    apply_isa(t, tiny.EXACT)  # layout from num_frames/height/width: appended tokens are context
+    v, a = _fwd(t, x)
+    assert (v - ref_v).abs().max().item() <= 1e-5
+    assert (a - ref_a).abs().max().item() <= 1e-5
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+
+
+def test_default_ratios_video_self_attention_only_and_removal(tiny):
+    t = tiny.ltx2(num_layers=3)
+    x = tiny.ltx2_inputs(frames=3, extra_tokens=96)
+    ref_v, ref_a = _fwd(t, x)
+    before = t.attn_processors
+    sd = {k: v.clone() for k, v in t.state_dict().items()}
+    apply_isa(t, tiny.SPARSE)
+    v, a = _fwd(t, x)
+    assert torch.isfinite(v).all() and not torch.equal(v, ref_v)
+    assert list(stats(t)) == [f"transformer_blocks.{i}.attn1" for i in range(3)]
+    assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())
+    for key, proc in t.attn_processors.items():
+        if key.endswith(".attn1.processor") and not key.split(".")[-2].startswith("audio"):
+            assert isinstance(proc, LTX2ISAAttnProcessor), key
+        else:  # audio self-attention, text and audio<->video cross-attention untouched
+            assert proc is before[key], key
+    assert t.state_dict().keys() == sd.keys() and all(torch.equal(t.state_dict()[k], w) for k, w in sd.items())
+    remove_isa(t)
+    assert all(t.attn_processors[k] is p for k, p in before.items())
+    v2, a2 = _fwd(t, x)
+    assert torch.equal(v2, ref_v) and torch.equal(a2, ref_a)
+
+
+def test_perturbed_stg(tiny):
+    t = tiny.ltx2(perturbed_attn=True)
+    x = tiny.ltx2_inputs(frames=3, extra_tokens=48, batch=2)
+    x.update(spatio_temporal_guidance_blocks=[1], perturbation_mask=torch.tensor([1.0, 0.0]))
+    ref_v, _ = _fwd(t, x)
+    apply_isa(t, tiny.EXACT)
+    v, _ = _fwd(t, x)
+    assert (v - ref_v).abs().max().item() <= 1e-5
+    remove_isa(t)
+    x["perturbation_mask"] = torch.zeros(2)
+    ref_v, _ = _fwd(t, x)
+    apply_isa(t, tiny.EXACT)
+    v, _ = _fwd(t, x)
+    assert (v - ref_v).abs().max().item() <= 1e-5
+    assert stats(t)["transformer_blocks.1.attn1"]["reasons"] == {"all perturbed (attention skipped)": 1}
+
+
+def test_layout_rules(tiny):
+    t = tiny.ltx2()
+    x = tiny.ltx2_inputs(frames=3, extra_tokens=40)
+    assert ltx2_appended_layout(t, x) == Layout([("target", 96), ("context", 40)])
+    x0 = tiny.ltx2_inputs(frames=3)
+    assert ltx2_appended_layout(t, x0) == Layout([("target", 96)])
+    assert ltx2_appended_layout(t, {"hidden_states": x0["hidden_states"]}) is None
+    apply_isa(t, tiny.SPARSE)
+    _fwd(t, x0)
+    assert all(s["reasons"] == {"no context tokens (not an in-context call)": 1} for s in stats(t).values())
+
+
+def test_self_attention_mask_falls_back(tiny):
+    t = tiny.ltx2()
+    x = tiny.ltx2_inputs(frames=3, extra_tokens=32)
+    S = x["hidden_states"].shape[1]
+    x["video_self_attention_mask"] = torch.ones(1, S, S)
+    ref_v, _ = _fwd(t, x)
+    apply_isa(t, tiny.SPARSE)
+    v, _ = _fwd(t, x)
+    assert torch.equal(v, ref_v)
+    assert all(s["reasons"] == {"attention mask present": 1} for s in stats(t).values())
+
+
+def _ic_args(pipe, **kw):
+    from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
+
+    g = torch.Generator().manual_seed(0)
+    ref_video = torch.rand(3, 3, 32, 32, generator=g)
+    pe = torch.randn(1, 8, 96, generator=g)
+    pm = torch.ones(1, 8, dtype=torch.long)
+    args = dict(
+        reference_conditions=[LTX2ReferenceCondition(frames=ref_video)], prompt_embeds=pe, prompt_attention_mask=pm,
+        negative_prompt_embeds=pe, negative_prompt_attention_mask=pm, height=32, width=32, num_frames=3,
+        frame_rate=25.0, num_inference_steps=2, guidance_scale=3.0, stg_scale=0.0, audio_stg_scale=0.0,
+        modality_scale=1.0, audio_modality_scale=1.0, spatio_temporal_guidance_blocks=None, output_type="latent",
+        generator=torch.Generator().manual_seed(1),
+    )
+    args.update(kw)
+    return args
+
+
+@pytest.mark.parametrize("downscale", [1, 2])
+def test_in_context_pipeline_end_to_end(tiny, downscale):
+    """LTX2InContextPipeline (IC-LoRA): the reference video's tokens are appended after the noisy tokens."""
+    pipe = tiny.ltx2_ic_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    def args():
+        return _ic_args(pipe, reference_downscale_factor=downscale)
+
+    ref = pipe(**args()).frames
+    apply_isa(pipe, tiny.SPARSE)
+    calls, seen = [], []
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: calls.append((k["hidden_states"].shape[1], k["num_frames"], k["height"], k["width"])), with_kwargs=True
+    )
+    with observe_attention(pipe, lambda n, q, k, v, layout, step: seen.append(layout), dense=False):
+        out = pipe(**args()).frames
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    # target = the pipeline's noisy latent grid (its output latents); the appended reference is context
+    _, _, F, H, W = ref.shape
+    S = calls[0][0]
+    assert calls[0][1:] == (F, H, W) and S > F * H * W
+    expected = Layout([("target", F * H * W), ("context", S - F * H * W)])
+    assert seen and all(layout == expected for layout in seen)
+    assert all(s["isa_calls"] == 2 and s["fallbacks"] == 0 for s in stats(pipe).values())
+    remove_isa(pipe)
+    apply_isa(pipe, tiny.EXACT)
+    exact = pipe(**args()).frames
+    assert (exact - ref).abs().max().item() <= 1e-4
+    remove_isa(pipe)
+    assert torch.equal(pipe(**args()).frames, ref)
