@@ -33,9 +33,9 @@ from typing import Any, List, Mapping, Optional, Tuple
 import torch
 
 from ..layout import Layout
-from .base import FamilyAdapter, ISAAttnProcessorBase, register_family
+from .base import FamilyAdapter, ISAAttnProcessorBase, PipelineAdapter, register_family, register_pipeline
 
-__all__ = ["FluxISAAttnProcessor", "FluxAdapter", "flux_layout", "image_id_spans"]
+__all__ = ["FluxISAAttnProcessor", "FluxAdapter", "FluxKontextPipelineAdapter", "flux_layout", "image_id_spans"]
 
 
 def _rope(x: torch.Tensor, freqs) -> torch.Tensor:
@@ -190,4 +190,16 @@ class FluxAdapter(FamilyAdapter):
         return flux_layout(arguments.get("encoder_hidden_states"), arguments.get("hidden_states"), arguments.get("img_ids"))
 
 
+class FluxKontextPipelineAdapter(PipelineAdapter):
+    """Flux Kontext pipelines: the transformer call itself reveals the layout (``img_ids``), so the family's
+    inference serves them; registered so the supported pipelines are listed."""
+
+    name = "flux-kontext"
+    pipeline_classes = ("FluxKontextPipeline", "FluxKontextInpaintPipeline")
+
+    def layout_provider(self, pipe, component):
+        return None
+
+
 register_family(FluxAdapter())
+register_pipeline(FluxKontextPipelineAdapter())

@@ -38,10 +38,10 @@ from typing import Any, Callable, List, Mapping, Optional, Tuple
 import torch
 
 from ..layout import Layout
-from .base import FamilyAdapter, ISAAttnProcessorBase, register_family
+from .base import FamilyAdapter, ISAAttnProcessorBase, PipelineAdapter, register_family, register_pipeline
 from .qwenimage import attend_with_key_mask
 
-__all__ = ["FramepackISAAttnProcessor", "FramepackAdapter", "FramepackLayout", "framepack_video_spans"]
+__all__ = ["FramepackISAAttnProcessor", "FramepackAdapter", "FramepackPipelineAdapter", "FramepackLayout", "framepack_video_spans"]
 
 
 def _rope(x: torch.Tensor, freqs) -> torch.Tensor:
@@ -240,4 +240,16 @@ class FramepackAdapter(FamilyAdapter):
         return FramepackLayout(spans) if spans else None
 
 
+class FramepackPipelineAdapter(PipelineAdapter):
+    """``HunyuanVideoFramepackPipeline``: the transformer call reveals the layout (history latents are
+    forward arguments), so the family's inference serves it; registered so the pipeline is listed."""
+
+    name = "framepack"
+    pipeline_classes = ("HunyuanVideoFramepackPipeline",)
+
+    def layout_provider(self, pipe, component):
+        return None
+
+
 register_family(FramepackAdapter())
+register_pipeline(FramepackPipelineAdapter())

@@ -37,9 +37,9 @@ import torch
 
 from ..attention import isa_attention
 from ..layout import Layout
-from .base import FamilyAdapter, ISAAttnProcessorBase, register_family
+from .base import FamilyAdapter, ISAAttnProcessorBase, PipelineAdapter, register_family, register_pipeline
 
-__all__ = ["QwenImageISAAttnProcessor", "QwenImageAdapter", "qwen_image_layout", "attend_with_key_mask"]
+__all__ = ["QwenImageISAAttnProcessor", "QwenImageAdapter", "QwenImageEditPipelineAdapter", "qwen_image_layout", "attend_with_key_mask"]
 
 
 def _rope(x: torch.Tensor, freqs) -> torch.Tensor:
@@ -294,4 +294,16 @@ class QwenImageAdapter(FamilyAdapter):
         return qwen_image_layout(arguments.get("encoder_hidden_states"), arguments.get("hidden_states"), arguments.get("img_shapes"))
 
 
+class QwenImageEditPipelineAdapter(PipelineAdapter):
+    """QwenImage edit pipelines: the transformer call reveals the layout (``img_shapes``), so the family's
+    inference serves them; registered so the supported pipelines are listed."""
+
+    name = "qwenimage-edit"
+    pipeline_classes = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline")
+
+    def layout_provider(self, pipe, component):
+        return None
+
+
 register_family(QwenImageAdapter())
+register_pipeline(QwenImageEditPipelineAdapter())

@@ -199,3 +199,11 @@ def test_kontext_pipeline_end_to_end():
     assert all(layout == expected and n == expected.num_tokens for _, n, layout in seen)
     assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}} for s in stats(pipe).values())
     remove_isa(pipe)
+
+
+def test_registered():
+    from isa_plugin.adapters import registered_families, registered_pipelines
+
+    assert registered_families()["FluxTransformer2DModel"].name == "flux"
+    for name in ("FluxKontextPipeline", "FluxKontextInpaintPipeline"):
+        assert name in registered_pipelines() and hasattr(diffusers, name)

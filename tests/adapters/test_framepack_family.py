@@ -200,3 +200,11 @@ def test_pipeline_end_to_end():
     assert all(layout == expected and n == expected.num_tokens for n, layout in seen)
     assert all(s == {"isa_calls": 2, "fallbacks": 0, "reasons": {}} for s in stats(pipe).values())
     remove_isa(pipe)
+
+
+def test_registered():
+    from isa_plugin.adapters import registered_families, registered_pipelines
+
+    assert registered_families()["HunyuanVideoFramepackTransformer3DModel"].name == "framepack"
+    for name in ("HunyuanVideoFramepackPipeline",):
+        assert name in registered_pipelines() and hasattr(diffusers, name)

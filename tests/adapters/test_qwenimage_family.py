@@ -19,13 +19,13 @@ TEXT = 12
 LAYERS = ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
 
 
-def tiny_qwen(num_layers=2):
+def tiny_qwen(num_layers=2, **kw):
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 12, 12), **kw,
     ).eval()
 
 
@@ -60,9 +60,11 @@ def test_processor_signature_matches_stock():
     )
 
 
-@pytest.mark.parametrize("batch,text_valid", [(1, None), (2, None), (1, [9]), (2, [12, 5])])
-def test_all_ratios_one_equals_stock(batch, text_valid):
-    t = tiny_qwen()
+@pytest.mark.parametrize(
+    "batch,text_valid,zero_cond_t", [(1, None, False), (2, None, False), (1, [9], False), (2, [12, 5], False), (2, [12, 4], True)]
+)
+def test_all_ratios_one_equals_stock(batch, text_valid, zero_cond_t):
+    t = tiny_qwen(zero_cond_t=zero_cond_t)  # zero_cond_t: Qwen-Image-Edit-2511 (condition tokens modulated at t=0)
     x = qwen_inputs(batch, text_valid=text_valid)
     ref = _fwd(t, x)
     apply_isa(t, EXACT)
@@ -225,3 +227,11 @@ def test_edit_pipelines_end_to_end(cls_name):
     assert all(layout == expected and n == expected.num_tokens for n, layout in seen)
     assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}} for s in stats(pipe).values())
     remove_isa(pipe)
+
+
+def test_registered():
+    from isa_plugin.adapters import registered_families, registered_pipelines
+
+    assert registered_families()["QwenImageTransformer2DModel"].name == "qwenimage"
+    for name in ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"):
+        assert name in registered_pipelines() and hasattr(diffusers, name)
