@@ -365,13 +365,20 @@ class ISAAttnProcessorBase:
         *,
         attention_mask: Optional[torch.Tensor] = None,
         parallel_config: Any = None,
+        layout: Optional[Layout] = None,
     ) -> torch.Tensor:
         """ISA or the stock dense attention for q, k, v in [B, N, H, D]; returns [B, N, H, D].
 
-        ``dense`` is a zero-argument callable running the model's own attention call
-        (``dispatch_attention_fn`` with the stock arguments).
+        Args:
+            dense: zero-argument callable running the model's own attention call
+                (``dispatch_attention_fn`` with the stock arguments).
+            attention_mask, parallel_config: what the stock call would pass (a mask or context
+                parallelism makes the call dense).
+            layout: the call's layout when the processor itself knows it (e.g. from a text length it
+                sees); default: the per-call context, then ``self.layout``.
         """
-        layout = self._resolve_layout(q.shape[1])
+        if layout is None:
+            layout = self._resolve_layout(q.shape[1])
         if self.observer is not None:
             self.observer(self.layer_name, q, k, v, layout, self._step())
         reason = self._why_dense(q, layout, attention_mask, parallel_config)

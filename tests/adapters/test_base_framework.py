@@ -104,6 +104,13 @@ def test_compiled_model_refused(tiny):
     assert not is_isa_applied(t2)
 
 
+def test_compiled_component_of_pipeline_refused(tiny):
+    pipe = tiny.wan_icl_pipe()
+    pipe.transformer = torch.compile(pipe.transformer)
+    with pytest.raises(RuntimeError, match="before"):
+        apply_isa(pipe, tiny.SPARSE)
+
+
 def test_mismatched_mapping_refused(tiny):
     t = tiny.wan(num_layers=2)
     with pytest.raises(ValueError, match="unknown layers"):
