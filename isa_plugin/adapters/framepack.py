@@ -129,7 +129,9 @@ class FramepackISAAttnProcessor(ISAAttnProcessorBase):
         if attention_mask is not None and key_valid is None:
             out = self._attend(query, key, value, dense, attention_mask=attention_mask, parallel_config=parallel_config)
         else:
-            out = attend_with_key_mask(self, query, key, value, key_valid, dense, parallel_config=parallel_config)
+            out = attend_with_key_mask(
+                self, query, key, value, key_valid, dense, parallel_config=parallel_config, mask_source=attention_mask
+            )
         out = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:

@@ -73,6 +73,36 @@ def _key_mask_plan(key_valid: torch.Tensor, layout: Layout) -> Tuple[Optional[st
     return None, plan
 
 
+_PLANS_ATTR = "_isa_key_mask_plans"
+
+
+def _cached_mask_plan(proc: ISAAttnProcessorBase, key_valid: torch.Tensor, layout: Optional[Layout], mask_source, device):
+    """``(all_valid, reason, plan)`` for a key mask, computed once per transformer call and mask.
+
+    The per-call :class:`~isa_plugin.adapters.base.CallContext` holds the cache, keyed by the identity of
+    ``mask_source`` (the transformer-level mask every layer of the call derives its mask from), so the
+    host synchronisation and index building happen once per forward, not once per layer.
+    """
+    ctx = proc.state.context if proc.state is not None else None
+    cache = key = None
+    if ctx is not None and mask_source is not None:
+        cache = ctx.__dict__.setdefault(_PLANS_ATTR, {})
+        key = (id(mask_source), tuple(key_valid.shape), layout, str(device))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is mask_source:
+            return hit[1]
+    all_valid = bool(key_valid.all())
+    reason, plan = None, None
+    if not all_valid and layout is not None and layout.num_tokens == key_valid.shape[1]:
+        reason, plan = _key_mask_plan(key_valid, layout)
+        if plan is not None:
+            plan = [(keep.to(device), drop.to(device), lay) for keep, drop, lay in plan]
+    result = (all_valid, reason, plan)
+    if cache is not None:
+        cache[key] = (mask_source, result)  # holding mask_source keeps its id from being reused
+    return result
+
+
 def attend_with_key_mask(
     proc: ISAAttnProcessorBase,
     q: torch.Tensor,
@@ -82,6 +112,7 @@ def attend_with_key_mask(
     dense: Callable[[], torch.Tensor],
     *,
     parallel_config: Any = None,
+    mask_source: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """ISA for a call whose stock attention masks some keys (a key-padding mask), or the stock dense path.
 
@@ -90,28 +121,32 @@ def attend_with_key_mask(
         q, k, v: [B, N, H, D] after norms and RoPE.
         key_valid: [B, N] bool, True for keys every query may attend (None: no mask).
         dense: zero-argument callable running the model's own masked attention.
+        parallel_config: the processor's context-parallel config (ISA falls back under it).
+        mask_source: the transformer-level mask ``key_valid`` derives from (same object for every layer of
+            a call); when given, the mask analysis is cached for the rest of the transformer call.
 
     Returns:
         [B, N, H, D]. Without a mask, or with an all-True one, this is ``proc._attend``. Otherwise, when
         every masked key is a text token, each batch entry runs ISA over its unmasked tokens (the layout's
         text spans shrink by the masked tokens) and its masked queries attend densely to its unmasked keys
         — exactly the stock masked attention when all ratios are 1. Masks on other tokens fall back to
-        ``dense()`` with the reason ``"attention mask on non-text tokens"``.
+        ``dense()`` with the reason ``"attention mask on non-text tokens"``. The observer, if any, sees
+        the unmasked q, k, v and the full layout.
     """
-    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.shape != q.shape[:2]):
-        return proc._attend(q, k, v, dense, attention_mask=key_valid, parallel_config=parallel_config)
-    if key_valid is None or bool(key_valid.all()):
+    if key_valid is None:
         return proc._attend(q, k, v, dense, attention_mask=None, parallel_config=parallel_config)
+    if key_valid.dtype != torch.bool or key_valid.shape != q.shape[:2]:
+        return proc._attend(q, k, v, dense, attention_mask=key_valid, parallel_config=parallel_config)
     from ..attention import dense_attention
 
     N = q.shape[1]
     layout = proc._resolve_layout(N)
+    all_valid, mask_reason, plan = _cached_mask_plan(proc, key_valid, layout, mask_source, q.device)
+    if all_valid:
+        return proc._attend(q, k, v, dense, attention_mask=None, parallel_config=parallel_config)
     if proc.observer is not None:
         proc.observer(proc.layer_name, q, k, v, layout, proc._step())
-    reason = proc._why_dense(q, layout, None, parallel_config)
-    plan = None
-    if reason is None:
-        reason, plan = _key_mask_plan(key_valid, layout)
+    reason = proc._why_dense(q, layout, None, parallel_config) or mask_reason
     if reason is None:
         sub_reasons = [proc._why_dense(q[:1, keep], lay, None, parallel_config) for keep, _, lay in plan]
         reason = next((r for r in sub_reasons if r is not None), None)
@@ -122,14 +157,12 @@ def attend_with_key_mask(
     used = True
     fallback = None
     for b, (keep, drop, lay) in enumerate(plan):
-        keep = keep.to(q.device)
         qb, kb, vb = q[b : b + 1, keep], k[b : b + 1, keep], v[b : b + 1, keep]
         ob, info = isa_attention(qb, kb, vb, lay, proc.config, return_info=True)
         out[b, keep] = ob[0]
         if not info.used_isa:
             used, fallback = False, info.reason or "dense"
         if drop.numel():
-            drop = drop.to(q.device)
             out[b, drop] = dense_attention(q[b : b + 1, drop], kb, vb)[0]
     if used:
         proc.stats.isa_calls += 1
@@ -225,7 +258,9 @@ class QwenImageISAAttnProcessor(ISAAttnProcessorBase):
                 parallel_config=parallel_config,
             )
 
-        out = attend_with_key_mask(self, query, key, value, key_valid, dense, parallel_config=parallel_config)
+        out = attend_with_key_mask(
+            self, query, key, value, key_valid, dense, parallel_config=parallel_config, mask_source=encoder_hidden_states_mask
+        )
         out = out.flatten(2, 3).to(query.dtype)
 
         txt_out, img_out = out[:, :n_text, :], out[:, n_text:, :]

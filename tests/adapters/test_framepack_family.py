@@ -208,3 +208,18 @@ def test_registered():
     assert registered_families()["HunyuanVideoFramepackTransformer3DModel"].name == "framepack"
     for name in ("HunyuanVideoFramepackPipeline",):
         assert name in registered_pipelines() and hasattr(diffusers, name)
+
+
+def test_mask_analysed_once_per_forward(monkeypatch):
+    import isa_plugin.adapters.qwenimage as q
+
+    calls = []
+    real = q._key_mask_plan
+    monkeypatch.setattr(q, "_key_mask_plan", lambda *a: calls.append(1) or real(*a))
+    t = tiny_framepack()
+    x = framepack_inputs(2, text_valid=[8, 3])
+    apply_isa(t, SPARSE)
+    _fwd(t, x)
+    _fwd(t, x)
+    assert len(calls) == 2  # one per transformer call, shared by its 4 layers
+    assert all(s == {"isa_calls": 2, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
