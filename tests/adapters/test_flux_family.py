@@ -207,3 +207,20 @@ def test_registered():
     assert registered_families()["FluxTransformer2DModel"].name == "flux"
     for name in ("FluxKontextPipeline", "FluxKontextInpaintPipeline"):
         assert name in registered_pipelines() and hasattr(diffusers, name)
+
+
+def test_observe_attention_is_stock_and_sees_layouts():
+    from isa_plugin.adapters import is_isa_applied, observe_attention
+
+    t = tiny_flux()
+    x = kontext_inputs()
+    ref = _fwd(t, x)
+    before = t.attn_processors
+    seen = []
+    with observe_attention(t, lambda name, q, k, v, layout, step: seen.append((name, q.shape, layout))):
+        out = _fwd(t, x)
+    assert torch.equal(out, ref)
+    expected = Layout([("text", TEXT), ("target", 64), ("context", 96)])
+    assert [n for n, _, _ in seen] == LAYERS
+    assert all(shape == (1, 168, 2, 32) and layout == expected for _, shape, layout in seen)
+    assert not is_isa_applied(t) and all(p is before[k] for k, p in t.attn_processors.items())

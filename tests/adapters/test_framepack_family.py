@@ -223,3 +223,19 @@ def test_mask_analysed_once_per_forward(monkeypatch):
     _fwd(t, x)
     assert len(calls) == 2  # one per transformer call, shared by its 4 layers
     assert all(s == {"isa_calls": 2, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+
+
+def test_observe_attention_is_stock_and_sees_layouts():
+    from isa_plugin.adapters import is_isa_applied, observe_attention
+
+    t = tiny_framepack()
+    x = framepack_inputs()
+    ref = _fwd(t, x)
+    before = _processors(t)
+    seen = []
+    with observe_attention(t, lambda name, q, k, v, layout, step: seen.append((name, q.shape[1], layout))):
+        out = _fwd(t, x)
+    assert torch.equal(out, ref)
+    assert [n for n, _, _ in seen] == LAYERS
+    assert all(layout is not None and layout.num_tokens == n and layout.num("text") == IMAGE_TOKENS + TEXT for _, n, layout in seen)
+    assert not is_isa_applied(t) and all(p is before[n] for n, p in _processors(t).items())

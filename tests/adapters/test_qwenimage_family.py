@@ -235,3 +235,17 @@ def test_registered():
     assert registered_families()["QwenImageTransformer2DModel"].name == "qwenimage"
     for name in ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"):
         assert name in registered_pipelines() and hasattr(diffusers, name)
+
+
+def test_observe_attention_is_stock_and_sees_layouts():
+    from isa_plugin.adapters import is_isa_applied, observe_attention
+
+    t = tiny_qwen()
+    x = qwen_inputs(2, text_valid=[12, 5])
+    ref = _fwd(t, x)
+    seen = []
+    with observe_attention(t, lambda name, q, k, v, layout, step: seen.append((name, layout))):
+        out = _fwd(t, x)
+    assert torch.equal(out, ref)
+    assert seen == [(n, Layout([("text", TEXT), ("target", 64), ("context", 96)])) for n in LAYERS]
+    assert not is_isa_applied(t)
