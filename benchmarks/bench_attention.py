@@ -71,7 +71,7 @@ def isa_case(q, k, v, layout, cfg, exact_backend, overlap, gen):
     dev = q.device
     H = q.shape[2]
     # correctness first, on the same plan
-    cp = plan_compact(q, k, layout, cfg)
+    cp = plan_compact(q, k, layout, cfg, v=v)
     out = execute_compact(q, k, v, cp, exact_backend=exact_backend, overlap=overlap)
     torch.cuda.synchronize()
     ok, err, berr, rel = check_rows(q, k, v, cp, out, gen=gen)
@@ -82,11 +82,11 @@ def isa_case(q, k, v, layout, cfg, exact_backend, overlap, gen):
         return res
 
     def full():
-        c = plan_compact(q, k, layout, cfg)
+        c = plan_compact(q, k, layout, cfg, v=v)
         return execute_compact(q, k, v, c, exact_backend=exact_backend, overlap=overlap)
 
     def plan_only():
-        return plan_compact(q, k, layout, cfg)
+        return plan_compact(q, k, layout, cfg, v=v)
 
     del cp
     torch.cuda.empty_cache()

@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--alpha-s", type=float, default=0.125)
     ap.add_argument("--exact-backend", default="auto")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--trace", default=None, help="write a chrome trace of one call here")
     a = ap.parse_args()
     N, H = a.n, a.heads
     q, k, v = (torch.randn(1, N, H, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -43,7 +44,7 @@ def main():
     sc = 128 ** -0.5
     bench = lambda f: triton.testing.do_bench(f, warmup=20, rep=300, return_mode="median")  # noqa: E731
     phases = {
-        "plan (pool q,k + selections)": lambda: plan_compact(q, k, layout, cfg),
+        "plan (pool q,k,v + selections)": lambda: plan_compact(q, k, layout, cfg, v=v),
         "pool k,v": lambda: ex._pooled_kv(k, v, cp, starts, counts),
         "taylor group": lambda: ex._run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc),
         "exact group sdpa": lambda: ex._run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, k.numel() * 2),
@@ -55,11 +56,18 @@ def main():
         print(f"{name:32s} {bench(f):8.2f} ms", flush=True)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        c = plan_compact(q, k, layout, cfg)
+    for _ in range(2):
+        c = plan_compact(q, k, layout, cfg, v=v)
+        ex.execute_compact(q, k, v, c, exact_backend=a.exact_backend)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        c = plan_compact(q, k, layout, cfg, v=v)
         ex.execute_compact(q, k, v, c, exact_backend=a.exact_backend)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
+    if a.trace:
+        prof.export_chrome_trace(a.trace)
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def execute_compact(
     log2n = torch.log2(blocks.counts.to(torch.float32)).contiguous()
     if out is None:
         out = torch.empty_like(q)
-    kbar, vbar = _pooled_kv(k, v, cp, starts, counts)
+    kbar, vbar = cp.pooled_kv if cp.pooled_kv is not None else _pooled_kv(k, v, cp, starts, counts)
     bs = cp.blocks.block_size
     use_sdpa = (exact_backend == "sdpa" or (exact_backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))) and bs & (bs - 1) == 0
     if exact_backend not in ("auto", "sdpa", "triton"):

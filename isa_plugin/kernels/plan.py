@@ -54,6 +54,7 @@ class CompactPlan:
     sharpness: Optional[torch.Tensor] = None
     saliency: Optional[torch.Tensor] = None
     host: Optional[Dict[str, List[int]]] = None
+    pooled_kv: Optional[tuple] = None  # (kbar, vbar) [B*H, nb, D] in the input dtype, when pooled with q
 
     @property
     def shape(self):
@@ -190,7 +191,7 @@ def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=No
         key = (~sel_pos).long() * kmax + pos
         sel_first = torch.topk(key, min(s_max, kmax), dim=-1, largest=False, sorted=True).indices  # [B, H, nb, s]
     sel_blocks = torch.gather(kv_list[:, :, None, :].expand(B, H, nb, kmax), -1, sel_first)
-    text_ids = torch.nonzero(blocks.kinds == TEXT).squeeze(1).to(dev)
+    text_ids = _text_ids(blocks, dev)
     n_text = int(text_ids.numel())
     # text ids first (the same for every row), then each row's n_sel selected ids
     tsel = torch.cat([text_ids.view(1, 1, 1, -1).expand(B, H, nb, n_text), sel_blocks], dim=-1)
@@ -218,6 +219,11 @@ def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=No
         saliency=sal,
         host=host,
     )
+
+
+def _text_ids(blocks: BlockLayout, dev):
+    kinds = blocks.kinds if blocks.kinds.device.type == "cpu" else blocks.kinds.cpu()
+    return torch.nonzero(kinds == TEXT).squeeze(1).to(dev)
 
 
 def _rank_mask(scores: torch.Tensor, count: torch.Tensor, kmax: int) -> torch.Tensor:
@@ -283,20 +289,32 @@ def plan_compact_from_pooled(qbar, kbar, blocks: BlockLayout, config: ISAConfig,
     return _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp.float(), saliency, sel_first=top, host=st.host)
 
 
-def plan_compact(q, k, layout, config: ISAConfig, scale: Optional[float] = None) -> CompactPlan:
-    """Steps 1-7 of ISA for q, k [B, N, H, D]: Triton pooling, then :func:`plan_compact_from_pooled`."""
+def plan_compact(q, k, layout, config: ISAConfig, scale: Optional[float] = None, v: Optional[torch.Tensor] = None) -> CompactPlan:
+    """Steps 1-7 of ISA for q, k [B, N, H, D]: Triton pooling, then :func:`plan_compact_from_pooled`.
+
+    With ``v`` (same strides as q and k), v is pooled in the same pass and the block means k̄, v̄ the
+    Taylor branch needs are kept in ``pooled_kv``.
+    """
     from .pooling import pool_blocks_triton
 
     blocks = layout.blocks(config.block_size)
-    st = _static(blocks, config, q.shape[2], q.device)
-    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    B, N, H, D = q.shape
+    st = _static(blocks, config, H, q.device)
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     starts, counts = st.starts32, st.counts32
-    if q.stride() == k.stride():
+    pooled_kv = None
+    if v is not None and q.stride() == k.stride() == v.stride():
+        qbar, kbar, vbar = pool_blocks_triton(q, k, v, starts=starts, counts=counts, block_size=config.block_size)
+        nb = st.blocks.num_blocks
+        pooled_kv = (kbar.to(k.dtype).reshape(B * H, nb, D), vbar.to(v.dtype).reshape(B * H, nb, D))
+    elif q.stride() == k.stride():
         qbar, kbar = pool_blocks_triton(q, k, starts=starts, counts=counts, block_size=config.block_size)
     else:
         (qbar,) = pool_blocks_triton(q, starts=starts, counts=counts, block_size=config.block_size)
         (kbar,) = pool_blocks_triton(k, starts=starts, counts=counts, block_size=config.block_size)
-    return plan_compact_from_pooled(qbar, kbar, blocks, config, sc)
+    cp = plan_compact_from_pooled(qbar, kbar, blocks, config, sc)
+    cp.pooled_kv = pooled_kv
+    return cp
 
 
 def compact_from_reference(plan: ISAPlan) -> CompactPlan:
