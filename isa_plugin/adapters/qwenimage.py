@@ -148,7 +148,7 @@ def attend_with_key_mask(
         proc.observer(proc.layer_name, q, k, v, layout, proc._step())
     reason = proc._why_dense(q, layout, None, parallel_config) or mask_reason
     if reason is None:
-        sub_reasons = [proc._why_dense(q[:1, keep], lay, None, parallel_config) for keep, _, lay in plan]
+        sub_reasons = [proc._why_dense(q[:1, : keep.numel()], lay, None, parallel_config) for keep, _, lay in plan]
         reason = next((r for r in sub_reasons if r is not None), None)
     if reason is not None:
         proc._count_fallback(reason)

@@ -153,6 +153,7 @@ def tiny_kontext_pipe():
     )
 
 
+@pytest.mark.slow
 def test_kontext_pipeline_end_to_end():
     from PIL import Image
 

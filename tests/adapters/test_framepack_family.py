@@ -151,6 +151,7 @@ def tiny_framepack_pipe():
     )
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end():
     from PIL import Image
 

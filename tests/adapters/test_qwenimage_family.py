@@ -173,6 +173,7 @@ def tiny_edit_pipe(cls_name):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls_name", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
 def test_edit_pipelines_end_to_end(cls_name):
     from PIL import Image
