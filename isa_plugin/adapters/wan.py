@@ -7,9 +7,15 @@ Layout: Wan's transformer has no notion of context; in-context editing models (I
 fine-tunes, the ISA paper's LIVEditor) concatenate the source video's latents to the noisy latents
 along the frame axis. :class:`WanICLLayout` turns "``n`` context latent frames, after (or before) the
 target frames" into the token layout of each call, from the 5-D ``hidden_states`` the transformer gets
-(tokens per latent frame = (H/p_h)·(W/p_w)). :class:`~isa_plugin.pipelines.WanInContextEditPipeline`
-is served automatically (its pipeline adapter reads the context frames of the running call). Without
-either, calls run dense with the fallback reason ``"layout unknown"``.
+(tokens per latent frame = (H/p_h)·(W/p_w)). Three ways to give ``n``:
+
+- ``apply_isa(..., layout=WanICLLayout(context_frames=n, position="after"))``;
+- per call, through the transformer's ``attention_kwargs``: ``{"isa_context_frames": n,
+  "isa_context_position": "after"}`` (diffusers' Wan pipelines forward ``attention_kwargs`` to the
+  transformer, which ignores keys other than the LoRA ``scale``), e.g. ``pipe(..., attention_kwargs=...)``;
+- :class:`~isa_plugin.pipelines.WanInContextEditPipeline` does the latter itself for every call.
+
+Without any of these, calls run dense with the fallback reason ``"layout unknown"``.
 
 Example:
     >>> apply_isa(pipe.transformer, ISAConfig(), layout=WanICLLayout(context_frames=21))
@@ -26,7 +32,11 @@ import torch
 from ..layout import Layout
 from .base import FamilyAdapter, ISAAttnProcessorBase, LayoutProvider, PipelineAdapter, register_family, register_pipeline
 
-__all__ = ["WanISAAttnProcessor", "WanICLLayout", "WanAdapter", "WanICLPipelineAdapter"]
+__all__ = ["WanISAAttnProcessor", "WanICLLayout", "WanAdapter", "WanICLPipelineAdapter", "wan_icl_layout", "CONTEXT_FRAMES_KEY", "CONTEXT_POSITION_KEY"]
+
+#: ``attention_kwargs`` keys read by the Wan adapter (number / position of context latent frames)
+CONTEXT_FRAMES_KEY = "isa_context_frames"
+CONTEXT_POSITION_KEY = "isa_context_position"
 
 
 def _rope_interleaved_pairs(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -159,7 +169,7 @@ def wan_icl_layout(transformer, hidden_states, context_frames: int, position: st
 
 
 class WanAdapter(FamilyAdapter):
-    """Wan: ``blocks.N.attn1`` get :class:`WanISAAttnProcessor`; the layout comes from ``layout=`` or a pipeline adapter."""
+    """Wan: ``blocks.N.attn1`` get :class:`WanISAAttnProcessor`; layout from ``layout=``, ``attention_kwargs`` or a pipeline."""
 
     name = "wan"
     transformer_classes = ("WanTransformer3DModel",)
@@ -170,6 +180,13 @@ class WanAdapter(FamilyAdapter):
 
     def make_processor(self, layer_name, module, config, original):
         return WanISAAttnProcessor(config, layer_name=layer_name, original=original)
+
+    def layout_for_call(self, transformer, arguments):
+        kw = arguments.get("attention_kwargs") or {}
+        n = kw.get(CONTEXT_FRAMES_KEY) if isinstance(kw, Mapping) else None
+        if not n:
+            return None
+        return wan_icl_layout(transformer, arguments.get("hidden_states"), int(n), kw.get(CONTEXT_POSITION_KEY, "after"))
 
 
 class _PipelineCallLayout(LayoutProvider):

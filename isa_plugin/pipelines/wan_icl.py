@@ -13,8 +13,11 @@ plus exactly that:
    target.
 
 Steps 2-3 are a forward pre-hook and a forward hook on the transformer(s), registered for the duration of
-the call only. While a call runs, ``pipe.context_latent_frames`` and ``pipe.context_position`` say where
-the context is; :func:`isa_plugin.apply_isa` reads them to lay out ISA's target and context spans.
+the call only. The pre-hook also adds ``{"isa_context_frames": n, "isa_context_position": ...}`` to the
+call's ``attention_kwargs`` (the transformer ignores them), and while a call runs
+``pipe.context_latent_frames`` / ``pipe.context_position`` say the same; :func:`isa_plugin.apply_isa`
+reads them to lay out ISA's target and context spans, whether applied to the pipeline or to
+``pipe.transformer``.
 
 Example:
     >>> pipe = WanInContextEditPipeline.from_pretrained("path/to/icl-wan", torch_dtype=torch.bfloat16)
@@ -29,6 +32,8 @@ from typing import Any, List, Optional
 import torch
 from diffusers import WanPipeline
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from ..adapters.wan import CONTEXT_FRAMES_KEY, CONTEXT_POSITION_KEY
 
 __all__ = ["WanInContextEditPipeline"]
 
@@ -92,6 +97,8 @@ class WanInContextEditPipeline(WanPipeline):
                 p_t, p_h, p_w = module.config.patch_size
                 extra = torch.zeros(ts.shape[0], (n // p_t) * (x.shape[3] // p_h) * (x.shape[4] // p_w), dtype=ts.dtype, device=ts.device)
                 kwargs["timestep"] = torch.cat([ts, extra] if position == "after" else [extra, ts], dim=1)
+            # tell the transformer call where the context is (read by isa_plugin's Wan adapter; Wan ignores it)
+            kwargs["attention_kwargs"] = {**(kwargs.get("attention_kwargs") or {}), CONTEXT_FRAMES_KEY: n, CONTEXT_POSITION_KEY: position}
             return args, kwargs
 
         def drop_context(module, args, kwargs, output):

@@ -60,6 +60,26 @@ def test_layout_provider_counts(tiny):
         WanICLLayout(2, "middle")
 
 
+def test_layout_from_attention_kwargs(tiny):
+    t = tiny.wan()
+    x = tiny.wan_inputs(frames=6)
+    ref = _fwd(t, x)
+    apply_isa(t, tiny.EXACT)
+    out = _fwd(t, {**x, "attention_kwargs": {"isa_context_frames": 2, "isa_context_position": "before"}})
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert all(s["isa_calls"] == 1 for s in stats(t).values())
+    _fwd(t, x)  # no hint: unknown
+    assert all(s["reasons"] == {"layout unknown": 1} for s in stats(t).values())
+
+
+def test_isa_on_pipeline_transformer_only(tiny):
+    pipe = tiny.wan_icl_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    apply_isa(pipe.transformer, tiny.SPARSE)  # the transformer alone: the pipeline's attention_kwargs carry the layout
+    _run(pipe, tiny)
+    assert all(v["isa_calls"] == 4 and v["fallbacks"] == 0 for v in stats(pipe.transformer).values())
+
+
 def test_bf16_runs(tiny):
     t = tiny.wan().to(torch.bfloat16)
     x = tiny.wan_inputs(frames=6)
