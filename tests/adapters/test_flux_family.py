@@ -185,10 +185,12 @@ def test_kontext_pipeline_end_to_end():
     remove_isa(pipe)
 
     apply_isa(pipe, SPARSE)
-    seen = []
+    seen, inputs = [], []
     for p in isa_processors(pipe).values():
         p.observer = lambda name, q, k, v, layout, step: seen.append((name, q.shape[1], layout))
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"]), with_kwargs=True)
     out, latents = run()
+    hook.remove()
     assert torch.isfinite(out).all()
     # the pipeline's own latents: [B, (32/2/2)^2 packed target tokens, C]; context from the 32x48 image
     n_target = latents[0].shape[1]
@@ -198,6 +200,9 @@ def test_kontext_pipeline_end_to_end():
     expected = Layout([("text", TEXT), ("target", n_target), ("context", n_context)])
     assert len(seen) == len(LAYERS) * 2 * 2  # layers x steps x (cond, uncond)
     assert all(layout == expected and n == expected.num_tokens for _, n, layout in seen)
+    # the image stream is [noisy; context]: the context part is the same clean latents at every step
+    assert torch.equal(inputs[0][:, n_target:], inputs[-1][:, n_target:])
+    assert not torch.equal(inputs[0][:, :n_target], inputs[-1][:, :n_target])
     assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}} for s in stats(pipe).values())
     remove_isa(pipe)
 

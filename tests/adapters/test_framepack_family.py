@@ -240,3 +240,20 @@ def test_observe_attention_is_stock_and_sees_layouts():
     assert [n for n, _, _ in seen] == LAYERS
     assert all(layout is not None and layout.num_tokens == n and layout.num("text") == IMAGE_TOKENS + TEXT for _, n, layout in seen)
     assert not is_isa_applied(t) and all(p is before[n] for n, p in _processors(t).items())
+
+
+@pytest.mark.parametrize("size", [8, 10])
+def test_spans_are_where_the_transformer_packs_each_stream(size):
+    """The packed video sequence entering the first block is [4x; 2x; clean; noisy], with our span lengths."""
+    t = tiny_framepack(1, 1)
+    x = framepack_inputs(size=size)
+    packed = []
+    t.transformer_blocks[0].register_forward_pre_hook(lambda m, args: packed.append(args[0]))
+    _fwd(t, x)
+    with torch.no_grad():
+        clean, h2, h4 = t.clean_x_embedder(x["latents_clean"], x["latents_history_2x"], x["latents_history_4x"])
+        noisy = t.x_embedder(x["hidden_states"])
+    spans = framepack_video_spans(t, x)
+    parts = torch.split(packed[0], [n for _, n in spans], dim=1)
+    for part, stream in zip(parts, (h4, h2, clean, noisy)):
+        assert torch.equal(part, stream)

@@ -209,10 +209,12 @@ def test_edit_pipelines_end_to_end(cls_name):
         remove_isa(pipe)
 
     apply_isa(pipe, SPARSE)
-    seen = []
+    seen, inputs = [], []
     for p in isa_processors(pipe).values():
         p.observer = lambda name, q, k, v, layout, step: seen.append((q.shape[1], layout))
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"]), with_kwargs=True)
     out, latents = run()
+    hook.remove()
     assert torch.isfinite(out).all()
     # expected spans from the pipeline's own latents (target) and its own condition-image sizing
     vsf = pipe.vae_scale_factor
@@ -226,6 +228,9 @@ def test_edit_pipelines_end_to_end(cls_name):
     expected = Layout([("text", 8), ("target", n_target)] + [("context", n) for n in contexts])
     assert len(seen) == len(LAYERS) * 2 * 2  # layers x steps x (cond, uncond)
     assert all(layout == expected and n == expected.num_tokens for n, layout in seen)
+    # the image stream is [noisy; condition images]: the condition part is the same at every step
+    assert torch.equal(inputs[0][:, n_target:], inputs[-1][:, n_target:])
+    assert not torch.equal(inputs[0][:, :n_target], inputs[-1][:, :n_target])
     assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}} for s in stats(pipe).values())
     remove_isa(pipe)
 
