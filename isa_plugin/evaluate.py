@@ -1,0 +1,154 @@
+"""Dense vs ISA on the same edit: fidelity (PSNR/SSIM), per-layer attention error, attention and total time.
+
+:func:`compare_edit` runs one edit twice with the same seed — once with the model's own dense attention,
+once with ISA applied from a profile or config — and measures what a user decides on: how close the ISA
+result is to the dense one, how much time self-attention and the whole call took, the attention-output
+error of each ISA layer, and how many calls fell back to dense attention and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+
+from .metrics import psnr, ssim
+
+__all__ = ["EditRun", "compare_edit", "run_edit", "self_attention_modules"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EditRun:
+    """One timed pipeline call. ``frames``: [F, H, W, C] float in [0, 1] (CPU)."""
+
+    frames: torch.Tensor
+    total_ms: float
+    attention_ms: float
+    attention_calls: int
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+def self_attention_modules(pipe) -> Dict[str, torch.nn.Module]:
+    """The attention modules ISA serves in ``pipe.transformer`` (name -> module)."""
+    from .adapters import family_for
+
+    tr = pipe.transformer
+    return dict(family_for(tr).self_attention_layers(tr))
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_edit(pipe, video: torch.Tensor, prompt: str, *, height: int, width: int, frames: int, steps: int,
+             seed: int, **pipeline_kwargs) -> EditRun:
+    """Run ``pipe`` once on ``video`` ([F, 3, H, W] in [0, 1]) and time it.
+
+    Returns:
+        an :class:`EditRun`; ``attention_ms`` is the summed forward time of the self-attention modules.
+    """
+    from .timing import time_modules
+
+    device = getattr(pipe, "_execution_device", torch.device("cpu"))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with time_modules(self_attention_modules(pipe).items()) as timer:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = pipe(prompt=prompt, video=video, height=height, width=width, num_frames=frames,
+                   num_inference_steps=steps, generator=gen, output_type="np", **pipeline_kwargs)
+        _sync(device)
+        total = (time.perf_counter() - t0) * 1e3
+    result = out.frames[0]
+    result = torch.as_tensor(result).float()
+    return EditRun(frames=result, total_ms=total, attention_ms=timer.total_ms, attention_calls=timer.calls)
+
+
+def _layer_errors(pipe, video, prompt, *, height, width, frames, steps, seed, measure_calls: int, pipeline_kwargs):
+    """Relative L1 error of each ISA layer's output vs dense attention, target and context rows apart.
+
+    Runs the edit once more with ISA, and on the first ``measure_calls`` transformer calls compares, per
+    layer, the ISA output to dense attention on the very inputs the layer saw.
+    """
+    from .adapters import isa_processors, observe_attention
+    from .attention import dense_attention, isa_attention
+
+    procs = isa_processors(pipe)
+    sums: Dict[str, Dict[str, list]] = {}
+
+    def observer(name, q, k, v, layout, step):
+        proc = procs.get(name)
+        if layout is None or proc is None or proc.config is None or step.call_index >= measure_calls:
+            return
+        out = isa_attention(q, k, v, layout, proc.config).float()
+        ref = dense_attention(q, k, v).float()
+        kinds = torch.cat([torch.full((n,), kind == "target", dtype=torch.bool) for kind, n in layout.spans]).to(q.device)
+        ctx = torch.cat([torch.full((n,), kind == "context", dtype=torch.bool) for kind, n in layout.spans]).to(q.device)
+        acc = sums.setdefault(name, {"target": [0.0, 0.0], "context": [0.0, 0.0]})
+        for key, rows in (("target", kinds), ("context", ctx)):
+            if rows.any():
+                acc[key][0] += float((out[:, rows] - ref[:, rows]).abs().sum())
+                acc[key][1] += float(ref[:, rows].abs().sum())
+
+    with observe_attention(pipe, observer, dense=False):
+        with torch.no_grad():
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            pipe(prompt=prompt, video=video, height=height, width=width, num_frames=frames,
+                 num_inference_steps=steps, generator=gen, output_type="latent", **pipeline_kwargs)
+    return {
+        name: {k: (n / d if d > 0 else None) for k, (n, d) in acc.items()} for name, acc in sums.items()
+    }
+
+
+def compare_edit(pipe, profile_or_config, video: torch.Tensor, prompt: str, *, height: int, width: int, frames: int,
+                 steps: int, seed: int = 0, measure_calls: int = 2, warmup: bool = True,
+                 **pipeline_kwargs) -> Dict[str, Any]:
+    """Dense vs ISA on one edit, same seed.
+
+    Args:
+        pipe: an ICL video pipeline served by the adapters, without ISA applied.
+        profile_or_config: what :func:`isa_plugin.apply_isa` takes.
+        video: [F, 3, H, W] in [0, 1]; height/width/frames: the edit's size; steps: denoising steps.
+        measure_calls: transformer calls on which per-layer attention errors are measured.
+        warmup: run each configuration once before timing (kernel compilation, caches).
+
+    Returns:
+        ``{"dense": EditRun, "isa": EditRun, "psnr": dB, "ssim": ..., "layer_errors": {...},
+        "fallbacks": {layer: {reason: count}}, "isa_calls": n}``.
+    """
+    from .adapters import apply_isa, remove_isa, stats
+
+    kw = dict(height=height, width=width, frames=frames, steps=steps, seed=seed, **pipeline_kwargs)
+    with torch.no_grad():
+        if warmup:
+            run_edit(pipe, video, prompt, **{**kw, "steps": 1})
+        dense = run_edit(pipe, video, prompt, **kw)
+        apply_isa(pipe, profile_or_config)
+        try:
+            if warmup:
+                run_edit(pipe, video, prompt, **{**kw, "steps": 1})
+                from .adapters import reset_stats
+
+                reset_stats(pipe)
+            isa = run_edit(pipe, video, prompt, **kw)
+            isa.stats = stats(pipe)
+            errors = _layer_errors(pipe, video, prompt, height=height, width=width, frames=frames, steps=steps,
+                                   seed=seed, measure_calls=measure_calls, pipeline_kwargs=pipeline_kwargs)
+        finally:
+            remove_isa(pipe)
+    fallbacks = {name: s.get("reasons", {}) for name, s in isa.stats.items() if s.get("fallbacks")}
+    return {
+        "dense": dense,
+        "isa": isa,
+        "psnr": psnr(dense.frames, isa.frames),
+        "ssim": ssim(dense.frames, isa.frames),
+        "layer_errors": errors,
+        "fallbacks": fallbacks,
+        "isa_calls": sum(s.get("isa_calls", 0) for s in isa.stats.values()),
+        "fallback_calls": sum(s.get("fallbacks", 0) for s in isa.stats.values()),
+    }
