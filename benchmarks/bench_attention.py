@@ -82,7 +82,7 @@ def isa_case(q, k, v, layout, cfg, exact_backend, overlap, gen):
         return res
 
     def full():
-        c = plan_compact(q, k, layout, cfg, v=v)
+        c = plan_compact(q, k, layout, cfg, v=v, _defer=True)
         return execute_compact(q, k, v, c, exact_backend=exact_backend, overlap=overlap)
 
     def plan_only():

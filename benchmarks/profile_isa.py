@@ -49,19 +49,19 @@ def main():
         "taylor group": lambda: ex._run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc),
         "exact group sdpa": lambda: ex._run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, k.numel() * 2),
         "exact group triton": lambda: ex._run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc),
-        "execute (overlap)": lambda: ex.execute_compact(q, k, v, cp, exact_backend=a.exact_backend, overlap=True),
-        "execute (serial)": lambda: ex.execute_compact(q, k, v, cp, exact_backend=a.exact_backend, overlap=False),
+        "execute (planned)": lambda: ex.execute_compact(q, k, v, cp, exact_backend=a.exact_backend),
+        "full call (deferred step 7)": lambda: ex.execute_compact(q, k, v, plan_compact(q, k, layout, cfg, v=v, _defer=True), exact_backend=a.exact_backend),
     }
     for name, f in phases.items():
         print(f"{name:32s} {bench(f):8.2f} ms", flush=True)
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
-        c = plan_compact(q, k, layout, cfg, v=v)
+        c = plan_compact(q, k, layout, cfg, v=v, _defer=True)
         ex.execute_compact(q, k, v, c, exact_backend=a.exact_backend)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        c = plan_compact(q, k, layout, cfg, v=v)
+        c = plan_compact(q, k, layout, cfg, v=v, _defer=True)
         ex.execute_compact(q, k, v, c, exact_backend=a.exact_backend)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60))

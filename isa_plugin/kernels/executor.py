@@ -9,7 +9,7 @@ Two ways to run the exact group (query blocks that attend over all of KV'):
   blocks, or blocks beyond the shortest list of the chunk) and scatters the rows back to their tokens.
   Heads are chunked so that the gathered copies stay under about one size of k.
 
-The Taylor group always runs in Triton, on a side stream so that it overlaps the exact group.
+The Taylor group always runs in Triton, queued after the exact group.
 """
 
 from __future__ import annotations
@@ -194,7 +194,11 @@ def execute_compact(
     Args:
         exact_backend: ``"sdpa"`` (cuDNN on gathered tensors, CUDA fp16/bf16 only), ``"triton"``, or
             ``"auto"`` (sdpa where allowed).
-        overlap: run the Taylor group on a side CUDA stream, concurrently with the exact group.
+        overlap: kept for API stability; the Taylor group runs after the exact group on one stream
+            (a side stream measured no gain: cuDNN fills every SM).
+
+    A plan from ``plan_compact(..., _defer=True)`` has its step 7 finished here, after the exact group
+    is queued, so the host work of step 7 overlaps the exact-attention kernels.
     """
     B, N, H, D = q.shape
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -210,21 +214,17 @@ def execute_compact(
     use_sdpa = (exact_backend == "sdpa" or (exact_backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))) and bs & (bs - 1) == 0
     if exact_backend not in ("auto", "sdpa", "triton"):
         raise ValueError(f"exact_backend={exact_backend!r}; supported: 'auto', 'sdpa', 'triton'")
-    side = None
-    if overlap and q.is_cuda:
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
-    else:
-        _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
+    # the exact group needs only steps 1-6 of the plan: queue it first, so that the host work of
+    # step 7 (Taylor selections) overlaps the long exact-attention kernels
+    pending = getattr(cp, "_pending", None) is not None
     if use_sdpa:
         budget = k.numel() * k.element_size()
         _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, budget)
     else:
         _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
-    if side is not None:
-        torch.cuda.current_stream(dev).wait_stream(side)
-        for t in (kbar, vbar, log2n, starts, counts, out, cp.tsel, cp.tsel_len, cp.kv_list, cp.kv_len, cp.approx):
-            t.record_stream(side)
+    if pending:
+        from .plan import _finish_plan
+
+        _finish_plan(cp)
+    _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
     return out

@@ -64,7 +64,7 @@ def isa_attention_op(
         alpha_s=r(alpha_s), alpha_f=r(alpha_f), alpha_ns=r(alpha_ns), block_size=block_size,
         sharpness=sharpness, topk_fraction=topk_fraction, backend="triton",
     )
-    cp = plan_compact(q, k, layout, config, scale, v=v)
+    cp = plan_compact(q, k, layout, config, scale, v=v, _defer=True)
     return execute_compact(q, k, v, cp, scale, exact_backend=exact_backend)
 
 

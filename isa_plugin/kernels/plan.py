@@ -169,7 +169,7 @@ def _kv_lists(kv_keep: torch.Tensor, blocks: BlockLayout, kmax: Optional[int] = 
     return kv_list, kv_len, kv_full
 
 
-def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=None, sal=None, sel_first=None, s_max=None, host=None) -> CompactPlan:
+def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=None, sal=None, sel_first=None, s_max=None, host=None, text_ids=None) -> CompactPlan:
     """sel_pos [B, H, nb, Kmax] bool: non-text KV' positions computed exactly by Taylor query blocks.
 
     ``sel_first`` [B, H, nb, s] (optional): those positions, selected ones first in each row, when the
@@ -191,7 +191,8 @@ def _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp=No
         key = (~sel_pos).long() * kmax + pos
         sel_first = torch.topk(key, min(s_max, kmax), dim=-1, largest=False, sorted=True).indices  # [B, H, nb, s]
     sel_blocks = torch.gather(kv_list[:, :, None, :].expand(B, H, nb, kmax), -1, sel_first)
-    text_ids = _text_ids(blocks, dev)
+    if text_ids is None:
+        text_ids = _text_ids(blocks, dev)
     n_text = int(text_ids.numel())
     # text ids first (the same for every row), then each row's n_sel selected ids
     tsel = torch.cat([text_ids.view(1, 1, 1, -1).expand(B, H, nb, n_text), sel_blocks], dim=-1)
@@ -239,12 +240,8 @@ def _rank_mask(scores: torch.Tensor, count: torch.Tensor, kmax: int) -> torch.Te
     return out
 
 
-def plan_compact_from_pooled(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: float) -> CompactPlan:
-    """Steps 3-7 of ISA from block means q̄, k̄ [B, H, nb, D] (float32), as index lists.
-
-    Launches only device work (no host synchronisation): every count is known from the layout and
-    the ratios.
-    """
+def _plan_stage1(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: float) -> CompactPlan:
+    """Steps 3-6 and the KV' lists: enough for the exact group (tsel / approx still None)."""
     B, H, nb, _ = qbar.shape
     dev = qbar.device
     st = _static(blocks, config, H, dev)
@@ -273,8 +270,22 @@ def plan_compact_from_pooled(qbar, kbar, blocks: BlockLayout, config: ISAConfig,
     exact_q = st.is_x.expand(B, H, nb).clone()
     exact_q[..., st.nt_idx] = _rank_mask(sharp[..., st.nt_idx], st.cnt_f_d.expand(B, H), max(st.cnt_f))
 
-    # step 7: Taylor selections among the non-text KV' blocks, by pooled logits
     kv_list, kv_len, kv_full = _kv_lists(kv_keep, blocks, st.kmax)
+    cp = CompactPlan(
+        blocks=blocks, kv_keep=kv_keep, kv_list=kv_list.to(torch.int32), kv_len=kv_len.to(torch.int32),
+        kv_full=kv_full.to(torch.int32), exact_q=exact_q, tsel=None, tsel_len=None, approx=None,
+        sharpness=sharp.float(), saliency=saliency, host=st.host,
+    )
+    cp._pending = (logits, kv_list, kv_len, st)
+    return cp
+
+
+def _finish_plan(cp: CompactPlan) -> CompactPlan:
+    """Step 7 (Taylor selections) of a plan from :func:`_plan_stage1`; fills tsel / tsel_len / approx."""
+    logits, kv_list, kv_len, st = cp._pending
+    del cp._pending
+    B, H, nb = cp.exact_q.shape
+    dev = cp.exact_q.device
     kmax = st.kmax
     pos = torch.arange(kmax, device=dev)
     cand = (pos < kv_len.unsqueeze(-1)) & ~st.is_x[kv_list]  # [B, H, Kmax]
@@ -286,10 +297,22 @@ def plan_compact_from_pooled(qbar, kbar, blocks: BlockLayout, config: ISAConfig,
     del lg
     sel_pos = torch.zeros(B, H, nb, kmax, dtype=torch.bool, device=dev)
     sel_pos.scatter_(-1, top, (torch.arange(s_max, device=dev) < st.n_exact_d[None, :, None, None]).expand(B, H, nb, s_max))
-    return _build(kv_keep, exact_q, kv_list, kv_len, kv_full, sel_pos, blocks, sharp.float(), saliency, sel_first=top, host=st.host)
+    full = _build(cp.kv_keep, cp.exact_q, kv_list, kv_len, cp.kv_full, sel_pos, cp.blocks, cp.sharpness, cp.saliency,
+                  sel_first=top, host=st.host, text_ids=st.x_ids)
+    cp.tsel, cp.tsel_len, cp.approx = full.tsel, full.tsel_len, full.approx
+    return cp
 
 
-def plan_compact(q, k, layout, config: ISAConfig, scale: Optional[float] = None, v: Optional[torch.Tensor] = None) -> CompactPlan:
+def plan_compact_from_pooled(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: float) -> CompactPlan:
+    """Steps 3-7 of ISA from block means q̄, k̄ [B, H, nb, D] (float32), as index lists.
+
+    Launches only device work (no host synchronisation): every count is known from the layout and
+    the ratios.
+    """
+    return _finish_plan(_plan_stage1(qbar, kbar, blocks, config, scale))
+
+
+def plan_compact(q, k, layout, config: ISAConfig, scale: Optional[float] = None, v: Optional[torch.Tensor] = None, _defer: bool = False) -> CompactPlan:
     """Steps 1-7 of ISA for q, k [B, N, H, D]: Triton pooling, then :func:`plan_compact_from_pooled`.
 
     With ``v`` (same strides as q and k), v is pooled in the same pass and the block means k̄, v̄ the
@@ -312,9 +335,9 @@ def plan_compact(q, k, layout, config: ISAConfig, scale: Optional[float] = None,
     else:
         (qbar,) = pool_blocks_triton(q, starts=starts, counts=counts, block_size=config.block_size)
         (kbar,) = pool_blocks_triton(k, starts=starts, counts=counts, block_size=config.block_size)
-    cp = plan_compact_from_pooled(qbar, kbar, blocks, config, sc)
+    cp = _plan_stage1(qbar, kbar, blocks, config, sc)
     cp.pooled_kv = pooled_kv
-    return cp
+    return cp if _defer else _finish_plan(cp)
 
 
 def compact_from_reference(plan: ISAPlan) -> CompactPlan:
