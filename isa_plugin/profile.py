@@ -166,8 +166,14 @@ def _plain(v: Any) -> Any:
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
+    if v is None or type(v) in (str, int, float, bool):
         return v
+    if isinstance(v, bool):
+        return bool(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
     return str(v)
 
 
@@ -194,17 +200,17 @@ def config_hash(model_or_config: Any) -> str:
 
 
 def _versions() -> Dict[str, str]:
-    out = {"torch": torch.__version__}
+    out = {"torch": str(torch.__version__)}
     try:
         from . import __version__
 
-        out["isa_plugin"] = __version__
+        out["isa_plugin"] = str(__version__)
     except Exception:  # pragma: no cover - partial import during package init
         pass
     try:
         import diffusers
 
-        out["diffusers"] = diffusers.__version__
+        out["diffusers"] = str(diffusers.__version__)
     except Exception:
         pass
     return out
@@ -433,7 +439,7 @@ class ThresholdProfile:
         doc = {
             "schema_version": self.schema_version,
             "kind": _KIND,
-            "budget": dict(self.budget),
+            "budget": _plain(self.budget),
             "block_size": self.block_size,
             "timestep_edges": list(self.timestep_edges),
             "calibrated_on": _plain(self.calibrated_on),

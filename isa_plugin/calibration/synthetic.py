@@ -269,7 +269,7 @@ def calibrate_synthetic(model: SyntheticModel, sample_seeds: Sequence[int], *, g
 
 
 def evaluate_synthetic(model: SyntheticModel, profile_or_config, sample_seeds: Sequence[int], *, device=None,
-                       dtype=torch.float32) -> Dict[str, Dict[str, float]]:
+                       dtype=torch.float32, layers: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     """Measured ISA error (full reference ISA against dense) and relative cost per layer on ``sample_seeds``.
 
     Args:
@@ -285,6 +285,8 @@ def evaluate_synthetic(model: SyntheticModel, profile_or_config, sample_seeds: S
 
     out = {}
     for layer, name in enumerate(model.layer_names):
+        if layers is not None and name not in layers:
+            continue
         cfg = profile_or_config if isinstance(profile_or_config, ISAConfig) else profile_or_config.config_for(name)
         num = {"target": 0.0, "context": 0.0}
         den = {"target": 0.0, "context": 0.0}

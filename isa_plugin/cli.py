@@ -1,0 +1,448 @@
+"""The ``isa`` command line (also ``python -m isa_plugin``): a thin shell over the library.
+
+Built-in commands: ``calibrate``, ``inspect``, ``validate``. Adding one elsewhere is a few lines::
+
+    # isa_plugin/demo_cli.py
+    from isa_plugin.cli import command
+
+    @command("demo", help="run a pipeline with and without ISA", arguments=lambda p: p.add_argument("--pipeline"))
+    def demo(args):
+        ...                      # raise CLIError("...") (or ValueError) for a user error: one line, exit 2
+        return 0
+
+and list the module in :data:`EXTENSION_MODULES` (or expose it through the ``isa_plugin.cli`` entry-point
+group of another package). User errors (bad arguments, missing or corrupt files, profiles that do not fit
+the model) print one line ``isa: error: ...`` and exit non-zero without a traceback; ``--debug`` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = ["main", "command", "register_command", "CLIError", "EXTENSION_MODULES", "load_pipeline"]
+
+logger = logging.getLogger("isa_plugin.cli")
+
+#: modules imported by :func:`main` so their ``@command`` registrations take effect (missing ones are skipped)
+EXTENSION_MODULES: List[str] = ["isa_plugin.demo_cli", "isa_plugin.eval_cli"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status ``code`` (default 2)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], Optional[int]]
+    arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    description: Optional[str] = None
+
+
+_COMMANDS: Dict[str, Command] = {}
+
+
+def register_command(name: str, run: Callable[[argparse.Namespace], Optional[int]], *, help: str,
+                     arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None, description: Optional[str] = None) -> Command:
+    """Add a subcommand: ``arguments(parser)`` declares its options, ``run(args)`` returns the exit status."""
+    if name in _COMMANDS and _COMMANDS[name].run is not run:
+        raise ValueError(f"isa subcommand {name!r} is already registered")
+    cmd = Command(name, help, run, arguments, description)
+    _COMMANDS[name] = cmd
+    return cmd
+
+
+def command(name: str, *, help: str, arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+            description: Optional[str] = None):
+    """Decorator form of :func:`register_command`."""
+    def deco(run):
+        register_command(name, run, help=help, arguments=arguments, description=description or run.__doc__)
+        return run
+
+    return deco
+
+
+def _load_extensions() -> None:
+    for mod in EXTENSION_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="isa_plugin.cli"):
+            ep.load()
+    except Exception as e:  # pragma: no cover - broken third-party plugin
+        logger.warning("could not load an isa CLI plugin: %s", e)
+
+
+# ================================================================================= helpers
+def _device_dtype(device: Optional[str], dtype: Optional[str]):
+    import torch
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {dev}: CUDA is not available on this machine; use --device cpu")
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype is None:
+        dt = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    elif dtype in names:
+        dt = names[dtype]
+    else:
+        raise CLIError(f"--dtype {dtype}: supported: bf16, fp16, fp32")
+    return dev, dt
+
+
+def _resolve_class(name: str):
+    try:
+        from . import pipelines as own
+
+        if hasattr(own, name):
+            return getattr(own, name)
+    except ImportError:  # pragma: no cover
+        pass
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise CLIError(f"pipeline class {name!r} is neither a diffusers pipeline nor one of isa-plugin's")
+    return cls
+
+
+def load_pipeline(path_or_id: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None):
+    """Load a diffusers pipeline (local folder or hub id) and check it is served by ``adapter``.
+
+    Raises:
+        CLIError: missing folder, unknown class or adapter, or a pipeline the adapter does not serve.
+    """
+    import json
+
+    dev, dt = _device_dtype(device, dtype)
+    p = Path(path_or_id)
+    if p.exists():
+        index = p / "model_index.json"
+        if not index.is_file():
+            raise CLIError(f"--pipeline {path_or_id}: no model_index.json there (save the pipeline with save_pretrained)")
+        try:
+            cls_name = json.loads(index.read_text())["_class_name"]
+        except (ValueError, KeyError) as e:
+            raise CLIError(f"--pipeline {path_or_id}: unreadable model_index.json ({e})") from None
+    else:
+        if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+            raise CLIError(f"--pipeline {path_or_id}: no such folder (and not a hub id such as 'org/model')")
+        try:
+            from diffusers import DiffusionPipeline
+
+            cls_name = DiffusionPipeline.load_config(path_or_id)["_class_name"]
+        except Exception as e:
+            raise CLIError(f"--pipeline {path_or_id}: cannot load it from the hub or the local cache ({type(e).__name__})") from None
+    cls = _resolve_class(cls_name)
+    _check_adapter(cls, adapter)
+    logger.info("loading %s from %s (%s, %s)", cls_name, path_or_id, dev, dt)
+    import warnings
+
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch_dtype -> dtype rename in newer diffusers
+            pipe = cls.from_pretrained(path_or_id, torch_dtype=dt)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--pipeline {path_or_id}: cannot load {cls_name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return pipe.to(dev)
+
+
+def _check_adapter(cls, adapter: Optional[str]) -> None:
+    if adapter is None:
+        return
+    from .adapters import registered_families, registered_pipelines
+
+    pipes = {a.name: a for a in registered_pipelines().values()}
+    fams = {a.name: a for a in registered_families().values()}
+    if adapter not in pipes and adapter not in fams:
+        known = sorted(set(pipes) | set(fams))
+        raise CLIError(f"--adapter {adapter}: unknown adapter; available: {', '.join(known)}")
+    if adapter in pipes:
+        mro = {c.__name__ for c in cls.__mro__}
+        if not mro & set(pipes[adapter].pipeline_classes):
+            raise CLIError(f"--adapter {adapter} serves {', '.join(pipes[adapter].pipeline_classes)}, but the pipeline is {cls.__name__}")
+
+
+def _fmt_ratio(v) -> str:
+    if isinstance(v, tuple):
+        return f"{sum(v) / len(v):.3g}*"
+    return f"{v:.4g}"
+
+
+def _fmt(x, pct=False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+# ================================================================================= calibrate
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", required=True, help="pipeline folder (save_pretrained) or hub id")
+    p.add_argument("--adapter", help="isa-plugin adapter serving the pipeline (e.g. wan-icl); checked against the pipeline class")
+    p.add_argument("--videos", nargs="+", required=True, metavar="VIDEO", help="sample videos: mp4/gif/webm files or folders of frames")
+    p.add_argument("--prompts", nargs="*", default=None, metavar="PROMPT", help="one prompt, or one per video (default: empty)")
+    p.add_argument("--budget", type=float, default=0.05, help="relative L1 error budget of the attention output (default 0.05)")
+    p.add_argument("--context-budget", type=float, default=None, help="separate budget for context-query outputs (default: --budget)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of the schedule (default 20)")
+    p.add_argument("--calib-steps", type=int, default=4, help="steps measured, spread over the schedule (default 4)")
+    p.add_argument("--height", type=int, help="resize videos to this height")
+    p.add_argument("--width", type=int, help="resize videos to this width")
+    p.add_argument("--frames", type=int, help="use the first N frames of each video")
+    p.add_argument("--out", required=True, help="profile to write (YAML; per-head values go to a .safetensors sidecar)")
+    p.add_argument("--block-size", type=int, default=64, help="ISA block size (default 64)")
+    p.add_argument("--blocks-per-kind", type=int, default=48, help="query blocks sampled per kind and call (default 48)")
+    p.add_argument("--tokens-per-block", type=int, default=16, help="tokens sampled per sampled block (default 16)")
+    p.add_argument("--timestep-buckets", type=int, default=1, help="separate settings per timestep bucket (default 1)")
+    p.add_argument("--per-head", choices=("auto", "always", "off"), default="auto", help="per-head ratios (default: where they pay)")
+    p.add_argument("--margin", type=float, default=0.85, help="fit to margin x budget (sampling noise; default 0.85)")
+    p.add_argument("--cost-model", help="kernel cost model JSON (default: isa_plugin/kernels/cost_model.json if present)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale passed to the pipeline")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-stats", help="also save the raw statistics (torch.save) for refitting")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _calibrate(args) -> int:
+    import time
+
+    from .calibration.cost import load_cost_model
+    from .calibration.fit import fit_profile, parse_budget
+    from .calibration.recorder import record
+
+    if args.steps < 1 or args.calib_steps < 1:
+        raise CLIError("--steps and --calib-steps must be at least 1")
+    budget = parse_budget((args.budget, args.context_budget if args.context_budget is not None else args.budget))
+    for v in args.videos:
+        if not Path(v).exists():
+            raise CLIError(f"video {v!r} does not exist")
+    cost_model = load_cost_model(args.cost_model) if args.cost_model else load_cost_model()
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"--out {args.out} is a folder; give a file name such as profile.yaml")
+    pipe = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype)
+    extra = {}
+    if args.guidance_scale is not None:
+        extra["guidance_scale"] = args.guidance_scale
+    t0 = time.perf_counter()
+    stats, meta = record(
+        pipe, args.videos, args.prompts or None, steps=args.steps, calib_steps=args.calib_steps, height=args.height,
+        width=args.width, frames=args.frames, block_size=args.block_size, blocks_per_kind=args.blocks_per_kind,
+        tokens_per_block=args.tokens_per_block, timestep_buckets=args.timestep_buckets, seed=args.seed,
+        progress=not args.no_progress, pipeline_kwargs=extra,
+    )
+    meta["pipeline"] = args.pipeline
+    if args.adapter:
+        meta["adapter"] = args.adapter
+    meta["seconds"] = round(time.perf_counter() - t0, 2)
+    per_head = {"auto": "auto", "always": "always", "off": False}[args.per_head]
+    profile = fit_profile(stats, budget, cost_model, per_head=per_head, margin=args.margin, metadata=meta)
+    profile.save(out)
+    if args.save_stats:
+        import torch
+
+        torch.save(stats.state_dict(), args.save_stats)
+    s = profile.summary()
+    print(f"wrote {out}: {s['layers']} layers, {s['dense_layers']} dense, predicted attention cost "
+          f"{_fmt(s['mean_relative_cost'], True)} of dense, calibrated in {meta['seconds']:.1f} s")
+    return 0
+
+
+# ================================================================================= inspect
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", help="profile YAML")
+    p.add_argument("--plot", metavar="PNG", help="draw ratios, errors and predicted cost per layer to this image")
+
+
+def _inspect(args) -> int:
+    from .profile import ThresholdProfile
+
+    prof = ThresholdProfile.load(args.profile)
+    on = prof.calibrated_on
+    b = prof.budget
+    print(f"ISA threshold profile {args.profile} (schema {prof.schema_version})")
+    print(f"  budget: {b['metric']} target {_fmt(b['target'], True)}, context {_fmt(b['context'], True)}; block size {prof.block_size}")
+    if on:
+        res = on.get("resolution")
+        print(f"  calibrated on: {on.get('transformer_class', '?')} (config {on.get('config_hash', '?')}), "
+              f"{res[0]}x{res[1] if res else '?'} px, {on.get('frames', '?')} frames, {on.get('steps', '?')} steps, "
+              f"{on.get('num_samples', '?')} sample(s)" if res else
+              f"  calibrated on: {on.get('transformer_class', '?')} (config {on.get('config_hash', '?')})")
+        if on.get("versions"):
+            print("  versions: " + ", ".join(f"{k} {v}" for k, v in on["versions"].items()))
+    if prof.cost_model:
+        print(f"  cost model: {prof.cost_model.get('source', prof.cost_model)}")
+    header = f"{'layer':<28} {'bucket':>6} {'alpha_s':>8} {'alpha_f':>8} {'alpha_ns':>8} {'metric':>9} {'err_tgt':>8} {'err_ctx':>8} {'cost':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, settings in prof.layers.items():
+        for bi, s in enumerate(settings):
+            bucket = str(bi) if prof.num_buckets > 1 else "-"
+            if s.dense:
+                print(f"{name:<28} {bucket:>6} {'dense':>8} {'':>8} {'':>8} {'':>9} {_fmt(s.error_target, True):>8} {_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")
+            else:
+                print(f"{name:<28} {bucket:>6} {_fmt_ratio(s.alpha_s):>8} {_fmt_ratio(s.alpha_f):>8} {_fmt_ratio(s.alpha_ns):>8} "
+                      f"{s.sharpness:>9} {_fmt(s.error_target, True):>8} {_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")
+    s = prof.summary()
+    mc = s["mean_relative_cost"]
+    speed = f", about {1 / mc:.2f}x fewer attention FLOPs" if mc else ""
+    print(f"{s['layers']} layers, {s['dense_layers']} dense; mean predicted cost {_fmt(mc, True)} of dense{speed}"
+          + ("; * = mean of per-head values" if any(isinstance(getattr(x, r), tuple) for ss in prof.layers.values() for x in ss for r in ("alpha_s", "alpha_f", "alpha_ns")) else ""))
+    if args.plot:
+        _plot(prof, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot(prof, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = prof.layer_names
+    x = list(range(len(names)))
+    mean = lambda v: sum(v) / len(v) if isinstance(v, tuple) else v  # noqa: E731
+    first = [prof.layers[n][0] for n in names]
+    fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.25 * len(names) + 3), 8), sharex=True)
+    for r, lab in (("alpha_s", "α_s"), ("alpha_f", "α_f"), ("alpha_ns", "α_ns")):
+        axes[0].plot(x, [1.0 if s.dense else mean(getattr(s, r)) for s in first], marker="o", ms=3, label=lab)
+    axes[0].set_ylabel("ratio (dense = 1)")
+    axes[0].set_ylim(0, 1.05)
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[1].plot(x, [s.error_target or 0 for s in first], marker="o", ms=3, label="target queries")
+    axes[1].plot(x, [s.error_context or 0 for s in first], marker="s", ms=3, label="context queries")
+    axes[1].axhline(prof.budget["target"], color="C0", ls="--", lw=0.8)
+    axes[1].axhline(prof.budget["context"], color="C1", ls=":", lw=0.8)
+    axes[1].set_ylabel("rel. L1 error")
+    axes[1].legend(loc="upper right", fontsize=8)
+    axes[2].bar(x, [s.relative_cost if s.relative_cost is not None else 1.0 for s in first], color=["0.6" if s.dense else "C2" for s in first])
+    axes[2].set_ylabel("predicted cost / dense")
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_xticks(x)
+    axes[2].set_xticklabels(names, rotation=90, fontsize=6)
+    fig.suptitle(f"ISA profile: {prof.calibrated_on.get('transformer_class', '')} budget {prof.budget['target']:.3g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ================================================================================= validate
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", help="profile YAML")
+    p.add_argument("--pipeline", required=True, help="pipeline folder or hub id whose transformer the profile must fit")
+    p.add_argument("--adapter", help="isa-plugin adapter serving the pipeline")
+    p.add_argument("--height", type=int, help="intended run height (warns when it differs from the calibrated one)")
+    p.add_argument("--width", type=int, help="intended run width")
+    p.add_argument("--frames", type=int, help="intended run frame count")
+    p.add_argument("--device", default="cpu", help="where to load the pipeline (default cpu)")
+    p.add_argument("--dtype", default=None)
+
+
+def _validate(args) -> int:
+    import warnings
+
+    from .adapters import family_for
+    from .profile import ThresholdProfile
+
+    prof = ThresholdProfile.load(args.profile)
+    pipe = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype)
+    tr = pipe.transformer
+    try:
+        names = list(family_for(tr).self_attention_layers(tr))
+    except TypeError as e:
+        raise CLIError(str(e)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            prof.check_compatible(tr, layer_names=names, height=args.height, width=args.width, frames=args.frames)
+        except ValueError as e:
+            raise CLIError(f"profile does not fit this model: {e}", code=1) from None
+    for w in caught:
+        print(f"isa: warning: {w.message}", file=sys.stderr)
+    s = prof.summary()
+    print(f"OK: {args.profile} fits {type(tr).__name__} ({len(names)} attention layers, {s['dense_layers']} kept dense)")
+    return 0
+
+
+register_command("calibrate", _calibrate, help="calibrate ISA ratios on sample videos and write a profile", arguments=_calibrate_args,
+                 description="Run the pipeline densely on sample videos, measure ISA's error per layer and head, and write the "
+                             "cheapest per-layer ratios within the error budget.")
+register_command("inspect", _inspect, help="print a profile as a per-layer table (and plot it)", arguments=_inspect_args)
+register_command("validate", _validate, help="check a profile against a model", arguments=_validate_args)
+
+
+# ================================================================================= main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="isa", description="ISA (In-context Sparse Attention) for diffusers: calibration and tools.")
+    parser.add_argument("--version", action="version", version=f"isa-plugin {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in _COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        if cmd.arguments is not None:
+            cmd.arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``isa``; returns the exit status."""
+    _load_extensions()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="isa: %(message)s")
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from .profile import ProfileError
+
+    try:
+        rc = args._run(args)
+        return 0 if rc is None else int(rc)
+    except (CLIError, ProfileError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        if args.debug:
+            raise
+        print(f"isa: error: {_one_line(e)}", file=sys.stderr)
+        return getattr(e, "code", 2)
+    except KeyboardInterrupt:
+        print("isa: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, KeyError):
+        text = str(e.args[0]) if e.args else text
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
