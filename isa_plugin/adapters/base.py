@@ -51,7 +51,10 @@ processors in dense mode for the duration; on a model with ISA it switches them 
 ``dense=False``) and restores everything on exit.
 
 Thresholds (:class:`~isa_plugin.ISAConfig`) are plain attributes of the processors; no module buffers or
-parameters are added, so ``state_dict()`` is unchanged.
+parameters are added, so ``state_dict()`` is unchanged. A threshold profile with timestep buckets
+(``num_buckets > 1``, ``timestep_edges``, ``bucket_of(t)``) is expanded at apply time into one config set per
+bucket; the pre-hook switches the processors' ``config`` to the bucket of each call's timestep (the
+transformer's ``timestep`` argument; per-token timesteps use the largest value of the first batch entry).
 """
 
 from __future__ import annotations
@@ -206,6 +209,8 @@ class ISAState:
         self.installed_by_observe = False
         self._transformer_ref = weakref.ref(transformer)
         self._signature = None
+        self.bucketed = None  # (profile, [configs per timestep bucket]) for timestep-bucketed profiles
+        self._bucket = 0
 
     # --------------------------------------------------------------- hooks
     def _bind(self, module, args, kwargs) -> Dict[str, Any]:
@@ -235,7 +240,20 @@ class ISAState:
                 logger.warning("ISA layout provider %r failed (%s); this call runs dense attention", self.provider, exc)
                 layout = None
         self.context = CallContext(layout=layout, step=step)
+        if self.bucketed is not None:
+            self._select_bucket(ts)
         return None
+
+    def _select_bucket(self, ts) -> None:
+        profile, buckets = self.bucketed
+        t = _scalar_timestep(ts)
+        b = self._bucket if t is None else profile.bucket_of(t)
+        if t is None:
+            logger.warning("timestep-bucketed ISA profile but the call has no timestep; keeping bucket %d", b)
+        if b != self._bucket or not getattr(self, "_bucket_set", False):
+            for n, p in self.processors.items():
+                p.config = buckets[b][n]
+            self._bucket, self._bucket_set = b, True
 
     def post_hook(self, module, args, kwargs, output):
         self.context = None
@@ -565,21 +583,7 @@ def _targets(obj) -> Tuple[Any, List[Tuple[Optional[str], torch.nn.Module]]]:
     return obj, found
 
 
-def _per_layer_configs(config_or_profile, transformer, layer_names: List[str]) -> Dict[str, Optional[ISAConfig]]:
-    if isinstance(config_or_profile, ISAConfig):
-        return {n: config_or_profile for n in layer_names}
-    if hasattr(config_or_profile, "configs_for") and hasattr(config_or_profile, "check_compatible"):
-        config_or_profile.check_compatible(transformer)
-        mapping = config_or_profile.configs_for(transformer)
-        what = f"profile {type(config_or_profile).__name__}"
-    elif isinstance(config_or_profile, Mapping):
-        mapping = config_or_profile
-        what = "the config mapping"
-    else:
-        raise TypeError(
-            "config_or_profile must be an ISAConfig, a mapping layer name -> ISAConfig (or None), or a threshold "
-            f"profile (with configs_for / check_compatible); got {type(config_or_profile).__name__}"
-        )
+def _check_mapping(mapping, what: str, transformer, layer_names: List[str]) -> Dict[str, Optional[ISAConfig]]:
     keys = set(mapping)
     unknown = sorted(keys - set(layer_names))
     missing = [n for n in layer_names if n not in keys]
@@ -598,6 +602,40 @@ def _per_layer_configs(config_or_profile, transformer, layer_names: List[str]) -
             raise TypeError(f"{what}: layer {n} maps to {type(c).__name__}; expected an ISAConfig or None (dense)")
         out[n] = c
     return out
+
+
+def _bucket_timesteps(profile) -> List[float]:
+    """One representative timestep per bucket of a timestep-bucketed profile."""
+    edges = [float(e) for e in getattr(profile, "timestep_edges", [])]
+    return [edges[0] - 1.0] + edges
+
+
+def _per_layer_configs(config_or_profile, transformer, layer_names: List[str]) -> Tuple[List[Dict[str, Optional[ISAConfig]]], Any]:
+    """Per-bucket lists of ``{layer: ISAConfig | None}`` and the profile (None unless bucketed)."""
+    if isinstance(config_or_profile, ISAConfig):
+        return [{n: config_or_profile for n in layer_names}], None
+    if hasattr(config_or_profile, "configs_for") and hasattr(config_or_profile, "check_compatible"):
+        profile = config_or_profile
+        profile.check_compatible(transformer)
+        what = f"profile {type(profile).__name__}"
+        if getattr(profile, "num_buckets", 1) > 1 and hasattr(profile, "bucket_of"):
+            per_bucket = [_check_mapping(profile.configs_for(transformer, timestep=t), what, transformer, layer_names) for t in _bucket_timesteps(profile)]
+            return per_bucket, profile
+        return [_check_mapping(profile.configs_for(transformer), what, transformer, layer_names)], None
+    if isinstance(config_or_profile, Mapping):
+        return [_check_mapping(config_or_profile, "the config mapping", transformer, layer_names)], None
+    raise TypeError(
+        "config_or_profile must be an ISAConfig, a mapping layer name -> ISAConfig (or None), or a threshold "
+        f"profile (with configs_for / check_compatible); got {type(config_or_profile).__name__}"
+    )
+
+
+def _scalar_timestep(ts) -> Optional[float]:
+    if not isinstance(ts, torch.Tensor) or ts.numel() == 0:
+        return None if not isinstance(ts, (int, float)) else float(ts)
+    if ts.ndim <= 1:
+        return float(ts.flatten()[0])
+    return float(ts[0].max())  # per-token timesteps: the noisy tokens' value
 
 
 def _user_provider(layout) -> Optional[LayoutProvider]:
@@ -647,12 +685,19 @@ def _install(transformer, config_or_profile, provider, *, observe_only: bool = F
             "apply ISA to"
         )
     names = list(layers)
-    configs = {n: None for n in names} if observe_only else _per_layer_configs(config_or_profile, transformer, names)
-    for n, c in configs.items():
-        if c is not None:
-            c.per_head(layers[n].heads)  # per-head ratios must fit the layer (raises ValueError)
+    if observe_only:
+        buckets, profile = [{n: None for n in names}], None
+    else:
+        buckets, profile = _per_layer_configs(config_or_profile, transformer, names)
+    for configs in buckets:
+        for n, c in configs.items():
+            if c is not None:
+                c.per_head(layers[n].heads)  # per-head ratios must fit the layer (raises ValueError)
+    configs = buckets[0]
     original = _attn_processors(transformer)
     state = ISAState(transformer, family, provider, dict(original))
+    if profile is not None:
+        state.bucketed = (profile, buckets)
     new = {}
     key_of = {f"{n}.processor": n for n in names}
     for key, proc in original.items():

@@ -338,3 +338,58 @@ def test_hook_context_cleared_after_forward(tiny):
     with pytest.raises(Exception):
         t(hidden_states=torch.randn(1, 3, 2, 2, 2), timestep=torch.tensor([1]), encoder_hidden_states=torch.randn(1, 2, 16))
     assert t._isa_state.context is None
+
+
+class _BucketedProfile(_Profile):
+    """Two timestep buckets: t < 500 dense everywhere, t >= 500 ISA everywhere."""
+
+    timestep_edges = [500.0]
+    num_buckets = 2
+
+    def bucket_of(self, t):
+        return int(float(t) >= 500.0)
+
+    def configs_for(self, transformer, timestep=None):
+        if timestep is None:
+            raise ValueError("bucketed profile needs a timestep")
+        cfg = ISAConfig(block_size=8) if self.bucket_of(timestep) else None
+        return {n: cfg for n in self.configs}
+
+
+def test_timestep_bucketed_profile(tiny):
+    t = tiny.wan()
+    prof = _BucketedProfile({"blocks.0.attn1": None, "blocks.1.attn1": None})
+    apply_isa(t, prof, layout=WanICLLayout(3))
+    for ts in (900, 100, 700):
+        x = tiny.wan_inputs()
+        x["timestep"] = torch.tensor([ts])
+        _fwd(t, x)
+    s = stats(t)["blocks.0.attn1"]
+    assert s["isa_calls"] == 2 and s["reasons"] == {"layer left dense (no config)": 1}
+
+
+def test_real_threshold_profile(tiny):
+    profile_mod = pytest.importorskip("isa_plugin.profile")
+    ThresholdProfile, LayerSetting = profile_mod.ThresholdProfile, profile_mod.LayerSetting
+    t = tiny.wan()
+    names = ["blocks.0.attn1", "blocks.1.attn1"]
+    prof = ThresholdProfile.uniform(names, ISAConfig(block_size=8), calibrated_on={"transformer_class": "WanTransformer3DModel"})
+    apply_isa(t, prof, layout=WanICLLayout(3))
+    _fwd(t, tiny.wan_inputs())
+    assert all(s["isa_calls"] == 1 for s in stats(t).values())
+    remove_isa(t)
+    with pytest.raises(ValueError, match="calibrated for"):
+        apply_isa(t, ThresholdProfile.uniform(names, ISAConfig(), calibrated_on={"transformer_class": "FluxTransformer2DModel"}))
+    with pytest.raises(ValueError):
+        apply_isa(t, ThresholdProfile.uniform(names[:1], ISAConfig()))
+    # timestep buckets: dense below t=500, ISA from 500 on
+    isa = LayerSetting(alpha_s=0.125, alpha_f=0.5, alpha_ns=0.0625)
+    bucketed = ThresholdProfile(layers={n: [LayerSetting(dense=True), isa] for n in names}, block_size=8, timestep_edges=(500.0,))
+    apply_isa(t, bucketed, layout=WanICLLayout(3))
+    for ts in (900, 100, 700):
+        x = tiny.wan_inputs()
+        x["timestep"] = torch.tensor([ts])
+        _fwd(t, x)
+    s = stats(t)["blocks.1.attn1"]
+    assert s["isa_calls"] == 2 and s["fallbacks"] == 1
+    assert not is_isa_applied(tiny.wan())
