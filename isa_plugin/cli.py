@@ -159,6 +159,9 @@ def load_pipeline(path_or_id: str, adapter: Optional[str] = None, device: Option
         from diffusers.utils import logging as dlog
 
         dlog.disable_progress_bar()
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
     except Exception:  # pragma: no cover
         pass
     try:

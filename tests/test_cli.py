@@ -1,0 +1,125 @@
+"""The ``isa`` CLI end to end on a tiny random WanInContextEditPipeline (CPU)."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")  # diffusers loads Wan (fp32-kept modules) through accelerate
+
+from isa_plugin.calibration.video import sample_video_path  # noqa: E402
+from isa_plugin.cli import CLIError, command, main  # noqa: E402
+from isa_plugin.profile import ThresholdProfile  # noqa: E402
+
+
+def _save_pipe(path, layers=2, heads=2):
+    from isa_plugin.pipelines.tiny import TinyPreset, build_tiny_wan_icl_pipeline
+
+    preset = TinyPreset(heads=heads, head_dim=32, layers=layers, height=64, width=64, frames=9, block_size=8, steps=4)
+    build_tiny_wan_icl_pipeline(preset).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    return {"ok": _save_pipe(root / "ok"), "other": _save_pipe(root / "other", layers=3)}
+
+
+@pytest.fixture(scope="module")
+def profile(pipes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prof") / "profile.yaml"
+    rc = main(["calibrate", "--pipeline", pipes["ok"], "--adapter", "wan-icl", "--videos", str(sample_video_path()),
+               "--prompts", "make it winter", "--budget", "0.05", "--steps", "4", "--calib-steps", "2",
+               "--height", "64", "--width", "64", "--frames", "9", "--block-size", "8", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_calibrate_writes_a_profile(profile, pipes):
+    prof = ThresholdProfile.load(profile)
+    assert prof.layer_names == ["blocks.0.attn1", "blocks.1.attn1"]
+    on = prof.calibrated_on
+    assert on["transformer_class"] == "WanTransformer3DModel" and on["resolution"] == [64, 64] and on["frames"] == 9
+    assert on["steps"] == 4 and on["calibrated_steps"] == [0, 3] and on["num_samples"] == 1
+    assert on["attention_calls"] == 2 * 2 * 2  # 2 layers x 2 steps x (cond, uncond)
+    for s in (x for ss in prof.layers.values() for x in ss):
+        assert s.dense or (s.error_target <= 0.05 and s.error_context <= 0.05)
+    assert prof.block_size == 8
+
+
+def test_inspect_prints_and_plots(profile, capsys, tmp_path):
+    png = tmp_path / "p.png"
+    assert main(["inspect", str(profile), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.attn1" in out and "blocks.1.attn1" in out and "alpha_s" in out and "mean predicted cost" in out
+    assert png.stat().st_size > 5000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validate(profile, pipes, capsys):
+    assert main(["validate", str(profile), "--pipeline", pipes["ok"]]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["validate", str(profile), "--pipeline", pipes["other"]]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config hash" in err and "Traceback" not in err
+    assert main(["validate", str(profile), "--pipeline", pipes["ok"], "--height", "128", "--width", "64"]) == 0
+    assert "warning" in capsys.readouterr().err
+
+
+def test_profile_applies(profile, pipes):
+    from isa_plugin import apply_isa, remove_isa, stats
+    from isa_plugin.pipelines import WanInContextEditPipeline
+
+    pipe = WanInContextEditPipeline.from_pretrained(pipes["ok"])
+    pipe.set_progress_bar_config(disable=True)
+    apply_isa(pipe, ThresholdProfile.load(profile))
+    from isa_plugin.calibration.video import read_video
+
+    pipe(prompt="x", video=read_video(sample_video_path(), frames=9), height=64, width=64, num_inference_steps=1, output_type="latent")
+    assert sum(v["isa_calls"] + v["fallbacks"] for v in stats(pipe).values()) == 4
+    remove_isa(pipe)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["inspect", "/nonexistent/p.yaml"], "does not exist"),
+    (["calibrate", "--pipeline", "/nonexistent", "--videos", "v.mp4", "--out", "p.yaml"], "does not exist"),
+    (["calibrate", "--pipeline", "/tmp", "--videos", str(sample_video_path()), "--out", "/tmp/x.yaml"], "model_index.json"),
+    (["calibrate", "--pipeline", "{ok}", "--adapter", "nope", "--videos", str(sample_video_path()), "--out", "/tmp/x.yaml"], "unknown adapter"),
+    (["calibrate", "--pipeline", "{ok}", "--adapter", "ltx-condition", "--videos", str(sample_video_path()), "--out", "/tmp/x.yaml"], "serves"),
+    (["calibrate", "--pipeline", "{ok}", "--videos", str(sample_video_path()), "--budget", "-1", "--out", "/tmp/x.yaml"], "budget"),
+])
+def test_user_errors_are_one_line(argv, needle, pipes, capsys):
+    argv = [a.replace("{ok}", pipes["ok"]) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("isa: error:") and err.count("\n") == 1 and needle in err, err
+
+
+def test_corrupt_and_hostile_profiles_in_a_subprocess(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    r = subprocess.run([sys.executable, "-m", "isa_plugin", "inspect", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("isa: error:")
+    assert "pwned" not in r.stdout
+    r = subprocess.run([sys.executable, "-m", "isa_plugin", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "calibrate" in r.stdout and "validate" in r.stdout
+
+
+def test_adding_a_subcommand(capsys):
+    from isa_plugin import cli
+
+    @command("hello-test", help="say hello", arguments=lambda p: p.add_argument("--name", default="world"))
+    def hello(args):
+        if args.name == "bad":
+            raise CLIError("bad name")
+        print(f"hello {args.name}")
+        return 0
+
+    try:
+        assert main(["hello-test", "--name", "isa"]) == 0
+        assert capsys.readouterr().out == "hello isa\n"
+        assert main(["hello-test", "--name", "bad"]) == 2
+        assert capsys.readouterr().err == "isa: error: bad name\n"
+    finally:
+        cli._COMMANDS.pop("hello-test")
