@@ -54,6 +54,17 @@ def main():
     }
     for name, f in phases.items():
         print(f"{name:32s} {bench(f):8.2f} ms", flush=True)
+    import time
+
+    full = phases["full call (deferred step 7)"]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        full()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    print(f"10 back-to-back calls: {(t2 - t0) * 100:.2f} ms per call (host issue {(t1 - t0) * 100:.2f} ms per call)", flush=True)
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
@@ -61,8 +72,9 @@ def main():
         ex.execute_compact(q, k, v, c, exact_backend=a.exact_backend)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        c = plan_compact(q, k, layout, cfg, v=v, _defer=True)
-        ex.execute_compact(q, k, v, c, exact_backend=a.exact_backend)
+        for _ in range(3):
+            c = plan_compact(q, k, layout, cfg, v=v, _defer=True)
+            ex.execute_compact(q, k, v, c, exact_backend=a.exact_backend)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))

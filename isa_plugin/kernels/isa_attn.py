@@ -38,16 +38,16 @@ def _interpreting() -> bool:
 
 def _configs():
     if _interpreting():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BP": 64}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({}, num_warps=4, num_stages=2),
-        triton.Config({}, num_warps=4, num_stages=3),
-        triton.Config({}, num_warps=8, num_stages=2),
-        triton.Config({}, num_warps=8, num_stages=3),
+        triton.Config({"BP": bp}, num_warps=w, num_stages=st)
+        for bp in (64, 128)
+        for w in (4, 8)
+        for st in (2, 3)
     ]
 
 
-@triton.autotune(configs=_configs(), key=["D", "BLOCK", "BP", "TAYLOR", "INIT", "IEEE"])
+@triton.autotune(configs=_configs(), key=["D", "BLOCK", "TAYLOR", "INIT", "IEEE"])
 @triton.jit
 def _isa_attn_fwd_kernel(
     Q, K, V, O,
@@ -214,6 +214,6 @@ def isa_attn_items(
         out.stride(0), out.stride(1), out.stride(2),
         init_row_stride,
         H, nb, Kmax, float(scale) * _LOG2E,
-        D=D, BLOCK=BLOCK, BP=64, TAYLOR=bool(taylor), INIT=init, IEEE=(q.dtype == torch.float32),
+        D=D, BLOCK=BLOCK, TAYLOR=bool(taylor), INIT=init, IEEE=(q.dtype == torch.float32),
     )
     return out

@@ -227,12 +227,16 @@ def _text_ids(blocks: BlockLayout, dev):
     return torch.nonzero(kinds == TEXT).squeeze(1).to(dev)
 
 
-def _rank_mask(scores: torch.Tensor, count: torch.Tensor, kmax: int) -> torch.Tensor:
+def _rank_mask(scores: torch.Tensor, count: torch.Tensor, kmax: int, uniform: bool = False) -> torch.Tensor:
     """Mark the ``count`` (broadcast over the last dim) highest scores along the last dim; kmax >= count."""
     n = scores.shape[-1]
     kmax = min(max(kmax, 0), n)
     out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if kmax == 0:
+        return out
+    if uniform:  # every row keeps kmax entries: order is irrelevant, skip the sort
+        top = torch.topk(scores, kmax, dim=-1, largest=True, sorted=False).indices
+        out.scatter_(-1, top, True)
         return out
     top = torch.topk(scores, kmax, dim=-1, largest=True, sorted=True).indices
     r = torch.arange(kmax, device=scores.device)
@@ -256,7 +260,7 @@ def _plan_stage1(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: floa
     if st.n_c:
         sal_c = torch.matmul(st.is_t.to(P.dtype), P[..., st.c_idx])  # [B, H, C]
         saliency[..., st.c_idx] = sal_c
-        kv_keep[..., st.c_idx] = _rank_mask(sal_c, st.cnt_s_d.expand(B, H), max(st.cnt_s))
+        kv_keep[..., st.c_idx] = _rank_mask(sal_c, st.cnt_s_d.expand(B, H), max(st.cnt_s), min(st.cnt_s) == max(st.cnt_s))
 
     # step 5: sharpness
     if config.sharpness == "topk_mass":
@@ -268,7 +272,7 @@ def _plan_stage1(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: floa
 
     # step 6: grouping
     exact_q = st.is_x.expand(B, H, nb).clone()
-    exact_q[..., st.nt_idx] = _rank_mask(sharp[..., st.nt_idx], st.cnt_f_d.expand(B, H), max(st.cnt_f))
+    exact_q[..., st.nt_idx] = _rank_mask(sharp[..., st.nt_idx], st.cnt_f_d.expand(B, H), max(st.cnt_f), min(st.cnt_f) == max(st.cnt_f))
 
     kv_list, kv_len, kv_full = _kv_lists(kv_keep, blocks, st.kmax)
     cp = CompactPlan(
@@ -293,10 +297,14 @@ def _finish_plan(cp: CompactPlan) -> CompactPlan:
     del logits
     lg.masked_fill_(~cand[:, :, None, :], float("-inf"))
     s_max = min(st.s_max, kmax)
-    top = torch.topk(lg, s_max, dim=-1, largest=True, sorted=True).indices  # [B, H, nb, s_max]
+    uniform = min(st.n_exact) == s_max  # every row selects s_max blocks: no ranks needed
+    top = torch.topk(lg, s_max, dim=-1, largest=True, sorted=not uniform).indices  # [B, H, nb, s_max]
     del lg
     sel_pos = torch.zeros(B, H, nb, kmax, dtype=torch.bool, device=dev)
-    sel_pos.scatter_(-1, top, (torch.arange(s_max, device=dev) < st.n_exact_d[None, :, None, None]).expand(B, H, nb, s_max))
+    if uniform:
+        sel_pos.scatter_(-1, top, True)
+    else:
+        sel_pos.scatter_(-1, top, (torch.arange(s_max, device=dev) < st.n_exact_d[None, :, None, None]).expand(B, H, nb, s_max))
     full = _build(cp.kv_keep, cp.exact_q, kv_list, kv_len, cp.kv_full, sel_pos, cp.blocks, cp.sharpness, cp.saliency,
                   sel_first=top, host=st.host, text_ids=st.x_ids)
     cp.tsel, cp.tsel_len, cp.approx = full.tsel, full.tsel_len, full.approx
