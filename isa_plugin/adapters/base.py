@@ -228,6 +228,13 @@ class ISAState:
         return dict(bound.arguments)
 
     def pre_hook(self, module, args, kwargs):
+        if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False) and not getattr(self, "_warned_ckpt", False):
+            logger.warning(
+                "ISA on a transformer with gradient checkpointing: blocks recomputed in the backward pass run outside "
+                "the forward's call context (dense attention), so gradients do not match the forward; ISA is meant for "
+                "inference (torch.no_grad)"
+            )
+            self._warned_ckpt = True
         arguments = self._bind(module, args, kwargs)
         ts = arguments.get("timestep")
         step = StepInfo(timestep=ts if isinstance(ts, torch.Tensor) else None, call_index=self.call_index, arguments=arguments)

@@ -187,3 +187,29 @@ def test_save_and_load(tiny, tmp_path):
     apply_isa(loaded, tiny.SPARSE)
     _run(loaded, tiny)
     assert all(v["isa_calls"] == 4 for v in stats(loaded).values())
+
+
+def test_pipeline_per_token_timesteps(tiny):
+    """Wan2.2-TI2V-style ``expand_timesteps``: the context tokens get timestep 0 appended."""
+    from isa_plugin.pipelines import WanInContextEditPipeline
+
+    pipe = WanInContextEditPipeline(**tiny.wan_icl_pipe().components, expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"].clone()), with_kwargs=True)
+    apply_isa(pipe, tiny.SPARSE)
+    out = _run(pipe, tiny)
+    assert out.shape == (1, 16, 3, 8, 8)
+    assert seen[0].shape == (1, 96) and (seen[0][:, 48:] == 0).all() and (seen[0][:, :48] > 0).all()
+    assert all(v["isa_calls"] == 4 for v in stats(pipe).values())
+
+
+def test_compile_after_apply(tiny):
+    t = tiny.wan(num_layers=1)
+    x = tiny.wan_inputs(frames=4)
+    ref = _fwd(t, x)
+    apply_isa(t, tiny.EXACT, layout=WanICLLayout(2))
+    compiled = torch.compile(t)
+    out = _fwd(compiled, x)
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert stats(t)["blocks.0.attn1"]["isa_calls"] == 1
