@@ -298,7 +298,8 @@ class ThresholdProfile:
             raise ValueError(
                 f"this profile has {self.num_buckets} timestep buckets; pass the timestep to pick the settings"
             )
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        # per-token timesteps (clean context tokens at 0): the call's timestep is the largest
+        t = float(timestep.detach().max()) if isinstance(timestep, torch.Tensor) else float(timestep)
         return sum(1 for e in self.timestep_edges if t >= e)
 
     def setting(self, layer_name: str, timestep: Optional[float] = None) -> LayerSetting:

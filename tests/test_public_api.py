@@ -10,6 +10,8 @@ EXPECTED = {
     "apply_isa",
     "remove_isa",
     "stats",
+    "ThresholdProfile",
+    "fit_profile",
     "__version__",
 }
 

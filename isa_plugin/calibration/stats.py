@@ -192,6 +192,7 @@ def _spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, (rx * ry).sum(-1) / den.clamp(min=1e-30), torch.zeros_like(den))
 
 
+@torch.no_grad()
 def measure_call(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -364,22 +365,21 @@ def measure_call(
                 c1 = min(n_sel, c0 + chunk)
                 cs = c1 - c0
                 qs = q[tok_idx_d[c0:c1].flatten(), h].to(ct)  # [cs*m, D]
-                s_tok = torch.matmul(qs, kp.reshape(nb * block_size, D).T).view(cs * m_tok, nb, block_size) * sc
-                s_tok = s_tok + key_bias
+                s_tok = torch.matmul(qs, kp.reshape(nb * block_size, D).T).view(cs * m_tok, nb, block_size)
+                s_tok.mul_(sc).add_(key_bias)
                 mx = s_tok.amax(dim=(1, 2), keepdim=True)  # [T, 1, 1]
-                e = torch.exp(s_tok - mx)
-                del s_tok
+                e = s_tok.sub_(mx).exp_()  # in place: the score buffer becomes the softmax numerators
                 Z = e.sum(-1)  # [T, nb]
                 Y = torch.bmm(e.transpose(0, 1), vp)  # [nb, T, D]
-                del e
-                Y = Y.view(nb, cs, m_tok, D).permute(1, 0, 2, 3).reshape(cs, nb, m_tok * D)  # [cs, nb, m*D]
-                o_dense = Y.sum(1).view(cs, m_tok, D) / Z.view(cs, m_tok, nb).sum(-1, keepdim=True)
+                del e, s_tok
+                o_dense = (Y.sum(0) / Z.sum(-1, keepdim=True)).view(cs, m_tok, D)
+                Yc = Y.view(nb, cs, m_tok * D).transpose(0, 1)  # [cs, nb, m*D] (strided view, no copy)
                 # approximated blocks: a[t, j] = n_j e^{q_t·k̄_j·sc − m_t}
                 a = counts[None, :] * torch.exp(torch.matmul(qs, kb.T) * sc - mx[:, :, 0])  # [T, nb]
                 a = a.view(cs, m_tok, nb)
                 Zc = Z.view(cs, m_tok, nb)
                 wex, wap = wex_h[c0:c1], wap_h[c0:c1]  # [cs, V, nb]
-                num = torch.bmm(wex, Y).view(cs, n_var, m_tok, D)
+                num = torch.bmm(wex, Yc).view(cs, n_var, m_tok, D)
                 num = num + torch.einsum("svj,smj,jd->svmd", wap, a, vb)
                 den = torch.einsum("svj,smj->svm", wex, Zc) + torch.einsum("svj,smj->svm", wap, a)
                 o = num / den[..., None]
@@ -389,7 +389,7 @@ def measure_call(
                 ref_norm[h, c0:c1] = (o_dense.abs().sum(-1).to(torch.float64) * w).sum(-1)
                 err_exact[h, c0:c1] = err[:, :S]
                 err_taylor[h, c0:c1] = err[:, S:].view(cs, S, NS)
-                del Y, num, o
+                del Y, Yc, num, o
 
         # ---------------------------------------------------------------- mix over alpha_f and accumulate
         r_sel = rank[:, :, sel_d]  # [M, H, s]
