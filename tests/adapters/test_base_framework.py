@@ -393,3 +393,13 @@ def test_real_threshold_profile(tiny):
     s = stats(t)["blocks.1.attn1"]
     assert s["isa_calls"] == 2 and s["fallbacks"] == 1
     assert not is_isa_applied(tiny.wan())
+
+
+def test_kernels_unavailable_falls_back(tiny):
+    t = tiny.wan()
+    x = tiny.wan_inputs(frames=6)
+    ref = _fwd(t, x)
+    apply_isa(t, ISAConfig(block_size=8, backend="triton"), layout=WanICLLayout(3))  # CPU: kernels cannot serve
+    assert torch.equal(_fwd(t, x), ref)
+    (reason,) = stats(t)["blocks.0.attn1"]["reasons"]
+    assert reason.startswith("ISA kernels unavailable")
