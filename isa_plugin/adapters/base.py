@@ -367,7 +367,7 @@ class ISAAttnProcessorBase:
         D = q.shape[-1]
         if D % 8 != 0 or D > MAX_HEAD_DIM:
             return f"head_dim={D} not supported (multiples of 8 up to {MAX_HEAD_DIM})"
-        if layout.blocks(self.config.block_size).num_blocks < 2:
+        if layout.num_blocks(self.config.block_size) < 2:
             return "sequence too short (fewer than two blocks)"
         if self.config.num_heads not in (None, q.shape[2]):
             return f"per-head ratios for {self.config.num_heads} heads, call has {q.shape[2]}"
