@@ -209,7 +209,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", nargs="*", default=None, metavar="PROMPT", help="one prompt, or one per video (default: empty)")
     p.add_argument("--budget", type=float, default=0.05, help="relative L1 error budget of the attention output (default 0.05)")
     p.add_argument("--context-budget", type=float, default=None, help="separate budget for context-query outputs (default: --budget)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps of the schedule (default 20)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps of the schedule (default 10; the run stops after the last measured step)")
     p.add_argument("--calib-steps", type=int, default=4, help="steps measured, spread over the schedule (default 4)")
     p.add_argument("--height", type=int, help="resize videos to this height")
     p.add_argument("--width", type=int, help="resize videos to this width")

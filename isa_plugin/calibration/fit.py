@@ -188,8 +188,8 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
         stats: :class:`CalibrationStats` from a calibration run (or synthetic statistics).
         budget: relative L1 error budget of the attention output: one number for target and context
             queries, ``(target, context)``, or ``{"target": t, "context": c}``.
-        cost_model: kernel-time model (default: :func:`~isa_plugin.calibration.cost.load_cost_model` result
-            is *not* read here; pass it; None = pair counting).
+        cost_model: kernel-time model; None counts token pairs (:data:`DEFAULT_COST_MODEL`). Pass
+            :func:`~isa_plugin.calibration.load_cost_model` for the kernel benchmark's per-GPU model.
         per_head: ``"auto"`` (per head where it pays), ``"always"``, or False.
         margin: fit to ``margin × budget`` to leave room for sampling noise (1 = none).
         min_gain: relative cost reduction per-head ratios must bring over the best layer-wide setting.

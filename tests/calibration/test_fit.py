@@ -159,3 +159,14 @@ def test_load_cost_model(tmp_path):
         load_cost_model(tmp_path / "missing.json")
     with pytest.raises(ValueError):
         CostModel(a=-1.0)
+
+
+def test_timestep_buckets():
+    st = _stats(_smooth)
+    st.timestep_edges = (500.0,)
+    hard = _stats(lambda *a: _smooth(*a, scale=10.0))
+    st.layers[("blocks.0.attn1", 1)] = hard.get("blocks.0.attn1")  # high-noise bucket: everything fails
+    prof = fit_profile(st, 0.05, per_head=False)
+    assert prof.timestep_edges == (500.0,) and prof.num_buckets == 2
+    assert not prof.setting("blocks.0.attn1", 100).dense and prof.setting("blocks.0.attn1", 900).dense
+    assert prof.config_for("blocks.0.attn1", 900) is None
