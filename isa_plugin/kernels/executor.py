@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from .isa_attn import isa_attn_items
-from .plan import CompactPlan
+from .plan import CompactPlan, select_blocks as _select_blocks
 from .pooling import gather_blocks_triton, pool_blocks_triton
 
 __all__ = ["execute_compact", "sdpa_with_lse"]
@@ -49,17 +49,6 @@ def _to_dev(values, dev, dtype=torch.long):
     return t.to(dev)
 
 
-def _select_blocks(mask: torch.Tensor, count: int):
-    """Per (b, h), the first ``count`` block ids where ``mask`` [B, H, nb] is True (ascending), padded
-    with -1 where a row has fewer: [B, H, count] int64. No host synchronisation."""
-    B, H, nb = mask.shape
-    ar = torch.arange(nb, device=mask.device)
-    key = (~mask).long() * nb + ar
-    idx = torch.topk(key, count, dim=-1, largest=False, sorted=True).indices
-    ok = torch.gather(mask, -1, idx)
-    return torch.where(ok, idx, torch.full_like(idx, -1))
-
-
 def _pooled_kv(k, v, cp: CompactPlan, starts, counts):
     B, N, H, D = k.shape
     nb = starts.numel()
@@ -76,7 +65,7 @@ def _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan
     n_t = max(cp.host["n_taylor"]) if cp.host else nb
     if n_t == 0:
         return
-    qb = _select_blocks(~cp.exact_q, n_t)  # [B, H, n_t]
+    qb = cp.taylor_qb if cp.taylor_qb is not None else _select_blocks(~cp.exact_q, n_t)  # [B, H, n_t]
     w_bh = torch.arange(B * H, device=q.device, dtype=torch.int32).view(B, H, 1).expand(B, H, n_t).reshape(-1)
     w_qb = qb.reshape(-1).to(torch.int32)
     S = cp.tsel.shape[-1]

@@ -38,16 +38,23 @@ def _interpreting() -> bool:
 
 def _configs():
     if _interpreting():
-        return [triton.Config({"BP": 64}, num_warps=4, num_stages=1)]
+        # one config (the interpreter cannot time configs); KB=2 exercises the general tile path
+        return [triton.Config({"BP": 64, "KB": 2}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({"BP": bp}, num_warps=w, num_stages=st)
-        for bp in (64, 128)
+        triton.Config({"BP": 64, "KB": kb}, num_warps=w, num_stages=st)
+        for kb in (1, 2)
         for w in (4, 8)
         for st in (2, 3)
     ]
 
 
-@triton.autotune(configs=_configs(), key=["D", "BLOCK", "TAYLOR", "INIT", "IEEE"])
+def _prune(configs, named_args, **kwargs):
+    # two blocks per key tile only for blocks of 64 rows or fewer (tiles of at most 128 keys)
+    out = [c for c in configs if c.kwargs["KB"] == 1 or kwargs.get("BLOCK", named_args.get("BLOCK", 64)) <= 64]
+    return out or configs[:1]
+
+
+@triton.autotune(configs=_configs(), key=["D", "BLOCK", "TAYLOR", "INIT", "IEEE"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _isa_attn_fwd_kernel(
     Q, K, V, O,
@@ -66,6 +73,7 @@ def _isa_attn_fwd_kernel(
     D: tl.constexpr,  # head dim: tile width of every load and dot
     BLOCK: tl.constexpr,  # padded ISA block size: query tile height and key tile height
     BP: tl.constexpr,  # pseudo-keys per tile in the Taylor loop
+    KB: tl.constexpr,  # KV blocks per key tile (1 or 2): wider dots, half the softmax rescales
     TAYLOR: tl.constexpr,  # walk the pseudo-key list (Taylor items) or not (exact items)
     INIT: tl.constexpr,  # start from a given (o, lse) state instead of an empty softmax
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots instead of tf32
@@ -106,20 +114,24 @@ def _isa_attn_fwd_kernel(
 
     p_k0 = K + i_b * sk_b + i_h * sk_h + o_d[None, :]
     p_v0 = V + i_b * sv_b + i_h * sv_h + o_d[None, :]
-    for j in range(0, l_len):
-        i_kb = tl.load(LISTS + l_off + j)
+    o_t = tl.arange(0, KB * BLOCK)
+    o_sub = o_t // BLOCK  # which of the tile's KB blocks a key row belongs to
+    o_r = o_t % BLOCK
+    for j in range(0, l_len, KB):
+        m_blk = (j + o_sub) < l_len
+        i_kb = tl.load(LISTS + l_off + j + o_sub, mask=m_blk, other=0)  # [KB*BLOCK]
         k_start = tl.load(STARTS + i_kb).to(tl.int64)
         k_cnt = tl.load(COUNTS + i_kb)
-        m_n = o_n < k_cnt
-        b_k = tl.load(p_k0 + (k_start + o_n)[:, None] * sk_n, mask=m_n[:, None], other=0.0)  # [BLOCK, D]
-        b_v = tl.load(p_v0 + (k_start + o_n)[:, None] * sv_n, mask=m_n[:, None], other=0.0)  # [BLOCK, D]
+        m_n = m_blk & (o_r < k_cnt)
+        b_k = tl.load(p_k0 + (k_start + o_r)[:, None] * sk_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
+        b_v = tl.load(p_v0 + (k_start + o_r)[:, None] * sv_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
         if IEEE:
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BLOCK, BLOCK]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BLOCK, KB*BLOCK]
         else:
-            b_s = tl.dot(b_q, tl.trans(b_k))  # [BLOCK, BLOCK]
+            b_s = tl.dot(b_q, tl.trans(b_k))  # [BLOCK, KB*BLOCK]
         b_s = tl.where(m_n[None, :], b_s * scale_log2, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.math.exp2(b_s - b_mn[:, None])  # [BLOCK, BLOCK]
+        b_p = tl.math.exp2(b_s - b_mn[:, None])  # [BLOCK, KB*BLOCK]
         b_alpha = tl.math.exp2(b_m - b_mn)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         if IEEE:

@@ -54,6 +54,7 @@ class CompactPlan:
     sharpness: Optional[torch.Tensor] = None
     saliency: Optional[torch.Tensor] = None
     host: Optional[Dict[str, List[int]]] = None
+    taylor_qb: Optional[torch.Tensor] = None  # [B, H, T] Taylor query blocks (-1 = padding), when known
     pooled_kv: Optional[tuple] = None  # (kbar, vbar) [B*H, nb, D] in the input dtype, when pooled with q
 
     @property
@@ -264,7 +265,12 @@ def _plan_stage1(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: floa
 
     # step 5: sharpness
     if config.sharpness == "topk_mass":
-        sharp = P[..., st.t_idx].topk(st.topk, dim=-1, sorted=False).values.sum(-1)
+        if isinstance(st.t_idx, slice) and P.dtype == torch.float32 and P.is_cuda:
+            from .select import topk_mass_triton
+
+            sharp = topk_mass_triton(P, st.t_idx.start, st.t_idx.stop - st.t_idx.start, st.topk)
+        else:
+            sharp = P[..., st.t_idx].topk(st.topk, dim=-1, sorted=False).values.sum(-1)
     else:
         sharp = (P * P).sum(-1)
     del P
@@ -284,13 +290,40 @@ def _plan_stage1(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: floa
     return cp
 
 
-def _finish_plan(cp: CompactPlan) -> CompactPlan:
-    """Step 7 (Taylor selections) of a plan from :func:`_plan_stage1`; fills tsel / tsel_len / approx."""
+def select_blocks(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Per (b, h), the first ``count`` block ids where ``mask`` [B, H, nb] is True (ascending), padded
+    with -1 where a row has fewer: [B, H, count] int64. No host synchronisation."""
+    B, H, nb = mask.shape
+    ar = torch.arange(nb, device=mask.device)
+    key = (~mask).long() * nb + ar
+    idx = torch.topk(key, count, dim=-1, largest=False, sorted=True).indices
+    ok = torch.gather(mask, -1, idx)
+    return torch.where(ok, idx, torch.full_like(idx, -1))
+
+
+def _finish_plan(cp: CompactPlan, use_kernel: Optional[bool] = None) -> CompactPlan:
+    """Step 7 (Taylor selections) of a plan from :func:`_plan_stage1`; fills tsel / tsel_len / approx.
+
+    ``use_kernel`` (default: when the logits are float32) runs the Triton selection kernel over the
+    Taylor query blocks; otherwise torch ops over every row.
+    """
     logits, kv_list, kv_len, st = cp._pending
     del cp._pending
     B, H, nb = cp.exact_q.shape
     dev = cp.exact_q.device
     kmax = st.kmax
+    if use_kernel is None:
+        use_kernel = logits.dtype == torch.float32
+    if use_kernel:
+        from .select import taylor_select_triton
+
+        n_t = max(st.host["n_taylor"])
+        qb = select_blocks(~cp.exact_q, n_t) if n_t else torch.empty(B, H, 0, device=dev, dtype=torch.long)
+        cp.tsel, cp.tsel_len, cp.approx = taylor_select_triton(
+            logits, qb, cp.kv_list, cp.kv_len, st.blocks.kinds, st.x_ids, st.n_exact_d, min(st.s_max, kmax)
+        )
+        cp.taylor_qb = qb
+        return cp
     pos = torch.arange(kmax, device=dev)
     cand = (pos < kv_len.unsqueeze(-1)) & ~st.is_x[kv_list]  # [B, H, Kmax]
     lg = torch.gather(logits, -1, kv_list[:, :, None, :].expand(B, H, nb, kmax))

@@ -129,7 +129,18 @@ def _top_mask(scores: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) ->
 def plan_from_pooled(
     qbar: torch.Tensor, kbar: torch.Tensor, blocks: BlockLayout, config: ISAConfig, scale: float
 ) -> ISAPlan:
-    """Steps 3-7 of ISA from block means q̄, k̄ of shape [B, H, nb, D]."""
+    """Steps 3-7 of ISA from block means q̄, k̄ of shape [B, H, nb, D].
+
+    With ``config.share_plan`` the plan is computed once from the batch means of q̄ and k̄ and the same
+    selections serve every batch entry (``sharpness`` / ``saliency`` are those of the shared plan).
+    """
+    B = qbar.shape[0]
+    if config.share_plan and B > 1:
+        shared = plan_from_pooled(qbar.mean(0, keepdim=True), kbar.mean(0, keepdim=True), blocks, config.replace(share_plan=False), scale)
+        for f in ("kv_keep", "exact_query", "exact_kv", "sharpness", "saliency"):
+            t = getattr(shared, f)
+            setattr(shared, f, t.expand(B, *t.shape[1:]).contiguous())
+        return shared
     B, H, nb, _ = qbar.shape
     dev = qbar.device
     blocks = blocks.to(dev)

@@ -171,3 +171,31 @@ def test_launcher_validates():
     q = torch.randn(1, 10, 1, 80)
     with pytest.raises(ValueError, match="head_dim=80"):
         isa_attn_items(q, q, q, q, None, None, None, None, None, torch.zeros(1, dtype=torch.int32), None, None, None, None, block_size=64, scale=1.0)
+
+
+@pytest.mark.parametrize("spans", LAYOUTS)
+@pytest.mark.parametrize("per_head", [False, True])
+def test_taylor_select_kernel_matches_torch_path(rng, spans, per_head):
+    """The Triton selection kernel and the torch path give the same Taylor lists on the same logits."""
+    layout = Layout(spans)
+    H = 2
+    q, k, v = _qkv(rng, 2, layout.num_tokens, H, 32, torch.float32)
+    cfg = ISAConfig(alpha_s=(0.4, 1.0) if per_head else 0.5, alpha_f=0.5, alpha_ns=(0.2, 0.6) if per_head else 0.3)
+    blocks = layout.blocks(64)
+    qbar, kbar = pool_blocks(q, blocks), pool_blocks(k, blocks)
+    a = kplan._finish_plan(kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5), use_kernel=True)
+    b = kplan._finish_plan(kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5), use_kernel=False)
+    ra, rb = kplan.compact_to_reference(a), kplan.compact_to_reference(b)
+    assert torch.equal(ra.exact_kv, rb.exact_kv)
+    tay = ~a.exact_q
+    assert torch.equal(a.approx[tay], b.approx[tay])
+    assert torch.equal(a.tsel_len[tay], b.tsel_len[tay])
+
+
+def test_topk_mass_kernel(rng):
+    from isa_plugin.kernels.select import topk_mass_triton
+
+    P = torch.rand(2, 3, 20, 50, generator=rng)
+    got = topk_mass_triton(P, 5, 37, 4)
+    ref = P[..., 5:42].topk(4, dim=-1).values.sum(-1)
+    torch.testing.assert_close(got, ref)
