@@ -92,6 +92,8 @@ def _choose_backend(q: torch.Tensor, config: ISAConfig) -> Tuple[str, Optional[s
     from .kernels import dispatch
 
     why_not = dispatch.triton_ineligible(q, config)
+    if why_not is None and config.share_plan and q.shape[0] > 1 and not getattr(dispatch, "SUPPORTS_SHARE_PLAN", False):
+        why_not = "share_plan=True with batch > 1 is not implemented by the kernels"
     if why_not is None:
         return "triton", None
     if config.backend == "triton":

@@ -51,6 +51,10 @@ class ISAConfig:
         topk_fraction: k = max(1, floor(topk_fraction * #target blocks)) for ``"topk_mass"``.
         backend: ``"auto"`` (Triton kernels on CUDA when eligible, else the PyTorch reference),
             ``"reference"`` or ``"triton"``.
+        share_plan: compute one plan for the whole batch, from the batch mean of the block means q̄, k̄,
+            and use it for every batch entry (e.g. the cond/uncond pair of classifier-free guidance).
+            Default False: every batch entry gets its own selections. Applies to the entries of one call
+            that share a layout; the pseudo-keys (k̄, v̄) stay per entry.
 
     Each ratio may be a sequence with one value per attention head.
 
@@ -70,6 +74,7 @@ class ISAConfig:
     sharpness: str = "topk_mass"
     topk_fraction: float = 0.0625
     backend: str = "auto"
+    share_plan: bool = False
 
     def __post_init__(self):
         for name in _RATIOS:
@@ -84,6 +89,8 @@ class ISAConfig:
             raise TypeError("ISAConfig.topk_fraction must be a single number")
         if self.backend not in BACKENDS:
             raise ValueError(f"ISAConfig.backend={self.backend!r} is not supported; supported: {list(BACKENDS)}")
+        if not isinstance(self.share_plan, bool):
+            raise TypeError(f"ISAConfig.share_plan={self.share_plan!r} must be True or False")
         # computed once so that traced code (torch.compile) only reads an attribute
         object.__setattr__(self, "_encoded", json.dumps(self.to_dict(), sort_keys=True))
 
