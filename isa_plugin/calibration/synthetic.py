@@ -232,7 +232,7 @@ class SyntheticModel:
 
 def synthetic_qkv(frames: int, height: int, width: int, heads: int, head_dim: int = 128, *, layer_depth: float = 0.5,
                   seed: int = 0, sample_seed: int = 0, device=None, dtype=torch.bfloat16, noise: float = 0.3,
-                  context_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Layout]:
+                  context_first: bool = False, batch: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Layout]:
     """q, k, v [1, N, H, D] of one structured synthetic ICL attention call (N = 2·frames·height·width).
 
     Args:
@@ -240,6 +240,7 @@ def synthetic_qkv(frames: int, height: int, width: int, heads: int, head_dim: in
         heads, head_dim: attention shape.
         layer_depth: 0 (first layer) .. 1 (last): how strongly target queries avoid context keys.
         seed, sample_seed: model and sample seeds.
+        batch: batch entries (samples ``sample_seed``, ``sample_seed + 1``, ...).
 
     Returns:
         ``(q, k, v, layout)`` with the layout ``[target, context]`` (or reversed with ``context_first``).
@@ -251,7 +252,10 @@ def synthetic_qkv(frames: int, height: int, width: int, heads: int, head_dim: in
                          context_first=context_first)
     model = SyntheticModel(spec, seed)
     layer = int(round(min(max(layer_depth, 0.0), 1.0) * (spec.layers - 1)))
-    return model.sample(layer, sample_seed, device=device, dtype=dtype, noise=noise)
+    parts = [model.sample(layer, sample_seed + i, device=device, dtype=dtype, noise=noise) for i in range(batch)]
+    if batch == 1:
+        return parts[0]
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), parts[0][3])
 
 
 def calibrate_synthetic(model: SyntheticModel, sample_seeds: Sequence[int], *, grid=None, block_size: int = 64,
