@@ -17,8 +17,12 @@ Measured (wall time with CUDA synchronisation, one pass each after one warm-up f
 Printed: minutes, the ratio, per-forward seconds, peak memory, and the fitted profile's summary.
 
 Correctness gate (no timing is reported when it fails): the observed forward's output must equal the stock
-forward's output (the observer must not change the model's computation), and every layer must have been
-measured on every call.
+forward's output (bitwise, or within 1e-3 of its largest magnitude: the observer must not change the model's
+computation), and every layer must have been measured on every call.
+
+Work of the measurement per layer call at the default shape (48 blocks x 16 tokens per kind): about 2 TFLOP
+(TF32 matmuls; 2% of the dense attention's 88 TFLOP) and about 200 GB of memory traffic (score and per-block
+numerator buffers), i.e. roughly 0.1 s on an H100 against about 0.23 s for the dense block.
 
 Memory: 14B bf16 weights are about 28 GB; the calibration adds a few GB of transient buffers per layer.
 Runtime at 40 layers on one H100: about 6 minutes (fits one 10-minute device call); ``--layers 20`` halves it

@@ -364,9 +364,9 @@ def measure_call(
             for c0 in range(0, n_sel, chunk):
                 c1 = min(n_sel, c0 + chunk)
                 cs = c1 - c0
-                qs = q[tok_idx_d[c0:c1].flatten(), h].to(ct)  # [cs*m, D]
+                qs = q[tok_idx_d[c0:c1].flatten(), h].to(ct) * sc  # [cs*m, D], softmax scale folded in
                 s_tok = torch.matmul(qs, kp.reshape(nb * block_size, D).T).view(cs * m_tok, nb, block_size)
-                s_tok.mul_(sc).add_(key_bias)
+                s_tok.add_(key_bias)
                 mx = s_tok.amax(dim=(1, 2), keepdim=True)  # [T, 1, 1]
                 e = s_tok.sub_(mx).exp_()  # in place: the score buffer becomes the softmax numerators
                 Z = e.sum(-1)  # [T, nb]
@@ -375,7 +375,7 @@ def measure_call(
                 o_dense = (Y.sum(0) / Z.sum(-1, keepdim=True)).view(cs, m_tok, D)
                 Yc = Y.view(nb, cs, m_tok * D).transpose(0, 1)  # [cs, nb, m*D] (strided view, no copy)
                 # approximated blocks: a[t, j] = n_j e^{q_t·k̄_j·sc − m_t}
-                a = counts[None, :] * torch.exp(torch.matmul(qs, kb.T) * sc - mx[:, :, 0])  # [T, nb]
+                a = counts[None, :] * torch.exp(torch.matmul(qs, kb.T) - mx[:, :, 0])  # [T, nb]
                 a = a.view(cs, m_tok, nb)
                 Zc = Z.view(cs, m_tok, nb)
                 wex, wap = wex_h[c0:c1], wap_h[c0:c1]  # [cs, V, nb]
