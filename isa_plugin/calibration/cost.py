@@ -4,7 +4,11 @@ The kernel benchmark writes ``isa_plugin/kernels/cost_model.json`` per GPU. Acce
 
 - ``{"a": ..., "b": ..., "c": ..., "dense_a": ..., "dense_c": ...}`` (one model), or
 - ``{"cards": {"<GPU name>": {...one model...}, ...}, "default": "<GPU name>"}``, or
-- ``{"<GPU name>": {...}, ...}``.
+- ``{"<GPU name>": {...}, ...}``;
+- the kernel benchmark's own entries (``benchmarks/bench_attention.py --cost-model``):
+  ``{"cards": {"<GPU>": {"ms_per_gexact_pair", "ms_per_gapprox_pair", "ms_per_call",
+  "dense_cudnn_ms_per_gpair", ...}}}`` — milliseconds per 10⁹ pairs at head_dim 128 (pairs scale with D/128).
+  Negative least-squares coefficients are clamped to 0.
 
 ``a`` is the time per exactly computed (query token, key token) pair (per head), ``b`` per query token
 and block-mean pseudo-key, ``c`` a per-call constant (planning, launches). Dense attention costs
@@ -41,6 +45,7 @@ class CostModel:
     dense_a: Optional[float] = None
     dense_c: float = 0.0
     source: str = "default (pair count: a = b = 1, c = 0)"
+    head_dim_ref: Optional[int] = None  # pairs are counted at this head_dim (work scales with D / head_dim_ref)
 
     def __post_init__(self):
         for n in ("a", "b", "c", "dense_c"):
@@ -52,12 +57,15 @@ class CostModel:
         if self.dense_a is not None and not (isinstance(self.dense_a, numbers.Real) and self.dense_a > 0):
             raise ValueError(f"cost model dense_a={self.dense_a!r} must be positive")
 
-    def time(self, exact_pairs: float, approx_pairs: float) -> float:
-        return self.a * exact_pairs + self.b * approx_pairs + self.c
+    def dim_scale(self, head_dim: Optional[int]) -> float:
+        return head_dim / self.head_dim_ref if (self.head_dim_ref and head_dim) else 1.0
 
-    def dense_time(self, n_tokens: float, heads: int) -> float:
+    def time(self, exact_pairs: float, approx_pairs: float, head_dim: Optional[int] = None) -> float:
+        return (self.a * exact_pairs + self.b * approx_pairs) * self.dim_scale(head_dim) + self.c
+
+    def dense_time(self, n_tokens: float, heads: int, head_dim: Optional[int] = None) -> float:
         da = self.a if self.dense_a is None else self.dense_a
-        return da * n_tokens * n_tokens * heads + self.dense_c
+        return da * n_tokens * n_tokens * heads * self.dim_scale(head_dim) + self.dense_c
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -67,6 +75,20 @@ DEFAULT_COST_MODEL = CostModel()
 
 
 def _from_mapping(d: Mapping[str, Any], source: str) -> CostModel:
+    if "ms_per_gexact_pair" in d:  # the kernel benchmark's least-squares fit, per 1e9 pairs at D = 128
+        def num(key, default=0.0):
+            v = d.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{source}: {key}={v!r} is not a number")
+            return float(v)
+
+        a = num("ms_per_gexact_pair") / 1e9
+        if a <= 0:
+            raise ValueError(f"{source}: ms_per_gexact_pair must be positive")
+        b, c = max(num("ms_per_gapprox_pair") / 1e9, 0.0), max(num("ms_per_call"), 0.0)
+        dense = d.get("dense_cudnn_ms_per_gpair")
+        dense_a = num("dense_cudnn_ms_per_gpair") / 1e9 if dense is not None and num("dense_cudnn_ms_per_gpair") > 0 else None
+        return CostModel(a=a, b=b, c=c, dense_a=dense_a, source=source, head_dim_ref=128)
     known = {"a", "b", "c", "dense_a", "dense_c"}
     kw = {k: d[k] for k in known if k in d}
     if "a" not in kw:
@@ -99,12 +121,12 @@ def load_cost_model(path: Union[str, Path, None] = None, device_name: Optional[s
         logger.warning("ignoring unreadable %s (%s); using the pair-count cost model", p, e)
         return DEFAULT_COST_MODEL
     try:
-        if isinstance(data, Mapping) and "a" in data:
+        if isinstance(data, Mapping) and ("a" in data or "ms_per_gexact_pair" in data):
             return _from_mapping(data, str(p))
         cards = data.get("cards", data) if isinstance(data, Mapping) else None
         if not isinstance(cards, Mapping):
             raise ValueError(f"{p}: expected a JSON object")
-        cards = {k: v for k, v in cards.items() if isinstance(v, Mapping) and "a" in v}
+        cards = {k: v for k, v in cards.items() if isinstance(v, Mapping) and ("a" in v or "ms_per_gexact_pair" in v)}
         if not cards:
             raise ValueError(f"{p}: no cost model entry with an 'a' coefficient")
         if device_name is None:

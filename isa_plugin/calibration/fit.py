@@ -49,10 +49,10 @@ def layer_costs(ls: LayerStats, grid: Grid, cost_model: CostModel) -> Tuple[torc
         for fi, a_f in enumerate(grid.alpha_f):
             for ni, a_ns in enumerate(grid.alpha_ns):
                 e, a = setting_pairs(a_s, a_f, a_ns, tokens, blocks)
-                out[si, fi, ni] = cost_model.a * e + cost_model.b * a
+                out[si, fi, ni] = cost_model.time(e, a, ls.head_dim) - cost_model.c
     e, a = setting_pairs(1.0, 1.0, 1.0, tokens, blocks)
-    dense_head = cost_model.a * e + cost_model.b * a
-    return out, dense_head, cost_model.dense_time(n, ls.heads)
+    dense_head = cost_model.time(e, a, ls.head_dim) - cost_model.c
+    return out, dense_head, cost_model.dense_time(n, ls.heads, ls.head_dim)
 
 
 def _fit_layer(ls: LayerStats, grid: Grid, budget: Dict[str, Any], cost_model: CostModel, per_head: Union[bool, str],

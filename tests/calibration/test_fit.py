@@ -152,6 +152,11 @@ def test_load_cost_model(tmp_path):
                                        "NVIDIA H200": {"a": 0.8, "b": 0.1, "c": 2.0}}, "default": "NVIDIA H200"}))
     assert load_cost_model(p, device_name="NVIDIA H100 80GB HBM3").c == 3.0
     assert load_cost_model(p, device_name="cpu").c == 2.0
+    p.write_text(json.dumps({"cards": {"NVIDIA H100 80GB HBM3": {
+        "ms_per_gexact_pair": 0.5, "ms_per_gapprox_pair": -0.01, "ms_per_call": 0.2, "dense_cudnn_ms_per_gpair": 0.3}}}))
+    cm = load_cost_model(p, device_name="NVIDIA H100 80GB HBM3")
+    assert cm.a == pytest.approx(0.5e-9) and cm.b == 0.0 and cm.c == 0.2 and cm.dense_a == pytest.approx(0.3e-9)
+    assert cm.dense_time(1000, 2, head_dim=64) == pytest.approx(0.3e-9 * 1e6 * 2 * 0.5)
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_cost_model(p)
