@@ -91,3 +91,16 @@ def test_grid_validation():
         Grid(alpha_s=(0.0, 0.5))
     with pytest.raises(ValueError):
         Grid(metrics=("entropy",))
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    """The estimator on CUDA (bf16 inputs, TF32 matmuls) agrees with the CPU float32 estimate."""
+    from isa_plugin.calibration.synthetic import synthetic_qkv
+
+    q, k, v, layout = synthetic_qkv(4, 16, 24, 8, 128, dtype=torch.bfloat16)
+    cpu = measure_call(q.float(), k.float(), v.float(), layout, Grid(), generator=torch.Generator().manual_seed(0))
+    gpu = measure_call(q.cuda(), k.cuda(), v.cuda(), layout, Grid(), generator=torch.Generator().manual_seed(0)).to("cpu")
+    torch.testing.assert_close(gpu.den, cpu.den, rtol=1e-3, atol=0)
+    e_cpu, e_gpu = cpu.errors(), gpu.errors()
+    assert ((e_cpu - e_gpu).abs() <= 0.02 * e_cpu + 2e-3).all()
