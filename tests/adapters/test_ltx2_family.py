@@ -149,3 +149,32 @@ def test_in_context_pipeline_end_to_end(tiny, downscale):
     assert (exact - ref).abs().max().item() <= 1e-4
     remove_isa(pipe)
     assert torch.equal(pipe(**args()).frames, ref)
+
+
+def test_condition_pipeline_keyframe_is_appended_context(tiny):
+    """LTX2ConditionPipeline: a keyframe condition at a latent index > 0 is appended after the noisy tokens."""
+    from diffusers import LTX2ConditionPipeline
+    from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+
+    ic = tiny.ltx2_ic_pipe()
+    names = ("scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer", "vocoder")
+    pipe = LTX2ConditionPipeline(**{k: v for k, v in ic.components.items() if k in names})
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    pe, pm = torch.randn(1, 8, 96, generator=g), torch.ones(1, 8, dtype=torch.long)
+    args = dict(
+        conditions=[LTX2VideoCondition(frames=torch.rand(1, 3, 32, 32, generator=g), index=2, strength=1.0, crf=0)],
+        prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=pe, negative_prompt_attention_mask=pm,
+        height=32, width=32, num_frames=5, frame_rate=25.0, num_inference_steps=2, guidance_scale=3.0, stg_scale=0.0,
+        audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0, spatio_temporal_guidance_blocks=None,
+        output_type="latent",
+    )
+    apply_isa(pipe, tiny.SPARSE)
+    calls, seen = [], []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(k["hidden_states"].shape[1]), with_kwargs=True)
+    with observe_attention(pipe, lambda n, q, k, v, layout, step: seen.append(layout), dense=False):
+        out = pipe(**args).frames
+    _, _, F, H, W = out.shape
+    assert calls[0] > F * H * W
+    assert seen and all(l == Layout([("target", F * H * W), ("context", calls[0] - F * H * W)]) for l in seen)
+    assert all(s["isa_calls"] == 2 and s["fallbacks"] == 0 for s in stats(pipe).values())
