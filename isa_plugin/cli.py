@@ -279,6 +279,8 @@ def _calibrate(args) -> int:
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", help="profile YAML")
     p.add_argument("--plot", metavar="PNG", help="draw ratios, errors and predicted cost per layer to this image")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also print per layer the context attention mass and the sharpness / Taylor-error rank correlation")
 
 
 def _inspect(args) -> int:
@@ -315,6 +317,14 @@ def _inspect(args) -> int:
     speed = f", about {1 / mc:.2f}x fewer attention FLOPs" if mc else ""
     print(f"{s['layers']} layers, {s['dense_layers']} dense; mean predicted cost {_fmt(mc, True)} of dense{speed}"
           + ("; * = mean of per-head values" if any(isinstance(getattr(x, r), tuple) for ss in prof.layers.values() for x in ss for r in ("alpha_s", "alpha_f", "alpha_ns")) else ""))
+    diag = on.get("diagnostics") or {}
+    if args.diagnostics and diag:
+        metrics = sorted({m for d in diag.values() for m in (d.get("sharpness_rank_corr") or {})})
+        print(f"{'layer':<28} {'ctx mass':>9} " + " ".join(f"{'rho(' + m + ')':>16}" for m in metrics))
+        for name, d in diag.items():
+            rc = d.get("sharpness_rank_corr") or {}
+            cells = [f"{rc[m]:>16.2f}" if m in rc else f"{'-':>16}" for m in metrics]
+            print(f"{name:<28} {d.get('context_mass', float('nan')):>9.3f} " + " ".join(cells))
     if args.plot:
         _plot(prof, args.plot)
         print(f"wrote {args.plot}")

@@ -51,8 +51,9 @@ def test_calibrate_writes_a_profile(profile, pipes):
 
 def test_inspect_prints_and_plots(profile, capsys, tmp_path):
     png = tmp_path / "p.png"
-    assert main(["inspect", str(profile), "--plot", str(png)]) == 0
+    assert main(["inspect", str(profile), "--plot", str(png), "--diagnostics"]) == 0
     out = capsys.readouterr().out
+    assert "ctx mass" in out
     assert "blocks.0.attn1" in out and "blocks.1.attn1" in out and "alpha_s" in out and "mean predicted cost" in out
     assert png.stat().st_size > 5000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

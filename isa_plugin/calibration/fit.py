@@ -224,6 +224,19 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
                 continue
             per_bucket.append(_fit_layer(ls, stats.grid, b, cm, per_head, margin, min_gain))
         layers[name] = per_bucket
+    diagnostics = {}
+    for name in names:
+        ls = stats.get(name, 0)
+        if ls is None:
+            continue
+        rc = ls.rank_correlation()  # [H, 2, M, NS]
+        diagnostics[name] = {
+            # mean pooled attention mass target queries put on context blocks
+            "context_mass": round(float(ls.ctx_mass.mean()) / max(ls.calls, 1), 4),
+            # Spearman(sharpness, Taylor error) of target-query blocks, mean over heads and alpha_ns
+            "sharpness_rank_corr": ({m: round(float(rc[:, 0, mi].mean()), 3) for mi, m in enumerate(stats.grid.metrics)}
+                                    if bool((ls.corr_n[:, 0] > 0).all()) else None),
+        }
     on = {
         "layer_names": names,
         "timesteps": list(stats.meta.get("timesteps", [])),
@@ -231,6 +244,7 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
         "grid": stats.grid.to_dict(),
         "margin": margin,
         "versions": _versions(),
+        "diagnostics": diagnostics,
     }
     on.update(dict(metadata or {}))
     return ThresholdProfile(layers=layers, budget=b, block_size=stats.block_size, timestep_edges=stats.timestep_edges,
