@@ -66,18 +66,26 @@ def _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan
     if n_t == 0:
         return
     qb = cp.taylor_qb if cp.taylor_qb is not None else _select_blocks(~cp.exact_q, n_t)  # [B, H, n_t]
-    w_bh = torch.arange(B * H, device=q.device, dtype=torch.int32).view(B, H, 1).expand(B, H, n_t).reshape(-1)
-    w_qb = qb.reshape(-1).to(torch.int32)
-    S = cp.tsel.shape[-1]
-    qc = qb.clamp_min(0).reshape(-1)
-    w_loff = (w_bh.long() * nb + qc) * S
-    w_llen = cp.tsel_len.reshape(-1)[w_bh.long() * nb + qc]
+    w_bh = _cached(("tbh", B, H, n_t, q.device), lambda: torch.arange(B * H, device=q.device, dtype=torch.int32).view(B, H, 1).expand(B, H, n_t).reshape(-1).contiguous())
     isa_attn_items(
         q, k, v, out, kbar, vbar, log2n, starts, counts,
-        w_bh.contiguous(), w_qb.contiguous(), w_loff.contiguous(), w_llen.contiguous(), cp.tsel.reshape(-1),
-        block_size=cp.blocks.block_size, scale=scale, taylor=True,
+        w_bh, qb.reshape(-1), w_bh, cp.tsel_len.reshape(-1), cp.tsel.reshape(-1),
+        block_size=cp.blocks.block_size, scale=scale, taylor=True, tay_s=cp.tsel.shape[-1],
         kv_list=cp.kv_list.reshape(B * H, -1), kv_len=cp.kv_len.reshape(-1), approx=cp.approx.reshape(B * H, nb, -1),
     )
+
+
+_CACHE = {}
+
+
+def _cached(key, make):
+    """Small device tensors that depend only on shapes (work-item templates), built once."""
+    t = _CACHE.get(key)
+    if t is None:
+        if len(_CACHE) > 256:
+            _CACHE.clear()
+        t = _CACHE[key] = make()
+    return t
 
 
 def _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale, heads=None):
@@ -128,15 +136,13 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
         for c0 in range(0, len(heads), hc):
             hl = heads[c0 : c0 + hc]
             Hc = len(hl)
+            hs, hs32 = _cached(("heads", tuple(hl), dev), lambda: (lambda t: (t, t.to(torch.int32)))(_to_dev(hl, dev)))
             if hl == list(range(hl[0], hl[0] + Hc)):
-                hs = torch.arange(hl[0], hl[0] + Hc, device=dev)
                 eq = cp.exact_q[:, hl[0] : hl[0] + Hc]
                 kvb = cp.kv_list[:, hl[0] : hl[0] + Hc, :F].contiguous()
             else:
-                hs = _to_dev(hl, dev)
                 eq = cp.exact_q[:, hs]
                 kvb = cp.kv_list[:, hs, :F].contiguous()
-            hs32 = hs.to(torch.int32)
             q_blocks = _select_blocks(eq, nq)  # [B, Hc, nq], -1 = padding
             (qg,) = gather_blocks_triton(q, blist=q_blocks.clamp_min(0).to(torch.int32).contiguous(), heads=hs32, starts=starts, counts=counts, block_size=bs)
             if k.stride() == v.stride():
@@ -147,20 +153,23 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
             og, lse = sdpa_with_lse(qg, kg, vg, scale)
             del qg, kg, vg
             # finishing items: fold in kv_list[F:kv_len] and scatter rows back to their tokens
-            bb = torch.arange(B, device=dev).view(B, 1, 1).expand(B, Hc, nq).reshape(-1)
-            hh = torch.arange(Hc, device=dev).view(1, Hc, 1).expand(B, Hc, nq).reshape(-1)
-            rr = torch.arange(nq, device=dev).view(1, 1, nq).expand(B, Hc, nq).reshape(-1)
-            w_bh = bb * H + hs[hh]
-            w_qb = q_blocks.reshape(-1).to(torch.int32)
-            w_loff = w_bh * kmax + F
+            def make_items(og_strides=og.stride()):
+                bb = torch.arange(B, device=dev).view(B, 1, 1).expand(B, Hc, nq).reshape(-1)
+                hh = torch.arange(Hc, device=dev).view(1, Hc, 1).expand(B, Hc, nq).reshape(-1)
+                rr = torch.arange(nq, device=dev).view(1, 1, nq).expand(B, Hc, nq).reshape(-1)
+                w_bh = bb * H + hs[hh]
+                w_ioff = bb * og_strides[0] + hh * og_strides[1] + rr * bs * og_strides[2]
+                w_irow = (bb * Hc + hh) * (nq * bs) + rr * bs
+                return w_bh, w_bh.to(torch.int32), (w_bh * kmax + F).contiguous(), w_ioff.contiguous(), w_irow.contiguous()
+
+            w_bh, w_bh32, w_loff, w_ioff, w_irow = _cached(("sdpa", B, H, tuple(hl), nq, F, kmax, bs, og.stride(), dev), make_items)
+            w_qb = q_blocks.reshape(-1)
             w_llen = (cp.kv_len.reshape(-1)[w_bh] - F).to(torch.int32)
-            w_ioff = bb * og.stride(0) + hh * og.stride(1) + rr * bs * og.stride(2)
-            w_irow = (bb * Hc + hh) * (nq * bs) + rr * bs
             isa_attn_items(
                 q, k, v, out, kbar, vbar, log2n, starts, counts,
-                w_bh.to(torch.int32).contiguous(), w_qb.contiguous(), w_loff.contiguous(), w_llen.contiguous(), cp.kv_list.reshape(-1),
+                w_bh32, w_qb, w_loff, w_llen, cp.kv_list.reshape(-1),
                 block_size=bs, scale=scale,
-                init_o=og, init_lse=lse, w_ioff=w_ioff.contiguous(), w_irow=w_irow.contiguous(),
+                init_o=og, init_lse=lse, w_ioff=w_ioff, w_irow=w_irow,
                 init_row_stride=og.stride(2),
             )
             del og, lse

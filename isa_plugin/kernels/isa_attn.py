@@ -70,7 +70,7 @@ def _isa_attn_fwd_kernel(
     sv_b, sv_n, sv_h,
     so_b, so_n, so_h,
     si_r,
-    H, nb, Kmax, scale_log2,
+    H, nb, Kmax, tay_s, scale_log2,
     D: tl.constexpr,  # head dim: tile width of every load and dot
     BLOCK: tl.constexpr,  # padded ISA block size: query tile height and key tile height
     BP: tl.constexpr,  # pseudo-keys per tile in the Taylor loop
@@ -87,8 +87,13 @@ def _isa_attn_fwd_kernel(
     # padding items (query block -1) write nothing: zero rows, empty lists
     valid = i_qb >= 0
     i_qb = tl.maximum(i_qb, 0)
-    l_off = tl.load(W_LOFF + i_w).to(tl.int64)
-    l_len = tl.where(valid, tl.load(W_LLEN + i_w), 0)
+    if TAYLOR:
+        # Taylor items: the row (b, h, qb) of tsel [B*H, nb, tay_s]; W_LLEN holds tsel_len [B*H, nb]
+        l_off = (i_bh.to(tl.int64) * nb + i_qb) * tay_s
+        l_len = tl.where(valid, tl.load(W_LLEN + i_bh.to(tl.int64) * nb + i_qb), 0)
+    else:
+        l_off = tl.load(W_LOFF + i_w).to(tl.int64)
+        l_len = tl.where(valid, tl.load(W_LLEN + i_w), 0)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
 
@@ -179,7 +184,7 @@ def isa_attn_items(
     w_bh, w_qb, w_loff, w_llen, lists,
     *, block_size: int, scale: float,
     taylor: bool = False, kv_list=None, kv_len=None, approx=None,
-    init_o=None, init_lse=None, w_ioff=None, w_irow=None, init_row_stride: int = 0,
+    init_o=None, init_lse=None, w_ioff=None, w_irow=None, init_row_stride: int = 0, tay_s: int = 0,
 ):
     """Launch :func:`_isa_attn_fwd_kernel` over a list of work items (see the module docstring).
 
@@ -189,7 +194,9 @@ def isa_attn_items(
         starts, counts: [nb] int32 block starts and true counts.
         w_bh, w_qb, w_loff, w_llen: [W] int32/int64 work items; ``lists`` int32 pool of KV block ids.
         taylor: walk ``kv_list`` [B*H, Kmax] (valid ``kv_len`` [B*H]) and take the pseudo-keys flagged in
-            ``approx`` [B*H, nb, Kmax] int8.
+            ``approx`` [B*H, nb, Kmax] int8. Taylor items take their exact list from row (b, h, qb) of
+            ``lists`` = tsel [B*H, nb, tay_s], of length ``w_llen`` = tsel_len [B*H, nb] at that row
+            (``w_loff`` is unused).
         init_o / init_lse / w_ioff / w_irow / init_row_stride: optional starting state per item: rows
             ``init_o[w_ioff + r * init_row_stride]`` and ``init_lse[w_irow + r]`` (natural log).
 
@@ -226,7 +233,7 @@ def isa_attn_items(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         init_row_stride,
-        H, nb, Kmax, float(scale) * _LOG2E,
+        H, nb, Kmax, tay_s, float(scale) * _LOG2E,
         D=D, BLOCK=BLOCK, TAYLOR=bool(taylor), INIT=init, IEEE=(q.dtype == torch.float32),
     )
     return out
