@@ -393,6 +393,29 @@ class ThresholdProfile:
             return False
         return True
 
+    def check_tokens(self, target: int, context: int) -> bool:
+        """Warn (``UserWarning``) when an attention call's token counts differ from the calibrated ones.
+
+        ``calibrated_on["tokens"]`` (target / context tokens per call) is written by the calibration; a
+        different count means another resolution or frame count. The ratios still apply.
+
+        Returns:
+            True when the call matches (or nothing is known), False when a warning was issued.
+        """
+        on = self.calibrated_on or {}
+        want = on.get("tokens")
+        if not isinstance(want, Mapping) or (want.get("target"), want.get("context")) == (target, context):
+            return True
+        res, fr = on.get("resolution"), on.get("frames")
+        size = f"{res[0]}x{res[1]} px, {fr} frames = " if isinstance(res, (list, tuple)) and len(res) == 2 else ""
+        text = (f"ISA profile calibrated at {size}{want.get('target')} target + {want.get('context')} context tokens per "
+                f"attention call is used on a call with {target} target + {context} context tokens (another resolution or "
+                "frame count); its ratios still apply, but errors may exceed the calibrated budget; consider recalibrating "
+                "with `isa calibrate`")
+        logger.warning(text)
+        warnings.warn(text, UserWarning, stacklevel=3)
+        return False
+
     def summary(self) -> Dict[str, Any]:
         """Counts and means for display: layers, dense layers, mean predicted cost, worst errors."""
         settings = [s for ss in self.layers.values() for s in ss]
@@ -445,6 +468,7 @@ class ThresholdProfile:
             "timestep_edges": list(self.timestep_edges),
             "calibrated_on": _plain(self.calibrated_on),
             "cost_model": _plain(self.cost_model),
+            "num_layers": len(layers_out),  # written before the layers: a truncated file is detected on load
             "layers": layers_out,
         }
         return doc, tensors
@@ -507,6 +531,10 @@ class ThresholdProfile:
         for key in ("layers", "budget"):
             if key not in doc:
                 raise ProfileError(f"{path}: missing {key!r} (truncated file?)")
+        n_layers = doc.get("num_layers")
+        if n_layers is not None and (not isinstance(doc["layers"], dict) or len(doc["layers"]) != n_layers):
+            got = len(doc["layers"]) if isinstance(doc["layers"], dict) else 0
+            raise ProfileError(f"{path}: lists {got} layer(s) but records num_layers={n_layers!r} (truncated file?); save it again")
         tensors = _load_sidecar(path, doc.get("sidecar"))
         try:
             return cls._from_doc(doc, tensors)

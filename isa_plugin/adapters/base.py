@@ -211,6 +211,15 @@ class ISAState:
         self._signature = None
         self.bucketed = None  # (profile, [configs per timestep bucket]) for timestep-bucketed profiles
         self._bucket = 0
+        self.profile = None  # the threshold profile applied, if any (warns on calls of another size)
+        self._sizes_checked: set = set()
+
+    def check_size(self, layout: Layout) -> None:
+        """Warn once per (target, context) token count that differs from the profile's calibrated one."""
+        key = (layout.num("target"), layout.num("context"))
+        if key not in self._sizes_checked:
+            self._sizes_checked.add(key)
+            self.profile.check_tokens(*key)
 
     # --------------------------------------------------------------- hooks
     def _bind(self, module, args, kwargs) -> Dict[str, Any]:
@@ -406,6 +415,9 @@ class ISAAttnProcessorBase:
             layout = self._resolve_layout(q.shape[1])
         if self.observer is not None:
             self.observer(self.layer_name, q, k, v, layout, self._step())
+        state = self.state
+        if layout is not None and state is not None and state.profile is not None and not torch.compiler.is_compiling():
+            state.check_size(layout)
         reason = self._why_dense(q, layout, attention_mask, parallel_config)
         if reason is not None:
             self._count_fallback(reason)
@@ -705,6 +717,8 @@ def _install(transformer, config_or_profile, provider, *, observe_only: bool = F
     state = ISAState(transformer, family, provider, dict(original))
     if profile is not None:
         state.bucketed = (profile, buckets)
+    if hasattr(config_or_profile, "check_tokens"):
+        state.profile = config_or_profile
     new = {}
     key_of = {f"{n}.processor": n for n in names}
     for key, proc in original.items():

@@ -95,6 +95,7 @@ class StatsObserver:
         self.steps = None if steps is None else set(int(s) for s in steps)
         self.last = None if steps is None else max(self.steps)
         self.on_step = on_step
+        self.tokens: Optional[Dict[str, int]] = None  # token counts of the first measured call's layout
         self.new_run()
 
     def new_run(self) -> None:
@@ -118,6 +119,8 @@ class StatsObserver:
             if self.steps is None or self.step in self.steps:
                 self.measured_calls += 1
         if self.steps is None or self.step in self.steps:
+            if self.tokens is None and hasattr(layout, "num"):
+                self.tokens = {kind: layout.num(kind) for kind in ("target", "context", "text")}
             self.stats.observe(layer_name, q, k, v, layout, timestep=getattr(step_info, "timestep", None))
 
 
@@ -264,6 +267,7 @@ def record(pipe, videos: Sequence[VideoArg], prompts: Union[str, Sequence[str], 
         "config_hash": config_hash(tr),
         "resolution": [shape[0], shape[1]],
         "frames": shape[2],
+        "tokens": observer.tokens,  # per attention call; apply_isa warns when a run's differ
         "steps": steps,
         "calibrated_steps": recorded,
         "num_samples": len(videos),
