@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from isa_plugin import ISAConfig, Layout
+from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats
 from isa_plugin.adapters.ltx import LTXISAAttnProcessor, ltx_prefix_layout
 

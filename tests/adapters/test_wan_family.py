@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-import isa_plugin
-from isa_plugin import ISAConfig, Layout
-from isa_plugin.adapters import apply_isa, isa_processors, observe_attention, remove_isa, stats
+from isa_plugin import Layout
+from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats
 from isa_plugin.adapters.wan import WanICLLayout, WanISAAttnProcessor
 
 
