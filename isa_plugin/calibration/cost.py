@@ -46,9 +46,10 @@ class CostModel:
     dense_c: float = 0.0
     source: str = "default (pair count: a = b = 1, c = 0)"
     head_dim_ref: Optional[int] = None  # pairs are counted at this head_dim (work scales with D / head_dim_ref)
+    floor: float = 0.0  # smallest time of one call (host-side launch work bounds small problems)
 
     def __post_init__(self):
-        for n in ("a", "b", "c", "dense_c"):
+        for n in ("a", "b", "c", "dense_c", "floor"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"cost model {n}={v!r} must be a finite non-negative number")
@@ -61,7 +62,8 @@ class CostModel:
         return head_dim / self.head_dim_ref if (self.head_dim_ref and head_dim) else 1.0
 
     def time(self, exact_pairs: float, approx_pairs: float, head_dim: Optional[int] = None) -> float:
-        return (self.a * exact_pairs + self.b * approx_pairs) * self.dim_scale(head_dim) + self.c
+        """Predicted time of one call (all heads) with these pair counts."""
+        return max(self.floor, (self.a * exact_pairs + self.b * approx_pairs) * self.dim_scale(head_dim) + self.c)
 
     def dense_time(self, n_tokens: float, heads: int, head_dim: Optional[int] = None) -> float:
         da = self.a if self.dense_a is None else self.dense_a
@@ -88,7 +90,7 @@ def _from_mapping(d: Mapping[str, Any], source: str) -> CostModel:
         b, c = max(num("ms_per_gapprox_pair") / 1e9, 0.0), max(num("ms_per_call"), 0.0)
         dense = d.get("dense_cudnn_ms_per_gpair")
         dense_a = num("dense_cudnn_ms_per_gpair") / 1e9 if dense is not None and num("dense_cudnn_ms_per_gpair") > 0 else None
-        return CostModel(a=a, b=b, c=c, dense_a=dense_a, source=source, head_dim_ref=128)
+        return CostModel(a=a, b=b, c=c, dense_a=dense_a, source=source, head_dim_ref=128, floor=max(num("host_floor_ms"), 0.0))
     known = {"a", "b", "c", "dense_a", "dense_c"}
     kw = {k: d[k] for k in known if k in d}
     if "a" not in kw:
@@ -101,8 +103,9 @@ def load_cost_model(path: Union[str, Path, None] = None, device_name: Optional[s
 
     Args:
         path: a JSON file; default ``isa_plugin/kernels/cost_model.json`` (missing -> default model).
-        device_name: pick this card's entry (default: the current CUDA device, else the file's default,
-            else the first entry).
+        device_name: pick this card's entry (default: the current CUDA device; an unknown card gets the
+            file's ``default`` entry, else the first). Without CUDA and without an explicit ``path`` or
+            ``device_name`` the pair-count model is used: the file describes GPU kernels.
 
     Raises:
         ValueError: ``path`` was given explicitly and is unreadable or malformed.
@@ -137,6 +140,9 @@ def load_cost_model(path: Union[str, Path, None] = None, device_name: Optional[s
                     device_name = torch.cuda.get_device_name()
             except Exception:  # pragma: no cover
                 device_name = None
+            if device_name is None and not explicit:
+                logger.info("no CUDA device: ranking ISA settings by pair counts, not by %s", p)
+                return DEFAULT_COST_MODEL
         name = None
         if device_name:
             name = next((k for k in cards if k == device_name), None) or next(

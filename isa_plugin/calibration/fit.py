@@ -49,9 +49,9 @@ def layer_costs(ls: LayerStats, grid: Grid, cost_model: CostModel) -> Tuple[torc
         for fi, a_f in enumerate(grid.alpha_f):
             for ni, a_ns in enumerate(grid.alpha_ns):
                 e, a = setting_pairs(a_s, a_f, a_ns, tokens, blocks)
-                out[si, fi, ni] = cost_model.time(e, a, ls.head_dim) - cost_model.c
+                out[si, fi, ni] = (cost_model.a * e + cost_model.b * a) * cost_model.dim_scale(ls.head_dim)
     e, a = setting_pairs(1.0, 1.0, 1.0, tokens, blocks)
-    dense_head = cost_model.time(e, a, ls.head_dim) - cost_model.c
+    dense_head = (cost_model.a * e + cost_model.b * a) * cost_model.dim_scale(ls.head_dim)
     return out, dense_head, cost_model.dense_time(n, ls.heads, ls.head_dim)
 
 
@@ -65,7 +65,7 @@ def _fit_layer(ls: LayerStats, grid: Grid, budget: Dict[str, Any], cost_model: C
     num = ls.num  # [H, 2, M, S, F, NS]
     # layer-level errors per metric; a kind with no queries has no error
     err = torch.where(has.view(2, 1, 1, 1, 1), num.sum(0) / den.clamp(min=1e-300).view(2, 1, 1, 1, 1), torch.zeros(()).double())
-    rel_uniform = (H * head_cost + cost_model.c) / dense_layer  # [S, F, NS]
+    rel_uniform = (H * head_cost + cost_model.c).clamp(min=cost_model.floor) / dense_layer  # [S, F, NS]
     best: Optional[Tuple[float, float, LayerSetting]] = None
 
     def consider(rel: float, score: float, setting: LayerSetting):
@@ -99,7 +99,7 @@ def _fit_layer(ls: LayerStats, grid: Grid, budget: Dict[str, Any], cost_model: C
             if cand is None:
                 continue
             choice, et, ec = cand  # choice: [H] option index (-1 dense)
-            cost = sum(dense_head if c < 0 else float(head_cost.flatten()[c]) for c in choice) + cost_model.c
+            cost = max(cost_model.floor, sum(dense_head if c < 0 else float(head_cost.flatten()[c]) for c in choice) + cost_model.c)
             rel = cost / dense_layer
             if per_head == "always" or rel < uniform_best * (1 - min_gain):
                 S_, F_, N_ = head_cost.shape

@@ -153,8 +153,10 @@ def test_load_cost_model(tmp_path):
     assert load_cost_model(p, device_name="NVIDIA H100 80GB HBM3").c == 3.0
     assert load_cost_model(p, device_name="cpu").c == 2.0
     p.write_text(json.dumps({"cards": {"NVIDIA H100 80GB HBM3": {
-        "ms_per_gexact_pair": 0.5, "ms_per_gapprox_pair": -0.01, "ms_per_call": 0.2, "dense_cudnn_ms_per_gpair": 0.3}}}))
+        "ms_per_gexact_pair": 0.5, "ms_per_gapprox_pair": -0.01, "ms_per_call": 0.2, "dense_cudnn_ms_per_gpair": 0.3,
+        "host_floor_ms": 3.0}}}))
     cm = load_cost_model(p, device_name="NVIDIA H100 80GB HBM3")
+    assert cm.time(0, 0) == 3.0 and cm.time(1e10, 0) == pytest.approx(5.2)
     assert cm.a == pytest.approx(0.5e-9) and cm.b == 0.0 and cm.c == 0.2 and cm.dense_a == pytest.approx(0.3e-9)
     assert cm.dense_time(1000, 2, head_dim=64) == pytest.approx(0.3e-9 * 1e6 * 2 * 0.5)
     p.write_text("{not json")
@@ -164,6 +166,23 @@ def test_load_cost_model(tmp_path):
         load_cost_model(tmp_path / "missing.json")
     with pytest.raises(ValueError):
         CostModel(a=-1.0)
+
+
+def test_kernel_cost_model_file_if_present():
+    """The file the kernel benchmark writes parses; on a machine without CUDA the pair count is used."""
+    import torch
+
+    from isa_plugin.calibration.cost import _DEFAULT_PATH
+
+    if not _DEFAULT_PATH.is_file():
+        pytest.skip("no isa_plugin/kernels/cost_model.json")
+    cm = load_cost_model(_DEFAULT_PATH)
+    assert cm.a > 0 and cm.head_dim_ref == 128
+    if not torch.cuda.is_available():
+        assert load_cost_model() == DEFAULT_COST_MODEL
+    # the default ratios at the Wan 14B ICL shape: ISA is predicted clearly faster than cuDNN
+    e, a = setting_pairs(0.125, 0.5, 0.0625, {"target": 32760, "context": 32760}, {"target": 512, "context": 512})
+    assert cm.time(40 * e, 40 * a) / cm.dense_time(65520, 40) < 0.6
 
 
 def test_timestep_buckets():
