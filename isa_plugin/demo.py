@@ -35,7 +35,10 @@ def _side_by_side(video: torch.Tensor, dense: torch.Tensor, isa: torch.Tensor) -
     parts = []
     for c in cols:
         parts += [c[:f], gap]
-    return torch.cat(parts[:-1], dim=3)
+    frame = torch.cat(parts[:-1], dim=3)
+    # video codecs want sides divisible by 16: pad with white
+    ph, pw = -frame.shape[2] % 16, -frame.shape[3] % 16
+    return torch.nn.functional.pad(frame, (0, pw, 0, ph), value=1.0)
 
 
 def _plot(report: Dict[str, Any], path: Path) -> None:

@@ -44,5 +44,8 @@ def demo(args) -> int:
     print(f"end to end: dense {d['total_ms']:.1f} ms, ISA {i['total_ms']:.1f} ms ({r['total_speedup']:.2f}x)")
     print(f"fidelity of ISA vs dense: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}; "
           f"ISA calls {r['isa_calls']}, dense fallbacks {r['fallback_calls']}")
+    if r["kernel_path"] == "reference":
+        print("note: without a CUDA GPU, ISA runs its exact PyTorch reference, which is slower than dense attention; "
+              "the speed-up needs the Triton kernels (run on a GPU)")
     print("wrote " + ", ".join(r["files"].values()))
     return 0

@@ -75,10 +75,11 @@ def _layer_errors(pipe, video, prompt, *, height, width, frames, steps, seed, me
     Runs the edit once more with ISA, and on the first ``measure_calls`` transformer calls compares, per
     layer, the ISA output to dense attention on the very inputs the layer saw.
     """
-    from .adapters import isa_processors, observe_attention
+    from .adapters import isa_processors, observe_attention, reset_stats
     from .attention import dense_attention, isa_attention
 
     procs = isa_processors(pipe)
+    reset_stats(pipe)  # call indices restart at 0 for this pass
     sums: Dict[str, Dict[str, list]] = {}
 
     def observer(name, q, k, v, layout, step):

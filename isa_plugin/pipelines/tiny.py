@@ -94,5 +94,6 @@ def build_tiny_wan_icl_pipeline(preset: TinyPreset, *, seed: int = 0, device="cp
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer,
     )
     pipe.to(device)
-    pipe.transformer.to(dtype)
+    if dtype != torch.float32:
+        pipe.transformer.to(dtype)
     return pipe

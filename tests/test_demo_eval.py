@@ -1,0 +1,83 @@
+"""The main job end to end at its smallest size: `isa demo`, then `isa eval` on a saved checkpoint."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _isa(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "isa_plugin", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    r = _isa("demo", "--out", str(out), "--steps", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "PSNR" in r.stdout and "attention: dense" in r.stdout
+    return out
+
+
+def test_demo_outputs(demo_dir):
+    import imageio.v3 as iio
+    import matplotlib.image as mpimg
+
+    from isa_plugin.profile import ThresholdProfile
+
+    report = json.loads((demo_dir / "report.json").read_text())
+    for key in ("psnr", "ssim", "dense", "isa", "layers", "fallbacks", "calibration_s"):
+        assert key in report
+    for run in ("dense", "isa"):
+        assert report[run]["attention_ms"] > 0 and report[run]["total_ms"] >= report[run]["attention_ms"]
+    assert report["isa_calls"] > 0
+    assert report["ssim"] <= 1.0 and report["psnr"] > 0
+    layers = report["layers"]
+    assert layers and all({"alpha_s", "alpha_f", "alpha_ns", "measured_error_target"} <= set(l) for l in layers.values())
+    # the video decodes: input | dense | ISA side by side
+    frames = iio.imread(demo_dir / "side_by_side.mp4", index=None)
+    assert frames.ndim == 4 and frames.shape[0] == report["preset"]["frames"]
+    assert frames.shape[2] >= 3 * report["preset"]["width"]
+    # the PNG is an image with content (a plot, not a blank canvas)
+    img = mpimg.imread(demo_dir / "plot.png")
+    assert img.ndim == 3 and img.shape[0] > 100 and np.std(img) > 0.01
+    assert set(ThresholdProfile.load(demo_dir / "profile.yaml").layers) == set(layers)
+
+
+def test_eval_on_saved_checkpoint(demo_dir, tmp_path):
+    from isa_plugin.calibration.video import sample_video_path
+    from isa_plugin.pipelines.tiny import PRESETS, build_tiny_wan_icl_pipeline
+
+    ckpt = tmp_path / "ckpt"
+    build_tiny_wan_icl_pipeline(PRESETS["tiny"]).save_pretrained(ckpt)
+    out = tmp_path / "eval.json"
+    p = PRESETS["tiny"]
+    r = _isa("eval", "--pipeline", str(ckpt), "--profile", str(demo_dir / "profile.yaml"), "--videos", str(sample_video_path()),
+             "--prompts", "make it winter", "--steps", "2", "--height", str(p.height), "--width", str(p.width),
+             "--frames", str(p.frames), "--device", "cpu", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LPIPS: skipped" in r.stdout
+    res = json.loads(out.read_text())["results"]
+    assert len(res) == 1 and res[0]["psnr"] > 0 and res[0]["isa_calls"] > 0
+    assert res[0]["layer_errors"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["eval", "--pipeline", "/nonexistent/ckpt", "--profile", "p.yaml", "--videos", "v.mp4"], "no such"),
+        (["eval", "--pipeline", "x", "--profile", "p.yaml", "--videos", "a.mp4", "b.mp4", "--prompts", "1", "2", "3"], "prompts"),
+        (["eval", "--pipeline", "x", "--profile", "p.yaml", "--videos", "a.mp4", "--steps", "0"], "--steps 0"),
+        (["demo", "--size", "huge"], "size='huge'"),
+        (["demo", "--budget", "2"], "--budget 2"),
+    ],
+)
+def test_bad_arguments_one_line(args, needle, tmp_path):
+    r = _isa(*args, cwd=tmp_path)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("isa: error:") and needle in lines[0], r.stderr
