@@ -196,14 +196,17 @@ def main(argv=None):
 
 
 def fit_cost_model(rows, gpu, path):
-    """Least-squares fit of ms = a * exact_pairs + b * approx_pairs + c (per card), merged into ``path``."""
+    """Fit ms = max(floor, a * E + b * A + c) per card (E, A: exact / approximated pairs in 1e9, scaled by D/128;
+    least squares weighted by 1/ms; floor = fastest call seen) and merge it into ``path`` (fields: see its ``doc``)."""
     if len(rows) < 3:
         print("cost model: need at least 3 measured settings", flush=True)
         return
     A = torch.tensor([[r["exact_pairs"] / 1e9 * r["D"] / 128, r["approx_pairs"] / 1e9 * r["D"] / 128, 1.0] for r in rows], dtype=torch.float64)
     y = torch.tensor([r["ms"] for r in rows], dtype=torch.float64)
-    sol = torch.linalg.lstsq(A, y.unsqueeze(1)).solution.squeeze(1).tolist()
-    pred = A @ torch.tensor(sol, dtype=torch.float64)
+    w = 1.0 / y  # relative error weighting
+    sol = torch.linalg.lstsq(A * w[:, None], (y * w).unsqueeze(1)).solution.squeeze(1).tolist()
+    floor = min(r["ms"] for r in rows)
+    pred = (A @ torch.tensor(sol, dtype=torch.float64)).clamp_min(floor)
     rel = ((pred - y).abs() / y).max().item()
     data = {}
     if os.path.exists(path):
@@ -211,7 +214,7 @@ def fit_cost_model(rows, gpu, path):
             data = json.load(f)
     data.setdefault("cards", {})
     data["cards"][gpu] = dict(
-        ms_per_gexact_pair=sol[0], ms_per_gapprox_pair=sol[1], ms_per_call=sol[2],
+        ms_per_gexact_pair=sol[0], ms_per_gapprox_pair=sol[1], ms_per_call=sol[2], host_floor_ms=floor,
         dense_cudnn_ms_per_gpair=sum(r["cudnn_ms"] / (r["N"] ** 2 * r["H"] / 1e9) for r in rows) / len(rows),
         fitted_on=len(rows), max_rel_error=rel, torch=torch.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
