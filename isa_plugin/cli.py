@@ -173,6 +173,38 @@ def load_pipeline(path_or_id: str, adapter: Optional[str] = None, device: Option
     return pipe.to(dev)
 
 
+def load_transformer_skeleton(path: str):
+    """The pipeline's transformer built from its config on the meta device (no weights read), or None.
+
+    Enough for :meth:`ThresholdProfile.check_compatible` (class, config hash, module names) at no memory
+    cost; None when the folder is not a local diffusers pipeline with a ``transformer`` component.
+    """
+    import json
+
+    import torch
+
+    p = Path(path)
+    try:
+        index = json.loads((p / "model_index.json").read_text())
+        lib, cls_name = index["transformer"]
+        cfg = json.loads((p / "transformer" / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if lib != "diffusers":
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return cls.from_config(cfg)
+    except Exception as e:  # pragma: no cover - exotic configs: the caller loads the pipeline instead
+        logger.info("cannot build %s from its config on the meta device (%s)", cls_name, e)
+        return None
+
+
 def _check_adapter(cls, adapter: Optional[str]) -> None:
     if adapter is None:
         return
@@ -383,8 +415,15 @@ def _validate(args) -> int:
     from .profile import ThresholdProfile
 
     prof = ThresholdProfile.load(args.profile)
-    pipe = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype)
-    tr = pipe.transformer
+    tr = None
+    if Path(args.pipeline).is_dir():
+        tr = load_transformer_skeleton(args.pipeline)  # config only: no weights are read
+        if tr is not None and args.adapter is not None:
+            import json
+
+            _check_adapter(_resolve_class(json.loads((Path(args.pipeline) / "model_index.json").read_text())["_class_name"]), args.adapter)
+    if tr is None:
+        tr = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype).transformer
     try:
         names = list(family_for(tr).self_attention_layers(tr))
     except TypeError as e:

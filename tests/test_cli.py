@@ -59,8 +59,10 @@ def test_inspect_prints_and_plots(profile, capsys, tmp_path):
 
 
 def test_validate(profile, pipes, capsys):
-    assert main(["validate", str(profile), "--pipeline", pipes["ok"]]) == 0
+    assert main(["validate", str(profile), "--pipeline", pipes["ok"], "--adapter", "wan-icl"]) == 0
     assert "OK" in capsys.readouterr().out
+    assert main(["validate", str(profile), "--pipeline", pipes["ok"], "--adapter", "ltx-condition"]) == 2
+    assert "serves" in capsys.readouterr().err
     assert main(["validate", str(profile), "--pipeline", pipes["other"]]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config hash" in err and "Traceback" not in err
