@@ -1,0 +1,135 @@
+"""``torch.compile(transformer)`` after ``apply_isa`` (CPU, reference path, tiny Wan): it runs, matches
+eager, counts its calls, and dynamo breaks no graph inside the attention (processor, entry point, kernels).
+
+The only Python-side work that reads a tensor is the timestep-bucket switch of a bucketed profile
+(a forward pre-hook reads the timestep, before any attention runs); it is allowed to break there.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from rel_helpers import SPARSE
+from isa_plugin import ThresholdProfile, apply_isa, remove_isa, stats
+from isa_plugin.profile import LayerSetting
+
+pytest.importorskip("diffusers")
+
+from isa_plugin.adapters.wan import WanICLLayout  # noqa: E402
+
+NAMES = ["blocks.0.attn1"]  # one-block models: compile time dominates these tests
+#: code that is "inside the attention": a break with one of these frames in its user stack fails the test
+ATTENTION_CODE = ("isa_plugin/attention.py", "isa_plugin/kernels/", "isa_plugin/layout.py", "isa_plugin/config.py")
+ATTENTION_FUNCS = ("__call__", "_attend", "_why_dense", "_resolve_layout", "isa_attention")
+
+
+def _bucketed():
+    isa = LayerSetting(alpha_s=0.5, alpha_f=0.5, alpha_ns=0.25)
+    return ThresholdProfile(layers={n: [LayerSetting(dense=True), isa] for n in NAMES}, block_size=8, timestep_edges=(500.0,))
+
+
+CASES = {
+    "static-layout": (lambda: SPARSE, dict(layout=WanICLLayout(2)), {}),
+    "attention-kwargs-layout": (lambda: SPARSE, {}, dict(attention_kwargs={"isa_context_frames": 2})),
+    "share-plan-cfg-batch": (lambda: SPARSE.replace(share_plan=True), dict(layout=WanICLLayout(2)), dict(batch=2)),
+    "fallback-layout-unknown": (lambda: SPARSE, {}, {}),
+    "bucketed-profile": (_bucketed, dict(layout=WanICLLayout(2)), {}),
+}
+
+
+def _inputs(tiny, extra):
+    extra = dict(extra)
+    x = tiny.wan_inputs(frames=4, batch=extra.pop("batch", 1))
+    x.update(extra)
+    return x
+
+
+def _breaks_inside_attention(explain):
+    bad = []
+    for br in explain.break_reasons:
+        for fr in br.user_stack:
+            fn = fr.filename.replace("\\", "/")
+            if any(p in fn for p in ATTENTION_CODE) or ("isa_plugin/adapters/" in fn and fr.name in ATTENTION_FUNCS):
+                bad.append(f"{br.reason.splitlines()[0]} at {fn}:{fr.lineno} ({fr.name})")
+                break
+    return bad
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_graph_break_inside_attention(tiny, case):
+    make_cfg, apply_kw, extra = CASES[case]
+    t = tiny.wan(num_layers=1)
+    apply_isa(t, make_cfg(), **apply_kw)
+    x = _inputs(tiny, extra)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explain = torch._dynamo.explain(t)(**x, return_dict=False)
+    assert not _breaks_inside_attention(explain), _breaks_inside_attention(explain)
+    if case != "bucketed-profile":
+        assert explain.graph_break_count == 0, [b.reason for b in explain.break_reasons]
+    else:  # the timestep read of the bucket switch, in the pre-hook, and nothing else
+        assert explain.graph_break_count <= 1
+        assert all(any(fr.name in ("_select_bucket", "_scalar_timestep") for fr in b.user_stack) for b in explain.break_reasons)
+
+
+@pytest.mark.parametrize("case", ["static-layout", "share-plan-cfg-batch", "fallback-layout-unknown", "bucketed-profile"])
+def test_compiled_matches_eager_and_counts(tiny, case):
+    make_cfg, apply_kw, extra = CASES[case]
+    t = tiny.wan(num_layers=1)
+    apply_isa(t, make_cfg(), **apply_kw)
+    x = _inputs(tiny, extra)
+    eager = tiny.run(t, x)
+    eager_stats = stats(t)
+    from isa_plugin.adapters import reset_stats
+
+    reset_stats(t)
+    torch._dynamo.reset()
+    compiled = torch.compile(t)
+    out = tiny.run(compiled, x)
+    assert (out - eager).abs().max().item() <= 1e-5
+    assert stats(t) == eager_stats  # counters still move under compile
+    if case == "bucketed-profile":  # another bucket: recompiled for the switched configs, still correct
+        reset_stats(t)
+        x2 = dict(x, timestep=torch.full_like(x["timestep"], 100))  # the dense bucket
+        out2 = tiny.run(compiled, x2)
+        assert (out2 - tiny.run(t, x2)).abs().max().item() <= 1e-5
+        assert stats(t)["blocks.0.attn1"]["reasons"] == {"layer left dense (no config)": 2}
+
+
+def test_fullgraph_compile(tiny):
+    t = tiny.wan(num_layers=1)
+    apply_isa(t, SPARSE, layout=WanICLLayout(2))
+    x = tiny.wan_inputs(frames=4)
+    eager = tiny.run(t, x)
+    torch._dynamo.reset()
+    out = tiny.run(torch.compile(t, fullgraph=True), x)
+    assert (out - eager).abs().max().item() <= 1e-5
+
+
+def test_compiled_at_several_sizes(tiny):
+    """A compiled model run at other frame counts and resolutions: recompiled or dynamic, still ISA, still right."""
+    t = tiny.wan(num_layers=1)
+    apply_isa(t, SPARSE, layout=WanICLLayout(2))
+    torch._dynamo.reset()
+    compiled = torch.compile(t)
+    calls = 0
+    for frames, size in ((4, 16), (6, 16), (4, 24)):
+        x = tiny.wan_inputs(frames=frames, size=size)
+        assert (tiny.run(compiled, x) - tiny.run(t, x)).abs().max().item() <= 1e-5
+        calls += 2
+        assert stats(t)["blocks.0.attn1"] == {"isa_calls": calls, "fallbacks": 0, "reasons": {}, "backends": {"reference": calls}}
+
+
+def test_remove_after_compile_restores_stock(tiny):
+    t = tiny.wan(num_layers=1)
+    x = tiny.wan_inputs(frames=4)
+    ref = tiny.run(t, x)
+    apply_isa(t, SPARSE, layout=WanICLLayout(2))
+    torch._dynamo.reset()
+    tiny.run(torch.compile(t), x)
+    remove_isa(t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch._dynamo.reset()
+        assert (tiny.run(torch.compile(t), x) - ref).abs().max().item() <= 1e-5
