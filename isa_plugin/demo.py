@@ -141,7 +141,10 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
     profile = ThresholdProfile.load(profile_path)
 
     cmp = compare_edit(pipe, profile, src, prompt, height=h, width=w, frames=f, steps=steps, seed=seed)
-    backends = sorted({("triton" if dev.type == "cuda" else "reference")})
+    served = {}
+    for s in cmp["isa"].stats.values():
+        for b, n in s.get("backends", {}).items():
+            served[b] = served.get(b, 0) + n
 
     layers = {}
     for name, settings in profile.layers.items():
@@ -162,7 +165,8 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
     run = lambda r: {"total_ms": r.total_ms, "attention_ms": r.attention_ms, "attention_calls": r.attention_calls}
     report = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "kernel_path": backends[0],
+        "kernel_path": max(served, key=served.get) if served else "none",
+        "isa_calls_by_backend": served,
         "model": model or f"random WanInContextEditPipeline ({size})",
         "preset": preset.to_dict(),
         "tokens_per_call": 2 * preset.tokens_per_video(),

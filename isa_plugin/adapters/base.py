@@ -190,9 +190,11 @@ class LayerStats:
 
     isa_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
+    backends: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"isa_calls": self.isa_calls, "fallbacks": sum(self.fallbacks.values()), "reasons": dict(self.fallbacks)}
+        return {"isa_calls": self.isa_calls, "fallbacks": sum(self.fallbacks.values()), "reasons": dict(self.fallbacks),
+                "backends": dict(self.backends)}
 
 
 class ISAState:
@@ -327,6 +329,10 @@ class ISAAttnProcessorBase:
         return f"{type(self).__name__}(layer={self.layer_name!r}, config={self.config!r})"
 
     # ------------------------------------------------------------ helpers for subclasses
+    def _count_isa(self, backend: str) -> None:
+        self.stats.isa_calls += 1
+        self.stats.backends[backend] += 1
+
     def _count_fallback(self, reason: str) -> None:
         self.stats.fallbacks[reason] += 1
 
@@ -424,7 +430,7 @@ class ISAAttnProcessorBase:
             return dense()
         out, info = isa_attention(q, k, v, layout, self.config, return_info=True)
         if info.used_isa:
-            self.stats.isa_calls += 1
+            self._count_isa(info.backend)
         else:
             self._count_fallback(info.reason or "dense")
         return out
@@ -887,7 +893,9 @@ def stats(pipe_or_transformer) -> Dict[str, Dict[str, Any]]:
     """Per layer: ISA calls, dense fallbacks and their reasons since apply (or the last :func:`reset_stats`).
 
     Returns:
-        ``{layer_name: {"isa_calls": int, "fallbacks": int, "reasons": {reason: count}}}``. For a pipeline
+        ``{layer_name: {"isa_calls": int, "fallbacks": int, "reasons": {reason: count},
+        "backends": {"triton" | "reference": count}}}`` (``backends`` says which implementation served
+        the ISA calls). For a pipeline
         with several transformers, layers of components other than ``transformer`` are prefixed
         ``"<component>/"`` (e.g. ``"transformer_2/blocks.0.attn1"``).
 
@@ -896,7 +904,7 @@ def stats(pipe_or_transformer) -> Dict[str, Dict[str, Any]]:
 
     Example:
         >>> isa_plugin.stats(pipe)["blocks.3.attn1"]
-        {'isa_calls': 8, 'fallbacks': 0, 'reasons': {}}
+        {'isa_calls': 8, 'fallbacks': 0, 'reasons': {}, 'backends': {'triton': 8}}
     """
     procs = isa_processors(pipe_or_transformer)
     if not procs:

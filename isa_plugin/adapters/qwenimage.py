@@ -156,16 +156,18 @@ def attend_with_key_mask(
     out = torch.empty_like(q)
     used = True
     fallback = None
+    backend = None
     for b, (keep, drop, lay) in enumerate(plan):
         qb, kb, vb = q[b : b + 1, keep], k[b : b + 1, keep], v[b : b + 1, keep]
         ob, info = isa_attention(qb, kb, vb, lay, proc.config, return_info=True)
         out[b, keep] = ob[0]
         if not info.used_isa:
             used, fallback = False, info.reason or "dense"
+        backend = info.backend
         if drop.numel():
             out[b, drop] = dense_attention(q[b : b + 1, drop], kb, vb)[0]
     if used:
-        proc.stats.isa_calls += 1
+        proc._count_isa(backend)
     else:
         proc._count_fallback(fallback)
     return out

@@ -75,7 +75,7 @@ def test_all_ratios_one_equals_stock(batch):
     out = _fwd(t, x)
     assert (out - ref).abs().max().item() <= 1e-5
     assert list(stats(t)) == LAYERS
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
 
 
 def test_fused_projections_equal_stock():
@@ -111,7 +111,7 @@ def test_default_ratios_use_isa_then_remove_restores():
     apply_isa(t, SPARSE)
     out = _fwd(t, x)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
     assert all(isinstance(p, FluxISAAttnProcessor) for p in t.attn_processors.values())
     assert t.state_dict().keys() == sd.keys() and all(torch.equal(t.state_dict()[k], v) for k, v in sd.items())
     remove_isa(t)
@@ -203,7 +203,7 @@ def test_kontext_pipeline_end_to_end():
     # the image stream is [noisy; context]: the context part is the same clean latents at every step
     assert torch.equal(inputs[0][:, n_target:], inputs[-1][:, n_target:])
     assert not torch.equal(inputs[0][:, :n_target], inputs[-1][:, :n_target])
-    assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}} for s in stats(pipe).values())
+    assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}, "backends": {"reference": 4}} for s in stats(pipe).values())
     remove_isa(pipe)
 
 

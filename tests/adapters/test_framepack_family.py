@@ -74,7 +74,7 @@ def test_all_ratios_one_equals_stock(batch, text_valid):
     out = _fwd(t, x)
     assert (out - ref).abs().max().item() <= 1e-5
     assert list(stats(t)) == LAYERS
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
 
 
 def test_dense_layers_reproduce_stock_bitwise():
@@ -95,7 +95,7 @@ def test_default_ratios_use_isa_refiner_untouched_then_remove_restores():
     apply_isa(t, SPARSE)
     out = _fwd(t, x)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
     after = _processors(t)
     assert after[REFINER] is before[REFINER]
     assert all(isinstance(after[n], FramepackISAAttnProcessor) for n in LAYERS)
@@ -199,7 +199,7 @@ def test_pipeline_end_to_end():
     ])
     assert len(seen) == len(LAYERS) * 2
     assert all(layout == expected and n == expected.num_tokens for n, layout in seen)
-    assert all(s == {"isa_calls": 2, "fallbacks": 0, "reasons": {}} for s in stats(pipe).values())
+    assert all(s == {"isa_calls": 2, "fallbacks": 0, "reasons": {}, "backends": {"reference": 2}} for s in stats(pipe).values())
     remove_isa(pipe)
 
 
@@ -223,7 +223,7 @@ def test_mask_analysed_once_per_forward(monkeypatch):
     _fwd(t, x)
     _fwd(t, x)
     assert len(calls) == 2  # one per transformer call, shared by its 4 layers
-    assert all(s == {"isa_calls": 2, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 2, "fallbacks": 0, "reasons": {}, "backends": {"reference": 2}} for s in stats(t).values())
 
 
 def test_observe_attention_is_stock_and_sees_layouts():

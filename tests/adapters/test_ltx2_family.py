@@ -34,7 +34,7 @@ def test_all_ratios_one_equals_stock(tiny, kw, batch):
     v, a = _fwd(t, x)
     assert (v - ref_v).abs().max().item() <= 1e-5
     assert (a - ref_a).abs().max().item() <= 1e-5
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
 
 
 def test_default_ratios_video_self_attention_only_and_removal(tiny):

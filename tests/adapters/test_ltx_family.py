@@ -32,7 +32,7 @@ def test_all_ratios_one_equals_stock(tiny, batch):
     apply_isa(t, tiny.EXACT)  # layout inferred from video_coords
     out = _fwd(t, x)
     assert (out - ref).abs().max().item() <= 1e-5
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
 
 
 def test_default_ratios_self_attention_only_and_removal(tiny):

@@ -71,7 +71,7 @@ def test_all_ratios_one_equals_stock(batch, text_valid, zero_cond_t):
     out = _fwd(t, x)
     assert (out - ref).abs().max().item() <= 1e-5
     assert list(stats(t)) == LAYERS
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
 
 
 def _stock_and_isa_processor_outputs(config, text_valid):
@@ -131,7 +131,7 @@ def test_default_ratios_use_isa_then_remove_restores():
     apply_isa(t, SPARSE)
     out = _fwd(t, x)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
     assert t.state_dict().keys() == sd.keys() and all(torch.equal(t.state_dict()[k], v) for k, v in sd.items())
     remove_isa(t)
     assert all(p is before[k] for k, p in t.attn_processors.items())
@@ -231,7 +231,7 @@ def test_edit_pipelines_end_to_end(cls_name):
     # the image stream is [noisy; condition images]: the condition part is the same at every step
     assert torch.equal(inputs[0][:, n_target:], inputs[-1][:, n_target:])
     assert not torch.equal(inputs[0][:, :n_target], inputs[-1][:, :n_target])
-    assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}} for s in stats(pipe).values())
+    assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}, "backends": {"reference": 4}} for s in stats(pipe).values())
     remove_isa(pipe)
 
 

@@ -22,7 +22,7 @@ def test_all_ratios_one_equals_stock(tiny, batch, position):
     apply_isa(t, tiny.EXACT, layout=WanICLLayout(context_frames=2, position=position))
     out = _fwd(t, x)
     assert (out - ref).abs().max().item() <= 1e-5
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}} for s in stats(t).values())
+    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
 
 
 def test_default_ratios_use_isa_on_self_attention_only(tiny):
