@@ -187,10 +187,14 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
         "versions": profile.calibrated_on.get("versions", {}),
     }
     frames = _side_by_side(src, cmp["dense"].frames, cmp["isa"].frames)
-    write_video(out / "side_by_side.mp4", frames, fps=8)
+    try:
+        video_path = write_video(out / "side_by_side.mp4", frames, fps=8)
+    except Exception as e:  # no ffmpeg backend for imageio on this machine: a GIF needs only Pillow
+        logger.warning("cannot write mp4 (%s: %s); writing a GIF instead", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        video_path = write_video(out / "side_by_side.gif", frames, fps=8)
     _plot(report, out / "plot.png")
-    report["files"] = {k: str(out / v) for k, v in
-                       (("profile", "profile.yaml"), ("video", "side_by_side.mp4"), ("plot", "plot.png"), ("report", "report.json"))}
+    report["files"] = {"profile": str(profile_path), "video": str(video_path), "plot": str(out / "plot.png"),
+                       "report": str(out / "report.json")}
     report["wall_s"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
