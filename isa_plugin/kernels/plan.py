@@ -28,7 +28,7 @@ import torch
 
 from ..config import ISAConfig
 from ..layout import CONTEXT, TARGET, TEXT, BlockLayout
-from .reference import ISAPlan, _ceil_count
+from .reference import ISAPlan
 
 __all__ = ["CompactPlan", "plan_compact", "plan_compact_from_pooled", "compact_from_reference", "compact_to_reference"]
 
