@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 
@@ -69,7 +68,6 @@ def isa_case(q, k, v, layout, cfg, exact_backend, overlap, gen):
     import triton
 
     dev = q.device
-    H = q.shape[2]
     # correctness first, on the same plan
     cp = plan_compact(q, k, layout, cfg, v=v)
     out = execute_compact(q, k, v, cp, exact_backend=exact_backend, overlap=overlap)

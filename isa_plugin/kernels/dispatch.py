@@ -34,7 +34,7 @@ def triton_ineligible(q: torch.Tensor, config) -> Optional[str]:
     if major < 8:
         return f"compute capability {major}.x is too old; the kernels need 8.0 or newer (Ampere, Ada, Hopper)"
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (availability check)
     except Exception as e:  # pragma: no cover - environment
         return f"triton is not importable ({e})"
     return None

@@ -113,7 +113,6 @@ def _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compa
 
 def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale, mem_budget_bytes):
     B, N, H, D = q.shape
-    nb = cp.exact_q.shape[-1]
     bs = cp.blocks.block_size
     dev = q.device
     kmax = cp.kv_list.shape[-1]

@@ -19,9 +19,7 @@ Grid: (number of work items,). Items are ordered heavy first by the host, so une
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -100,7 +98,6 @@ def _isa_attn_fwd_kernel(
     q_start = tl.load(STARTS + i_qb).to(tl.int64)
     q_cnt = tl.where(valid, tl.load(COUNTS + i_qb), 0)
     o_m = tl.arange(0, BLOCK)
-    o_n = tl.arange(0, BLOCK)
     o_d = tl.arange(0, D)
     m_m = o_m < q_cnt
 
