@@ -159,7 +159,7 @@ def test_processor_served_by_kernels(dtype):
     exact = _run(t, x)
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     assert (exact.float() - dense.float()).abs().max().item() < tol
-    assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values()), stats(t)
+    assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 and s["backends"] == {"triton": 1} for s in stats(t).values()), stats(t)
 
 
 def test_processor_head_dim_the_kernels_do_not_take_falls_back_counted():
@@ -195,7 +195,7 @@ def test_compile_with_kernels_no_graph_break_inside_attention():
 
     reset_stats(t)
     out = _run(torch.compile(t), x)
-    assert stats(t)["blocks.0.attn1"] == {"isa_calls": 1, "fallbacks": 0, "reasons": {}}
+    assert stats(t)["blocks.0.attn1"] == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"triton": 1}}
     rel = ((out.float() - eager.float()).abs().sum() / eager.float().abs().sum()).item()
     assert rel < 1e-2, rel
     assert math.isfinite(rel)
