@@ -552,7 +552,7 @@ def _edit(pipe, h, w, f):
     video = torch.rand(f, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return pipe("edit", video=video, height=h, width=w, num_frames=f, num_inference_steps=2, guidance_scale=1.0,
-                    output_type="latent").frames
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
 
 
 def test_profile_records_calibrated_size(calibrated):
@@ -622,3 +622,48 @@ def test_two_transformers_with_different_profiles_in_one_process(tiny):
     assert isa_processors(b)["blocks.0.attn1"].config.alpha_s == (1.0, 0.5, 0.5, 1.0)
     assert stats(a)["blocks.1.attn1"] == {"isa_calls": 2, "fallbacks": 0, "reasons": {}, "backends": {"reference": 2}}
     assert stats(b)["blocks.1.attn1"] == {"isa_calls": 0, "fallbacks": 2, "reasons": {"layer left dense (no config)": 2}, "backends": {}}
+
+
+def test_two_pipelines_with_different_profiles_in_one_process(calibrated, tiny):
+    """Two ICL pipelines, one with its calibrated profile, one with a uniform profile of another shape."""
+    from isa_plugin import apply_isa, remove_isa, stats
+    from isa_plugin.pipelines.tiny import TinyPreset, build_tiny_wan_icl_pipeline
+
+    pipe_a, prof_a = calibrated
+    pipe_b = build_tiny_wan_icl_pipeline(TinyPreset(heads=4, head_dim=16, layers=3, height=64, width=64, frames=9, block_size=16, steps=2), seed=3)
+    pipe_b.set_progress_bar_config(disable=True)
+    names_b = [f"blocks.{i}.attn1" for i in range(3)]
+    prof_b = ThresholdProfile.uniform(names_b, ISAConfig(alpha_s=0.5, alpha_f=0.5, alpha_ns=0.25, block_size=16),
+                                      calibrated_on={"transformer_class": "WanTransformer3DModel", "config_hash": config_hash(pipe_b.transformer)})
+    with pytest.raises(ValueError, match="config hash"):
+        apply_isa(pipe_b, prof_a)
+    with pytest.raises(ValueError):
+        apply_isa(pipe_a, prof_b)
+    alone = {}
+    for p, prof in ((pipe_a, prof_a), (pipe_b, prof_b)):
+        apply_isa(p, prof)
+        alone[id(p)] = _edit(p, 64, 64, 9)
+        remove_isa(p)
+    apply_isa(pipe_a, prof_a)
+    apply_isa(pipe_b, prof_b)
+    try:
+        for p in (pipe_b, pipe_a, pipe_b):
+            assert torch.equal(_edit(p, 64, 64, 9), alone[id(p)])
+        assert set(stats(pipe_b)) == set(names_b) and all(s["isa_calls"] == 4 for s in stats(pipe_b).values())
+        assert set(stats(pipe_a)) == set(NAMES)
+    finally:
+        remove_isa(pipe_a)
+        remove_isa(pipe_b)
+
+
+def test_profile_without_recorded_size_does_not_warn(tiny):
+    from isa_plugin import apply_isa, stats
+    from isa_plugin.adapters.wan import WanICLLayout
+
+    t = tiny.wan()
+    apply_isa(t, _wan_profile(t), layout=WanICLLayout(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for frames, size in ((4, 16), (6, 24)):
+            tiny.run(t, tiny.wan_inputs(frames=frames, size=size))
+    assert stats(t)["blocks.0.attn1"]["isa_calls"] == 2
