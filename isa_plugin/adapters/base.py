@@ -143,8 +143,22 @@ class CallContext:
         if self.layout is None or isinstance(self.layout, Layout):
             return self.layout
         if seq_len not in self._cache:
-            self._cache[seq_len] = self.layout(seq_len)
+            self._cache[seq_len] = _call_layout(self.layout, seq_len)
         return self._cache[seq_len]
+
+
+def _call_layout(fn: Callable[[int], Optional[Layout]], seq_len: int) -> Optional[Layout]:
+    """``fn(seq_len)``; a callable that raises or returns something other than a Layout gives None
+    (the call runs dense, counted as ``"layout unknown"``), as a failing :class:`LayoutProvider` does."""
+    try:
+        out = fn(seq_len)
+    except Exception as exc:
+        logger.warning("ISA layout callable %r failed for %d tokens (%s); this call runs dense attention", fn, seq_len, exc)
+        return None
+    if out is not None and not isinstance(out, Layout):
+        logger.warning("ISA layout callable %r returned %r, not a Layout; this call runs dense attention", fn, out)
+        return None
+    return out
 
 
 class LayoutProvider:
@@ -359,7 +373,7 @@ class ISAAttnProcessorBase:
             return None
         if isinstance(self.layout, Layout):
             return self.layout
-        return self.layout(seq_len)
+        return _call_layout(self.layout, seq_len)
 
     def _why_dense(self, q: torch.Tensor, layout: Optional[Layout], attention_mask, parallel_config) -> Optional[str]:
         if self.force_dense:

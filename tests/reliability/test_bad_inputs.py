@@ -667,3 +667,38 @@ def test_profile_without_recorded_size_does_not_warn(tiny):
         for frames, size in ((4, 16), (6, 24)):
             tiny.run(t, tiny.wan_inputs(frames=frames, size=size))
     assert stats(t)["blocks.0.attn1"]["isa_calls"] == 2
+
+
+class _RaisingProvider:
+    def __call__(self, transformer, arguments):
+        raise KeyError("no such argument")
+
+
+class _GarbageProvider:
+    def __call__(self, transformer, arguments):
+        return "target then context"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [lambda n: 1 / 0, lambda n: "garbage", lambda n: [("target", n)], "raising-provider", "garbage-provider"],
+    ids=["callable-raises", "callable-returns-str", "callable-returns-list", "provider-raises", "provider-returns-str"],
+)
+def test_broken_layout_callables_and_providers_run_dense_counted(tiny, spec, caplog):
+    """A user's layout callable or provider that fails never breaks generation: dense, counted, logged."""
+    from isa_plugin import apply_isa, stats
+    from isa_plugin.adapters.base import LayoutProvider
+
+    if spec == "raising-provider":
+        spec = type("P", (_RaisingProvider, LayoutProvider), {})()
+    elif spec == "garbage-provider":
+        spec = type("P", (_GarbageProvider, LayoutProvider), {})()
+    t = tiny.wan(num_layers=1)
+    x = tiny.wan_inputs(frames=4)
+    ref = tiny.run(t, x)
+    apply_isa(t, SPARSE, layout=spec)
+    with caplog.at_level("WARNING", logger="isa_plugin"):
+        out = tiny.run(t, x)
+    assert torch.equal(out, ref)
+    assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout unknown": 1}
+    assert "this call runs dense attention" in caplog.text
