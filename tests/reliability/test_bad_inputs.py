@@ -702,3 +702,20 @@ def test_broken_layout_callables_and_providers_run_dense_counted(tiny, spec, cap
     assert torch.equal(out, ref)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout unknown": 1}
     assert "this call runs dense attention" in caplog.text
+
+
+def test_dtype_changed_after_apply(tiny):
+    """apply_isa, then the model is cast to bfloat16: ISA keeps serving (thresholds are plain attributes)."""
+    from isa_plugin import apply_isa, stats
+
+    t = tiny.wan()
+    x = tiny.wan_inputs(frames=4)
+    dense = tiny.run(t, x)
+    _apply(t, EXACT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers warns about casting fp32-kept modules
+        t.to(torch.bfloat16)
+    xb = {n: (v.to(torch.bfloat16) if v.is_floating_point() else v) for n, v in x.items()}
+    out = tiny.run(t, xb)
+    assert out.dtype == torch.bfloat16 and (out.float() - dense).abs().max().item() < 0.1
+    assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())

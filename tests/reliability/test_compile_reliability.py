@@ -133,3 +133,18 @@ def test_remove_after_compile_restores_stock(tiny):
         warnings.simplefilter("ignore")
         torch._dynamo.reset()
         assert (tiny.run(torch.compile(t), x) - ref).abs().max().item() <= 1e-5
+
+
+def test_regional_compile_after_apply(tiny):
+    """diffusers' ``compile_repeated_blocks`` (blocks compiled in place) after ``apply_isa``."""
+    from isa_plugin.adapters import reset_stats
+
+    t = tiny.wan(num_layers=2)
+    x = tiny.wan_inputs(frames=4)
+    apply_isa(t, SPARSE, layout=WanICLLayout(2))
+    eager = tiny.run(t, x)
+    reset_stats(t)
+    torch._dynamo.reset()
+    t.compile_repeated_blocks()
+    assert (tiny.run(t, x) - eager).abs().max().item() <= 1e-5
+    assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())
