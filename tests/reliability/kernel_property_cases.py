@@ -127,3 +127,45 @@ def test_kernels_all_ones_are_dense(p):
     out = torch.full_like(q, float("nan"))
     executor.execute_compact(q, k, v, cp, exact_backend="triton", out=out)
     assert (out.double() - dense_attention_reference(q.double(), k.double(), v.double())).abs().max().item() < 1e-4
+
+
+_SHARE = pytest.mark.skipif(not getattr(__import__("isa_plugin.kernels.dispatch", fromlist=["x"]), "SUPPORTS_SHARE_PLAN", False),
+                            reason="the kernels do not implement share_plan (isa_attention runs the reference)")
+
+
+@_SHARE
+@SETTINGS
+@given(problems(dtypes=(torch.float32,)))
+def test_kernel_planner_share_plan_matches_reference(p):
+    """share_plan: the compact planner gives every entry the reference's plan of the batch-mean block means."""
+    q, k, v, layout, cfg = p
+    cfg = cfg.replace(share_plan=True)
+    blocks = layout.blocks(cfg.block_size)
+    assume(_context_contiguous(blocks))  # see test_planner_float64_means_with_split_context
+    qbar, kbar = pool_blocks(q.double(), blocks), pool_blocks(k.double(), blocks)
+    ref = plan_from_pooled(qbar, kbar, blocks, cfg, 64 ** -0.5)
+    got = kplan.compact_to_reference(kplan.plan_compact_from_pooled(qbar, kbar, blocks, cfg, 64 ** -0.5))
+    for f in ("kv_keep", "exact_query", "exact_kv"):
+        assert torch.equal(getattr(ref, f), getattr(got, f)), f
+        assert all(torch.equal(getattr(got, f)[0], getattr(got, f)[i]) for i in range(q.shape[0])), f
+
+
+@_SHARE
+@SETTINGS
+@given(problems())
+def test_kernel_op_share_plan_executes_its_plan(p):
+    """The custom op with share_plan: one plan for all entries (from the kernels' planner), each entry
+    executed with its own tokens and pseudo-keys, as the reference semantics of that plan."""
+    from isa_plugin.kernels.ops import isa_attention_kernels
+
+    q, k, v, layout, cfg = p
+    cfg = cfg.replace(share_plan=True)
+    out = isa_attention_kernels(q, k, v, layout, cfg, exact_backend="triton")
+    cp = kplan.plan_compact(q, k, layout, cfg, v=v)
+    plan = kplan.compact_to_reference(cp)
+    assert all(torch.equal(plan.exact_kv[0], plan.exact_kv[i]) for i in range(q.shape[0]))
+    rows = torch.arange(layout.num_tokens)
+    ref = plan_rows(q.double(), k.double(), v.double(), plan, rows)
+    base = plan_rows(q, k, v, plan, rows, lowp=True) if q.dtype != torch.float32 else execute_plan_reference(q, k, v, plan).double()
+    ok, err, berr = check_close(out, ref, base, atol=1e-5 if q.dtype == torch.float32 else 2e-4)
+    assert ok, f"kernel error {err:.3e} vs torch-{q.dtype} error {berr:.3e} ({layout}, {cfg})"
