@@ -23,7 +23,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 __all__ = ["main", "command", "register_command", "CLIError", "EXTENSION_MODULES", "load_pipeline"]
 

@@ -410,6 +410,20 @@ class ISAAttnProcessorBase:
                 return f"ISA kernels unavailable: {why}"
         return None
 
+    def _dispatch_dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor] = None) -> Callable[[], torch.Tensor]:
+        """The stock attention call as a zero-argument callable (for :meth:`_attend`'s ``dense``):
+        diffusers' ``dispatch_attention_fn`` with this processor's backend and parallel config."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        def dense() -> torch.Tensor:
+            return dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+
+        return dense
+
     def _attend(
         self,
         q: torch.Tensor,

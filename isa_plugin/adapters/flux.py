@@ -71,8 +71,6 @@ class FluxISAAttnProcessor(ISAAttnProcessorBase):
         attention_mask: Optional[torch.Tensor] = None,
         image_rotary_emb: Optional[torch.Tensor] = None,
     ):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
             enc_q = enc_k = enc_v = None
@@ -107,15 +105,7 @@ class FluxISAAttnProcessor(ISAAttnProcessorBase):
 
         parallel_config = self._parallel_config
 
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                backend=self._attention_backend,
-                parallel_config=parallel_config,
-            )
+        dense = self._dispatch_dense(query, key, value, attention_mask)
 
         out = self._attend(query, key, value, dense, attention_mask=attention_mask, parallel_config=parallel_config)
         out = out.flatten(2, 3).to(query.dtype)

@@ -75,8 +75,6 @@ class FramepackISAAttnProcessor(ISAAttnProcessorBase):
         attention_mask: Optional[torch.Tensor] = None,
         image_rotary_emb: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         single = attn.add_q_proj is None
         n_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
         if single and encoder_hidden_states is not None:
@@ -113,17 +111,7 @@ class FramepackISAAttnProcessor(ISAAttnProcessorBase):
 
         parallel_config = self._parallel_config
 
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=parallel_config,
-            )
+        dense = self._dispatch_dense(query, key, value, attention_mask)
 
         key_valid = _key_valid(attention_mask, query.shape[:2])
         if attention_mask is not None and key_valid is None:

@@ -54,8 +54,6 @@ class LTXISAAttnProcessor(ISAAttnProcessorBase):
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:
             return self._delegate("cross-attention call", attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         batch_size, sequence_length, _ = hidden_states.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
@@ -78,17 +76,7 @@ class LTXISAAttnProcessor(ISAAttnProcessorBase):
 
         parallel_config = self._parallel_config
 
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=parallel_config,
-            )
+        dense = self._dispatch_dense(query, key, value, attention_mask)
 
         hidden_states = self._attend(query, key, value, dense, attention_mask=attention_mask, parallel_config=parallel_config)
         hidden_states = hidden_states.flatten(2, 3)

@@ -75,8 +75,6 @@ class LTX2ISAAttnProcessor(ISAAttnProcessorBase):
     """
 
     def _self_attention(self, attn, hidden_states, attention_mask, query_rotary_emb, key_rotary_emb, value=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         batch_size, sequence_length, _ = hidden_states.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
@@ -100,17 +98,7 @@ class LTX2ISAAttnProcessor(ISAAttnProcessorBase):
 
         parallel_config = self._parallel_config
 
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=parallel_config,
-            )
+        dense = self._dispatch_dense(query, key, value, attention_mask)
 
         out = self._attend(query, key, value, dense, attention_mask=attention_mask, parallel_config=parallel_config)
         return out.flatten(2, 3).to(query.dtype)

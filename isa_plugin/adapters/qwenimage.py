@@ -201,8 +201,6 @@ class QwenImageISAAttnProcessor(ISAAttnProcessorBase):
         attention_mask: Optional[torch.FloatTensor] = None,
         image_rotary_emb: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         if encoder_hidden_states is None:
             raise ValueError(f"{type(self).__name__} requires encoder_hidden_states (the text stream)")
         if attention_mask is not None:
@@ -248,17 +246,7 @@ class QwenImageISAAttnProcessor(ISAAttnProcessorBase):
 
         parallel_config = self._parallel_config
 
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=parallel_config,
-            )
+        dense = self._dispatch_dense(query, key, value, attention_mask)
 
         out = attend_with_key_mask(
             self, query, key, value, key_valid, dense, parallel_config=parallel_config, mask_source=encoder_hidden_states_mask

@@ -76,8 +76,6 @@ class WanISAAttnProcessor(ISAAttnProcessorBase):
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attn.add_k_proj is not None:
             return self._delegate("cross-attention call", attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -98,17 +96,7 @@ class WanISAAttnProcessor(ISAAttnProcessorBase):
 
         parallel_config = self._parallel_config
 
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=parallel_config,
-            )
+        dense = self._dispatch_dense(query, key, value, attention_mask)
 
         hidden_states = self._attend(query, key, value, dense, attention_mask=attention_mask, parallel_config=parallel_config)
         hidden_states = hidden_states.flatten(2, 3)

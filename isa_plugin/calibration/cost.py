@@ -172,9 +172,8 @@ def setting_pairs(alpha_s: float, alpha_f: float, alpha_ns: float, tokens: Mappi
     ⌈α_ns·K'⌉ exact key blocks per Taylor query block; text queries exact, text keys always exact.
     """
     tt, tc, tx = tokens.get("target", 0.0), tokens.get("context", 0.0), tokens.get("text", 0.0)
-    bt, bc, bx = blocks.get("target", 0.0), blocks.get("context", 0.0), blocks.get("text", 0.0)
+    bt, bc = blocks.get("target", 0.0), blocks.get("context", 0.0)
     per_c = tc / bc if bc else 0.0
-    per_t = tt / bt if bt else 0.0
     kept = _count(alpha_s, bc)
     kv_tokens = tt + tx + kept * per_c
     kprime = bt + kept  # non-text KV' blocks

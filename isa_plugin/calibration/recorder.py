@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -228,7 +227,6 @@ def record(pipe, videos: Sequence[VideoArg], prompts: Union[str, Sequence[str], 
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     observer = StatsObserver(stats, recorded, on_step=(lambda s: bar.update(1)) if bar is not None else None)
-    device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
     shape = None
     skipped = set()
     try:

@@ -36,7 +36,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..config import ISAConfig
 from ..layout import CONTEXT, TARGET, TEXT, Layout
 from ..kernels.reference import pool_blocks
 

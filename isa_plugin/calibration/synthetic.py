@@ -183,9 +183,8 @@ class SyntheticModel:
         """q, k, v [1, N, H, D] and the :class:`Layout` of one layer on one sample."""
         s = self.spec
         prm = {k: v.to(device) for k, v in self.params[layer].items()}
-        H, D = s.heads, s.head_dim
+        D = s.head_dim
         tgt, ctx, txt = self.content(sample_seed, device=device, noise=noise)
-        n = s.tokens_per_video
         pos = _grid_positions(s.frames, s.height, s.width, device)
         ang = _rope_angles(pos, D, s.rope_theta)
         # positional energy sits in the pairs that rotate within the grid (as trained q/k put it there)
