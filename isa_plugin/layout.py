@@ -91,7 +91,7 @@ class Layout:
                 kind, length = item
             except (TypeError, ValueError):
                 raise ValueError(f"Layout span {i} is {item!r}; expected a (kind, length) pair such as ('target', 1024)") from None
-            if kind not in SPAN_KINDS:
+            if not isinstance(kind, str) or kind not in SPAN_KINDS:
                 raise ValueError(f"Layout span {i} has kind {kind!r}; supported kinds: {sorted(SPAN_KINDS)}")
             if isinstance(length, bool) or not isinstance(length, int):
                 try:
