@@ -163,7 +163,7 @@ def test_processor_served_by_kernels(dtype):
     apply_isa(t, ISAConfig(alpha_s=1.0, alpha_f=1.0, alpha_ns=1.0, block_size=32), layout=WanICLLayout(2))
     exact = _run(t, x)
     rel = ((exact.float() - dense.float()).abs().sum() / dense.float().abs().sum()).item()
-    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+    assert rel < (1e-4 if dtype == torch.float32 else 2e-2), rel
     assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 and s["backends"] == {"triton": 1} for s in stats(t).values()), stats(t)
 
 
