@@ -20,8 +20,6 @@ from ..layout import Layout
 
 __all__ = ["isa_attention_op", "pool_blocks_op", "isa_attention_kernels"]
 
-_KIND_NAMES = {0: "target", 1: "context", 2: "text"}
-
 
 @torch.library.custom_op("isa_plugin::pool_blocks", mutates_args=())
 def pool_blocks_op(x: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -55,7 +53,7 @@ def isa_attention_op(
     from .executor import execute_compact
     from .plan import plan_compact
 
-    layout = Layout([(_KIND_NAMES[int(kd)], int(n)) for kd, n in zip(span_kinds, span_lens)])
+    layout = Layout.decode(span_kinds, span_lens)
 
     def r(x):
         return x[0] if len(x) == 1 else tuple(x)
@@ -75,15 +73,13 @@ def _(q, k, v, span_kinds, span_lens, alpha_s, alpha_f, alpha_ns, block_size, sh
 
 def isa_attention_kernels(q, k, v, layout: Layout, config: ISAConfig, scale=None, exact_backend: str = "auto"):
     """ISA through the custom op (plan + execute). q, k, v: [B, N, H, D]; returns [B, N, H, D]."""
-    from ..layout import SPAN_KINDS
-
     def lst(x):
         return [float(a) for a in x] if isinstance(x, tuple) else [float(x)]
 
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return isa_attention_op(
         q, k, v,
-        [SPAN_KINDS[kd] for kd, _ in layout.spans], [int(n) for _, n in layout.spans],
+        *layout.encode(),
         lst(config.alpha_s), lst(config.alpha_f), lst(config.alpha_ns),
         int(config.block_size), config.sharpness, float(config.topk_fraction), sc, exact_backend,
     )
