@@ -15,6 +15,8 @@ import torch
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: the compact planner implements ISAConfig.share_plan (one plan from the batch-mean block means)
+SUPPORTS_SHARE_PLAN = True
 
 
 def triton_ineligible(q: torch.Tensor, config) -> Optional[str]:

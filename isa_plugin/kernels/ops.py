@@ -1,7 +1,8 @@
 """``torch.library`` custom ops wrapping the ISA kernels, so ``torch.compile`` sees opaque nodes.
 
 - ``isa_plugin::isa_attention(q, k, v, span_kinds, span_lens, alpha_s, alpha_f, alpha_ns, block_size,
-  sharpness, topk_fraction, scale, exact_backend) -> out``: plan and execute, q/k/v/out [B, N, H, D].
+  sharpness, topk_fraction, scale, exact_backend, share_plan=False) -> out``: plan and execute, q/k/v/out
+  [B, N, H, D]; with ``share_plan`` one plan from the batch-mean block means serves every batch entry.
 - ``isa_plugin::pool_blocks(x, starts, counts, block_size) -> [B, H, nb, D] float32``.
 
 The layout travels as two int lists (span kinds 0 target / 1 context / 2 text, and span lengths), the
@@ -49,6 +50,7 @@ def isa_attention_op(
     topk_fraction: float,
     scale: float,
     exact_backend: str,
+    share_plan: bool = False,
 ) -> torch.Tensor:
     from .executor import execute_compact
     from .plan import plan_compact
@@ -60,14 +62,15 @@ def isa_attention_op(
 
     config = ISAConfig(
         alpha_s=r(alpha_s), alpha_f=r(alpha_f), alpha_ns=r(alpha_ns), block_size=block_size,
-        sharpness=sharpness, topk_fraction=topk_fraction, backend="triton",
+        sharpness=sharpness, topk_fraction=topk_fraction, backend="triton", share_plan=share_plan,
     )
     cp = plan_compact(q, k, layout, config, scale, v=v, _defer=True)
     return execute_compact(q, k, v, cp, scale, exact_backend=exact_backend)
 
 
 @isa_attention_op.register_fake
-def _(q, k, v, span_kinds, span_lens, alpha_s, alpha_f, alpha_ns, block_size, sharpness, topk_fraction, scale, exact_backend):
+def _(q, k, v, span_kinds, span_lens, alpha_s, alpha_f, alpha_ns, block_size, sharpness, topk_fraction, scale, exact_backend,
+      share_plan=False):
     return torch.empty_like(q)
 
 
@@ -81,5 +84,5 @@ def isa_attention_kernels(q, k, v, layout: Layout, config: ISAConfig, scale=None
         q, k, v,
         *layout.encode(),
         lst(config.alpha_s), lst(config.alpha_f), lst(config.alpha_ns),
-        int(config.block_size), config.sharpness, float(config.topk_fraction), sc, exact_backend,
+        int(config.block_size), config.sharpness, float(config.topk_fraction), sc, exact_backend, bool(config.share_plan),
     )

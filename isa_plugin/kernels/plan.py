@@ -251,12 +251,16 @@ def _plan_stage1(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: floa
     dev = qbar.device
     st = _static(blocks, config, H, dev)
     blocks = st.blocks
+    if config.share_plan and B > 1:  # one plan for the batch, from the batch-mean block means (k̄, v̄ of
+        # the pseudo-keys stay per entry); planning the identical rows B times keeps every shape as is
+        qbar = qbar.mean(0, keepdim=True).expand_as(qbar).contiguous()
+        kbar = kbar.mean(0, keepdim=True).expand_as(kbar).contiguous()
 
     logits = torch.matmul(qbar, kbar.transpose(-1, -2)).mul_(scale)  # [B, H, nb, nb]
     P = torch.softmax(logits, dim=-1)
 
     # step 4: context pre-selection
-    saliency = torch.zeros(B, H, nb, device=dev, dtype=torch.float32)
+    saliency = torch.zeros(B, H, nb, device=dev, dtype=P.dtype)
     kv_keep = st.kv_base.expand(B, H, nb).clone()
     if st.n_c:
         sal_c = torch.matmul(st.is_t.to(P.dtype), P[..., st.c_idx])  # [B, H, C]
@@ -284,7 +288,7 @@ def _plan_stage1(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: floa
     cp = CompactPlan(
         blocks=blocks, kv_keep=kv_keep, kv_list=kv_list.to(torch.int32), kv_len=kv_len.to(torch.int32),
         kv_full=kv_full.to(torch.int32), exact_q=exact_q, tsel=None, tsel_len=None, approx=None,
-        sharpness=sharp.float(), saliency=saliency, host=st.host,
+        sharpness=sharp.float(), saliency=saliency.float(), host=st.host,
     )
     cp._pending = (logits, kv_list, kv_len, st)
     return cp
