@@ -481,9 +481,14 @@ class FamilyAdapter:
         """Ordered mapping layer name (module path) -> attention module that ISA serves."""
         raise NotImplementedError
 
+    #: the processor class :meth:`make_processor` builds by default
+    processor_class: Optional[type] = None
+
     def make_processor(self, layer_name: str, module: torch.nn.Module, config: Optional[ISAConfig], original: Any) -> ISAAttnProcessorBase:
-        """The ISA processor replacing ``original`` on ``module``."""
-        raise NotImplementedError
+        """The ISA processor replacing ``original`` on ``module`` (default: :attr:`processor_class`)."""
+        if self.processor_class is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no processor_class and does not override make_processor")
+        return self.processor_class(config, layer_name=layer_name, original=original)
 
     def layout_for_call(self, transformer: torch.nn.Module, arguments: Mapping[str, Any]):
         """Layout inferred from the forward arguments alone (None: unknown). See :class:`LayoutProvider`."""

@@ -164,6 +164,7 @@ class FluxAdapter(FamilyAdapter):
     name = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
     stock_processor_names = ("FluxAttnProcessor",)
+    processor_class = FluxISAAttnProcessor
 
     def self_attention_layers(self, transformer):
         layers = OrderedDict()
@@ -172,9 +173,6 @@ class FluxAdapter(FamilyAdapter):
         for i, blk in enumerate(transformer.single_transformer_blocks):
             layers[f"single_transformer_blocks.{i}.attn"] = blk.attn
         return layers
-
-    def make_processor(self, layer_name, module, config, original):
-        return FluxISAAttnProcessor(config, layer_name=layer_name, original=original)
 
     def layout_for_call(self, transformer, arguments: Mapping[str, Any]) -> Optional[Layout]:
         return flux_layout(arguments.get("encoder_hidden_states"), arguments.get("hidden_states"), arguments.get("img_ids"))

@@ -213,6 +213,7 @@ class FramepackAdapter(FamilyAdapter):
     name = "framepack"
     transformer_classes = ("HunyuanVideoFramepackTransformer3DModel",)
     stock_processor_names = ("HunyuanVideoAttnProcessor2_0",)
+    processor_class = FramepackISAAttnProcessor
 
     def self_attention_layers(self, transformer):
         layers = OrderedDict()
@@ -221,9 +222,6 @@ class FramepackAdapter(FamilyAdapter):
         for i, blk in enumerate(transformer.single_transformer_blocks):
             layers[f"single_transformer_blocks.{i}.attn"] = blk.attn
         return layers
-
-    def make_processor(self, layer_name, module, config, original):
-        return FramepackISAAttnProcessor(config, layer_name=layer_name, original=original)
 
     def layout_for_call(self, transformer, arguments: Mapping[str, Any]) -> Optional[Callable[[int], Optional[Layout]]]:
         spans = framepack_video_spans(transformer, arguments)

@@ -119,12 +119,10 @@ class LTXAdapter(FamilyAdapter):
     name = "ltx"
     transformer_classes = ("LTXVideoTransformer3DModel",)
     stock_processor_names = ("LTXVideoAttnProcessor",)
+    processor_class = LTXISAAttnProcessor
 
     def self_attention_layers(self, transformer):
         return OrderedDict((f"transformer_blocks.{i}.attn1", blk.attn1) for i, blk in enumerate(transformer.transformer_blocks))
-
-    def make_processor(self, layer_name, module, config, original):
-        return LTXISAAttnProcessor(config, layer_name=layer_name, original=original)
 
     def layout_for_call(self, transformer, arguments: Mapping[str, Any]):
         return ltx_prefix_layout(arguments.get("hidden_states"), arguments.get("video_coords"))

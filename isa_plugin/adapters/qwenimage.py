@@ -308,12 +308,10 @@ class QwenImageAdapter(FamilyAdapter):
     name = "qwenimage"
     transformer_classes = ("QwenImageTransformer2DModel",)
     stock_processor_names = ("QwenDoubleStreamAttnProcessor2_0",)
+    processor_class = QwenImageISAAttnProcessor
 
     def self_attention_layers(self, transformer):
         return OrderedDict((f"transformer_blocks.{i}.attn", blk.attn) for i, blk in enumerate(transformer.transformer_blocks))
-
-    def make_processor(self, layer_name, module, config, original):
-        return QwenImageISAAttnProcessor(config, layer_name=layer_name, original=original)
 
     def layout_for_call(self, transformer, arguments: Mapping[str, Any]) -> Optional[Layout]:
         return qwen_image_layout(arguments.get("encoder_hidden_states"), arguments.get("hidden_states"), arguments.get("img_shapes"))

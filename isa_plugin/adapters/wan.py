@@ -162,12 +162,10 @@ class WanAdapter(FamilyAdapter):
     name = "wan"
     transformer_classes = ("WanTransformer3DModel",)
     stock_processor_names = ("WanAttnProcessor",)
+    processor_class = WanISAAttnProcessor
 
     def self_attention_layers(self, transformer):
         return OrderedDict((f"blocks.{i}.attn1", blk.attn1) for i, blk in enumerate(transformer.blocks))
-
-    def make_processor(self, layer_name, module, config, original):
-        return WanISAAttnProcessor(config, layer_name=layer_name, original=original)
 
     def layout_for_call(self, transformer, arguments):
         kw = arguments.get("attention_kwargs") or {}
