@@ -49,6 +49,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from wan_model import build_wan_transformer  # noqa: E402
 import isa_plugin  # noqa: E402
 from isa_plugin.adapters import observe_attention  # noqa: E402
 from isa_plugin.adapters.wan import WanICLLayout  # noqa: E402
@@ -57,25 +58,8 @@ from isa_plugin.calibration.recorder import StatsObserver  # noqa: E402
 
 
 def build_model(a, device):
-    from diffusers import WanTransformer3DModel
-
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)  # no fp32 copy of 14B params
-    try:
-        with torch.device(device):
-            model = WanTransformer3DModel(
-                patch_size=(1, 2, 2), num_attention_heads=a.heads, attention_head_dim=a.head_dim, in_channels=16,
-                out_channels=16, text_dim=a.text_dim, freq_dim=256, ffn_dim=a.ffn, num_layers=a.layers,
-                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-            )
-    finally:
-        torch.set_default_dtype(prev)
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if keep & set(name.split(".")):
-                p.data = p.data.float()
-    return model.eval().requires_grad_(False)
+    return build_wan_transformer(heads=a.heads, head_dim=a.head_dim, ffn=a.ffn, layers=a.layers, text_dim=a.text_dim,
+                                 device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
 
 
 def make_calls(a, device, dtype):

@@ -68,7 +68,6 @@ def cfg_pair(args, perturb, dtype):
 
 def plan_shared(q, k, layout, cfg, scale):
     """The compact plan of the batch-mean block means, expanded to the batch (share_plan semantics)."""
-    B = q.shape[0]
     blocks = layout.blocks(cfg.block_size).to(q.device)
     qbar, kbar = pool_blocks_triton(q, k, starts=blocks.starts.int(), counts=blocks.counts.int(), block_size=cfg.block_size)
     qm = qbar.mean(0, keepdim=True).expand_as(qbar).contiguous()

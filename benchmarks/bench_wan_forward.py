@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from wan_model import build_wan_transformer  # noqa: E402
 import isa_plugin  # noqa: E402
 from isa_plugin import ISAConfig  # noqa: E402
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats  # noqa: E402
@@ -49,36 +50,8 @@ from isa_plugin.adapters.wan import WanICLLayout  # noqa: E402
 
 
 def build_model(a, device):
-    from diffusers import WanTransformer3DModel
-
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # create the weights in bf16 directly (no fp32 copy of 14B params)
-    try:
-        with torch.device(device):
-            model = WanTransformer3DModel(
-                patch_size=(1, 2, 2),
-                num_attention_heads=a.heads,
-                attention_head_dim=a.head_dim,
-                in_channels=16,
-                out_channels=16,
-                text_dim=4096 if a.text_dim is None else a.text_dim,
-                freq_dim=256,
-                ffn_dim=a.ffn,
-                num_layers=a.layers,
-                cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads",
-                eps=1e-6,
-                rope_max_seq_len=1024,
-            )
-    finally:
-        torch.set_default_dtype(prev)
-    # as from_pretrained(torch_dtype=bf16) does: the model's _keep_in_fp32_modules stay in fp32
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if keep & set(name.split(".")):
-                p.data = p.data.float()
-    return model.eval().requires_grad_(False)
+    return build_wan_transformer(heads=a.heads, head_dim=a.head_dim, ffn=a.ffn, layers=a.layers,
+                                 text_dim=4096 if a.text_dim is None else a.text_dim, device=device, dtype=torch.bfloat16)
 
 
 def make_inputs(a, device, text_dim):
