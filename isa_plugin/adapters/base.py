@@ -477,9 +477,19 @@ class FamilyAdapter:
     #: class names of the stock processors the family replaces; apply_isa refuses layers running others
     stock_processor_names: Tuple[str, ...] = ()
 
+    #: ``(block list attribute, attention attribute)`` pairs :meth:`self_attention_layers` walks by default,
+    #: e.g. ``(("blocks", "attn1"),)`` gives ``blocks.0.attn1``, ``blocks.1.attn1``, ...
+    layer_paths: Tuple[Tuple[str, str], ...] = ()
+
     def self_attention_layers(self, transformer: torch.nn.Module) -> "OrderedDict[str, torch.nn.Module]":
-        """Ordered mapping layer name (module path) -> attention module that ISA serves."""
-        raise NotImplementedError
+        """Ordered mapping layer name (module path) -> attention module that ISA serves (default: :attr:`layer_paths`)."""
+        if not self.layer_paths:
+            raise NotImplementedError(f"{type(self).__name__} sets no layer_paths and does not override self_attention_layers")
+        return OrderedDict(
+            (f"{blocks}.{i}.{attr}", getattr(blk, attr))
+            for blocks, attr in self.layer_paths
+            for i, blk in enumerate(getattr(transformer, blocks))
+        )
 
     #: the processor class :meth:`make_processor` builds by default
     processor_class: Optional[type] = None

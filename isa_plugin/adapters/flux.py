@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
@@ -164,15 +163,8 @@ class FluxAdapter(FamilyAdapter):
     name = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
     stock_processor_names = ("FluxAttnProcessor",)
+    layer_paths = (("transformer_blocks", "attn"), ("single_transformer_blocks", "attn"))
     processor_class = FluxISAAttnProcessor
-
-    def self_attention_layers(self, transformer):
-        layers = OrderedDict()
-        for i, blk in enumerate(transformer.transformer_blocks):
-            layers[f"transformer_blocks.{i}.attn"] = blk.attn
-        for i, blk in enumerate(transformer.single_transformer_blocks):
-            layers[f"single_transformer_blocks.{i}.attn"] = blk.attn
-        return layers
 
     def layout_for_call(self, transformer, arguments: Mapping[str, Any]) -> Optional[Layout]:
         return flux_layout(arguments.get("encoder_hidden_states"), arguments.get("hidden_states"), arguments.get("img_ids"))

@@ -32,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
@@ -213,15 +212,8 @@ class FramepackAdapter(FamilyAdapter):
     name = "framepack"
     transformer_classes = ("HunyuanVideoFramepackTransformer3DModel",)
     stock_processor_names = ("HunyuanVideoAttnProcessor2_0",)
+    layer_paths = (("transformer_blocks", "attn"), ("single_transformer_blocks", "attn"))
     processor_class = FramepackISAAttnProcessor
-
-    def self_attention_layers(self, transformer):
-        layers = OrderedDict()
-        for i, blk in enumerate(transformer.transformer_blocks):
-            layers[f"transformer_blocks.{i}.attn"] = blk.attn
-        for i, blk in enumerate(transformer.single_transformer_blocks):
-            layers[f"single_transformer_blocks.{i}.attn"] = blk.attn
-        return layers
 
     def layout_for_call(self, transformer, arguments: Mapping[str, Any]) -> Optional[Callable[[int], Optional[Layout]]]:
         spans = framepack_video_spans(transformer, arguments)

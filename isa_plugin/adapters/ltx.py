@@ -15,7 +15,6 @@ into the noisy latents and stay in the target span. Calls without ``video_coords
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
 import torch
@@ -119,10 +118,8 @@ class LTXAdapter(FamilyAdapter):
     name = "ltx"
     transformer_classes = ("LTXVideoTransformer3DModel",)
     stock_processor_names = ("LTXVideoAttnProcessor",)
+    layer_paths = (("transformer_blocks", "attn1"),)
     processor_class = LTXISAAttnProcessor
-
-    def self_attention_layers(self, transformer):
-        return OrderedDict((f"transformer_blocks.{i}.attn1", blk.attn1) for i, blk in enumerate(transformer.transformer_blocks))
 
     def layout_for_call(self, transformer, arguments: Mapping[str, Any]):
         return ltx_prefix_layout(arguments.get("hidden_states"), arguments.get("video_coords"))

@@ -17,7 +17,6 @@ self-attention gets a mask and runs dense (reason ``"attention mask present"``).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
 import torch
@@ -191,9 +190,7 @@ class LTX2Adapter(FamilyAdapter):
     name = "ltx2"
     transformer_classes = ("LTX2VideoTransformer3DModel",)
     stock_processor_names = ("LTX2AudioVideoAttnProcessor", "LTX2PerturbedAttnProcessor")
-
-    def self_attention_layers(self, transformer):
-        return OrderedDict((f"transformer_blocks.{i}.attn1", blk.attn1) for i, blk in enumerate(transformer.transformer_blocks))
+    layer_paths = (("transformer_blocks", "attn1"),)
 
     def make_processor(self, layer_name, module, config, original):
         cls = LTX2PerturbedISAAttnProcessor if type(original).__name__ == "LTX2PerturbedAttnProcessor" else LTX2ISAAttnProcessor

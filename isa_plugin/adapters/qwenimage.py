@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
@@ -308,10 +307,8 @@ class QwenImageAdapter(FamilyAdapter):
     name = "qwenimage"
     transformer_classes = ("QwenImageTransformer2DModel",)
     stock_processor_names = ("QwenDoubleStreamAttnProcessor2_0",)
+    layer_paths = (("transformer_blocks", "attn"),)
     processor_class = QwenImageISAAttnProcessor
-
-    def self_attention_layers(self, transformer):
-        return OrderedDict((f"transformer_blocks.{i}.attn", blk.attn) for i, blk in enumerate(transformer.transformer_blocks))
 
     def layout_for_call(self, transformer, arguments: Mapping[str, Any]) -> Optional[Layout]:
         return qwen_image_layout(arguments.get("encoder_hidden_states"), arguments.get("hidden_states"), arguments.get("img_shapes"))

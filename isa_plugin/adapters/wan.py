@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
 import torch
@@ -162,10 +161,8 @@ class WanAdapter(FamilyAdapter):
     name = "wan"
     transformer_classes = ("WanTransformer3DModel",)
     stock_processor_names = ("WanAttnProcessor",)
+    layer_paths = (("blocks", "attn1"),)
     processor_class = WanISAAttnProcessor
-
-    def self_attention_layers(self, transformer):
-        return OrderedDict((f"blocks.{i}.attn1", blk.attn1) for i, blk in enumerate(transformer.blocks))
 
     def layout_for_call(self, transformer, arguments):
         kw = arguments.get("attention_kwargs") or {}
