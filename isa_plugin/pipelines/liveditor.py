@@ -8,7 +8,8 @@ LIVEditor is a Wan 14B text-to-video transformer fine-tuned for in-context video
 2. one token sequence ``[target; source]`` (each flattened in frame, height, width order); the output
    head (final norm, projection, unpatchify) sees the target tokens only;
 3. rotary positions that restart at 0 for the source: the source tokens get the 3D RoPE of their own grid,
-   the same positions as the target tokens when the two have one size (float64 RoPE tables, as stock Wan);
+   the same positions as the target tokens when the two have one size (diffusers' Wan RoPE: angles in
+   float64, cos/sin tables in float32, as for the stock model);
 4. one timestep modulation for every token (the clean source gets the noisy timestep's shift/scale/gate);
 5. in every self-attention layer, a learned per-token gate on a coarse attention residual:
    ``gate = (sigmoid(alpha_1(x)) - 0.5) * 0.5`` from the layer's input x (normed and modulated hidden
@@ -34,7 +35,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from diffusers import WanTransformer3DModel
+from diffusers import ModelMixin, WanTransformer3DModel  # noqa: F401  (ModelMixin: see below)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -43,6 +44,9 @@ from diffusers.utils import apply_lora_scale
 
 from ..adapters.wan import _rope_interleaved_pairs
 from ..kernels.coarse import gated_coarse_residual
+
+# DiffusionPipeline.from_pretrained finds a component's loading method by looking up its base classes
+# (``ModelMixin``) by name in the component's module, so this module must expose ModelMixin.
 
 __all__ = ["LIVEditorTransformer3DModel", "LIVEditorAttnProcessor", "liveditor_gate", "LIVEDITOR_BLOCK_SIZE"]
 

@@ -176,13 +176,14 @@ def _torch_load(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if found:  # the weights-only unpickler met a class or function reference
             raise ValueError(
                 f"refusing {path}: it holds Python objects other than tensors and plain containers, and loading them "
-                "could run code (torch.load(weights_only=True) refused it). If you trust the file, re-save only its "
-                "state dict: torch.save(torch.load(path, weights_only=False)['state_dict'], 'clean.bin')"
+                f"could run code ({found[0][:160]}). If you trust the file, re-save only its state dict: "
+                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'clean.bin')"
             ) from e
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt?): {e}") from e
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt pickle: {str(e).splitlines()[-1][:160]})") from e
     except Exception as e:
         text = str(e)
         if "central directory" in text or "PytorchStreamReader" in text:
@@ -369,6 +370,9 @@ def _validated_mapping(source: _TensorSource, expected: Dict[str, Tuple[int, ...
     if problems:
         blocks = {int(_BLOCK.match(k).group(1)) for k in mapping if _BLOCK.match(k)}
         hint = f"; the checkpoint has {max(blocks) + 1} blocks" if blocks else ""
+        if any(_strip(k, prefix) in expected for k in unknown):
+            hint += (" (its keys use diffusers' naming, e.g. 'blocks.0.attn1.to_q.weight': this reader takes the authors' "
+                     "checkpoint; a converted folder loads with from_pretrained)")
         raise ValueError(f"{source.name} does not match {config_text}{hint}: " + "; ".join(problems))
     wrong = [
         f"{mapping[k]} {source.shapes[mapping[k]]} vs {k} {expected[k]}"
