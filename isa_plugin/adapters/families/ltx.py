@@ -25,7 +25,39 @@ from ..processor import ISAAttnProcessorBase
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
 from ..rope import rope_interleaved_channels
 
-__all__ = ["LTXISAAttnProcessor", "LTXAdapter", "LTXConditionPipelineAdapter", "ltx_prefix_layout"]
+__all__ = ["LTXISAAttnProcessor", "LTXAdapter", "LTXConditionPipelineAdapter", "ltx_prefix_layout", "ltx_self_attention"]
+
+
+
+def ltx_self_attention(proc: ISAAttnProcessorBase, attn, hidden_states: torch.Tensor, attention_mask, rope, query_freqs, key_freqs,
+                       value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The self-attention core shared by the LTX and LTX-2 processors, as their stock processors compute it:
+    mask preparation, q/k/v projections (``value`` given: used as the values), RMSNorm across heads,
+    ``rope(x, freqs)`` on [B, S, C] when given, split into heads, ISA (or the stock attention); returns
+    [B, S, C] before the output projection."""
+    batch_size, sequence_length, _ = hidden_states.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(hidden_states)
+    if value is None:
+        value = attn.to_v(hidden_states)
+
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+
+    if rope is not None:
+        query = rope(query, query_freqs)
+        key = rope(key, key_freqs)
+
+    query = query.unflatten(2, (attn.heads, -1))
+    key = key.unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+
+    out = proc.attend(query, key, value, attention_mask=attention_mask)
+    return out.flatten(2, 3).to(query.dtype)
 
 
 class LTXISAAttnProcessor(ISAAttnProcessorBase):
@@ -48,29 +80,8 @@ class LTXISAAttnProcessor(ISAAttnProcessorBase):
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:
             return self.delegate("cross-attention call", attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        batch_size, sequence_length, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if image_rotary_emb is not None:
-            query = rope_interleaved_channels(query, image_rotary_emb)
-            key = rope_interleaved_channels(key, image_rotary_emb)
-
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
-        hidden_states = self.attend(query, key, value, attention_mask=attention_mask)
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
+        rope = (lambda x, freqs: rope_interleaved_channels(x, freqs)) if image_rotary_emb is not None else None
+        hidden_states = ltx_self_attention(self, attn, hidden_states, attention_mask, rope, image_rotary_emb, image_rotary_emb)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

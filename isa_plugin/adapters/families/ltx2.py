@@ -26,6 +26,7 @@ from ..context import LayoutProvider
 from ..processor import ISAAttnProcessorBase
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
 from ..rope import rope_interleaved_channels, rope_split_halves
+from .ltx import ltx_self_attention
 
 __all__ = ["LTX2ISAAttnProcessor", "LTX2PerturbedISAAttnProcessor", "LTX2Adapter", "LTX2InContextPipelineAdapter", "ltx2_appended_layout"]
 
@@ -50,29 +51,11 @@ class LTX2ISAAttnProcessor(ISAAttnProcessorBase):
     """
 
     def _self_attention(self, attn, hidden_states, attention_mask, query_rotary_emb, key_rotary_emb, value=None):
-        batch_size, sequence_length, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        if value is None:
-            value = attn.to_v(hidden_states)
-
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
+        rope = None
         if query_rotary_emb is not None:
-            query = _rope(attn, query, query_rotary_emb)
-            key = _rope(attn, key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)
-
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
-        out = self.attend(query, key, value, attention_mask=attention_mask)
-        return out.flatten(2, 3).to(query.dtype)
+            rope = lambda x, freqs: _rope(attn, x, freqs)  # noqa: E731
+        key_freqs = key_rotary_emb if key_rotary_emb is not None else query_rotary_emb
+        return ltx_self_attention(self, attn, hidden_states, attention_mask, rope, query_rotary_emb, key_freqs, value)
 
     @staticmethod
     def _gate_and_project(attn, hidden_states, gate_logits):
