@@ -164,13 +164,3 @@ class ISAConfig:
 
 def _as_tuple(v: Ratio) -> Tuple[float, ...]:
     return v if isinstance(v, tuple) else (v,)
-
-
-def count_of(alpha: torch.Tensor, n: int) -> torch.Tensor:
-    """ceil(alpha * n) per head, at least 1 when n > 0 and at most n (robust to float round-off)."""
-    if n <= 0:
-        return torch.zeros_like(alpha, dtype=torch.int64)
-    c = torch.ceil(alpha * n - 1e-9).to(torch.int64)
-    return c.clamp(1, n)
-
-
