@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .config import SHARPNESS_METRICS, ISAConfig
+from .timesteps import bucket_index
 
 __all__ = ["ThresholdProfile", "LayerSetting", "ProfileError", "config_hash", "SCHEMA_VERSION"]
 
@@ -290,17 +291,13 @@ class ThresholdProfile:
     def num_buckets(self) -> int:
         return len(self.timestep_edges) + 1
 
-    def bucket_of(self, timestep: Optional[float]) -> int:
-        """Index of the timestep bucket holding ``timestep`` (0 when the profile is not bucketed)."""
-        if self.num_buckets == 1:
-            return 0
-        if timestep is None:
-            raise ValueError(
-                f"this profile has {self.num_buckets} timestep buckets; pass the timestep to pick the settings"
-            )
-        # per-token timesteps (clean context tokens at 0): the call's timestep is the largest
-        t = float(timestep.detach().max()) if isinstance(timestep, torch.Tensor) else float(timestep)
-        return sum(1 for e in self.timestep_edges if t >= e)
+    def bucket_of(self, timestep: Union[float, torch.Tensor, None]) -> int:
+        """Index of the timestep bucket holding ``timestep`` (0 when the profile is not bucketed).
+
+        A [B] or [B, S] (per-token) timestep tensor counts as its largest value, as in calibration
+        (:func:`isa_plugin.timesteps.bucket_index`). A bucketed profile raises ``ValueError`` for None.
+        """
+        return bucket_index(timestep, self.timestep_edges)
 
     def setting(self, layer_name: str, timestep: Optional[float] = None) -> LayerSetting:
         """The :class:`LayerSetting` of one layer (at ``timestep`` when bucketed)."""

@@ -38,6 +38,8 @@ import torch
 
 from ..layout import CONTEXT, TARGET, TEXT, Layout
 from ..kernels.reference import pool_blocks
+from ..kernels.counts import keep_count, topk_count
+from ..timesteps import bucket_index, timestep_scalar
 
 __all__ = ["Grid", "LayerStats", "CalibrationStats", "measure_call", "KINDS", "METRICS"]
 
@@ -74,13 +76,6 @@ class Grid:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"alpha_s": list(self.alpha_s), "alpha_f": list(self.alpha_f), "alpha_ns": list(self.alpha_ns), "metrics": list(self.metrics)}
-
-
-def _count(alpha: float, n: int) -> int:
-    """ceil(alpha·n) clamped to [min(1, n), n]; the same rounding as the reference planner."""
-    if n <= 0:
-        return 0
-    return int(min(max(math.ceil(alpha * n - 1e-9), 1), n))
 
 
 # ------------------------------------------------------------------------------------ per layer
@@ -265,7 +260,7 @@ def measure_call(
             order = torch.sort(sal, dim=-1, descending=True, stable=True).indices
             rank_c = torch.empty_like(order)
             rank_c.scatter_(-1, order, torch.arange(nb, device=dev).expand_as(order))
-            kept_n = [_count(a, n_c) for a in grid.alpha_s]
+            kept_n = [keep_count(a, n_c) for a in grid.alpha_s]
             keep = torch.stack([(rank_c < kn) & is_c for kn in kept_n])  # [S, H, nb]
         else:
             kept_n = [0] * S
@@ -275,7 +270,7 @@ def measure_call(
         # sharpness per metric and the rank of every non-text query block: [M, H, nb]
         ranks = []
         sharps = []
-        kt = max(1, int(math.floor(topk_fraction * n_t + 1e-9))) if n_t else 1
+        kt = topk_count(topk_fraction, n_t)
         for m in grid.metrics:
             if m == "topk_mass":
                 sh = P[..., is_t].topk(min(kt, n_t), dim=-1).values.sum(-1) if n_t else torch.zeros(H, nb, device=dev, dtype=P.dtype)
@@ -289,7 +284,7 @@ def measure_call(
             ranks.append(r)
         rank = torch.stack(ranks)  # [M, H, nb]
         sharp = torch.stack(sharps)
-        n_exact_f = torch.tensor([_count(a, n_q) for a in grid.alpha_f], device=dev)  # [F]
+        n_exact_f = torch.tensor([keep_count(a, n_q) for a in grid.alpha_f], device=dev)  # [F]
 
         # ---------------------------------------------------------------- sampling (CPU generator)
         sel, sel_kind = [], []
@@ -328,7 +323,7 @@ def measure_call(
         # Taylor candidates: non-text KV' blocks, per alpha_s; counts per (alpha_s, alpha_ns)
         cand = kv_keep & ~is_x  # [S, H, nb]
         k_prime = [n_t + kept_n[si] for si in range(S)]
-        n_exact_ns = [[_count(a, k_prime[si]) for a in grid.alpha_ns] for si in range(S)]
+        n_exact_ns = [[keep_count(a, k_prime[si]) for a in grid.alpha_ns] for si in range(S)]
 
         # per-sample errors for every head: exact branch [H, s, S] and Taylor branch [H, s, S, NS]
         err_exact = torch.zeros(H, n_sel, S, dtype=torch.float64, device=dev)
@@ -446,9 +441,8 @@ class CalibrationStats:
         return len(self.timestep_edges) + 1
 
     def bucket_of(self, timestep) -> int:
-        if not self.timestep_edges or timestep is None:
-            return 0
-        return sum(1 for e in self.timestep_edges if float(timestep) >= e)
+        """The timestep bucket of a call (:func:`isa_plugin.timesteps.bucket_index`; the same rule as the profile)."""
+        return bucket_index(timestep, self.timestep_edges)
 
     def layer_names(self) -> List[str]:
         seen = []
@@ -467,22 +461,27 @@ class CalibrationStats:
         Args:
             q, k, v: [B, N, H, D] after norms and RoPE.
             layout: a :class:`Layout` or a list of one per batch entry; None skips the call.
-            timestep: scalar, [B] or [B, S] tensor (the first token's value is used per entry), or None.
+            timestep: None, a number, or a [B] or [B, S] (per-token) tensor; the call's timestep is its largest
+                value (:func:`isa_plugin.timesteps.timestep_scalar`), and every batch entry goes to its bucket.
+
+        Raises:
+            ValueError: timestep buckets are set but the call has no timestep.
         """
         if layout is None:
             logger.debug("layer %s: no layout, call not measured", layer_name)
             return
         B = q.shape[0]
         layouts = [layout] * B if isinstance(layout, Layout) else list(layout)
+        t = timestep_scalar(timestep)
+        bucket = self.bucket_of(t)
+        if t is not None:
+            self._timesteps.add(round(t, 4))
         for b in range(B):
-            t = _timestep_of(timestep, b)
-            if t is not None:
-                self._timesteps.add(round(t, 4))
             st = measure_call(
                 q[b], k[b], v[b], layouts[b], self.grid, block_size=self.block_size, topk_fraction=self.topk_fraction,
                 blocks_per_kind=self.blocks_per_kind, tokens_per_block=self.tokens_per_block, generator=self.generator,
             )
-            key = (layer_name, self.bucket_of(t))
+            key = (layer_name, bucket)
             if key in self.layers:
                 self.layers[key].add_(st)
             else:
@@ -513,13 +512,3 @@ class CalibrationStats:
                                                      tokens=dict(d["tokens"]), blocks=dict(d["blocks"]), heads=d["heads"], head_dim=d["head_dim"])
         return out
 
-
-def _timestep_of(timestep, b: int) -> Optional[float]:
-    if timestep is None:
-        return None
-    if isinstance(timestep, torch.Tensor):
-        if timestep.ndim == 0:
-            return float(timestep)
-        row = timestep[b] if timestep.shape[0] > b else timestep[0]
-        return float(row.flatten().max())
-    return float(timestep)
