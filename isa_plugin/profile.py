@@ -47,7 +47,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .config import RATIO_NAMES, SHARPNESS_METRICS, ISAConfig, validate_budget, validate_ratio
+from .config import RATIO_NAMES, SHARPNESS_METRICS, ISAConfig, Ratio, validate_budget, validate_ratio
 from .timesteps import bucket_index
 
 __all__ = ["ThresholdProfile", "LayerSetting", "ProfileError", "config_hash", "library_versions", "SCHEMA_VERSION"]
@@ -59,8 +59,6 @@ _KIND = "isa-threshold-profile"
 _PER_HEAD = "per_head"
 _ERRORS = ("error_target", "error_context")
 _METRICS = ("rel_l1",)
-
-Ratio = Union[float, Tuple[float, ...]]
 
 
 class ProfileError(ValueError):
