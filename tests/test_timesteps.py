@@ -93,3 +93,25 @@ def test_bucket_index():
         bucket_index(None, EDGES)
     with pytest.raises(ValueError, match="timestep"):
         CalibrationStats(timestep_edges=EDGES).bucket_of(None)
+
+
+@pytest.mark.parametrize("ts", CALLS)
+def test_inference_hook_picks_the_calibration_bucket(ts):
+    """The bucket apply_isa's pre-hook switches the processors to is the one calibration filed the call under."""
+    pytest.importorskip("diffusers")
+    from diffusers import WanTransformer3DModel
+
+    from isa_plugin import apply_isa, remove_isa
+    from isa_plugin.adapters import isa_processors
+
+    torch.manual_seed(0)
+    t = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                              out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+    settings = [LayerSetting(alpha_s=a, alpha_f=1.0, alpha_ns=1.0) for a in (0.25, 0.5, 0.75)]
+    profile = ThresholdProfile(layers={"blocks.0.attn1": settings}, timestep_edges=EDGES, block_size=16)
+    apply_isa(t, profile)
+    state = t._isa_state
+    state.pre_hook(t, (), {"hidden_states": torch.zeros(1, 4, 2, 4, 4), "timestep": ts, "encoder_hidden_states": None})
+    chosen = isa_processors(t)["blocks.0.attn1"].config.alpha_s
+    remove_isa(t)
+    assert chosen == settings[_calibration_bucket(ts)].alpha_s

@@ -37,6 +37,7 @@ import torch
 
 from ..config import ISAConfig
 from ..layout import Layout
+from ..timesteps import timestep_scalar
 from .context import CallContext, ChainedLayout, FamilyLayout, LayoutProvider, LayoutSpec, StepInfo, user_provider
 from .processor import ISAAttnProcessorBase, LayerCounters, Observer
 from .registry import FamilyAdapter, family_for, lookup, registered_families, registered_pipelines
@@ -47,14 +48,6 @@ __all__ = ["apply_isa", "remove_isa", "stats", "reset_stats", "observe_attention
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_isa_state"
-
-
-def timestep_scalar(ts):  # replaced by isa_plugin.timesteps.timestep_scalar
-    if not isinstance(ts, torch.Tensor) or ts.numel() == 0:
-        return None if not isinstance(ts, (int, float)) else float(ts)
-    if ts.ndim <= 1:
-        return float(ts.flatten()[0])
-    return float(ts[0].max())
 
 
 class ISAState:
