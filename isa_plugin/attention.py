@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ISAConfig
+from .kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual, residual_gate_view
 from .kernels.reference import isa_attention_reference
 from .layout import Layout
 
@@ -168,6 +169,8 @@ def isa_attention(
     *,
     scale: Optional[float] = None,
     return_info: bool = False,
+    residual_gate: Optional[torch.Tensor] = None,
+    residual_block_size: int = COARSE_BLOCK_SIZE,
 ):
     """In-context sparse attention over target, context and text tokens.
 
@@ -177,6 +180,12 @@ def isa_attention(
         config: ratios, block size, sharpness metric and backend; default :class:`ISAConfig`.
         scale: softmax scale, default 1/sqrt(D).
         return_info: also return an :class:`ISAInfo` saying how the call was served.
+        residual_gate: [B, N] or [B, N, 1] per-token gate of a coarse attention residual, for models
+            trained with one (LIVEditor): the output becomes ``attention + gate · coarse(q, k, v)`` with
+            ``coarse`` the block-pooled attention over whole-sequence ``residual_block_size`` blocks
+            (:func:`~isa_plugin.kernels.coarse.coarse_attention`), on every path (ISA kernels, reference,
+            dense fallback). None (default, stock models): nothing is added.
+        residual_block_size: block size of that residual (64, as LIVEditor was trained).
 
     Returns:
         [B, N, H, D] in q's dtype (or ``(out, info)``). Each query attends over the target and text
@@ -202,6 +211,8 @@ def isa_attention(
     _check_inputs(q, k, v)
     B, N, H, _ = q.shape
     config.per_head(H)  # validates per-head lengths
+    if residual_gate is not None:
+        residual_gate_view(residual_gate, B, N)  # validates the gate's shape before any work
     if not isinstance(layout, Layout):
         layouts = list(layout)
         if len(layouts) != B or not all(isinstance(l, Layout) for l in layouts):
@@ -209,7 +220,9 @@ def isa_attention(
         if len(set(layouts)) == 1:
             layout = layouts[0]
         else:
-            parts = [isa_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], l, config, scale=scale, return_info=True) for i, l in enumerate(layouts)]
+            parts = [isa_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], l, config, scale=scale, return_info=True,
+                                   residual_gate=None if residual_gate is None else residual_gate[i : i + 1],
+                                   residual_block_size=residual_block_size) for i, l in enumerate(layouts)]
             out = torch.cat([p[0] for p in parts])
             infos = [p[1] for p in parts]
             info = next((i for i in infos if not i.used_isa), infos[0])
@@ -223,4 +236,6 @@ def isa_attention(
         out, info = dense_attention(q, k, v, scale), ISAInfo(False, "dense", route.reason)
     else:
         out, info = run_isa(q, k, v, layout, config, route, scale), ISAInfo(True, route.backend)
+    if residual_gate is not None:
+        out = gated_coarse_residual(out, q, k, v, residual_gate, residual_block_size, scale, inplace=True)
     return (out, info) if return_info else out

@@ -17,6 +17,7 @@ import torch
 
 from ..attention import Route, run_isa, select_backend
 from ..config import ISAConfig
+from ..kernels.coarse import gated_coarse_residual
 from ..layout import Layout
 from .context import StepInfo, call_layout
 
@@ -194,6 +195,7 @@ class ISAAttnProcessorBase:
         attention_mask: Optional[torch.Tensor] = None,
         dense: Optional[Callable[[], torch.Tensor]] = None,
         layout: Optional[Layout] = None,
+        residual_gate: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """ISA or the stock dense attention for q, k, v in [B, N, H, D]; returns [B, N, H, D].
 
@@ -203,6 +205,9 @@ class ISAAttnProcessorBase:
                 :meth:`dense_call` with q, k, v and the mask.
             layout: the call's layout when the processor itself knows it (e.g. from a text length it
                 sees); default: :meth:`resolve_layout`.
+            residual_gate: [B, N] or [B, N, 1] for models trained with a gated coarse residual
+                (LIVEditor): ``gate · coarse`` (:func:`~isa_plugin.kernels.coarse.gated_coarse_residual`)
+                is added to the output of either path. None (stock models): nothing is added.
         """
         if layout is None:
             layout = self.resolve_layout(q.shape[1])
@@ -210,7 +215,10 @@ class ISAAttnProcessorBase:
         route = self.route(q, layout, attention_mask)
         if route.backend == "dense":
             self.record_fallback(route.reason)
-            return (dense or self.dense_call(q, k, v, attention_mask))()
-        out = run_isa(q, k, v, layout, self.config, route)
-        self.record_isa(route.backend)
+            out = (dense or self.dense_call(q, k, v, attention_mask))()
+        else:
+            out = run_isa(q, k, v, layout, self.config, route)
+            self.record_isa(route.backend)
+        if residual_gate is not None:
+            out = gated_coarse_residual(out, q, k, v, residual_gate, inplace=True)
         return out

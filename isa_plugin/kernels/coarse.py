@@ -26,11 +26,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["coarse_attention", "gated_coarse_residual", "residual_gate_view"]
+__all__ = ["coarse_attention", "gated_coarse_residual", "residual_gate_view", "COARSE_BLOCK_SIZE"]
+
+#: block size of LIVEditor's coarse residual (whole-sequence blocks)
+COARSE_BLOCK_SIZE = 64
 
 
 def coarse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 64, scale: Optional[float] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = COARSE_BLOCK_SIZE, scale: Optional[float] = None
 ) -> torch.Tensor:
     """Block-pooled attention over whole-sequence blocks, broadcast back to tokens.
 
@@ -53,6 +56,15 @@ def coarse_attention(
         >>> coarse_attention(q, k, v, block_size=64).shape   # blocks of 64, 64, 22 tokens
         torch.Size([1, 150, 2, 32])
     """
+    _check_inputs(q, k, v, block_size)
+    rows = _coarse_rows(q, k, v, block_size, scale)  # [B, nb, H, D] float32
+    B, N, H, D = q.shape
+    nb = rows.shape[1]
+    out = rows.unsqueeze(2).expand(B, nb, block_size, H, D).reshape(B, nb * block_size, H, D)
+    return out[:, :N].to(q.dtype)
+
+
+def _check_inputs(q, k, v, block_size) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -64,29 +76,31 @@ def coarse_attention(
         )
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size={block_size!r} must be a positive int (LIVEditor uses 64)")
-    B, N, H, D = q.shape
-    if N == 0:
-        raise ValueError("coarse_attention needs at least one token (N=0)")
+    if q.shape[1] == 0:
+        raise ValueError("the coarse residual needs at least one token (N=0)")
+
+
+def _block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, N, H, D] -> [B, H, nb, D] float32 means over whole-sequence blocks (the last may be short).
+
+    Sums in float32 without a float32 copy of ``x`` (one read of x)."""
+    B, N, H, D = x.shape
+    full = N // block_size
+    parts = []
+    if full:
+        parts.append(x[:, : full * block_size].reshape(B, full, block_size, H, D).sum(2, dtype=torch.float32) / block_size)
+    if N % block_size:
+        parts.append(x[:, full * block_size :].sum(1, keepdim=True, dtype=torch.float32) / (N - full * block_size))
+    return torch.cat(parts, 1).transpose(1, 2) if len(parts) > 1 else parts[0].transpose(1, 2)
+
+
+def _coarse_rows(q, k, v, block_size: int, scale: Optional[float]) -> torch.Tensor:
+    """The nb block rows ``softmax(q̄ k̄ᵀ · scale) v̄``: [B, nb, H, D] float32."""
     if scale is None:
-        scale = 1.0 / math.sqrt(D)
-
-    nb = -(-N // block_size)
-    pad = nb * block_size - N
-    starts = torch.arange(nb, device=q.device, dtype=torch.float32) * block_size
-    counts = (N - starts).clamp(max=block_size)  # [nb] true tokens per block
-
-    def block_means(x: torch.Tensor) -> torch.Tensor:  # [B, N, H, D] -> [B, H, nb, D] float32
-        x = x.float()
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        sums = x.view(B, nb, block_size, H, D).sum(dim=2)  # [B, nb, H, D]
-        return (sums / counts.view(1, nb, 1, 1)).transpose(1, 2)
-
-    qm, km, vm = block_means(q), block_means(k), block_means(v)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    qm, km, vm = _block_means(q, block_size), _block_means(k, block_size), _block_means(v, block_size)
     probs = torch.softmax(torch.matmul(qm, km.transpose(-1, -2)) * scale, dim=-1)  # [B, H, nb, nb]
-    rows = torch.matmul(probs, vm).transpose(1, 2)  # [B, nb, H, D]
-    out = rows.unsqueeze(2).expand(B, nb, block_size, H, D).reshape(B, nb * block_size, H, D)
-    return out[:, :N].to(q.dtype)
+    return torch.matmul(probs, vm).transpose(1, 2)
 
 
 def residual_gate_view(gate: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
@@ -122,22 +136,26 @@ def gated_coarse_residual(
     k: torch.Tensor,
     v: torch.Tensor,
     gate: torch.Tensor,
-    block_size: int = 64,
+    block_size: int = COARSE_BLOCK_SIZE,
     scale: Optional[float] = None,
-    coarse: Optional[torch.Tensor] = None,
+    *,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``out + gate · coarse_attention(q, k, v)``: an attention output plus LIVEditor's gated residual.
+
+    The block rows are broadcast into ``out`` by one fused multiply-add per token, without
+    materialising the [B, N, H, D] coarse tensor: the extra work is one read of q, k, v (block means),
+    an nb x nb attention per head, and one read-modify-write of ``out``.
 
     Args:
         out: [B, N, H, D] attention output (dense or ISA).
         q, k, v: [B, N, H, D], the inputs of that attention.
         gate: [B, N] or [B, N, 1], one scalar per token (shared by heads and channels).
         block_size, scale: as :func:`coarse_attention`.
-        coarse: a precomputed ``coarse_attention(q, k, v, block_size, scale)`` ([B, N, H, D]), if the caller
-            has one; computed here otherwise.
+        inplace: add into ``out`` itself (callers that own ``out``); default: a new tensor.
 
     Returns:
-        [B, N, H, D] in ``out.dtype``.
+        [B, N, H, D] in ``out.dtype`` (contiguous).
 
     Raises:
         TypeError, ValueError: as :func:`coarse_attention` and :func:`residual_gate_view`; ``out`` not of
@@ -146,9 +164,18 @@ def gated_coarse_residual(
     Example:
         >>> o = gated_coarse_residual(dense, q, k, v, gate)     # gate: [B, N, 1]
     """
+    _check_inputs(q, k, v, block_size)
     if not isinstance(out, torch.Tensor) or out.shape != q.shape:
         raise ValueError(f"out must be a tensor of q's shape {tuple(q.shape)}, got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    g = residual_gate_view(gate, q.shape[0], q.shape[1])
-    if coarse is None:
-        coarse = coarse_attention(q, k, v, block_size=block_size, scale=scale)
-    return torch.addcmul(out, g.to(out.dtype), coarse.to(out.dtype))
+    B, N, H, D = q.shape
+    g = residual_gate_view(gate, B, N).to(out.dtype)
+    rows = _coarse_rows(q, k, v, block_size, scale).to(out.dtype)  # [B, nb, H, D]
+    if not inplace or not out.is_contiguous() or out.requires_grad:
+        out = out.contiguous().clone() if out.is_contiguous() else out.contiguous()
+    full = N // block_size
+    if full:
+        m = full * block_size
+        out[:, :m].view(B, full, block_size, H, D).addcmul_(g[:, :m].reshape(B, full, block_size, 1, 1), rows[:, :full, None])
+    if N % block_size:
+        out[:, full * block_size :].addcmul_(g[:, full * block_size :], rows[:, full:])
+    return out

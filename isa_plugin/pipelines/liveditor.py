@@ -39,65 +39,16 @@ from diffusers import ModelMixin, WanTransformer3DModel  # noqa: F401  (ModelMix
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from diffusers.utils import apply_lora_scale
 
-from ..adapters.wan import _rope_interleaved_pairs
-from ..kernels.coarse import gated_coarse_residual
+from ..adapters.families.liveditor import liveditor_gate
+from ..adapters.families.wan import wan_self_attention_qkv
+from ..kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual
 
 # DiffusionPipeline.from_pretrained finds a component's loading method by looking up its base classes
 # (``ModelMixin``) by name in the component's module, so this module must expose ModelMixin.
 
-__all__ = ["LIVEditorTransformer3DModel", "LIVEditorAttnProcessor", "liveditor_gate", "LIVEDITOR_BLOCK_SIZE"]
-
-#: block size of the coarse residual LIVEditor was trained with (whole-sequence blocks)
-LIVEDITOR_BLOCK_SIZE = 64
-
-
-def liveditor_gate(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """LIVEditor's per-token residual gate of one self-attention layer.
-
-    Args:
-        attn: the layer's ``WanAttention`` carrying ``alpha_1`` (``Linear(dim, 1, bias=False)``).
-        hidden_states: [B, N, dim], the self-attention's input (normed, modulated hidden states).
-
-    Returns:
-        [B, N, 1] float32, ``(sigmoid(alpha_1(hidden_states)) - 0.5) * 0.5``, in [-0.25, 0.25].
-
-    Raises:
-        TypeError: ``attn`` has no ``alpha_1`` (not a LIVEditor self-attention layer).
-
-    Example:
-        >>> g = liveditor_gate(model.blocks[0].attn1, x)   # x: [1, 65520, 5120]
-    """
-    alpha = getattr(attn, "alpha_1", None)
-    if not isinstance(alpha, nn.Module):
-        raise TypeError(f"{type(attn).__name__} has no alpha_1 gate: not a LIVEditor self-attention layer")
-    return (torch.sigmoid(alpha(hidden_states).float()) - 0.5) * 0.5
-
-
-def wan_self_attention_qkv(attn: nn.Module, hidden_states: torch.Tensor, rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]]):
-    """q, k, v of a Wan self-attention layer as ``WanAttnProcessor`` computes them.
-
-    Projections (fused ``to_qkv`` when ``attn.fuse_projections()`` ran), RMSNorm of q and k across heads,
-    split into heads, Wan's interleaved-pair RoPE on q and k.
-
-    Args:
-        attn: a diffusers ``WanAttention`` (self-attention).
-        hidden_states: [B, N, dim].
-        rotary_emb: ``(cos, sin)``, each [1, N, 1, head_dim], or None (no RoPE).
-
-    Returns:
-        ``(q, k, v)``, each [B, N, H, head_dim].
-    """
-    query, key, value = _get_qkv_projections(attn, hidden_states, None)
-    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-    value = value.unflatten(2, (attn.heads, -1))
-    if rotary_emb is not None:
-        query = _rope_interleaved_pairs(query, *rotary_emb)
-        key = _rope_interleaved_pairs(key, *rotary_emb)
-    return query, key, value
+__all__ = ["LIVEditorTransformer3DModel", "LIVEditorAttnProcessor", "liveditor_gate"]
 
 
 class LIVEditorAttnProcessor:
@@ -121,7 +72,7 @@ class LIVEditorAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, block_size: int = LIVEDITOR_BLOCK_SIZE):
+    def __init__(self, block_size: int = COARSE_BLOCK_SIZE):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size={block_size!r} must be a positive int (LIVEditor was trained with 64)")
         self.block_size = block_size
@@ -140,7 +91,7 @@ class LIVEditorAttnProcessor:
         out = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend
         )
-        out = gated_coarse_residual(out, query, key, value, liveditor_gate(attn, hidden_states), block_size=self.block_size)
+        out = gated_coarse_residual(out, query, key, value, liveditor_gate(attn, hidden_states), block_size=self.block_size, inplace=True)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -184,7 +135,7 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
         qk_norm: Optional[str] = "rms_norm_across_heads",
         eps: float = 1e-6,
         rope_max_seq_len: int = 1024,
-        coarse_block_size: int = LIVEDITOR_BLOCK_SIZE,
+        coarse_block_size: int = COARSE_BLOCK_SIZE,
     ) -> None:
         super().__init__(
             patch_size=patch_size, num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
