@@ -1,6 +1,6 @@
 """The ``isa`` command line (also ``python -m isa_plugin``): a thin shell over the library.
 
-Built-in commands: ``calibrate``, ``inspect``, ``validate``. Adding one elsewhere is a few lines::
+Built-in commands: ``calibrate``, ``inspect``, ``validate`` (and ``demo``, ``eval``, ``convert-liveditor`` from the extension modules). Adding one elsewhere is a few lines::
 
     # isa_plugin/demo_cli.py
     from isa_plugin.cli import command
@@ -30,7 +30,7 @@ __all__ = ["main", "command", "register_command", "CLIError", "EXTENSION_MODULES
 logger = logging.getLogger("isa_plugin.cli")
 
 #: modules imported by :func:`main` so their ``@command`` registrations take effect (missing ones are skipped)
-EXTENSION_MODULES: List[str] = ["isa_plugin.demo_cli", "isa_plugin.eval_cli"]
+EXTENSION_MODULES: List[str] = ["isa_plugin.demo_cli", "isa_plugin.eval_cli", "isa_plugin.liveditor_cli"]
 
 
 class CLIError(Exception):

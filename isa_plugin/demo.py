@@ -89,8 +89,8 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
         out_dir: folder for ``profile.yaml``, ``side_by_side.mp4``, ``plot.png`` and ``report.json``.
         size: preset of the random pipeline (``tiny`` for CPUs; ``small``/``large`` for GPUs), see
             :data:`isa_plugin.pipelines.tiny.PRESETS`. With ``model`` it sets only the edit size.
-        model: a ``WanInContextEditPipeline`` checkpoint (local folder or cached hub id) instead of the
-            random pipeline.
+        model: a ``WanInContextEditPipeline`` or ``LIVEditorPipeline`` folder (e.g. from ``isa
+            convert-liveditor``), or a cached hub id of the former, instead of the random pipeline.
         device: ``"cuda"`` or ``"cpu"`` (default: CUDA when available).
         budget: relative L1 error budget of the attention outputs used in calibration.
         steps: denoising steps (default: the preset's).
@@ -118,11 +118,14 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
     t_start = time.perf_counter()
 
     if model:
-        from .pipelines import WanInContextEditPipeline
+        from .pipelines import LIVEditorPipeline, WanInContextEditPipeline
 
         if not Path(model).exists() and model.count("/") != 1:
             raise FileNotFoundError(f"model {model!r}: no such folder (and not a hub id such as 'org/model')")
-        pipe = WanInContextEditPipeline.from_pretrained(model, torch_dtype=dtype).to(dev)
+        index = Path(model) / "model_index.json"
+        is_liveditor = index.is_file() and json.loads(index.read_text()).get("_class_name") == LIVEditorPipeline.__name__
+        pipe_cls = LIVEditorPipeline if is_liveditor else WanInContextEditPipeline
+        pipe = pipe_cls.from_pretrained(model, torch_dtype=dtype).to(dev)
     else:
         pipe = build_tiny_wan_icl_pipeline(preset, seed=seed, device=dev, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -8,7 +8,7 @@ from .cli import command
 def _arguments(p) -> None:
     p.add_argument("--out", default="isa_demo", metavar="DIR", help="output folder (default: ./isa_demo)")
     p.add_argument("--size", default="tiny", help="random-pipeline preset: tiny (CPU), small, large (GPU); default tiny")
-    p.add_argument("--model", metavar="PATH_OR_ID", help="a WanInContextEditPipeline checkpoint instead of random weights")
+    p.add_argument("--model", metavar="PATH_OR_ID", help="a WanInContextEditPipeline or LIVEditorPipeline folder instead of random weights")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--budget", type=float, default=0.05, help="attention-output error budget, relative L1 (default 0.05)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")

@@ -153,6 +153,7 @@ class LIVEditorPipeline(DiffusionPipeline):
         video: Any = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
+        num_frames: Optional[int] = None,
         num_inference_steps: int = LIVEDITOR_RECIPE["num_inference_steps"],
         guidance_scale: float = LIVEDITOR_RECIPE["guidance_scale"],
         num_videos_per_prompt: int = 1,
@@ -175,6 +176,7 @@ class LIVEditorPipeline(DiffusionPipeline):
             video: the source video (list of PIL images, [F, H, W, C] array, [F, C, H, W] tensor, or a batch of
                 those, one per prompt); 1 + 4k frames. The edited video has its frame count.
             height, width: size of the edit (multiples of 16); default the source's. The source is resized to it.
+            num_frames: optional check: the edit has the source's frame count, and a different value is an error.
             num_inference_steps: denoising steps (default 32).
             guidance_scale: classifier-free guidance (default 2.5; <= 1 disables the unconditional branch).
             num_videos_per_prompt, generator, latents: as diffusers' ``WanPipeline``; ``latents`` is
@@ -222,6 +224,12 @@ class LIVEditorPipeline(DiffusionPipeline):
         batch = prompt_embeds.shape[0]
 
         source = self.encode_video(video, height, width).to(device=device, dtype=dtype)
+        source_frames = (source.shape[2] - 1) * self.vae_scale_factor_temporal + 1
+        if num_frames is not None and num_frames != source_frames:
+            raise ValueError(
+                f"num_frames={num_frames}, but LIVEditor edits at the source's length ({source_frames} frames); "
+                "omit num_frames or trim the source video"
+            )
         n_prompts = batch // num_videos_per_prompt
         if source.shape[0] not in (1, n_prompts):
             raise ValueError(f"{source.shape[0]} source videos for {n_prompts} prompts: pass one video, or one per prompt")
