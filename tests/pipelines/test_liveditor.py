@@ -415,3 +415,37 @@ def test_pipeline_rejects_bad_calls(sd, rng, tmp_path, base_folder):
     # prompt_embeds without a text encoder, no guidance: runs, one sample per call
     out = pipe(prompt_embeds=embeds, guidance_scale=1.0, video=_source_video(rng), num_inference_steps=1, output_type="latent")
     assert out.frames.shape == (1, 16, 2, 4, 4)
+
+
+def test_pipeline_under_isa_and_frame_check(sd, rng, base_folder):
+    from diffusers import AutoencoderKLWan
+
+    from isa_plugin import ISAConfig, apply_isa, stats
+
+    vae = AutoencoderKLWan.from_pretrained(base_folder / "vae")
+    model = LIVEditorTransformer3DModel.from_liveditor_checkpoint(sd, **CONFIG)
+    pipe = LIVEditorPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=liveditor_scheduler(), transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    embeds = torch.randn(1, 12, TEXT_DIM, generator=rng)
+    video = _source_video(rng, frames=5, h=64, w=64)  # 2 latent frames of 4 x 4 tokens per video: 32 + 32 tokens
+    apply_isa(pipe, ISAConfig(block_size=16))
+    pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, video=video, num_frames=5, num_inference_steps=2, output_type="latent")
+    assert all(s["isa_calls"] == 2 and s["fallbacks"] == 0 for s in stats(pipe).values())
+    with pytest.raises(ValueError, match="source's length"):
+        pipe(prompt_embeds=embeds, guidance_scale=1.0, video=video, num_frames=9, num_inference_steps=1, output_type="latent")
+
+
+def test_convert_command(sd, tmp_path, base_folder, capsys):
+    from isa_plugin.cli import main
+
+    ckpt = tmp_path / "liveditor_ckpt.bin"
+    torch.save(sd, ckpt)
+    base = ["convert-liveditor", str(ckpt), "--base", str(base_folder), "--out", str(tmp_path / "out")]
+    assert main(base) == 2  # the default 14B config does not fit the tiny checkpoint: one clear line
+    err = capsys.readouterr().err
+    assert err.startswith("isa: error:") and "does not match LIVEditorTransformer3DModel(num_layers=40" in err
+    assert not (tmp_path / "out").exists()  # validated before writing
+    assert main(base + ["--config", json.dumps(CONFIG)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    pipe = LIVEditorPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.transformer.config.num_layers == LAYERS
