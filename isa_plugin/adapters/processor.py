@@ -17,7 +17,7 @@ import torch
 
 from ..attention import Route, run_isa, select_backend
 from ..config import ISAConfig
-from ..kernels.coarse import gated_coarse_residual
+from ..kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual
 from ..layout import Layout
 from .context import StepInfo, call_layout
 
@@ -65,6 +65,8 @@ class ISAAttnProcessorBase:
 
     _attention_backend = None
     _parallel_config = None
+    #: block size of a gated coarse residual (``attend(residual_gate=...)``); LIVEditor's is 64
+    residual_block_size: int = COARSE_BLOCK_SIZE
 
     def __init__(
         self,
@@ -220,5 +222,5 @@ class ISAAttnProcessorBase:
             out = run_isa(q, k, v, layout, self.config, route)
             self.record_isa(route.backend)
         if residual_gate is not None:
-            out = gated_coarse_residual(out, q, k, v, residual_gate, inplace=True)
+            out = gated_coarse_residual(out, q, k, v, residual_gate, self.residual_block_size, inplace=True)
         return out

@@ -137,3 +137,13 @@ def test_stock_wan_gets_no_gate():
     proc = stock.blocks[0].attn1.processor
     assert type(proc).__name__ == "WanISAAttnProcessor"
     assert proc.residual_gate(stock.blocks[0].attn1, torch.randn(1, 4, 64)) is None
+
+
+def test_processor_signature_matches_the_models_own():
+    import inspect
+
+    from isa_plugin.pipelines.liveditor import LIVEditorAttnProcessor
+
+    assert list(inspect.signature(LIVEditorISAAttnProcessor.__call__).parameters) == list(
+        inspect.signature(LIVEditorAttnProcessor.__call__).parameters
+    )

@@ -137,6 +137,11 @@ class LIVEditorISAAttnProcessor(WanISAAttnProcessor):
         >>> apply_isa(transformer, ISAConfig())   # installs this processor on every attn1
     """
 
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        # the residual's block size is the model's (its own processor's), 64 for the released model
+        self.residual_block_size = getattr(self.original, "block_size", self.residual_block_size)
+
     def residual_gate(self, attn, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
         return liveditor_gate(attn, hidden_states)
 
