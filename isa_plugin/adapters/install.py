@@ -112,12 +112,11 @@ class ISAState:
                 layout = None
         self.context = CallContext(layout=layout, step=step)
         if self.bucketed is not None:
-            self._select_bucket(ts)
+            self._select_bucket(timestep_scalar(ts))
         return None
 
-    def _select_bucket(self, ts) -> None:
+    def _select_bucket(self, t: Optional[float]) -> None:
         profile, buckets = self.bucketed
-        t = timestep_scalar(ts)
         b = self._bucket if t is None else profile.bucket_of(t)
         if t is None:
             logger.warning("timestep-bucketed ISA profile but the call has no timestep; keeping bucket %d", b)
