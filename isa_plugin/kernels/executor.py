@@ -9,7 +9,10 @@ Two ways to run the exact group (query blocks that attend over all of KV'):
   blocks, or blocks beyond the shortest list of the chunk) and scatters the rows back to their tokens.
   Heads are chunked so that the gathered copies stay under about one size of k.
 
-The Taylor group always runs in Triton, queued after the exact group.
+The Taylor group always runs in Triton, queued after the exact group. A plan whose Taylor selections
+are deferred (``plan_compact(..., defer_selections=True)``) has them computed between the two groups
+(:meth:`~isa_plugin.kernels.plan.CompactPlan.finish_selections`), so their host work overlaps the
+exact-attention kernels. (A side stream for the Taylor group measured no gain: cuDNN fills every SM.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .isa_attn import isa_attn_items
+from .isa_attn import isa_attn_items, isa_taylor_pairs
 from .plan import CompactPlan, select_blocks as _select_blocks
 from .pooling import gather_blocks_triton, pool_blocks_triton
 
@@ -60,12 +63,24 @@ def _pooled_kv(k, v, cp: CompactPlan, starts, counts):
     return kbar.to(k.dtype).reshape(B * H, nb, D), vbar.to(v.dtype).reshape(B * H, nb, D)
 
 
-def _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale):
+#: run the Taylor group one pair of neighbouring query blocks per program when the plan has the pairs'
+#: union lists (a key block both select, and every pseudo-key tile, is loaded once for both)
+TAYLOR_PAIRS = True
+
+
+def _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale, pairs: Optional[bool] = None):
     B, H, nb = cp.exact_q.shape
     n_t = max(cp.host["n_taylor"]) if cp.host else nb
     if n_t == 0:
         return
     qb = cp.taylor_qb if cp.taylor_qb is not None else _select_blocks(~cp.exact_q, n_t)  # [B, H, n_t]
+    if (TAYLOR_PAIRS if pairs is None else pairs) and cp.taylor_pairs is not None:
+        isa_taylor_pairs(
+            q, k, v, out, kbar, vbar, log2n, starts, counts, qb.reshape(B * H, -1), cp.taylor_pairs,
+            cp.kv_list.reshape(B * H, -1), cp.kv_len.reshape(-1), cp.approx.reshape(B * H, nb, -1),
+            block_size=cp.blocks.block_size, scale=scale,
+        )
+        return
     w_bh = _cached(("tbh", B, H, n_t, q.device), lambda: torch.arange(B * H, device=q.device, dtype=torch.int32).view(B, H, 1).expand(B, H, n_t).reshape(-1).contiguous())
     isa_attn_items(
         q, k, v, out, kbar, vbar, log2n, starts, counts,
@@ -183,45 +198,52 @@ def execute_compact(
     cp: CompactPlan,
     scale: Optional[float] = None,
     exact_backend: str = "auto",
-    overlap: bool = True,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Run ISA attention for q, k, v [B, N, H, D] according to ``cp``; returns [B, N, H, D] in q's dtype.
+    """Run ISA attention for q, k, v [B, N, H, D] according to the plan ``cp``.
 
     Args:
+        q, k, v: [B, N, H, D] with a unit stride on D (the plan's inputs).
+        cp: a :class:`~isa_plugin.kernels.plan.CompactPlan` for these inputs; deferred Taylor selections
+            are computed here, after the exact group is queued.
+        scale: softmax scale (default 1/sqrt(D)).
         exact_backend: ``"sdpa"`` (cuDNN on gathered tensors, CUDA fp16/bf16 only), ``"triton"``, or
             ``"auto"`` (sdpa where allowed).
-        overlap: kept for API stability; the Taylor group runs after the exact group on one stream
-            (a side stream measured no gain: cuDNN fills every SM).
+        out: optional [B, N, H, D] output buffer (every element is written).
 
-    A plan from ``plan_compact(..., _defer=True)`` has its step 7 finished here, after the exact group
-    is queued, so the host work of step 7 overlaps the exact-attention kernels.
+    Returns:
+        [B, N, H, D] in q's dtype.
+
+    Raises:
+        ValueError: an unknown ``exact_backend``.
+
+    Example:
+        >>> out = execute_compact(q, k, v, plan_compact(q, k, layout, cfg, v=v, defer_selections=True))  # doctest: +SKIP
     """
     B, N, H, D = q.shape
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = q.device
-    blocks = cp.blocks.to(dev)
-    starts = blocks.starts.to(torch.int32)
-    counts = blocks.counts.to(torch.int32)
-    log2n = torch.log2(blocks.counts.to(torch.float32)).contiguous()
+    if cp.block_meta is not None:
+        starts, counts, log2n = cp.block_meta
+    else:
+        blocks = cp.blocks.to(dev)
+        starts = blocks.starts.to(torch.int32)
+        counts = blocks.counts.to(torch.int32)
+        log2n = torch.log2(blocks.counts.to(torch.float32)).contiguous()
     if out is None:
         out = torch.empty_like(q)
     kbar, vbar = cp.pooled_kv if cp.pooled_kv is not None else _pooled_kv(k, v, cp, starts, counts)
     bs = cp.blocks.block_size
-    use_sdpa = (exact_backend == "sdpa" or (exact_backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))) and bs & (bs - 1) == 0
     if exact_backend not in ("auto", "sdpa", "triton"):
         raise ValueError(f"exact_backend={exact_backend!r}; supported: 'auto', 'sdpa', 'triton'")
+    use_sdpa = (exact_backend == "sdpa" or (exact_backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))) and bs & (bs - 1) == 0
     # the exact group needs only steps 1-6 of the plan: queue it first, so that the host work of
-    # step 7 (Taylor selections) overlaps the long exact-attention kernels
-    pending = getattr(cp, "_pending", None) is not None
+    # step 7 (Taylor selections, when deferred) overlaps the long exact-attention kernels
     if use_sdpa:
         budget = k.numel() * k.element_size()
         _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, budget)
     else:
         _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
-    if pending:
-        from .plan import _finish_plan
-
-        _finish_plan(cp)
+    cp.finish_selections()
     _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
     return out

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["isa_attn_items"]
+__all__ = ["isa_attn_items", "isa_taylor_pairs"]
 
 _LOG2E = 1.4426950408889634
 
@@ -232,5 +232,166 @@ def isa_attn_items(
         init_row_stride,
         H, nb, Kmax, tay_s, float(scale) * _LOG2E,
         D=D, BLOCK=BLOCK, TAYLOR=bool(taylor), INIT=init, IEEE=(q.dtype == torch.float32),
+    )
+    return out
+
+
+def _pair_configs():
+    if _interpreting():
+        return [triton.Config({"BP": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BP": 64}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)]
+
+
+@triton.jit
+def _online_update(b_q, b_k, b_v, b_m, b_l, b_acc, m_col, b_bias, scale_log2, IEEE: tl.constexpr):
+    """One tile of the online softmax in the log2 domain: returns the new (m, l, acc)."""
+    if IEEE:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
+    b_s = tl.where(m_col[None, :], b_s * scale_log2 + b_bias[None, :], float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_p = tl.math.exp2(b_s - b_mn[:, None])
+    b_alpha = tl.math.exp2(b_m - b_mn)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    if IEEE:
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+    else:
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_mn, b_l, b_acc
+
+
+@triton.autotune(configs=_pair_configs(), key=["D", "BLOCK", "IEEE"])
+@triton.jit
+def _isa_taylor_pair_kernel(
+    Q, K, V, O,
+    KBAR, VBAR, LOG2N,
+    STARTS, COUNTS,
+    QB,  # [B*H, T] Taylor query blocks (-1 = padding)
+    UL, UF, ULEN,  # [B*H, T2, U] union exact lists, int8 flags (1: first block, 2: second), [B*H, T2] lengths
+    KV_LIST, KV_LEN, APPROX,  # [B*H, Kmax], [B*H], [B*H, nb, Kmax] int8 (1 = pseudo-key)
+    sq_b, sq_n, sq_h,
+    sk_b, sk_n, sk_h,
+    sv_b, sv_n, sv_h,
+    so_b, so_n, so_h,
+    H, nb, Kmax, T, T2, U, scale_log2,
+    D: tl.constexpr,  # head dim
+    BLOCK: tl.constexpr,  # padded ISA block size (query and key tile height)
+    BP: tl.constexpr,  # pseudo-keys per tile
+    IEEE: tl.constexpr,  # fp32 inputs: full-precision dots
+):
+    i_w = tl.program_id(0)
+    i_bh = (i_w // T2).to(tl.int64)
+    i_p = i_w % T2
+    qa = tl.load(QB + i_bh * T + 2 * i_p)
+    qb = tl.load(QB + i_bh * T + 2 * i_p + 1, mask=2 * i_p + 1 < T, other=-1)
+    va = qa >= 0
+    vb = qb >= 0
+    o_p = tl.arange(0, BP)
+    va_p = (o_p * 0 + qa) >= 0  # [BP] (vector forms for the pseudo-key masks)
+    vb_p = (o_p * 0 + qb) >= 0
+    qa = tl.maximum(qa, 0)
+    qb = tl.maximum(qb, 0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_m = tl.arange(0, BLOCK)
+    o_d = tl.arange(0, D)
+    sa = tl.load(STARTS + qa).to(tl.int64)
+    sb = tl.load(STARTS + qb).to(tl.int64)
+    m_ma = o_m < tl.where(va, tl.load(COUNTS + qa), 0)
+    m_mb = o_m < tl.where(vb, tl.load(COUNTS + qb), 0)
+    p_q0 = Q + i_b * sq_b + i_h * sq_h + o_d[None, :]
+    b_qa = tl.load(p_q0 + (sa + o_m)[:, None] * sq_n, mask=m_ma[:, None], other=0.0)  # [BLOCK, D]
+    b_qb = tl.load(p_q0 + (sb + o_m)[:, None] * sq_n, mask=m_mb[:, None], other=0.0)  # [BLOCK, D]
+    acc_a = tl.zeros([BLOCK, D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK, D], dtype=tl.float32)
+    m_a = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    m_b = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_a = tl.zeros([BLOCK], dtype=tl.float32)
+    l_b = tl.zeros([BLOCK], dtype=tl.float32)
+    zero_bias = tl.zeros([BLOCK], dtype=tl.float32)
+
+    # exact key blocks: each block of the union is loaded once and folded into the rows of the query
+    # block(s) that selected it
+    p_k0 = K + i_b * sk_b + i_h * sk_h + o_d[None, :]
+    p_v0 = V + i_b * sv_b + i_h * sv_h + o_d[None, :]
+    u_row = (i_bh * T2 + i_p) * U
+    u_len = tl.load(ULEN + i_bh * T2 + i_p)
+    for j in range(0, u_len):
+        i_kb = tl.load(UL + u_row + j)
+        f = tl.load(UF + u_row + j)
+        k_start = tl.load(STARTS + i_kb).to(tl.int64)
+        m_n = o_m < tl.load(COUNTS + i_kb)
+        b_k = tl.load(p_k0 + (k_start + o_m)[:, None] * sk_n, mask=m_n[:, None], other=0.0)  # [BLOCK, D]
+        b_v = tl.load(p_v0 + (k_start + o_m)[:, None] * sv_n, mask=m_n[:, None], other=0.0)  # [BLOCK, D]
+        if (f & 1) != 0:
+            m_a, l_a, acc_a = _online_update(b_qa, b_k, b_v, m_a, l_a, acc_a, m_n, zero_bias, scale_log2, IEEE)
+        if (f & 2) != 0:
+            m_b, l_b, acc_b = _online_update(b_qb, b_k, b_v, m_b, l_b, acc_b, m_n, zero_bias, scale_log2, IEEE)
+
+    # pseudo-keys: the (b, h)'s KV' list is shared by both blocks; each masks its own approx flags
+    kv_len = tl.load(KV_LEN + i_bh)
+    p_list = KV_LIST + i_bh * Kmax
+    p_apa = APPROX + (i_bh * nb + qa) * Kmax
+    p_apb = APPROX + (i_bh * nb + qb) * Kmax
+    p_bar = i_bh * nb * D
+    for p0 in range(0, kv_len, BP):
+        m_p = (p0 + o_p) < kv_len
+        i_pb = tl.load(p_list + p0 + o_p, mask=m_p, other=0)  # [BP]
+        m_fa = (tl.load(p_apa + p0 + o_p, mask=m_p, other=0) != 0) & va_p  # [BP]
+        m_fb = (tl.load(p_apb + p0 + o_p, mask=m_p, other=0) != 0) & vb_p  # [BP]
+        m_any = m_fa | m_fb
+        b_kb = tl.load(KBAR + p_bar + i_pb[:, None].to(tl.int64) * D + o_d[None, :], mask=m_any[:, None], other=0.0)  # [BP, D]
+        b_vb = tl.load(VBAR + p_bar + i_pb[:, None].to(tl.int64) * D + o_d[None, :], mask=m_any[:, None], other=0.0)  # [BP, D]
+        b_lg = tl.load(LOG2N + i_pb, mask=m_any, other=0.0)  # [BP]
+        m_a, l_a, acc_a = _online_update(b_qa, b_kb, b_vb, m_a, l_a, acc_a, m_fa, b_lg, scale_log2, IEEE)
+        m_b, l_b, acc_b = _online_update(b_qb, b_kb, b_vb, m_b, l_b, acc_b, m_fb, b_lg, scale_log2, IEEE)
+
+    p_o0 = O + i_b * so_b + i_h * so_h + o_d[None, :]
+    b_oa = acc_a / tl.where(l_a > 0, l_a, 1.0)[:, None]
+    tl.store(p_o0 + (sa + o_m)[:, None] * so_n, b_oa.to(O.dtype.element_ty), mask=m_ma[:, None])
+    b_ob = acc_b / tl.where(l_b > 0, l_b, 1.0)[:, None]
+    tl.store(p_o0 + (sb + o_m)[:, None] * so_n, b_ob.to(O.dtype.element_ty), mask=m_mb[:, None])
+
+
+def isa_taylor_pairs(q, k, v, out, kbar, vbar, log2n, starts, counts, qb, pairs, kv_list, kv_len, approx, *, block_size: int, scale: float):
+    """Taylor group with one program per pair of neighbouring Taylor query blocks (same (b, h)).
+
+    Both blocks' exact lists are walked as their union (``pairs`` from
+    :func:`~isa_plugin.kernels.select.taylor_select_triton`), so a key block selected by both is loaded
+    once; the pseudo-key tiles of the (b, h)'s KV' list are loaded once for both. Each block keeps its
+    own softmax state, so the result equals two single-block programs (up to summation order).
+
+    Args:
+        q, k, v, out: [B, N, H, D] with a unit stride on D. kbar, vbar: [B*H, nb, D] block means.
+        log2n: [nb] float32. starts, counts: [nb] int32.
+        qb: [B*H, T] Taylor query blocks (-1 = padding). pairs: (ul, uf, ulen) [B*H, T2, U], [B*H, T2, U],
+            [B*H, T2] with T2 = ceil(T / 2).
+        kv_list: [B*H, Kmax] int32; kv_len: [B*H] int32; approx: [B*H, nb, Kmax] int8.
+
+    Raises:
+        ValueError: a head dim that is not a power of two in [16, 256] or a non-unit stride on D.
+    """
+    B, N, H, D = q.shape
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim={D} is not supported; supported: 16, 32, 64, 128, 256")
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a unit stride on the head dimension")
+    ul, uf, ulen = pairs
+    T = int(qb.shape[-1])
+    T2 = int(ul.shape[1])
+    if T == 0 or B * H == 0:
+        return out
+    BLOCK = max(16, triton.next_power_of_2(int(block_size)))
+    _isa_taylor_pair_kernel[(B * H * T2,)](
+        q, k, v, out, kbar, vbar, log2n, starts, counts,
+        qb, ul, uf, ulen, kv_list, kv_len, approx,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, int(starts.numel()), int(kv_list.shape[-1]), T, T2, int(ul.shape[-1]), float(scale) * _LOG2E,
+        D=D, BLOCK=BLOCK, IEEE=(q.dtype == torch.float32),
     )
     return out

@@ -133,7 +133,7 @@ def test_all_ratios_one_is_dense(rng, D):
     layout = Layout([("target", 90), ("context", 77), ("text", 3)])
     q, k, v = _qkv(rng, 1, layout.num_tokens, 2, D, torch.float32)
     cfg = ISAConfig(alpha_s=1, alpha_f=1, alpha_ns=1)
-    cp = kplan.plan_compact(q, k, layout, cfg, v=v, _defer=True)
+    cp = kplan.plan_compact(q, k, layout, cfg, v=v, defer_selections=True)
     out = torch.full_like(q, float("nan"))
     executor.execute_compact(q, k, v, cp, exact_backend="triton", out=out)
     ref = dense_attention_reference(q.double(), k.double(), v.double())
@@ -167,6 +167,66 @@ def test_custom_op_compiles_without_graph_breaks(rng):
     assert (eager.double() - ref).abs().max().item() < 1e-5
 
 
+def test_deferred_selections_equal_direct_plan(rng):
+    """plan_compact(defer_selections=True) + finish_selections() is the direct plan; finishing twice is a no-op."""
+    layout = Layout(LAYOUTS[1])
+    q, k, v = _qkv(rng, 2, layout.num_tokens, 2, 32, torch.float32)
+    cfg = ISAConfig(alpha_s=0.5, alpha_f=0.4, alpha_ns=0.3)
+    direct = kplan.plan_compact(q, k, layout, cfg, v=v)
+    deferred = kplan.plan_compact(q, k, layout, cfg, v=v, defer_selections=True)
+    assert direct.pending is None and deferred.pending is not None and deferred.tsel is None
+    assert deferred.finish_selections() is deferred and deferred.pending is None
+    tsel = deferred.tsel
+    deferred.finish_selections()
+    assert deferred.tsel is tsel
+    for f in ("kv_list", "kv_len", "exact_q", "tsel_len", "approx"):
+        assert torch.equal(getattr(direct, f), getattr(deferred, f)), f
+    ra, rb = kplan.compact_to_reference(direct), kplan.compact_to_reference(deferred)
+    assert torch.equal(ra.exact_kv, rb.exact_kv)
+
+
+def test_entry_point_rejects_unknown_exact_backend(rng):
+    from isa_plugin.kernels.ops import isa_attention_kernels
+
+    layout = Layout([("target", 70), ("context", 64)])
+    q, k, v = _qkv(rng, 1, layout.num_tokens, 1, 32, torch.float32)
+    with pytest.raises(ValueError, match="exact_backend='cudnn'"):
+        isa_attention_kernels(q, k, v, layout, ISAConfig(), exact_backend="cudnn")
+
+
+@pytest.mark.parametrize(
+    "spans,alpha_f,dtype",
+    [
+        (LAYOUTS[1], 0.4, torch.float16),  # text blocks, short blocks, an odd number of Taylor blocks
+        ([("target", 300), ("context", 260)], 0.3, torch.float32),
+    ],
+)
+def test_taylor_pair_kernel_matches_single_and_reference(rng, spans, alpha_f, dtype):
+    """Pairs of Taylor query blocks sharing key tiles give the single-block kernel's rows and the reference's."""
+    layout = Layout(spans)
+    q, k, v = _qkv(rng, 2, layout.num_tokens, 2, 64, dtype)
+    cfg = ISAConfig(alpha_s=0.5, alpha_f=alpha_f, alpha_ns=0.3)
+    cp = kplan.plan_compact(q, k, layout, cfg, v=v)
+    assert cp.taylor_pairs is not None
+    kbar, vbar = cp.pooled_kv
+    starts, counts, log2n = cp.block_meta
+    outs = []
+    for pairs in (True, False):
+        out = torch.full_like(q, float("nan"))
+        executor._run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, 64 ** -0.5, pairs=pairs)
+        outs.append(out)
+    tay_rows = (~cp.exact_q)[:, :, layout.blocks(64).token_block].permute(0, 2, 1)  # [B, N, H]
+    assert not outs[0][tay_rows].isnan().any(), "unwritten Taylor rows"
+    torch.testing.assert_close(outs[0][tay_rows], outs[1][tay_rows], rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=2e-3 if dtype == torch.float16 else 1e-5)
+    full = executor.execute_compact(q, k, v, cp, exact_backend="triton")
+    plan = kplan.compact_to_reference(cp)
+    rows = torch.arange(layout.num_tokens)
+    ref = plan_rows(q.double(), k.double(), v.double(), plan, rows)
+    base = plan_rows(q, k, v, plan, rows, lowp=True) if dtype != torch.float32 else execute_plan_reference(q, k, v, plan).double()
+    ok, err, berr = check_close(full, ref, base, atol=1e-5 if dtype == torch.float32 else 2e-4)
+    assert ok, f"kernel error {err:.3e} vs torch-{dtype} error {berr:.3e}"
+
+
 def test_launcher_validates():
     from isa_plugin.kernels.isa_attn import isa_attn_items
 
@@ -185,8 +245,8 @@ def test_taylor_select_kernel_matches_torch_path(rng, spans, per_head):
     cfg = ISAConfig(alpha_s=(0.4, 1.0) if per_head else 0.5, alpha_f=0.5, alpha_ns=(0.2, 0.6) if per_head else 0.3)
     blocks = layout.blocks(64)
     qbar, kbar = pool_blocks(q, blocks), pool_blocks(k, blocks)
-    a = kplan._finish_plan(kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5), use_kernel=True)
-    b = kplan._finish_plan(kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5), use_kernel=False)
+    a = kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5).finish_selections(use_kernel=True)
+    b = kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5).finish_selections(use_kernel=False)
     ra, rb = kplan.compact_to_reference(a), kplan.compact_to_reference(b)
     assert torch.equal(ra.exact_kv, rb.exact_kv)
     tay = ~a.exact_q
