@@ -20,6 +20,9 @@ from isa_plugin.kernels.ops import isa_attention_kernels  # noqa: E402
 from isa_plugin.kernels.plan import plan_compact  # noqa: E402
 from isa_plugin.kernels.pooling import pool_blocks_triton  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_attention import make_input  # noqa: E402
+
 
 def main():
     import triton
@@ -32,9 +35,11 @@ def main():
     ap.add_argument("--exact-backend", default="auto")
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--trace", default=None, help="write a chrome trace of one call here")
+    ap.add_argument("--data", default="randn", choices=["randn", "smooth"], help="as in bench_attention.py")
+    ap.add_argument("--phases-only", action="store_true", help="skip the torch.profiler tables")
     a = ap.parse_args()
     N, H = a.n, a.heads
-    q, k, v = (torch.randn(1, N, H, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (make_input(N, H, 128, a.data, torch.device("cuda")) for _ in range(3))
     layout = Layout([("target", N // 2), ("context", N - N // 2)])
     cfg = ISAConfig(alpha_s=a.alpha_s, alpha_f=a.alpha_f)
     cp = plan_compact(q, k, layout, cfg, v=v)
@@ -79,6 +84,8 @@ def main():
     torch.cuda.synchronize()
     host.sort()
     print(f"host time of one call (GPU idle at start), median of 10: {host[5] * 1e3:.2f} ms", flush=True)
+    if a.phases_only:
+        return
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
