@@ -55,8 +55,7 @@ def main():
     phases = {
         "plan (pool q,k,v + selections)": lambda: plan_compact(q, k, layout, cfg, v=v),
         "pool q,k,v": lambda: pool_blocks_triton(q, k, v, starts=starts, counts=counts, block_size=cfg.block_size),
-        "taylor group (pairs)": lambda: ex._run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, pairs=True),
-        "taylor group (single blocks)": lambda: ex._run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, pairs=False),
+        "taylor group": lambda: ex._run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc),
         "exact group sdpa": lambda: ex._run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, k.numel() * 2),
         "execute (planned)": lambda: ex.execute_compact(q, k, v, cp, exact_backend=a.exact_backend),
         "full call (isa_attention_kernels)": full,

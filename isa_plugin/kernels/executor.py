@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .isa_attn import isa_attn_items, isa_taylor_pairs
+from .isa_attn import isa_attn_items
 from .plan import CompactPlan, select_blocks as _select_blocks
 from .pooling import gather_blocks_triton, pool_blocks_triton
 
@@ -63,24 +63,12 @@ def _pooled_kv(k, v, cp: CompactPlan, starts, counts):
     return kbar.to(k.dtype).reshape(B * H, nb, D), vbar.to(v.dtype).reshape(B * H, nb, D)
 
 
-#: run the Taylor group one pair of neighbouring query blocks per program when the plan has the pairs'
-#: union lists (a key block both select, and every pseudo-key tile, is loaded once for both)
-TAYLOR_PAIRS = True
-
-
-def _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale, pairs: Optional[bool] = None):
+def _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: CompactPlan, scale):
     B, H, nb = cp.exact_q.shape
     n_t = max(cp.host["n_taylor"]) if cp.host else nb
     if n_t == 0:
         return
     qb = cp.taylor_qb if cp.taylor_qb is not None else _select_blocks(~cp.exact_q, n_t)  # [B, H, n_t]
-    if (TAYLOR_PAIRS if pairs is None else pairs) and cp.taylor_pairs is not None:
-        isa_taylor_pairs(
-            q, k, v, out, kbar, vbar, log2n, starts, counts, qb.reshape(B * H, -1), cp.taylor_pairs,
-            cp.kv_list.reshape(B * H, -1), cp.kv_len.reshape(-1), cp.approx.reshape(B * H, nb, -1),
-            block_size=cp.blocks.block_size, scale=scale,
-        )
-        return
     w_bh = _cached(("tbh", B, H, n_t, q.device), lambda: torch.arange(B * H, device=q.device, dtype=torch.int32).view(B, H, 1).expand(B, H, n_t).reshape(-1).contiguous())
     isa_attn_items(
         q, k, v, out, kbar, vbar, log2n, starts, counts,

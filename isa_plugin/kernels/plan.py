@@ -68,8 +68,6 @@ class CompactPlan:
     pooled_kv: Optional[tuple] = None  # (kbar, vbar) [B*H, nb, D] in the input dtype, when pooled with q
     pending: Optional["PendingSelections"] = None  # inputs of step 7 while the Taylor selections are deferred
     block_meta: Optional[tuple] = None  # (starts int32, counts int32, log2 counts float32) [nb] on the device
-    taylor_pairs: Optional[tuple] = None  # (ul, uf, ulen): union exact lists of neighbouring Taylor query
-    # block pairs (taylor_qb[2p], taylor_qb[2p+1]) with per-block flags, from the selection kernel
 
     @property
     def shape(self):
@@ -365,7 +363,7 @@ def _finish_selections(cp: CompactPlan, use_kernel: Optional[bool]) -> None:
 
         n_t = max(st.host["n_taylor"])
         qb = select_blocks(~cp.exact_q, n_t) if n_t else torch.empty(B, H, 0, device=dev, dtype=torch.long)
-        cp.tsel, cp.tsel_len, cp.approx, cp.taylor_pairs = taylor_select_triton(
+        cp.tsel, cp.tsel_len, cp.approx = taylor_select_triton(
             logits, qb, cp.kv_list, cp.kv_len, st.blocks.kinds, st.x_ids, st.n_exact_d, min(st.s_max, kmax)
         )
         cp.taylor_qb = qb

@@ -5,13 +5,11 @@ passes and the index bookkeeping torch would need.
 
 ``_topk_mass_fwd_kernel`` — grid (B*H*nb,): sharp[r] = sum of the K largest of P[r, cols], where cols is
     the contiguous target-column range [c0, c0 + L).
-``_taylor_select_fwd_kernel`` — grid (T2, B*H), one program per pair of neighbouring Taylor query blocks
-    (``qb`` [B*H, T], -1 = padding; T2 = ceil(T/2)). Per block: scores = pooled logits of the row at the
-    (b, h)'s KV' blocks ``kv_list`` (non-text, valid positions only); the ``n_exact[h]`` highest (ties:
-    lower block id, as the reference's stable sort) are computed exactly. Writes ``tsel`` (text ids
-    first, then the selected ids), ``tsel_len`` and the ``approx`` row (1 = pseudo-key) for that query
-    block, and for the pair the union of both exact lists with per-block flags (compacted with a prefix
-    sum), which lets the pair Taylor kernel load a key block once for both query blocks.
+``_taylor_select_fwd_kernel`` — grid (T, B*H), one program per Taylor query block (``qb`` [B*H, T], -1 =
+    padding): scores = pooled logits of the row at the (b, h)'s KV' blocks ``kv_list`` (non-text,
+    valid positions only); the ``n_exact[h]`` highest (ties: lower block id, as the reference's stable
+    sort) are computed exactly. Writes ``tsel`` (text ids first, then the selected ids), ``tsel_len``
+    and the ``approx`` row (1 = pseudo-key) for that query block.
 
 Sort keys pack the float's order-preserving integer image in the high 32 bits and (2^32-1 - block id)
 in the low 32 bits, so keys are unique and a descending sort puts ties on the lower block id first.
@@ -56,37 +54,6 @@ def _ordered(x):
 
 
 @triton.jit
-def _select_row(
-    LOGITS, KINDS, TSEL, TSEL_LEN, APPROX, X_IDS,
-    i_bh, i_qb, b_blk, m_p, n_ex, nb, Kmax, S, n_text,
-    KP: tl.constexpr, XP: tl.constexpr,
-):
-    """One Taylor query block's selection (nothing stored for ``i_qb < 0``); returns the selected mask [KP]."""
-    qb = tl.maximum(i_qb, 0)
-    o_p = tl.arange(0, KP)
-    o_x = tl.arange(0, XP)
-    # the block's validity as vectors (a scalar bool in a vector mask is not accepted everywhere)
-    valid = (o_p * 0 + i_qb) >= 0  # [KP]
-    valid_x = (o_x * 0 + i_qb) >= 0  # [XP]
-    b_kind = tl.load(KINDS + b_blk, mask=m_p, other=2)
-    m_c = m_p & (b_kind != 2) & valid  # candidates: valid, non-text
-    b_lg = tl.load(LOGITS + (i_bh * nb + qb) * nb + b_blk, mask=m_c, other=0.0)  # [KP]
-    key = _ordered(b_lg) * 4294967296 + (4294967295 - b_blk)
-    key = tl.where(m_c, key, -9223372036854775807 - 1)  # [KP]
-    b_sorted = tl.sort(key, descending=True)
-    thr = tl.sum(tl.where(o_p == n_ex - 1, b_sorted, 0), axis=0)
-    m_sel = m_c & (key >= thr)
-    row = i_bh * nb + qb
-    tl.store(APPROX + row * Kmax + o_p, (m_c & ~m_sel).to(tl.int8), mask=(o_p < Kmax) & valid)
-    b_x = tl.load(X_IDS + o_x, mask=o_x < n_text, other=0)
-    tl.store(TSEL + row * S + o_x, b_x.to(tl.int32), mask=(o_x < n_text) & valid_x)
-    b_id = 4294967295 - (b_sorted & 4294967295)  # block ids, best first
-    tl.store(TSEL + row * S + n_text + o_p, b_id.to(tl.int32), mask=(o_p < n_ex) & valid)
-    tl.store(TSEL_LEN + row + o_p, tl.zeros([KP], dtype=tl.int32) + (n_text + n_ex).to(tl.int32), mask=(o_p == 0) & valid)
-    return m_sel
-
-
-@triton.jit
 def _taylor_select_fwd_kernel(
     LOGITS,  # [B*H, nb, nb] float32 pooled logits
     QB,  # [B*H, T] int64 Taylor query blocks (-1 = padding)
@@ -95,68 +62,60 @@ def _taylor_select_fwd_kernel(
     X_IDS,  # [n_text] int64 text block ids
     N_EXACT,  # [H] int64 exact count per head
     TSEL, TSEL_LEN, APPROX,  # [B*H, nb, S] int32, [B*H, nb] int32, [B*H, nb, Kmax] int8
-    UL, UF, ULEN,  # [B*H, T2, U] int32 union lists, [B*H, T2, U] int8 flags, [B*H, T2] int32 lengths
-    H, T, T2, nb, Kmax, S, U, n_text,
+    H, T, nb, Kmax, S, n_text,
     KP: tl.constexpr,  # next power of two >= Kmax: the sorted row length
     XP: tl.constexpr,  # next power of two >= max(n_text, 1)
 ):
-    i_p = tl.program_id(0)
+    i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    qa = tl.load(QB + i_bh * T + 2 * i_p)
-    qb = tl.load(QB + i_bh * T + 2 * i_p + 1, mask=2 * i_p + 1 < T, other=-1)
-    kv_len = tl.load(KV_LEN + i_bh)
-    n_ex = tl.load(N_EXACT + i_bh % H)
-    o_p = tl.arange(0, KP)
-    m_p = o_p < kv_len
-    b_blk = tl.load(KV_LIST + i_bh * Kmax + o_p, mask=m_p, other=0).to(tl.int64)  # [KP]
-    m_a = _select_row(LOGITS, KINDS, TSEL, TSEL_LEN, APPROX, X_IDS, i_bh, qa, b_blk, m_p, n_ex, nb, Kmax, S, n_text, KP, XP)
-    m_b = _select_row(LOGITS, KINDS, TSEL, TSEL_LEN, APPROX, X_IDS, i_bh, qb, b_blk, m_p, n_ex, nb, Kmax, S, n_text, KP, XP)
-    # the pair's union list: text blocks (exact for both), then every KV' position selected by either
-    # block, in kv_list order, with flags 1 = first block, 2 = second block
-    u_row = (i_bh * T2 + i_p) * U
-    f_text = (qa >= 0).to(tl.int8) + 2 * (qb >= 0).to(tl.int8)
-    o_x = tl.arange(0, XP)
-    b_x = tl.load(X_IDS + o_x, mask=o_x < n_text, other=0)
-    tl.store(UL + u_row + o_x, b_x.to(tl.int32), mask=o_x < n_text)
-    tl.store(UF + u_row + o_x, tl.zeros([XP], dtype=tl.int8) + f_text, mask=o_x < n_text)
-    m_u = m_a | m_b
-    pos = tl.cumsum(m_u.to(tl.int32), axis=0) - 1
-    tl.store(UL + u_row + n_text + pos, b_blk.to(tl.int32), mask=m_u)
-    tl.store(UF + u_row + n_text + pos, m_a.to(tl.int8) + 2 * m_b.to(tl.int8), mask=m_u)
-    n_u = tl.sum(m_u.to(tl.int32), axis=0)
-    tl.store(ULEN + i_bh * T2 + i_p, tl.where((qa >= 0) | (qb >= 0), n_text + n_u, 0).to(tl.int32))
+    i_qb = tl.load(QB + i_bh * T + i_t)
+    if i_qb >= 0:
+        kv_len = tl.load(KV_LEN + i_bh)
+        n_ex = tl.load(N_EXACT + i_bh % H)
+        o_p = tl.arange(0, KP)
+        m_p = o_p < kv_len
+        b_blk = tl.load(KV_LIST + i_bh * Kmax + o_p, mask=m_p, other=0).to(tl.int64)  # [KP]
+        b_kind = tl.load(KINDS + b_blk, mask=m_p, other=2)
+        m_c = m_p & (b_kind != 2)  # candidates: valid, non-text
+        b_lg = tl.load(LOGITS + (i_bh * nb + i_qb) * nb + b_blk, mask=m_c, other=0.0)  # [KP]
+        key = _ordered(b_lg) * 4294967296 + (4294967295 - b_blk)
+        key = tl.where(m_c, key, -9223372036854775807 - 1)  # [KP]
+        b_sorted = tl.sort(key, descending=True)
+        thr = tl.sum(tl.where(o_p == n_ex - 1, b_sorted, 0), axis=0)
+        m_sel = m_c & (key >= thr)
+        row = i_bh * nb + i_qb
+        tl.store(APPROX + row * Kmax + o_p, (m_c & ~m_sel).to(tl.int8), mask=o_p < Kmax)
+        o_x = tl.arange(0, XP)
+        b_x = tl.load(X_IDS + o_x, mask=o_x < n_text, other=0)
+        tl.store(TSEL + row * S + o_x, b_x.to(tl.int32), mask=o_x < n_text)
+        b_id = 4294967295 - (b_sorted & 4294967295)  # block ids, best first
+        tl.store(TSEL + row * S + n_text + o_p, b_id.to(tl.int32), mask=o_p < n_ex)
+        tl.store(TSEL_LEN + row, (n_text + n_ex).to(tl.int32))
 
 
 def taylor_select_triton(logits, qb, kv_list, kv_len, kinds, x_ids, n_exact, s_max):
     """Taylor selections of the query blocks ``qb`` [B, H, T] (see the module docstring).
 
-    Returns (tsel [B, H, nb, S] int32, tsel_len [B, H, nb] int32, approx [B, H, nb, Kmax] int8, pairs):
-    rows of other query blocks are zero (empty lists). ``pairs`` = (ul [B*H, T2, U] int32, uf [B*H, T2, U]
-    int8, ulen [B*H, T2] int32): for each pair of neighbouring Taylor query blocks (qb[2p], qb[2p+1]) the
-    union of their exact lists with flags (1: first block, 2: second block), for the pair kernel.
+    Returns (tsel [B, H, nb, S] int32, tsel_len [B, H, nb] int32, approx [B, H, nb, Kmax] int8); rows of
+    other query blocks are zero (empty lists).
     """
     B, H, nb, _ = logits.shape
     T = qb.shape[-1]
     kmax = kv_list.shape[-1]
     n_text = int(x_ids.numel())
     S = max(1, n_text + s_max)
-    T2 = (T + 1) // 2
-    U = max(1, n_text + min(2 * s_max, kmax))
     dev = logits.device
     tsel = torch.zeros(B, H, nb, S, device=dev, dtype=torch.int32)
     tsel_len = torch.zeros(B, H, nb, device=dev, dtype=torch.int32)
     approx = torch.zeros(B, H, nb, kmax, device=dev, dtype=torch.int8)
-    ul = torch.empty(B * H, T2, U, device=dev, dtype=torch.int32)
-    uf = torch.empty(B * H, T2, U, device=dev, dtype=torch.int8)
-    ulen = torch.empty(B * H, T2, device=dev, dtype=torch.int32)
     if T == 0:
-        return tsel, tsel_len, approx, (ul, uf, ulen)
+        return tsel, tsel_len, approx
     KP = max(16, triton.next_power_of_2(kmax))
     XP = max(16, triton.next_power_of_2(max(1, n_text)))
-    _taylor_select_fwd_kernel[(T2, B * H)](
+    _taylor_select_fwd_kernel[(T, B * H)](
         logits.contiguous(), qb.reshape(B * H, T).contiguous(), kv_list.reshape(B * H, kmax).contiguous(),
         kv_len.reshape(B * H).contiguous(), kinds, x_ids if n_text else kinds, n_exact,
-        tsel, tsel_len, approx, ul, uf, ulen, H, T, T2, nb, kmax, S, U, n_text,
+        tsel, tsel_len, approx, H, T, nb, kmax, S, n_text,
         KP=KP, XP=XP, num_warps=4 if KP <= 1024 else 8,
     )
-    return tsel, tsel_len, approx, (ul, uf, ulen)
+    return tsel, tsel_len, approx

@@ -194,39 +194,6 @@ def test_entry_point_rejects_unknown_exact_backend(rng):
         isa_attention_kernels(q, k, v, layout, ISAConfig(), exact_backend="cudnn")
 
 
-@pytest.mark.parametrize(
-    "spans,alpha_f,dtype",
-    [
-        (LAYOUTS[1], 0.4, torch.float16),  # text blocks, short blocks, an odd number of Taylor blocks
-        ([("target", 300), ("context", 260)], 0.3, torch.float32),
-    ],
-)
-def test_taylor_pair_kernel_matches_single_and_reference(rng, spans, alpha_f, dtype):
-    """Pairs of Taylor query blocks sharing key tiles give the single-block kernel's rows and the reference's."""
-    layout = Layout(spans)
-    q, k, v = _qkv(rng, 2, layout.num_tokens, 2, 64, dtype)
-    cfg = ISAConfig(alpha_s=0.5, alpha_f=alpha_f, alpha_ns=0.3)
-    cp = kplan.plan_compact(q, k, layout, cfg, v=v)
-    assert cp.taylor_pairs is not None
-    kbar, vbar = cp.pooled_kv
-    starts, counts, log2n = cp.block_meta
-    outs = []
-    for pairs in (True, False):
-        out = torch.full_like(q, float("nan"))
-        executor._run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, 64 ** -0.5, pairs=pairs)
-        outs.append(out)
-    tay_rows = (~cp.exact_q)[:, :, layout.blocks(64).token_block].permute(0, 2, 1)  # [B, N, H]
-    assert not outs[0][tay_rows].isnan().any(), "unwritten Taylor rows"
-    torch.testing.assert_close(outs[0][tay_rows], outs[1][tay_rows], rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=2e-3 if dtype == torch.float16 else 1e-5)
-    full = executor.execute_compact(q, k, v, cp, exact_backend="triton")
-    plan = kplan.compact_to_reference(cp)
-    rows = torch.arange(layout.num_tokens)
-    ref = plan_rows(q.double(), k.double(), v.double(), plan, rows)
-    base = plan_rows(q, k, v, plan, rows, lowp=True) if dtype != torch.float32 else execute_plan_reference(q, k, v, plan).double()
-    ok, err, berr = check_close(full, ref, base, atol=1e-5 if dtype == torch.float32 else 2e-4)
-    assert ok, f"kernel error {err:.3e} vs torch-{dtype} error {berr:.3e}"
-
-
 def test_launcher_validates():
     from isa_plugin.kernels.isa_attn import isa_attn_items
 
