@@ -125,6 +125,14 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
         groups.setdefault((cp.host["nq_exact"][h], cp.host["full_min"][h]), []).append(h)
     item_bytes = q.element_size() * D
     leftovers = []
+    # once per call for every chunk: the exact query blocks of all heads (the first nq of a head's row
+    # are its own selection: a head has at most nq exact blocks) and, per common prefix F, the rest
+    # lengths of the KV' lists; chunks take slices, so they launch few host ops
+    nq_all = max((nq for (nq, F) in groups if nq > 0 and F > 0), default=0)
+    if nq_all:
+        qsel = _select_blocks(cp.exact_q, nq_all)  # [B, H, nq_all], -1 = padding
+        qsel32 = qsel.clamp_min(0).to(torch.int32)
+    rest_len = {}
     for (nq, F), heads in sorted(groups.items(), key=lambda kv: -kv[0][0] * (kv[0][1] + 1)):
         if nq == 0:
             continue
@@ -140,13 +148,11 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
             Hc = len(hl)
             hs, hs32 = _cached(("heads", tuple(hl), dev), lambda: (lambda t: (t, t.to(torch.int32)))(_to_dev(hl, dev)))
             if hl == list(range(hl[0], hl[0] + Hc)):
-                eq = cp.exact_q[:, hl[0] : hl[0] + Hc]
-                kvb = cp.kv_list[:, hl[0] : hl[0] + Hc, :F].contiguous()
+                hsl = slice(hl[0], hl[0] + Hc)
+                q_blocks, q_blocks32, kvb = qsel[:, hsl, :nq], qsel32[:, hsl, :nq], cp.kv_list[:, hsl, :F]  # views
             else:
-                eq = cp.exact_q[:, hs]
-                kvb = cp.kv_list[:, hs, :F].contiguous()
-            q_blocks = _select_blocks(eq, nq)  # [B, Hc, nq], -1 = padding
-            (qg,) = gather_blocks_triton(q, blist=q_blocks.clamp_min(0).to(torch.int32).contiguous(), heads=hs32, starts=starts, counts=counts, block_size=bs)
+                q_blocks, q_blocks32, kvb = qsel[:, hs, :nq], qsel32[:, hs, :nq], cp.kv_list[:, hs, :F]
+            (qg,) = gather_blocks_triton(q, blist=q_blocks32, heads=hs32, starts=starts, counts=counts, block_size=bs)
             if k.stride() == v.stride():
                 kg, vg = gather_blocks_triton(k, v, blist=kvb, heads=hs32, starts=starts, counts=counts, block_size=bs)
             else:
@@ -166,7 +172,9 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
 
             w_bh, w_bh32, w_loff, w_ioff, w_irow = _cached(("sdpa", B, H, tuple(hl), nq, F, kmax, bs, og.stride(), dev), make_items)
             w_qb = q_blocks.reshape(-1)
-            w_llen = (cp.kv_len.reshape(-1)[w_bh] - F).to(torch.int32)
+            if F not in rest_len:
+                rest_len[F] = (cp.kv_len - F).reshape(-1)
+            w_llen = rest_len[F][w_bh]
             isa_attn_items(
                 q, k, v, out, kbar, vbar, log2n, starts, counts,
                 w_bh32, w_qb, w_loff, w_llen, cp.kv_list.reshape(-1),

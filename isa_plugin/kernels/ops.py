@@ -12,8 +12,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -38,6 +39,12 @@ def _(x, starts, counts, block_size):
     return x.new_empty((B, H, starts.shape[0], D), dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _decode(kinds: Tuple[int, ...], lens: Tuple[int, ...], config_json: str) -> Tuple[Layout, ISAConfig]:
+    """The op's layout and config arguments as objects (cached: a pipeline repeats a few of them)."""
+    return Layout.decode(kinds, lens), ISAConfig.decode(config_json)
+
+
 @torch.library.custom_op("isa_plugin::isa_attention", mutates_args=())
 def isa_attention_op(
     q: torch.Tensor,
@@ -52,8 +59,7 @@ def isa_attention_op(
     from .executor import execute_compact
     from .plan import plan_compact
 
-    layout = Layout.decode(span_kinds, span_lens)
-    config = ISAConfig.decode(config_json)
+    layout, config = _decode(tuple(span_kinds), tuple(span_lens), config_json)
     cp = plan_compact(q, k, layout, config, scale, v=v, defer_selections=True)
     return execute_compact(q, k, v, cp, scale, exact_backend=exact_backend)
 

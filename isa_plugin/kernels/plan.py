@@ -352,7 +352,6 @@ def _finish_selections(cp: CompactPlan, use_kernel: Optional[bool]) -> None:
     """Step 7 (Taylor selections) of a plan with ``pending`` set (see :meth:`CompactPlan.finish_selections`)."""
     logits, st = cp.pending.logits, cp.pending.static
     cp.pending = None
-    kv_list, kv_len = cp.kv_list.long(), cp.kv_len.long()
     B, H, nb = cp.exact_q.shape
     dev = cp.exact_q.device
     kmax = st.kmax
@@ -368,6 +367,7 @@ def _finish_selections(cp: CompactPlan, use_kernel: Optional[bool]) -> None:
         )
         cp.taylor_qb = qb
         return
+    kv_list, kv_len = cp.kv_list.long(), cp.kv_len.long()
     pos = torch.arange(kmax, device=dev)
     cand = (pos < kv_len.unsqueeze(-1)) & ~st.is_x[kv_list]  # [B, H, Kmax]
     lg = torch.gather(logits, -1, kv_list[:, :, None, :].expand(B, H, nb, kmax))

@@ -58,11 +58,16 @@ def test_pooling_matches_reference(rng, spans):
         torch.testing.assert_close(g, pool_blocks(x, blocks), rtol=1e-5, atol=1e-5)
 
 
-def test_gather_blocks(rng):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_gather_blocks(rng, sliced):
     layout = Layout([("target", 100), ("context", 70)])
     q, k, v = _qkv(rng, 2, layout.num_tokens, 3, 64, torch.float16)
     blocks = layout.blocks(64)
     blist = torch.tensor([[[1, 3], [0, 2]], [[2, 2], [3, 0]]], dtype=torch.int32)
+    if sliced:  # a slice of a larger list (the executor passes views of kv_list): strides, no copy
+        big = torch.full((2, 4, 5), 99, dtype=torch.int32)
+        big[:, 1:3, :2] = blist
+        blist = big[:, 1:3, :2]
     heads = torch.tensor([2, 0], dtype=torch.int32)
     kg, vg = pooling.gather_blocks_triton(k, v, blist=blist, heads=heads, starts=blocks.starts.int(), counts=blocks.counts.int(), block_size=64)
     for b in range(2):
