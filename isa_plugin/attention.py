@@ -147,9 +147,9 @@ def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, c
     Callers validate inputs and decide the route first (:func:`isa_attention` does both).
     """
     if route.backend == "triton":
-        from .kernels.dispatch import isa_attention_triton
+        from .kernels.ops import isa_attention_kernels
 
-        return isa_attention_triton(q, k, v, layout, config, scale=scale)
+        return isa_attention_kernels(q, k, v, layout, config, scale=scale)
     if route.backend != "reference":
         raise ValueError(f"run_isa serves the 'triton' and 'reference' routes, got {route.backend!r}")
     if q.is_cuda and route.reason is not None:
