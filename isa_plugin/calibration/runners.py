@@ -131,11 +131,8 @@ def runner_for(pipe) -> CalibrationRunner:
 
 
 def help_text() -> str:
-    """One line per runner: adapter, pipelines, what a sample is (for ``isa calibrate --help``)."""
-    lines = []
-    for r in RUNNERS.values():
-        lines.append(f"  {r.adapter:<16} {', '.join(r.pipeline_classes)}: {r.inputs}")
-    return "\n".join(lines)
+    """One entry per runner: adapter (pipelines): what a sample is (for ``isa calibrate --help``)."""
+    return "; ".join(f"{r.adapter} ({', '.join(r.pipeline_classes)}): {r.inputs}" for r in RUNNERS.values()) + "."
 
 
 # ------------------------------------------------------------------------------------ shared helpers

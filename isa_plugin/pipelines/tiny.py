@@ -60,7 +60,8 @@ def build_tiny_wan_icl_pipeline(preset: TinyPreset, *, seed: int = 0, device="cp
         preset: a :class:`TinyPreset` (e.g. ``PRESETS["tiny"]``).
         seed: weight initialisation seed.
         device, dtype: where the transformer runs (the VAE and text encoder stay in float32).
-        two_experts: also build ``transformer_2`` (Wan 2.2's low-noise expert; boundary ratio 0.5).
+        two_experts: also build ``transformer_2`` (Wan 2.2's low-noise expert; boundary ratio 0.9, so that
+            short schedules reach it).
 
     Returns:
         the pipeline, moved to ``device``.
@@ -97,7 +98,7 @@ def build_tiny_wan_icl_pipeline(preset: TinyPreset, *, seed: int = 0, device="cp
     pipe = WanInContextEditPipeline(
         tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer,
-        transformer_2=expert() if two_experts else None, boundary_ratio=0.5 if two_experts else None,
+        transformer_2=expert() if two_experts else None, boundary_ratio=0.9 if two_experts else None,
     )
     pipe.to(device)
     if dtype != torch.float32:
