@@ -167,10 +167,22 @@ def load_pipeline(path_or_id: str, adapter: Optional[str] = None, device: Option
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch_dtype -> dtype rename in newer diffusers
-            pipe = cls.from_pretrained(path_or_id, torch_dtype=dt)
+            pipe = cls.from_pretrained(path_or_id, torch_dtype=dt, **_absent_components(cls, p))
     except (OSError, ValueError) as e:
         raise CLIError(f"--pipeline {path_or_id}: cannot load {cls_name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return pipe.to(dev)
+
+
+def _absent_components(cls, folder: Path) -> Dict[str, None]:
+    """Components a local pipeline was saved without (e.g. ``text_encoder=None``): passed as None to load it."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        expected, _ = cls._get_signature_keys(cls)
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {name: None for name in expected if name not in index or index[name] in (None, [None, None])}
 
 
 def load_transformer_skeleton(path: str):
@@ -235,10 +247,13 @@ def _fmt(x, pct=False) -> str:
 
 # ================================================================================= calibrate
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", required=True, help="pipeline folder (save_pretrained) or hub id")
-    p.add_argument("--adapter", help="isa-plugin adapter serving the pipeline (e.g. wan-icl); checked against the pipeline class")
-    p.add_argument("--videos", nargs="+", required=True, metavar="VIDEO", help="sample videos: mp4/gif/webm files or folders of frames")
-    p.add_argument("--prompts", nargs="*", default=None, metavar="PROMPT", help="one prompt, or one per video (default: empty)")
+    p.add_argument("--pipeline", required=True, help="pipeline folder (save_pretrained) or hub id; its family is detected")
+    p.add_argument("--adapter", help="isa-plugin adapter serving the pipeline (default: detected from the pipeline class; "
+                                     "checked against it)")
+    p.add_argument("--inputs", "--videos", dest="inputs", nargs="+", metavar="INPUT",
+                   help="calibration samples: video files (mp4/gif/webm), images, or folders of frames; what each is for the "
+                        "pipeline is listed below (default: the bundled sample videos)")
+    p.add_argument("--prompts", nargs="*", default=None, metavar="PROMPT", help="one prompt, or one per sample (default: empty)")
     p.add_argument("--budget", type=float, default=0.05, help="relative L1 error budget of the attention output (default 0.05)")
     p.add_argument("--context-budget", type=float, default=None, help="separate budget for context-query outputs (default: --budget)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps of the schedule (default 10; the run stops after the last measured step)")
@@ -272,9 +287,13 @@ def _calibrate(args) -> int:
     if args.steps < 1 or args.calib_steps < 1:
         raise CLIError("--steps and --calib-steps must be at least 1")
     budget = parse_budget((args.budget, args.context_budget if args.context_budget is not None else args.budget))
-    for v in args.videos:
+    if args.inputs is None:
+        from .calibration.video import sample_media_paths
+
+        args.inputs = [str(p) for p in sample_media_paths()]
+    for v in args.inputs:
         if not Path(v).exists():
-            raise CLIError(f"video {v!r} does not exist")
+            raise CLIError(f"input {v!r} does not exist")
     cost_model = load_cost_model(args.cost_model) if args.cost_model else load_cost_model()
     out = Path(args.out)
     if out.is_dir():
@@ -284,15 +303,19 @@ def _calibrate(args) -> int:
     if args.guidance_scale is not None:
         extra["guidance_scale"] = args.guidance_scale
     t0 = time.perf_counter()
+    from .calibration.runners import runner_for, runner_named
+
+    try:
+        runner = runner_named(args.adapter) if args.adapter else runner_for(pipe)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
     stats, meta = record(
-        pipe, args.videos, args.prompts or None, steps=args.steps, calib_steps=args.calib_steps, height=args.height,
+        pipe, args.inputs, args.prompts or None, adapter=runner.adapter, steps=args.steps, calib_steps=args.calib_steps, height=args.height,
         width=args.width, frames=args.frames, block_size=args.block_size, blocks_per_kind=args.blocks_per_kind,
         tokens_per_block=args.tokens_per_block, timestep_buckets=args.timestep_buckets, seed=args.seed,
         progress=not args.no_progress, pipeline_kwargs=extra,
     )
     meta["pipeline"] = args.pipeline
-    if args.adapter:
-        meta["adapter"] = args.adapter
     meta["seconds"] = round(time.perf_counter() - t0, 2)
     per_head = {"auto": "auto", "always": "always", "off": False}[args.per_head]
     profile = fit_profile(stats, budget, cost_model, per_head=per_head, margin=args.margin, metadata=meta)
@@ -302,9 +325,33 @@ def _calibrate(args) -> int:
 
         torch.save(stats.state_dict(), args.save_stats)
     s = profile.summary()
+    _print_held_out(profile)
     print(f"wrote {out}: {s['layers']} layers, {s['dense_layers']} dense, predicted attention cost "
           f"{_fmt(s['mean_relative_cost'], True)} of dense, calibrated in {meta['seconds']:.1f} s")
     return 0
+
+
+def _print_held_out(profile) -> None:
+    """The held-out check per layer (predicted vs leave-one-sample-out error), and a warning per layer over budget."""
+    checks = profile.calibrated_on.get("held_out") or {}
+    bt, bc = profile.budget["target"], profile.budget["context"]
+    header = f"{'layer':<36} {'bucket':>6} {'pred_tgt':>8} {'held_tgt':>8} {'pred_ctx':>8} {'held_ctx':>8} {'margin':>6}"
+    print(f"held-out check (leave one sample out; budget target {_fmt(bt, True)}, context {_fmt(bc, True)}):")
+    print(header)
+    misses = []
+    for name, per_bucket in checks.items():
+        for bi, c in enumerate(per_bucket):
+            if c is None:
+                continue
+            ht, hc = c.get("held_out_target"), c.get("held_out_context")
+            print(f"{name:<36} {bi:>6} {_fmt(c.get('predicted_target'), True):>8} {_fmt(ht, True):>8} "
+                  f"{_fmt(c.get('predicted_context'), True):>8} {_fmt(hc, True):>8} {c.get('margin', 0):>6.3f}")
+            if ht is None:
+                misses.append(f"{name}: one sample only, no held-out check (give two or more --inputs)")
+            elif ht > bt or hc > bc:
+                misses.append(f"{name} bucket {bi}: held-out error {_fmt(ht, True)} / {_fmt(hc, True)} exceeds the budget")
+    for m in dict.fromkeys(misses):
+        print(f"isa: warning: {m}", file=sys.stderr)
 
 
 # ================================================================================= inspect
@@ -441,9 +488,16 @@ def _validate(args) -> int:
     return 0
 
 
-register_command("calibrate", _calibrate, help="calibrate ISA ratios on sample videos and write a profile", arguments=_calibrate_args,
-                 description="Run the pipeline densely on sample videos, measure ISA's error per layer and head, and write the "
-                             "cheapest per-layer ratios within the error budget.")
+def _calibrate_description() -> str:
+    from .calibration.runners import help_text
+
+    return ("Run the pipeline densely on calibration samples, measure ISA's error per layer and head (every transformer "
+            "of the pipeline), and write the cheapest per-layer ratios whose leave-one-sample-out error is within the "
+            "budget. Pipelines and what one --inputs sample is for each: " + help_text())
+
+
+register_command("calibrate", _calibrate, help="calibrate ISA ratios on sample videos or images and write a profile",
+                 arguments=_calibrate_args, description=_calibrate_description())
 register_command("inspect", _inspect, help="print a profile as a per-layer table (and plot it)", arguments=_inspect_args)
 register_command("validate", _validate, help="check a profile against a model", arguments=_validate_args)
 

@@ -33,6 +33,8 @@ Example YAML::
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
@@ -320,6 +322,31 @@ class ThresholdProfile:
         if transformer is not None:
             self.check_compatible(transformer, layer_names=layer_names)
         return {name: self.config_for(name, timestep, backend) for name in self.layers}
+
+    def for_component(self, component: Optional[str]) -> "ThresholdProfile":
+        """The part of this profile for one transformer of a pipeline (``"transformer"``, ``"transformer_2"``).
+
+        A profile calibrated on a pipeline with several transformers keys the extra ones' layers
+        ``"<component>/<layer>"`` and records their class and config hash under ``calibrated_on["components"]``;
+        this returns a profile with that component's layers (prefix removed) and provenance. A profile without
+        prefixed layers serves every component as it is.
+
+        Example:
+            >>> profile.for_component("transformer_2").layer_names[:1]
+            ['blocks.0.attn1']
+        """
+        if not any("/" in n for n in self.layers):
+            return self
+        prefix = "" if component in (None, "transformer") else f"{component}/"
+        if prefix:
+            layers = {n[len(prefix):]: v for n, v in self.layers.items() if n.startswith(prefix)}
+        else:
+            layers = {n: v for n, v in self.layers.items() if "/" not in n}
+        on = {k: v for k, v in (self.calibrated_on or {}).items() if k not in ("components", "layer_names")}
+        if prefix:
+            on.update((self.calibrated_on.get("components") or {}).get(component, {}))
+        on["layer_names"] = list(layers)
+        return dataclasses.replace(self, layers=layers, calibrated_on=on)
 
     def check_compatible(self, transformer, layer_names: Optional[Sequence[str]] = None, *,
                          height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None) -> None:

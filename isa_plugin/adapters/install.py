@@ -365,7 +365,9 @@ def apply_isa(pipe_or_transformer, config_or_profile, *, layout: Optional[Layout
                     "called before compiling"
                 )
             provider = _layout_provider_for(pipe, component, transformer, layout)
-            _install(transformer, config_or_profile, provider)
+            # a profile calibrated on several transformers holds each one's layers (e.g. Wan 2.2's experts)
+            part = config_or_profile.for_component(component) if hasattr(config_or_profile, "for_component") else config_or_profile
+            _install(transformer, part, provider)
             done.append(transformer)
     except Exception:
         for t in done:
