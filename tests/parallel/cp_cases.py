@@ -27,10 +27,21 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+_MESHES: Dict[Any, Any] = {}
+
+
 def _enable(model, cp_plan=None, **cp) -> None:
+    """``enable_parallelism`` with one device mesh per (ring, ulysses) shape and process: creating gloo
+    groups is the slow part of an enable, and the cases would otherwise create new ones for every model."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     from diffusers import ContextParallelConfig
 
-    model.enable_parallelism(config=ContextParallelConfig(**cp), cp_plan=cp_plan)
+    config = ContextParallelConfig(**cp)
+    if config.mesh_shape not in _MESHES:
+        _MESHES[config.mesh_shape] = init_device_mesh("cpu", config.mesh_shape, mesh_dim_names=config.mesh_dim_names)
+    config.mesh = _MESHES[config.mesh_shape]
+    model.enable_parallelism(config=config, cp_plan=cp_plan)
 
 
 def family_case(build: Callable, inputs: Dict[str, Any], config: ISAConfig, layout=None, *, stock_cp: bool = True,
