@@ -39,6 +39,7 @@ from ..config import ISAConfig
 from ..layout import Layout
 from ..timesteps import timestep_scalar
 from .context import CallContext, ChainedLayout, FamilyLayout, LayoutProvider, LayoutSpec, StepInfo, user_provider
+from .parallel import carry_settings
 from .processor import ISAAttnProcessorBase, LayerCounters, Observer
 from .registry import FamilyAdapter, family_for, lookup, registered_families, registered_pipelines
 
@@ -380,6 +381,9 @@ def _uninstall(transformer) -> None:
     state: ISAState = getattr(transformer, _STATE_ATTR)
     for h in state.handles:
         h.remove()
+    for p in state.processors.values():  # enable_parallelism / set_attention_backend after apply reached only p
+        if p.original is not None:
+            carry_settings(p, p.original)
     _set_attn_processors(transformer, dict(state.original_processors))
     for p in state.processors.values():
         p.state = None
@@ -403,6 +407,10 @@ def is_isa_applied(pipe_or_transformer) -> bool:
 
 def remove_isa(pipe_or_transformer) -> None:
     """Restore the original attention processors (the same objects) and remove the hooks.
+
+    The restored processors get the attention backend and context-parallel config the ISA processors
+    hold (set by ``set_attention_backend`` / ``enable_parallelism`` after :func:`apply_isa`), so a model
+    made parallel while ISA was applied stays parallel.
 
     Raises:
         ValueError: ISA is not applied.
@@ -436,6 +444,10 @@ def stats(pipe_or_transformer) -> Dict[str, Dict[str, Any]]:
         the ISA calls). For a pipeline
         with several transformers, layers of components other than ``transformer`` are prefixed
         ``"<component>/"`` (e.g. ``"transformer_2/blocks.0.attn1"``).
+
+        Under context parallelism the counters are per process: on each rank they count the calls of that
+        rank's processors, one per layer call whichever heads the rank computed (see
+        :mod:`isa_plugin.adapters.parallel`). Ranks take the same decision for a call, so their counts agree.
 
     Raises:
         ValueError: ISA is not applied.
