@@ -21,9 +21,9 @@ logger = logging.getLogger(__name__)
 
 
 def _device_dtype(device: Optional[str]):
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+    from .devices import resolve_device
+
+    dev = resolve_device(device)
     return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
@@ -100,7 +100,8 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
         the report (also written to ``out_dir/report.json``).
 
     Raises:
-        ValueError: an unknown size; FileNotFoundError: a missing video or model folder.
+        ValueError: an unknown size, or a device this machine does not have (``"gpu"``, ``"cuda"``
+            without a GPU); FileNotFoundError: a missing video or model folder.
     """
     from .profile import ThresholdProfile
     from .calibration.recorder import calibrate
