@@ -204,6 +204,9 @@ def predict_call_ms(cost_model: CostModel, ratios: Optional[Mapping[str, Any]], 
     Returns:
         the predicted time of the call.
 
+    Raises:
+        ValueError: per-head ratios whose length is not ``heads``.
+
     Example:
         >>> cm = load_cost_model(device_name="NVIDIA H200")
         >>> r = {"alpha_s": 0.125, "alpha_f": 0.5, "alpha_ns": 0.0625}
@@ -215,7 +218,12 @@ def predict_call_ms(cost_model: CostModel, ratios: Optional[Mapping[str, Any]], 
     if ratios is None:
         return cost_model.dense_time(n, heads * batch, head_dim)
     blocks = {k: float(math.ceil(v / block_size)) for k, v in tokens.items()}
-    per_head = [(r if isinstance(r, (tuple, list)) else (r,) * heads) for r in (ratios["alpha_s"], ratios["alpha_f"], ratios["alpha_ns"])]
+    per_head = []
+    for name in ("alpha_s", "alpha_f", "alpha_ns"):
+        r = ratios[name]
+        if isinstance(r, (tuple, list)) and len(r) != heads:
+            raise ValueError(f"{name} has {len(r)} per-head values for {heads} heads; give one per head or one number")
+        per_head.append(tuple(r) if isinstance(r, (tuple, list)) else (r,) * heads)
     exact = approx = 0.0
     for a_s, a_f, a_ns in zip(*per_head):
         e, a = setting_pairs(a_s, a_f, a_ns, tokens, blocks)
