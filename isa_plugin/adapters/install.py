@@ -412,15 +412,19 @@ def remove_isa(pipe_or_transformer) -> None:
     hold (set by ``set_attention_backend`` / ``enable_parallelism`` after :func:`apply_isa`), so a model
     made parallel while ISA was applied stays parallel.
 
+    On a model or pipeline without ISA (never applied, or already removed) it does nothing and logs a
+    warning, so a cleanup path (``try: ... finally: remove_isa(pipe)``) may call it unconditionally.
+
     Raises:
-        ValueError: ISA is not applied.
+        TypeError: neither a diffusers pipeline nor a transformer.
 
     Example:
         >>> isa_plugin.apply_isa(pipe, isa_plugin.ISAConfig()); isa_plugin.remove_isa(pipe)
     """
     applied = _applied(pipe_or_transformer)
     if not applied:
-        raise ValueError(f"ISA is not applied to this {type(pipe_or_transformer).__name__}; nothing to remove")
+        logger.warning("remove_isa: ISA is not applied to this %s; nothing to remove", type(pipe_or_transformer).__name__)
+        return
     for _, t in applied:
         _uninstall(_inner(t))
 
@@ -443,23 +447,21 @@ def stats(pipe_or_transformer) -> Dict[str, Dict[str, Any]]:
         "backends": {"triton" | "reference": count}}}`` (``backends`` says which implementation served
         the ISA calls). For a pipeline
         with several transformers, layers of components other than ``transformer`` are prefixed
-        ``"<component>/"`` (e.g. ``"transformer_2/blocks.0.attn1"``).
+        ``"<component>/"`` (e.g. ``"transformer_2/blocks.0.attn1"``). ``{}`` when ISA is not applied (never,
+        or no more after :func:`remove_isa`): there is nothing to count.
 
         Under context parallelism the counters are per process: on each rank they count the calls of that
         rank's processors, one per layer call whichever heads the rank computed (see
         :mod:`isa_plugin.adapters.parallel`). Ranks take the same decision for a call, so their counts agree.
 
     Raises:
-        ValueError: ISA is not applied.
+        TypeError: neither a diffusers pipeline nor a transformer.
 
     Example:
         >>> isa_plugin.stats(pipe)["blocks.3.attn1"]
         {'isa_calls': 8, 'fallbacks': 0, 'reasons': {}, 'backends': {'triton': 8}}
     """
-    procs = isa_processors(pipe_or_transformer)
-    if not procs:
-        raise ValueError(f"ISA is not applied to this {type(pipe_or_transformer).__name__}; no statistics")
-    return {n: p.stats.as_dict() for n, p in procs.items()}
+    return {n: p.stats.as_dict() for n, p in isa_processors(pipe_or_transformer).items()}
 
 
 def reset_stats(pipe_or_transformer) -> None:

@@ -84,8 +84,20 @@ def test_double_apply_refused(tiny):
     with pytest.raises(RuntimeError, match="already applied"):
         apply_isa(t, tiny.SPARSE)
     remove_isa(t)
-    with pytest.raises(ValueError, match="not applied"):
+
+
+def test_stats_and_remove_after_removal(tiny, caplog):
+    """After remove_isa (or before any apply) stats() is {} and remove_isa() is a logged no-op."""
+    t = tiny.wan()
+    assert stats(t) == {}
+    apply_isa(t, tiny.SPARSE)
+    assert stats(t)
+    original = remove_isa(t)
+    assert original is None and stats(t) == {}
+    procs = dict(t.attn_processors)
+    with caplog.at_level("WARNING", logger="isa_plugin.adapters.install"):
         remove_isa(t)
+    assert "not applied" in caplog.text and dict(t.attn_processors) == procs
 
 
 def test_compiled_model_refused(tiny):
