@@ -18,7 +18,7 @@ run() {  # run NAME TIMEOUT CMD...: one step, its log in $OUT/NAME.log, its stat
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  echo "== $name rc=$rc ${SECONDS}s-$t0s" | tee -a "$OUT/status.txt"
+  echo "== $name rc=$rc $((SECONDS - t0)) s" | tee -a "$OUT/status.txt"
   tail -25 "$OUT/$name.log"
 }
 case "$1" in
