@@ -50,7 +50,7 @@ import isa_plugin  # noqa: E402
 from isa_plugin import ISAConfig, Layout, isa_attention  # noqa: E402
 from isa_plugin.adapters import apply_isa, remove_isa, reset_stats, stats  # noqa: E402
 from isa_plugin.attention import dense_attention  # noqa: E402
-from isa_plugin.kernels.coarse import gated_coarse_residual  # noqa: E402
+from isa_plugin.kernels.coarse import coarse_kernels_serve, gated_coarse_residual  # noqa: E402
 from isa_plugin.pipelines import LIVEditorTransformer3DModel  # noqa: E402
 from isa_plugin.adapters.families.liveditor import liveditor_gate, liveditor_layout  # noqa: E402
 
@@ -200,6 +200,7 @@ def main():
         f"- gate cost: dense forward {gate_dense_pct:+.1f}%, one ISA call {gate_call_pct:+.1f}% "
         f"({ms_call_gate - ms_call:.2f} ms of {ms_call:.2f} ms)",
         f"- all-ratios-1 ISA + gate vs dense + gate (layer 0): rel L2 {err_exact:.2e}",
+        f"- coarse residual route: {'Triton kernels' if coarse_kernels_serve(q, k, v, block) else 'PyTorch'}",
         f"- blocking, layer-0 call: per-span vs dense+gate rel L2 {rel_l2(call_span, dense_gate):.4f}; "
         f"sequence vs dense+gate {rel_l2(call_seq, dense_gate):.4f}; per-span vs sequence {rel_l2(call_span, call_seq):.4f}",
         f"- blocking, forward: per-span vs dense rel L1 {rel_l1(out_span, ref):.4f}; sequence vs dense {rel_l1(out_seq, ref):.4f}; "
