@@ -128,4 +128,4 @@ def test_coarse_residual_kernel_route_matches_torch_route(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
     compiled = torch.compile(lambda o, g: coarse.gated_coarse_residual(o, q, k, v, g), fullgraph=True)(out, gate)
-    torch.testing.assert_close(compiled, got, rtol=0, atol=0)
+    torch.testing.assert_close(compiled.float(), got.float(), rtol=tol, atol=tol)  # Inductor may fuse the softmax differently
