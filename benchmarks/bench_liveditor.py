@@ -58,6 +58,17 @@ TINY = dict(layers=1, heads=2, head_dim=32, ffn=64, text_dim=32, text=8, frames=
             width=14, block_size=16, reps=1, warmup=0, device="cpu", dtype="float32")
 
 
+def _versions():
+    """triton and diffusers versions for the result header ("absent" when not importable)."""
+    out = []
+    for name in ("triton", "diffusers"):
+        try:
+            out.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            out.append(f"{name} absent")
+    return ", ".join(out)
+
+
 def rel_l2(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -187,7 +198,7 @@ def main():
     gate_call_pct = 100.0 * (ms_call_gate - ms_call) / ms_call
     lines = [
         f"### {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'CPU'}, torch {torch.__version__}, "
-        f"isa_plugin {isa_plugin.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"{_versions()}, isa_plugin {isa_plugin.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"`python benchmarks/bench_liveditor.py {' '.join(sys.argv[1:])}` — {a.layers} layers, batch {a.batch}, "
         f"{n_t} + {n_s} tokens, {a.dtype}, random weights; layout {layout} vs {seq_layout}",
