@@ -50,12 +50,23 @@ import isa_plugin  # noqa: E402
 from isa_plugin import ISAConfig, Layout, isa_attention  # noqa: E402
 from isa_plugin.adapters import apply_isa, remove_isa, reset_stats, stats  # noqa: E402
 from isa_plugin.attention import dense_attention  # noqa: E402
-from isa_plugin.kernels.coarse import gated_coarse_residual  # noqa: E402
+from isa_plugin.kernels.coarse import coarse_kernels_serve, gated_coarse_residual  # noqa: E402
 from isa_plugin.pipelines import LIVEditorTransformer3DModel  # noqa: E402
 from isa_plugin.adapters.families.liveditor import liveditor_gate, liveditor_layout  # noqa: E402
 
 TINY = dict(layers=1, heads=2, head_dim=32, ffn=64, text_dim=32, text=8, frames=3, source_frames=3, height=8,
             width=14, block_size=16, reps=1, warmup=0, device="cpu", dtype="float32")
+
+
+def _versions():
+    """triton and diffusers versions for the result header ("absent" when not importable)."""
+    out = []
+    for name in ("triton", "diffusers"):
+        try:
+            out.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            out.append(f"{name} absent")
+    return ", ".join(out)
 
 
 def rel_l2(a, b):
@@ -187,7 +198,7 @@ def main():
     gate_call_pct = 100.0 * (ms_call_gate - ms_call) / ms_call
     lines = [
         f"### {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'CPU'}, torch {torch.__version__}, "
-        f"isa_plugin {isa_plugin.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"{_versions()}, isa_plugin {isa_plugin.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"`python benchmarks/bench_liveditor.py {' '.join(sys.argv[1:])}` — {a.layers} layers, batch {a.batch}, "
         f"{n_t} + {n_s} tokens, {a.dtype}, random weights; layout {layout} vs {seq_layout}",
@@ -200,6 +211,7 @@ def main():
         f"- gate cost: dense forward {gate_dense_pct:+.1f}%, one ISA call {gate_call_pct:+.1f}% "
         f"({ms_call_gate - ms_call:.2f} ms of {ms_call:.2f} ms)",
         f"- all-ratios-1 ISA + gate vs dense + gate (layer 0): rel L2 {err_exact:.2e}",
+        f"- coarse residual route: {'Triton kernels' if coarse_kernels_serve(q, k, v, block) else 'PyTorch'}",
         f"- blocking, layer-0 call: per-span vs dense+gate rel L2 {rel_l2(call_span, dense_gate):.4f}; "
         f"sequence vs dense+gate {rel_l2(call_seq, dense_gate):.4f}; per-span vs sequence {rel_l2(call_span, call_seq):.4f}",
         f"- blocking, forward: per-span vs dense rel L1 {rel_l1(out_span, ref):.4f}; sequence vs dense {rel_l1(out_seq, ref):.4f}; "

@@ -6,6 +6,8 @@
   ``isa_plugin::isa_attention_reference``); ``exact_backend`` is the kernels' own choice for the exact
   group (see :func:`~isa_plugin.kernels.executor.execute_compact`).
 - ``isa_plugin::pool_blocks(x, starts, counts, block_size) -> [B, H, nb, D] float32``.
+- ``isa_plugin::coarse_residual_add(out, rows, gate, block_size) -> ()``: ``out[t] += gate[t] · rows[t //
+  block_size]`` in place (the gated coarse residual's last step, :mod:`~isa_plugin.kernels.coarse_triton`).
 
 :func:`isa_attention_kernels` is the one entry point callers use.
 """
@@ -21,7 +23,7 @@ import torch
 from ..config import ISAConfig
 from ..layout import Layout
 
-__all__ = ["isa_attention_op", "pool_blocks_op", "isa_attention_kernels"]
+__all__ = ["isa_attention_op", "pool_blocks_op", "coarse_residual_add_op", "isa_attention_kernels"]
 
 _EXACT_BACKENDS = ("auto", "sdpa", "triton")
 
@@ -37,6 +39,18 @@ def pool_blocks_op(x: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, 
 def _(x, starts, counts, block_size):
     B, N, H, D = x.shape
     return x.new_empty((B, H, starts.shape[0], D), dtype=torch.float32)
+
+
+@torch.library.custom_op("isa_plugin::coarse_residual_add", mutates_args=("out",))
+def coarse_residual_add_op(out: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor, block_size: int) -> None:
+    from .coarse_triton import coarse_residual_add_triton
+
+    coarse_residual_add_triton(out, rows, gate, block_size)
+
+
+@coarse_residual_add_op.register_fake
+def _(out, rows, gate, block_size):
+    return None
 
 
 @functools.lru_cache(maxsize=64)

@@ -93,6 +93,8 @@ def tiny():
         qwen_inputs=qwen_inputs,
         QWEN_TEXT=QWEN_TEXT,
         QWEN_SHAPES=QWEN_SHAPES,
+        liveditor=tiny_liveditor,
+        liveditor_inputs=liveditor_inputs,
     )
 
 
@@ -377,4 +379,29 @@ def qwen_inputs(batch=1, shapes=QWEN_SHAPES, text_valid=None):
         encoder_hidden_states_mask=mask,
         timestep=torch.full((batch,), 0.5),
         img_shapes=[list(shapes)] * batch,
+    )
+
+
+# ----------------------------------------------------------------------------- LIVEditor
+def tiny_liveditor(num_layers=2, **kw):
+    """A tiny LIVEditorTransformer3DModel (its own processor: dense attention + the gated coarse residual).
+
+    At this initialisation the gated residual moves the output by ~6e-3, far beyond the contract's 1e-5.
+    """
+    from isa_plugin.pipelines import LIVEditorTransformer3DModel
+
+    torch.manual_seed(0)
+    cfg = dict(num_layers=num_layers, num_attention_heads=2, attention_head_dim=32, text_dim=16, ffn_dim=64, freq_dim=32)
+    cfg.update(kw)
+    return LIVEditorTransformer3DModel(**cfg).eval()
+
+
+def liveditor_inputs(frames=3, source_frames=3, batch=1, h=8, w=14):
+    """[target; source] inputs: 3 frames of 4 x 7 tokens each (84 + 84 tokens, ragged against 8 and 64)."""
+    g = torch.Generator().manual_seed(5)
+    return dict(
+        hidden_states=torch.randn(batch, 16, frames, h, w, generator=g),
+        timestep=torch.full((batch,), 600.0),
+        encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
+        source_latents=torch.randn(batch, 16, source_frames, h, w, generator=g),
     )

@@ -151,6 +151,21 @@ CASES: Dict[str, Case] = {
         dense=Run("b2-text[12, 5]", inputs=dict(batch=2, text_valid=[12, 5])),
         sparse=Run("b1"),
     ),
+    "LIVEditorTransformer3DModel": Case(
+        model="liveditor",
+        inputs="liveditor_inputs",
+        layers=lambda num_layers=2, **_: [f"blocks.{i}.attn1" for i in range(num_layers)],
+        processors={"LIVEditorISAAttnProcessor": "LIVEditorAttnProcessor"},  # dense attention + gated coarse residual
+        kept=frozenset({"WanAttnProcessor"}),  # attn2: cross-attention to the text
+        exact=tuple(
+            Run(f"b{batch}-src{source_frames}" + (f"-coarse{cbs}" if cbs else ""),
+                model=dict(coarse_block_size=cbs) if cbs else {},
+                inputs=dict(batch=batch, source_frames=source_frames))
+            for batch, source_frames, cbs in ((1, 3, None), (2, 3, None), (2, 2, 16))
+        ),
+        dense=Run("b2", inputs=dict(batch=2)),
+        sparse=Run("3-layers", model=dict(num_layers=3)),
+    ),
 }
 
 REGISTERED = sorted(registered_families())

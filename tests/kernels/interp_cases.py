@@ -18,7 +18,7 @@ if torch.cuda.is_available():
     pytest.skip("interpreter tests run where there is no GPU", allow_module_level=True)
 
 os.environ["TRITON_INTERPRET"] = "1"
-_MODS = ["pooling", "isa_attn", "plan", "executor", "ops"]
+_MODS = ["pooling", "coarse_triton", "isa_attn", "plan", "executor", "ops"]
 for _m in _MODS:
     _name = f"isa_plugin.kernels.{_m}"
     if _name in sys.modules:
@@ -233,3 +233,30 @@ def test_topk_mass_kernel(rng):
     got = topk_mass_triton(P, 5, 37, 4)
     ref = P[..., 5:42].topk(4, dim=-1).values.sum(-1)
     torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,bs", [(200, 64), (128, 64), (37, 16)])
+def test_coarse_residual_kernels_match_torch_route(rng, dtype, N, bs):
+    """LIVEditor's gated coarse residual: Triton pooling + in-place add against the PyTorch route."""
+    from isa_plugin.kernels import coarse
+
+    q, k, v = _qkv(rng, 2, N, 3, 32, dtype)
+    out = torch.randn(2, N, 3, 32, generator=rng).to(dtype)
+    gate = (torch.rand(2, N, 1, generator=rng) - 0.5) * 0.5
+    want = coarse.gated_coarse_residual(out.float(), q.float(), k.float(), v.float(), gate, bs)  # CPU: torch route
+    got = out.clone()
+    assert coarse._add_residual_kernels(got, q, k, v, gate, bs, None) is got
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    assert (got.float() - out.float()).abs().max() > 10 * tol  # the residual was added
+
+
+def test_coarse_residual_add_validates():
+    from isa_plugin.kernels.coarse_triton import coarse_residual_add_triton
+
+    out, gate = torch.zeros(1, 10, 2, 32), torch.zeros(1, 10)
+    with pytest.raises(ValueError, match="rows must be"):
+        coarse_residual_add_triton(out, torch.zeros(1, 2, 2, 32), gate, 4)  # nb = 3
+    with pytest.raises(ValueError, match="head_dim=24"):
+        coarse_residual_add_triton(torch.zeros(1, 10, 2, 24), torch.zeros(1, 2, 3, 24), gate, 4)
