@@ -131,8 +131,13 @@ def runner_for(pipe) -> CalibrationRunner:
 
 
 def help_text() -> str:
-    """One entry per runner: adapter (pipelines): what a sample is (for ``isa calibrate --help``)."""
-    return "; ".join(f"{r.adapter} ({', '.join(r.pipeline_classes)}): {r.inputs}" for r in RUNNERS.values()) + "."
+    """One line per runner, ``  adapter (pipelines): what a sample is``, for ``isa calibrate --help``.
+
+    Example:
+        >>> print(help_text().splitlines()[0])
+          wan-icl (WanInContextEditPipeline): a source video (the edit's context); ...
+    """
+    return "\n".join(f"  {r.adapter} ({', '.join(r.pipeline_classes)}): {r.inputs}" for r in RUNNERS.values())
 
 
 # ------------------------------------------------------------------------------------ shared helpers

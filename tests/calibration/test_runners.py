@@ -57,3 +57,13 @@ def test_tiny_pipeline_calibrates_from_the_cli_and_the_profile_applies(family, t
     apply_isa(pipe, prof)
     assert set(stats(pipe)) == names
     remove_isa(pipe)
+
+
+def test_calibrate_help_lists_one_family_per_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for r in registered_runners().values():
+        mine = [ln for ln in lines if ln.strip().startswith(f"{r.adapter} (")]
+        assert len(mine) == 1, f"{r.adapter}: {mine}"
+        assert all(c in mine[0] for c in r.pipeline_classes) and mine[0].rstrip().endswith(r.inputs)
