@@ -1,7 +1,6 @@
 """Every registered family: tiny pipeline -> save_pretrained -> ``isa calibrate`` (bundled samples) -> profile applied."""
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 
@@ -12,16 +11,7 @@ from isa_plugin.pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline  # noqa
 from isa_plugin.profile import ThresholdProfile  # noqa: E402
 
 FAMILIES = sorted({f.name for f in registered_families().values()})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny pipelines run thousands of small ops, whose thread hand-offs cost more than
-    the ops themselves (ten times more on a shared, loaded CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_registered_pipeline_has_a_runner_and_every_family_a_tiny_pipeline():
