@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks of the integration (adapters, calibration, demo, CFG), in three parts that each
+# GPU checks and benchmarks of the integration (adapters, calibration, demo, CFG), in two parts that each
 # fit one 10-minute device call. Logs and result files go to $OUT (default ./gpu_out).
-# Usage (repo root, diffusers importable):  bash benchmarks/gpu_suite.sh part1|part2|part3
+# Usage (repo root, diffusers importable):  bash benchmarks/gpu_suite.sh part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -23,8 +23,5 @@ part2)
   cp "$OUT/demo/plot.png" "$OUT/demo_plot.png" 2>/dev/null
   timeout 200 python benchmarks/bench_cfg_share.py --record "$OUT/cfg_share.md" 2>&1 | tee "$OUT/cfg_share.log" | tail -25
   ;;
-part3)
-  timeout 500 python benchmarks/bench_calibration.py --family ltx2 --json "$OUT/calibration_ltx2.json" 2>&1 | tee "$OUT/calibration_ltx2.log" | tail -20
-  ;;
-*) echo "usage: $0 part1|part2|part3"; exit 2 ;;
+*) echo "usage: $0 part1|part2"; exit 2 ;;
 esac

@@ -26,12 +26,13 @@ def build_random_transformer(cls, *, device, dtype, **config):
     return model.eval().requires_grad_(False)
 
 
-def build_wan_transformer(*, heads: int, head_dim: int, ffn: int, layers: int, text_dim: int, device, dtype):
-    """``WanTransformer3DModel`` with random weights (Wan 14B: 40 heads x 128, ffn 13824, 40 layers, text 4096)."""
+def build_wan_transformer(*, heads: int, head_dim: int, ffn: int, layers: int, text_dim: int, device, dtype, model_cls=None):
+    """``WanTransformer3DModel`` (or ``model_cls``, a subclass taking its config, e.g. LIVEditor's) with random
+    weights (Wan 14B: 40 heads x 128, ffn 13824, 40 layers, text 4096)."""
     from diffusers import WanTransformer3DModel
 
     return build_random_transformer(
-        WanTransformer3DModel, device=device, dtype=dtype,
+        model_cls or WanTransformer3DModel, device=device, dtype=dtype,
         patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
         out_channels=16, text_dim=text_dim, freq_dim=256, ffn_dim=ffn, num_layers=layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,

@@ -1,6 +1,6 @@
 """The ``isa`` command line (also ``python -m isa_plugin``): a thin shell over the library.
 
-Built-in commands: ``calibrate``, ``inspect``, ``validate``. Adding one elsewhere is a few lines::
+Built-in commands: ``calibrate``, ``inspect``, ``validate`` (and ``demo``, ``eval``, ``convert-liveditor`` from the extension modules). Adding one elsewhere is a few lines::
 
     # isa_plugin/demo_cli.py
     from isa_plugin.cli import command
@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["main", "command", "register_command", "CLIError", "EXTENSION_MODULES", "load_pipeline"]
+__all__ = ["main", "command", "register_command", "CLIError", "EXTENSION_MODULES", "load_pipeline", "budget_arg"]
 
 logger = logging.getLogger("isa_plugin.cli")
 
 #: modules imported by :func:`main` so their ``@command`` registrations take effect (missing ones are skipped)
-EXTENSION_MODULES: List[str] = ["isa_plugin.demo_cli", "isa_plugin.eval_cli"]
+EXTENSION_MODULES: List[str] = ["isa_plugin.demo_cli", "isa_plugin.eval_cli", "isa_plugin.liveditor_cli"]
 
 
 class CLIError(Exception):
@@ -97,12 +97,47 @@ def _load_extensions() -> None:
 
 
 # ================================================================================= helpers
+def budget_arg(name: str = "budget") -> Callable[[str], float]:
+    """An argparse ``type`` for error budgets: every command checks its budget at parse time, in one way.
+
+    The value goes through :func:`isa_plugin.config.validate_budget`, so ``--budget 2`` or ``--budget 0``
+    stops the command with the validator's message before anything is loaded.
+
+    Args:
+        name: how the value is named in the message (``"budget"``, ``"context budget"``).
+
+    Returns:
+        a function ``str -> float`` for ``parser.add_argument(..., type=budget_arg())``.
+
+    Example:
+        >>> p.add_argument("--budget", type=budget_arg(), default=0.05)
+    """
+
+    def parse(text: str) -> float:
+        from .config import validate_budget
+
+        try:
+            value = float(text)
+        except ValueError:
+            value = text  # the validator names the non-number
+        try:
+            return validate_budget(value, name=name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = "budget"
+    return parse
+
+
 def _device_dtype(device: Optional[str], dtype: Optional[str]):
     import torch
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {dev}: CUDA is not available on this machine; use --device cpu")
+    from .devices import resolve_device
+
+    try:
+        dev = str(resolve_device(device, name="--device"))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "fp32": torch.float32, "float32": torch.float32}
     if dtype is None:
@@ -261,8 +296,8 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
                    help="calibration samples: video files (mp4/gif/webm), images, or folders of frames; what each is for the "
                         "pipeline is listed below (default: the bundled sample videos)")
     p.add_argument("--prompts", nargs="*", default=None, metavar="PROMPT", help="one prompt, or one per sample (default: empty)")
-    p.add_argument("--budget", type=float, default=0.05, help="relative L1 error budget of the attention output (default 0.05)")
-    p.add_argument("--context-budget", type=float, default=None, help="separate budget for context-query outputs (default: --budget)")
+    p.add_argument("--budget", type=budget_arg(), default=0.05, help="relative L1 error budget of the attention output, in (0, 1) (default 0.05)")
+    p.add_argument("--context-budget", type=budget_arg("context_budget"), default=None, help="separate budget for context-query outputs, in (0, 1) (default: --budget)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps of the schedule (default 10; the run stops after the last measured step)")
     p.add_argument("--calib-steps", type=int, default=4, help="steps measured, spread over the schedule (default 4)")
     p.add_argument("--height", type=int, help="resize videos to this height")
@@ -458,8 +493,8 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="intended run height (warns when it differs from the calibrated one)")
     p.add_argument("--width", type=int, help="intended run width")
     p.add_argument("--frames", type=int, help="intended run frame count")
-    p.add_argument("--device", default="cpu", help="where to load the pipeline (default cpu)")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default="cpu", help="where to load the pipeline when it has to be loaded (default cpu)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
 
 
 def _validate(args) -> int:
@@ -482,14 +517,12 @@ def _validate(args) -> int:
         names = list(family_for(tr).self_attention_layers(tr))
     except TypeError as e:
         raise CLIError(str(e)) from None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # a size warning shown before in this process still counts here
         try:
             prof.check_compatible(tr, layer_names=names, height=args.height, width=args.width, frames=args.frames)
         except ValueError as e:
             raise CLIError(f"profile does not fit this model: {e}", code=1) from None
-    for w in caught:
-        print(f"isa: warning: {w.message}", file=sys.stderr)
     s = prof.summary()
     print(f"OK: {args.profile} fits {type(tr).__name__} ({len(names)} attention layers, {s['dense_layers']} kept dense)")
     return 0
@@ -511,14 +544,27 @@ register_command("validate", _validate, help="check a profile against a model", 
 
 
 # ================================================================================= main
+def _global_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
+    """``-v`` and ``--debug``, accepted before and after the subcommand (``isa inspect x --debug``)."""
+    extra = {"default": argparse.SUPPRESS} if sub else {}  # a subcommand does not reset what came before it
+    p.add_argument("-v", "--verbose", action="count", help="more log output (-vv for debug)", **({"default": 0} if not sub else extra))
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors", **({"default": False} if not sub else extra))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other user error: ``isa: error: ...`` and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"isa: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="isa", description="ISA (In-context Sparse Attention) for diffusers: calibration and tools.")
+    parser = _Parser(prog="isa", description="ISA (In-context Sparse Attention) for diffusers: calibration and tools.")
     parser.add_argument("--version", action="version", version=f"isa-plugin {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _global_options(parser, sub=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for cmd in _COMMANDS.values():
         kw = {}
         if cmd.epilog:  # kept as written; the description is wrapped here since the raw formatter does not
@@ -530,23 +576,56 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.help, description=description, **kw)
         if cmd.arguments is not None:
             cmd.arguments(p)
+        _global_options(p, sub=True)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
+class _LogHandler(logging.StreamHandler):
+    """``isa: message`` on stderr (``isa: warning: message`` from warnings up); remembers warnings shown."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+        self.shown = set()
+
+    def format(self, record):
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            self.shown.add(msg)
+            return f"isa: warning: {msg}"
+        return f"isa: {msg}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``isa``; returns the exit status."""
+    import warnings
+
     _load_extensions()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="isa: %(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (one line printed, exit 2), --help and --version
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    root = logging.getLogger()
+    handler, old_level = _LogHandler(), root.level
+    root.addHandler(handler)
+    root.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text not in handler.shown:  # the library logs most warnings it raises: print each once
+            handler.shown.add(text)
+            print(f"isa: warning: {text}", file=sys.stderr)
+
     from .profile import ProfileError
 
     try:
-        rc = args._run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            rc = args._run(args)
         return 0 if rc is None else int(rc)
     except (CLIError, ProfileError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         if args.debug:
@@ -556,6 +635,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("isa: interrupted", file=sys.stderr)
         return 130
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
 
 
 def _one_line(e: BaseException) -> str:

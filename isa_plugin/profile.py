@@ -41,6 +41,7 @@ import logging
 import math
 import numbers
 import os
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
@@ -520,12 +521,16 @@ class ThresholdProfile:
 
         Raises:
             FileNotFoundError: no such file.
+            IsADirectoryError: ``path`` is a folder (the message suggests the profile file inside it).
             ProfileError (a ``ValueError``): truncated or corrupt YAML or sidecar, unknown schema version,
                 wrong types, or out-of-range ratios; the message names the file and the field.
         """
         import yaml
 
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"ISA profile {str(path)!r} is a directory; give the profile's YAML file "
+                                    f"(e.g. {str(path / 'profile.yaml')!r})")
         if not path.is_file():
             raise FileNotFoundError(f"ISA profile {str(path)!r} does not exist")
         raw = path.read_bytes()
@@ -673,6 +678,10 @@ def _load_sidecar(path: Path, meta: Any) -> Dict[str, torch.Tensor]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, with an ordinary file's mode.
+
+    The mode is the existing file's, else ``0o666`` less the umask (``mkstemp`` alone would leave 0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
@@ -680,6 +689,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -687,3 +701,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
