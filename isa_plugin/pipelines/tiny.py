@@ -208,15 +208,15 @@ def _tiny_ltx2_in_context(seed: int):
     )
 
 
-def _tiny_framepack(seed: int):
+def _tiny_framepack(seed: int, layers: int = 1, single_layers: int = 1):
     from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline,
                            HunyuanVideoFramepackTransformer3DModel)
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(seed)
     transformer = HunyuanVideoFramepackTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
-        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=layers,
+        num_single_layers=single_layers, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
         rope_axes_dim=(8, 12, 12), image_condition_type=None, has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True,
     ).eval()
     vae = AutoencoderKLHunyuanVideo(
@@ -234,7 +234,7 @@ def _tiny_framepack(seed: int):
     )
 
 
-def _tiny_flux_kontext(seed: int):
+def _tiny_flux_kontext(seed: int, layers: int = 1, single_layers: int = 1):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -243,7 +243,7 @@ def _tiny_flux_kontext(seed: int):
         norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
     ).eval()
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers, attention_head_dim=32, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[8, 12, 12],
     ).eval()
     return FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
@@ -293,7 +293,8 @@ def build_tiny_pipeline(family: str, *, seed: int = 0, **options):
             (HunyuanVideoFramepackPipeline), ``flux`` (FluxKontextPipeline), ``qwenimage`` (QwenImageEditPipeline),
             ``liveditor`` (LIVEditorPipeline).
         seed: weight initialisation seed.
-        **options: family options (``wan``: ``two_experts=True`` adds Wan 2.2's ``transformer_2``).
+        **options: family options: ``wan``: ``two_experts=True`` adds Wan 2.2's ``transformer_2``; ``flux`` and
+            ``framepack``: ``layers`` and ``single_layers`` (dual- and single-stream blocks, default 1 each).
 
     Returns:
         the pipeline on the CPU, float32; ``save_pretrained`` writes it.
