@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shutil
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -48,17 +50,22 @@ class Command:
     run: Callable[[argparse.Namespace], Optional[int]]
     arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     description: Optional[str] = None
+    epilog: Optional[str] = None  # printed after the options as written (line breaks kept)
 
 
 _COMMANDS: Dict[str, Command] = {}
 
 
 def register_command(name: str, run: Callable[[argparse.Namespace], Optional[int]], *, help: str,
-                     arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None, description: Optional[str] = None) -> Command:
-    """Add a subcommand: ``arguments(parser)`` declares its options, ``run(args)`` returns the exit status."""
+                     arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None, description: Optional[str] = None,
+                     epilog: Optional[str] = None) -> Command:
+    """Add a subcommand: ``arguments(parser)`` declares its options, ``run(args)`` returns the exit status.
+
+    ``description`` is wrapped to the terminal; ``epilog`` (shown after the options) keeps its line breaks.
+    """
     if name in _COMMANDS and _COMMANDS[name].run is not run:
         raise ValueError(f"isa subcommand {name!r} is already registered")
-    cmd = Command(name, help, run, arguments, description)
+    cmd = Command(name, help, run, arguments, description, epilog)
     _COMMANDS[name] = cmd
     return cmd
 
@@ -521,16 +528,17 @@ def _validate(args) -> int:
     return 0
 
 
-def _calibrate_description() -> str:
+def _calibrate_epilog() -> str:
     from .calibration.runners import help_text
 
-    return ("Run the pipeline densely on calibration samples, measure ISA's error per layer and head (every transformer "
-            "of the pipeline), and write the cheapest per-layer ratios whose leave-one-sample-out error is within the "
-            "budget. Pipelines and what one --inputs sample is for each: " + help_text())
+    return "pipelines (detected from the saved pipeline; --adapter NAME overrides) and what one --inputs sample is for each:\n" + help_text()
 
 
 register_command("calibrate", _calibrate, help="calibrate ISA ratios on sample videos or images and write a profile",
-                 arguments=_calibrate_args, description=_calibrate_description())
+                 arguments=_calibrate_args, epilog=_calibrate_epilog(),
+                 description="Run the pipeline densely on calibration samples, measure ISA's error per layer and head (every "
+                             "transformer of the pipeline), and write the cheapest per-layer ratios whose leave-one-sample-out "
+                             "error is within the budget.")
 register_command("inspect", _inspect, help="print a profile as a per-layer table (and plot it)", arguments=_inspect_args)
 register_command("validate", _validate, help="check a profile against a model", arguments=_validate_args)
 
@@ -558,7 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(parser, sub=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for cmd in _COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        kw = {}
+        if cmd.epilog:  # kept as written; the description is wrapped here since the raw formatter does not
+            kw = dict(epilog=cmd.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description = cmd.description or cmd.help
+        if cmd.epilog:
+            width = max(40, shutil.get_terminal_size().columns - 2)
+            description = "\n\n".join(textwrap.fill(" ".join(par.split()), width) for par in description.split("\n\n"))
+        p = sub.add_parser(cmd.name, help=cmd.help, description=description, **kw)
         if cmd.arguments is not None:
             cmd.arguments(p)
         _global_options(p, sub=True)

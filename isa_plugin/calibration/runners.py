@@ -131,8 +131,13 @@ def runner_for(pipe) -> CalibrationRunner:
 
 
 def help_text() -> str:
-    """One entry per runner: adapter (pipelines): what a sample is (for ``isa calibrate --help``)."""
-    return "; ".join(f"{r.adapter} ({', '.join(r.pipeline_classes)}): {r.inputs}" for r in RUNNERS.values()) + "."
+    """One line per runner, ``  adapter (pipelines): what a sample is``, for ``isa calibrate --help``.
+
+    Example:
+        >>> print(help_text().splitlines()[0])
+          wan-icl (WanInContextEditPipeline): a source video (the edit's context); ...
+    """
+    return "\n".join(f"  {r.adapter} ({', '.join(r.pipeline_classes)}): {r.inputs}" for r in RUNNERS.values())
 
 
 # ------------------------------------------------------------------------------------ shared helpers
@@ -171,11 +176,25 @@ def _wan_call(pipe, sample, prompt, *, height, width, num_frames, steps, generat
                 num_inference_steps=steps, generator=generator, output_type="latent", **extra)
 
 
+def _wan_spatial(pipe) -> int:
+    return _vae_ratio(pipe, "vae_scale_factor_spatial", 8) * _patch(pipe)
+
+
+def _wan_temporal(pipe) -> int:
+    return _vae_ratio(pipe, "vae_scale_factor_temporal", 4)
+
+
 register_runner(CalibrationRunner(
     adapter="wan-icl", pipeline_classes=("WanInContextEditPipeline",),
     inputs="a source video (the edit's context); Wan 2.2's two experts are both calibrated", media="video", call=_wan_call,
-    spatial_multiple=lambda pipe: _vae_ratio(pipe, "vae_scale_factor_spatial", 8) * _patch(pipe),
-    temporal_factor=lambda pipe: _vae_ratio(pipe, "vae_scale_factor_temporal", 4),
+    spatial_multiple=_wan_spatial, temporal_factor=_wan_temporal,
+))
+
+# LIVEditor takes the same call as the Wan in-context pipeline (source video in, same size out)
+register_runner(CalibrationRunner(
+    adapter="liveditor", pipeline_classes=("LIVEditorPipeline",),
+    inputs="a source video (its latents enter beside the noisy target)", media="video", call=_wan_call,
+    spatial_multiple=_wan_spatial, temporal_factor=_wan_temporal,
 ))
 
 

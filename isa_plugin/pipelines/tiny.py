@@ -1,9 +1,11 @@
-"""Small randomly initialised ``WanInContextEditPipeline`` builds (no downloads), for the demo and tests.
+"""Small randomly initialised pipelines of every supported family (no downloads), for the demo and tests.
 
-Every component is built from a config: a UMT5 text encoder with a byte-level tokenizer (no vocabulary
-files), a small Wan VAE, a flow-matching scheduler and a Wan transformer whose width is set by the
-preset. Weights are random, so the edits are noise; what the presets exercise is the machinery (layouts,
-calibration, kernels, timing) at realistic token counts.
+Every component is built from a config (no vocabulary files: byte-level tokenizers, or no text encoder).
+:func:`build_tiny_wan_icl_pipeline` sizes a ``WanInContextEditPipeline`` by a preset (UMT5 text encoder,
+small Wan VAE, flow-matching scheduler, Wan transformer): what the presets exercise is the machinery
+(layouts, calibration, kernels, timing) at realistic token counts. :func:`build_tiny_pipeline` gives every
+registered family a CPU-sized pipeline that ``isa calibrate`` runs on the bundled samples. Weights are
+random, so the edits are noise.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def build_tiny_wan_icl_pipeline(preset: TinyPreset, *, seed: int = 0, device="cp
     Example:
         >>> pipe = build_tiny_wan_icl_pipeline(PRESETS["tiny"])
     """
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import ByT5Tokenizer
 
     from .wan_icl import WanInContextEditPipeline
 
@@ -78,13 +80,7 @@ def build_tiny_wan_icl_pipeline(preset: TinyPreset, *, seed: int = 0, device="cp
         raise TypeError(f"preset must be a TinyPreset (see PRESETS: {sorted(PRESETS)}), got {type(preset).__name__}")
     torch.manual_seed(seed)
     text_dim = 32
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=384, d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-                   use_cache=False, tie_word_embeddings=False)
-    ).eval()
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
+    text_encoder, vae = _tiny_wan_text_encoder_and_vae(text_dim)
     inner = preset.heads * preset.head_dim
 
     def expert():
@@ -106,7 +102,39 @@ def build_tiny_wan_icl_pipeline(preset: TinyPreset, *, seed: int = 0, device="cp
     return pipe
 
 
+def _tiny_wan_text_encoder_and_vae(text_dim: int):
+    """A 2-layer UMT5 encoder of width ``text_dim`` (byte-level tokens) and a small Wan VAE (8x spatial, 4x temporal)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=384, d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                   use_cache=False, tie_word_embeddings=False)
+    ).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    return text_encoder, vae
+
+
 # ------------------------------------------------------------------------------------ every family
+def _tiny_liveditor(seed: int):
+    from transformers import ByT5Tokenizer
+
+    from .liveditor import LIVEditorTransformer3DModel
+    from .liveditor_pipeline import LIVEditorPipeline, liveditor_scheduler
+
+    torch.manual_seed(seed)
+    text_dim = 32
+    text_encoder, vae = _tiny_wan_text_encoder_and_vae(text_dim)
+    transformer = LIVEditorTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+        text_dim=text_dim, freq_dim=64, ffn_dim=128, num_layers=2, rope_max_seq_len=1024,
+    ).eval()
+    return LIVEditorPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=liveditor_scheduler(),
+                             transformer=transformer)
+
+
 def _tiny_ltx_condition(seed: int):
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXConditionPipeline, LTXVideoTransformer3DModel
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
@@ -180,15 +208,15 @@ def _tiny_ltx2_in_context(seed: int):
     )
 
 
-def _tiny_framepack(seed: int):
+def _tiny_framepack(seed: int, layers: int = 1, single_layers: int = 1):
     from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline,
                            HunyuanVideoFramepackTransformer3DModel)
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(seed)
     transformer = HunyuanVideoFramepackTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
-        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=layers,
+        num_single_layers=single_layers, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
         rope_axes_dim=(8, 12, 12), image_condition_type=None, has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True,
     ).eval()
     vae = AutoencoderKLHunyuanVideo(
@@ -206,7 +234,7 @@ def _tiny_framepack(seed: int):
     )
 
 
-def _tiny_flux_kontext(seed: int):
+def _tiny_flux_kontext(seed: int, layers: int = 1, single_layers: int = 1):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -215,7 +243,7 @@ def _tiny_flux_kontext(seed: int):
         norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
     ).eval()
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers, attention_head_dim=32, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[8, 12, 12],
     ).eval()
     return FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
@@ -226,9 +254,10 @@ def _tiny_qwen_image_edit(seed: int):
     import diffusers as d
 
     torch.manual_seed(seed)
-    # 16x spatial: the ~1024^2 condition image becomes 64x64 latents (32x32 tokens)
+    # 16x spatial: the ~1024^2 condition image becomes 64x64 latents (32x32 tokens); two channels keep its
+    # full-resolution encode (every run resizes the condition image to ~1024^2) near one second on a CPU
     vae = d.AutoencoderKLQwenImage(
-        base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, False, False, True],
+        base_dim=2, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, False, False, True],
         latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
     ).eval()
     transformer = d.QwenImageTransformer2DModel(
@@ -247,6 +276,7 @@ TINY_FAMILIES = {
     "framepack": _tiny_framepack,
     "flux": _tiny_flux_kontext,
     "qwenimage": _tiny_qwen_image_edit,
+    "liveditor": _tiny_liveditor,
 }
 
 
@@ -260,9 +290,11 @@ def build_tiny_pipeline(family: str, *, seed: int = 0, **options):
     Args:
         family: a registered family adapter name: ``wan`` (WanInContextEditPipeline), ``ltx``
             (LTXConditionPipeline), ``ltx2`` (LTX2InContextPipeline), ``framepack``
-            (HunyuanVideoFramepackPipeline), ``flux`` (FluxKontextPipeline), ``qwenimage`` (QwenImageEditPipeline).
+            (HunyuanVideoFramepackPipeline), ``flux`` (FluxKontextPipeline), ``qwenimage`` (QwenImageEditPipeline),
+            ``liveditor`` (LIVEditorPipeline).
         seed: weight initialisation seed.
-        **options: family options (``wan``: ``two_experts=True`` adds Wan 2.2's ``transformer_2``).
+        **options: family options: ``wan``: ``two_experts=True`` adds Wan 2.2's ``transformer_2``; ``flux`` and
+            ``framepack``: ``layers`` and ``single_layers`` (dual- and single-stream blocks, default 1 each).
 
     Returns:
         the pipeline on the CPU, float32; ``save_pretrained`` writes it.

@@ -10,6 +10,7 @@ import torch
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, isa_processors, remove_isa, stats
 from isa_plugin.adapters.flux import flux_layout, image_id_spans
+from isa_plugin.pipelines.tiny import build_tiny_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -52,25 +53,11 @@ def test_layout_from_image_ids(tiny):
     assert flux_layout(x["encoder_hidden_states"], x["hidden_states"][:, :10], x["img_ids"]) is None
 
 
-def tiny_kontext_pipe(tiny):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4), layers_per_block=1, latent_channels=4,
-        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )
-    return FluxKontextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, transformer=tiny.flux(),
-    )
-
-
 @pytest.mark.slow
 def test_kontext_pipeline_end_to_end(tiny):
     from PIL import Image
 
-    pipe = tiny_kontext_pipe(tiny)
+    pipe = build_tiny_pipeline("flux", layers=2, single_layers=2)  # the LAYERS above
     rng = np.random.default_rng(0)
     image = Image.fromarray((rng.random((32, 48, 3)) * 255).astype("uint8"))  # context: 32x48 px
     g = torch.Generator().manual_seed(3)

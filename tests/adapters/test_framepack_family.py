@@ -11,6 +11,7 @@ import torch
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, isa_processors, remove_isa, stats
 from isa_plugin.adapters.framepack import FramepackLayout, framepack_video_spans
+from isa_plugin.pipelines.tiny import build_tiny_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -43,31 +44,11 @@ def test_layout_matches_packed_sequence(tiny, size):
     assert FramepackLayout(expected)(10) is None
 
 
-def tiny_framepack_pipe(tiny):
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
-    )
-    encoder = SiglipVisionModel(
-        SiglipVisionConfig(hidden_size=16, image_size=32, patch_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    ).eval()  # 16 image tokens
-    return HunyuanVideoFramepackPipeline(
-        text_encoder=None, tokenizer=None, transformer=tiny.framepack(), vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-        text_encoder_2=None, tokenizer_2=None, image_encoder=encoder,
-        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
-    )
-
-
 @pytest.mark.slow
 def test_pipeline_end_to_end(tiny):
     from PIL import Image
 
-    pipe = tiny_framepack_pipe(tiny)
+    pipe = build_tiny_pipeline("framepack", layers=2, single_layers=2)  # the LAYERS above
     image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
     g = torch.Generator().manual_seed(3)
     mask = torch.ones(1, tiny.FRAMEPACK_TEXT)

@@ -11,6 +11,7 @@ from isa_plugin.pipelines.tiny import TINY_FAMILIES, build_tiny_pipeline  # noqa
 from isa_plugin.profile import ThresholdProfile  # noqa: E402
 
 FAMILIES = sorted({f.name for f in registered_families().values()})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_registered_pipeline_has_a_runner_and_every_family_a_tiny_pipeline():
@@ -46,3 +47,12 @@ def test_tiny_pipeline_calibrates_from_the_cli_and_the_profile_applies(family, t
     apply_isa(pipe, prof)
     assert set(stats(pipe)) == names
     remove_isa(pipe)
+
+
+def test_calibrate_help_lists_one_family_per_line(capsys):
+    assert main(["calibrate", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for r in registered_runners().values():
+        mine = [ln for ln in lines if ln.strip().startswith(f"{r.adapter} (")]
+        assert len(mine) == 1, f"{r.adapter}: {mine}"
+        assert all(c in mine[0] for c in r.pipeline_classes) and mine[0].rstrip().endswith(r.inputs)
