@@ -31,7 +31,8 @@ def _arguments(p) -> None:
          arguments=_arguments)
 def evaluate(args) -> int:
     """Run each video with dense attention and with ISA (same seed); print a table and write JSON."""
-    from .calibration.recorder import _fit_shape, _load_video
+    from .calibration.runners import runner_for
+    from .calibration.video import read_video
     from .cli import CLIError, load_pipeline
     from .evaluate import compare_edit
     from .profile import ThresholdProfile
@@ -47,12 +48,12 @@ def evaluate(args) -> int:
     pipe = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype)
     profile.check_compatible(pipe.transformer)
     pipe.set_progress_bar_config(disable=args.no_progress)
+    runner = runner_for(pipe)
     prompts = args.prompts * len(args.videos) if len(args.prompts) == 1 else args.prompts
     print("LPIPS: skipped (no LPIPS weights are bundled; PSNR and SSIM are reported)")
     rows = []
     for i, (path, prompt) in enumerate(zip(args.videos, prompts)):
-        video = _load_video(path, args.frames, args.height, args.width)
-        video, nf, h, w = _fit_shape(pipe, video, args.frames)
+        video, h, w, nf = runner.prepare(pipe, read_video(path), height=args.height, width=args.width, num_frames=args.frames)
         profile.check_run(height=h, width=w, frames=nf)
         r = compare_edit(pipe, profile, video, prompt, height=h, width=w, frames=nf, steps=args.steps, seed=args.seed,
                          label=f"video {i + 1}/{len(args.videos)}")

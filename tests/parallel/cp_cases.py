@@ -132,7 +132,7 @@ def ltx2() -> Dict[str, Any]:
 
 def flux_kontext() -> Dict[str, Any]:
     _, flux, _ = builders()
-    return family_case(flux.tiny_flux, flux.kontext_inputs(batch=1), per_head(2), ulysses_degree=2)
+    return family_case(flux.tiny_flux, flux.flux_inputs(batch=1), per_head(2), ulysses_degree=2)
 
 
 def qwenimage_text_mask() -> Dict[str, Any]:
