@@ -1,5 +1,13 @@
-import pytest
-import torch
+import os
+
+# The suite runs tiny models, whose many small ops cost less than handing them between threads: one
+# intra-op thread per test process, and for the processes tests start (set before torch is imported).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):
