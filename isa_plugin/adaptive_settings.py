@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -67,7 +67,8 @@ class AdaptiveSettings:
         mass: p in (0, 1], the pooled attention mass a query block's exact key blocks must hold. Per head.
         min_blocks: at least this many exact non-text key blocks per query block (>= 1). Per head.
         max_blocks: at most this many (0 = no bound; else >= ``min_blocks``). Per head.
-        pseudo_block: tokens per pseudo-key; 1 <= s <= block_size and s divides block_size.
+        pseudo_block: tokens per pseudo-key; 1 <= s <= block_size and s divides block_size. None: block_size
+            (one pseudo-key per block, as in the fixed mode).
         alpha_s: fraction of context blocks kept (the fixed mode's context pre-selection). Per head.
         block_size: tokens per block (per span).
         share_plan: one plan from the batch-mean block means for every batch entry.
@@ -84,7 +85,7 @@ class AdaptiveSettings:
     mass: PerHeadFloat = 0.9
     min_blocks: PerHeadInt = 1
     max_blocks: PerHeadInt = 0
-    pseudo_block: int = 16
+    pseudo_block: Optional[int] = None
     alpha_s: PerHeadFloat = 1.0
     block_size: int = 64
     share_plan: bool = False
@@ -98,7 +99,7 @@ class AdaptiveSettings:
         if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
             raise ValueError(f"block_size={bs!r} must be a positive integer")
         object.__setattr__(self, "block_size", int(bs))
-        s = self.pseudo_block
+        s = self.block_size if self.pseudo_block is None else self.pseudo_block
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise TypeError(f"pseudo_block={s!r} must be an integer dividing block_size={self.block_size}")
         if not (1 <= int(s) <= self.block_size) or self.block_size % int(s):
