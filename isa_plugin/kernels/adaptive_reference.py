@@ -65,20 +65,24 @@ def sub_blocks(blocks: BlockLayout, s: int) -> Tuple[BlockLayout, torch.Tensor]:
     return _sub_blocks(blocks, int(s))
 
 
-def plan_pair_counts(blocks: BlockLayout, kv_keep: torch.Tensor, exact_kv: torch.Tensor, pseudo_block: int) -> Tuple[int, int]:
+def plan_pair_counts(blocks: BlockLayout, kv_keep: torch.Tensor, exact_kv: torch.Tensor, pseudo_block: int,
+                     per_head: bool = False):
     """(exact token pairs, (query token, pseudo-key) pairs) of a plan, summed over batch and heads.
 
     Args:
         blocks: the plan's blocking; kv_keep [B, H, nb] bool; exact_kv [B, H, nb, nb] bool.
         pseudo_block: tokens per pseudo-key (the block size for the fixed mode: one pseudo-key per block).
+        per_head: return float64 tensors [H] (summed over the batch) instead of two ints.
     """
     dev = exact_kv.device
     cnt = blocks.counts.to(dev, torch.float64)
     n_pseudo = torch.ceil(cnt / pseudo_block)
     approx = kv_keep[:, :, None, :] & ~exact_kv
-    exact = torch.einsum("bhij,i,j->", exact_kv.double(), cnt, cnt)
-    pseudo = torch.einsum("bhij,i,j->", approx.double(), cnt, n_pseudo)
-    return int(round(float(exact))), int(round(float(pseudo)))
+    exact = torch.einsum("bhij,i,j->h", exact_kv.double(), cnt, cnt)
+    pseudo = torch.einsum("bhij,i,j->h", approx.double(), cnt, n_pseudo)
+    if per_head:
+        return exact, pseudo
+    return int(round(float(exact.sum()))), int(round(float(pseudo.sum())))
 
 
 @dataclass
