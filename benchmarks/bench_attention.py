@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from isa_plugin.config import ISAConfig  # noqa: E402
 from isa_plugin.layout import Layout  # noqa: E402
+from isa_plugin.kernels.counts import keep_count  # noqa: E402
 from isa_plugin.kernels.executor import execute_compact  # noqa: E402
 from isa_plugin.kernels.plan import compact_to_reference, plan_compact  # noqa: E402
 from isa_plugin.kernels.testing import check_close, plan_rows  # noqa: E402
@@ -147,7 +148,7 @@ def main(argv=None):
                     row["speedup"] = t_cudnn / r["ms"]
                     row["plan_share"] = r["plan_ms"] / r["ms"]
                     if a_f == 1.0 and args.alpha_f_dense:
-                        nkv = N // 2 + math.ceil(a_s * math.ceil((N - N // 2) / 64)) * 64
+                        nkv = N // 2 + keep_count(a_s, math.ceil((N - N // 2) / 64)) * 64
                         nkv = min(nkv, N)
                         kd, vd = k[:, :nkv], v[:, :nkv]
                         row["dense_same_ms"] = sdpa_time(q, kd, vd, "cudnn")

@@ -14,7 +14,7 @@ from .config import ISAConfig
 from .kernels.reference import isa_attention_reference
 from .layout import Layout
 
-__all__ = ["isa_attention", "ISAInfo", "dense_attention"]
+__all__ = ["isa_attention", "ISAInfo", "dense_attention", "select_backend", "run_isa", "Route"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,26 +79,84 @@ def _check_inputs(q, k, v) -> None:
         raise TypeError(f"q has dtype {q.dtype}; ISA needs floating-point inputs")
 
 
-def _ineligible(q: torch.Tensor, layout: Layout, config: ISAConfig) -> Optional[str]:
+#: dtypes ISA serves inside a model (other dtypes run the model's dense attention)
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: largest head_dim ISA serves inside a model (head_dim must also be a multiple of 8 there)
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Route:
+    """The one backend decision of an ISA call (made by :func:`select_backend`).
+
+    Attributes:
+        backend: ``"triton"`` (the kernels), ``"reference"`` (the PyTorch reference) or ``"dense"``.
+        reason: for ``"dense"``, why ISA cannot serve the call; for ``"reference"``, why the kernels
+            cannot (None when the config asked for the reference); None for ``"triton"``.
+    """
+
+    backend: str
+    reason: Optional[str] = None
+
+
+def select_backend(q: torch.Tensor, layout: Layout, config: ISAConfig, *, in_model: bool = False) -> Route:
+    """Decide once how an eligible-shaped ISA call is served: the kernels, the reference, or dense.
+
+    Args:
+        q: [B, N, H, D] queries (only device, dtype, shape and strides are read).
+        layout: the call's layout (covering N tokens).
+        config: the call's :class:`ISAConfig`.
+        in_model: the call comes from an ISA processor inside a model. There, calls the kernels cannot
+            serve off the CPU run the model's dense attention (the reference at video lengths on an
+            accelerator would be far slower than dense attention), ``backend="triton"`` never raises, and
+            dtypes / head sizes outside :data:`MODEL_DTYPES` / multiples of 8 up to :data:`MAX_HEAD_DIM`
+            run dense. Outside a model (:func:`isa_attention`), such calls run the reference.
+
+    Returns:
+        a :class:`Route`.
+
+    Raises:
+        RuntimeError: ``config.backend == "triton"`` outside a model and the kernels cannot serve the call.
+    """
+    if in_model:
+        if q.dtype not in MODEL_DTYPES:
+            return Route("dense", f"dtype {q.dtype} not supported")
+        D = q.shape[-1]
+        if D % 8 != 0 or D > MAX_HEAD_DIM:
+            return Route("dense", f"head_dim={D} not supported (multiples of 8 up to {MAX_HEAD_DIM})")
     if layout.num_blocks(config.block_size) < 2:
-        return f"fewer than two blocks ({layout.num_tokens} tokens, block_size={config.block_size})"
-    return None
-
-
-def _choose_backend(q: torch.Tensor, config: ISAConfig) -> Tuple[str, Optional[str]]:
-    """Pick 'triton' or 'reference'; the second item is a reason the kernels cannot serve the call."""
+        return Route("dense", f"sequence too short: fewer than two blocks ({layout.num_tokens} tokens, block_size={config.block_size})")
     if config.backend == "reference":
-        return "reference", None
-    from .kernels import dispatch
+        return Route("reference")
+    from .kernels.dispatch import triton_ineligible
 
-    why_not = dispatch.triton_ineligible(q, config)
-    if why_not is None and config.share_plan and q.shape[0] > 1 and not getattr(dispatch, "SUPPORTS_SHARE_PLAN", False):
-        why_not = "share_plan=True with batch > 1 is not implemented by the kernels"
+    why_not = triton_ineligible(q, config)
     if why_not is None:
-        return "triton", None
-    if config.backend == "triton":
+        return Route("triton")
+    if config.backend == "triton" and not in_model:
         raise RuntimeError(f"ISAConfig.backend='triton' but the Triton kernels cannot serve this call: {why_not}")
-    return "reference", why_not
+    if in_model and (config.backend == "triton" or q.device.type != "cpu"):
+        return Route("dense", f"ISA kernels unavailable: {why_not}")
+    return Route("reference", why_not)
+
+
+def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, config: ISAConfig, route: Route,
+            scale: Optional[float] = None) -> torch.Tensor:
+    """Execute an ISA call on the backend ``route`` chose (``"triton"`` or ``"reference"``); [B, N, H, D] in, out.
+
+    Callers validate inputs and decide the route first (:func:`isa_attention` does both).
+    """
+    if route.backend == "triton":
+        from .kernels.dispatch import isa_attention_triton
+
+        return isa_attention_triton(q, k, v, layout, config, scale=scale)
+    if route.backend != "reference":
+        raise ValueError(f"run_isa serves the 'triton' and 'reference' routes, got {route.backend!r}")
+    if q.is_cuda and route.reason is not None:
+        logger.debug("ISA kernels unavailable (%s); using the PyTorch reference", route.reason)
+    kinds, lens = layout.encode()
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _reference_op(q, k, v, kinds, lens, config.encode(), sc)
 
 
 def isa_attention(
@@ -160,20 +218,9 @@ def isa_attention(
         raise TypeError(f"layout must be a Layout, got {type(layout).__name__}")
     layout.check(N)
 
-    reason = _ineligible(q, layout, config)
-    if reason is not None:
-        out, info = dense_attention(q, k, v, scale), ISAInfo(False, "dense", reason)
+    route = select_backend(q, layout, config)
+    if route.backend == "dense":
+        out, info = dense_attention(q, k, v, scale), ISAInfo(False, "dense", route.reason)
     else:
-        backend, why_not = _choose_backend(q, config)
-        if backend == "triton":
-            from .kernels import dispatch
-
-            out = dispatch.isa_attention_triton(q, k, v, layout, config, scale=scale)
-        else:
-            if q.is_cuda and why_not is not None:
-                logger.debug("ISA kernels unavailable (%s); using the PyTorch reference", why_not)
-            kinds, lens = layout.encode()
-            sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-            out = _reference_op(q, k, v, kinds, lens, config.encode(), sc)
-        info = ISAInfo(True, backend)
+        out, info = run_isa(q, k, v, layout, config, route, scale), ISAInfo(True, route.backend)
     return (out, info) if return_info else out

@@ -10,30 +10,83 @@ from typing import Any, Dict, Tuple, Union
 
 import torch
 
-__all__ = ["ISAConfig", "Ratio", "SHARPNESS_METRICS", "BACKENDS"]
+__all__ = ["ISAConfig", "Ratio", "SHARPNESS_METRICS", "BACKENDS", "RATIO_NAMES", "validate_ratio", "validate_budget"]
 
 Ratio = Union[float, Tuple[float, ...]]
+#: the sharpness metrics ISA ranks query blocks by (``ISAConfig.sharpness``, calibration grids, profiles)
 SHARPNESS_METRICS = ("topk_mass", "l2")
 BACKENDS = ("auto", "reference", "triton")
-_RATIOS = ("alpha_s", "alpha_f", "alpha_ns")
+#: the three ratios of ISA, in the order configs and profiles list them
+RATIO_NAMES = ("alpha_s", "alpha_f", "alpha_ns")
 
 
-def _check_ratio(name: str, value: Any) -> Ratio:
+def validate_ratio(name: str, value: Any) -> Ratio:
+    """Check one ISA ratio (α_s, α_f, α_ns, or a fraction like them): a number in (0, 1], or one per head.
+
+    Args:
+        name: how the value is named in messages, e.g. ``"ISAConfig.alpha_s"`` or ``"alpha_s"``.
+        value: a number, or a sequence / 1-D tensor [H] of numbers (one per attention head).
+
+    Returns:
+        ``float``, or a tuple of floats for a sequence.
+
+    Raises:
+        TypeError: a value that is not a real number (bools included).
+        ValueError: a value outside (0, 1] or NaN, or an empty sequence.
+
+    Example:
+        >>> validate_ratio("alpha_f", [0.5, 1])
+        (0.5, 1.0)
+        >>> validate_ratio("alpha_s", 0)
+        Traceback (most recent call last):
+        ValueError: alpha_s=0.0 is out of range; use a value in (0, 1] (1 = keep everything)
+    """
+
     def one(v, where=""):
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"ISAConfig.{name}{where}={v!r} must be a number in (0, 1]")
+            raise TypeError(f"{name}{where}={v!r} must be a number in (0, 1]")
         v = float(v)
         if not (0.0 < v <= 1.0) or math.isnan(v):
-            raise ValueError(f"ISAConfig.{name}{where}={v!r} is out of range; use a value in (0, 1] (1 = keep everything)")
+            raise ValueError(f"{name}{where}={v!r} is out of range; use a value in (0, 1] (1 = keep everything)")
         return v
 
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         if len(value) == 0:
-            raise ValueError(f"ISAConfig.{name} is an empty sequence; give one value per head or a single number")
+            raise ValueError(f"{name} is an empty list; give one value per head or a single number")
         return tuple(one(v, f"[{i}]") for i, v in enumerate(value))
     return one(value)
+
+
+def validate_budget(budget: Any, name: str = "budget") -> float:
+    """Check an error budget: the relative L1 error of the attention output, a number in (0, 1).
+
+    Every entry point that takes an error budget (``fit_profile``, ``calibrate``, the CLI) checks it here.
+
+    Args:
+        budget: the budget, e.g. ``0.05`` for 5% relative L1.
+        name: how the value is named in the message (e.g. ``"context budget"``).
+
+    Returns:
+        The budget as a ``float``.
+
+    Raises:
+        ValueError: one line naming the value and the fix, for anything but a real number in (0, 1).
+
+    Example:
+        >>> validate_budget(0.05)
+        0.05
+        >>> validate_budget(2)
+        Traceback (most recent call last):
+        ValueError: budget=2.0 is out of range; use a value in (0, 1), e.g. 0.05
+    """
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise ValueError(f"{name}={budget!r} must be a number in (0, 1), e.g. 0.05")
+    value = float(budget)
+    if not (0.0 < value < 1.0):  # NaN fails too
+        raise ValueError(f"{name}={value!r} is out of range; use a value in (0, 1), e.g. 0.05")
+    return value
 
 
 @dataclass(frozen=True)
@@ -77,14 +130,14 @@ class ISAConfig:
     share_plan: bool = False
 
     def __post_init__(self):
-        for name in _RATIOS:
-            object.__setattr__(self, name, _check_ratio(name, getattr(self, name)))
+        for name in RATIO_NAMES:
+            object.__setattr__(self, name, validate_ratio(f"ISAConfig.{name}", getattr(self, name)))
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, numbers.Integral) or self.block_size < 1:
             raise ValueError(f"ISAConfig.block_size={self.block_size!r} must be a positive integer (default 64)")
         object.__setattr__(self, "block_size", int(self.block_size))
         if self.sharpness not in SHARPNESS_METRICS:
             raise ValueError(f"ISAConfig.sharpness={self.sharpness!r} is not supported; supported: {list(SHARPNESS_METRICS)}")
-        object.__setattr__(self, "topk_fraction", _check_ratio("topk_fraction", self.topk_fraction))
+        object.__setattr__(self, "topk_fraction", validate_ratio("ISAConfig.topk_fraction", self.topk_fraction))
         if isinstance(self.topk_fraction, tuple):
             raise TypeError("ISAConfig.topk_fraction must be a single number")
         if self.backend not in BACKENDS:
@@ -98,12 +151,12 @@ class ISAConfig:
     @property
     def is_dense(self) -> bool:
         """True when every ratio is 1, i.e. ISA computes exactly dense attention."""
-        return all(v == 1.0 for name in _RATIOS for v in _as_tuple(getattr(self, name)))
+        return all(v == 1.0 for name in RATIO_NAMES for v in _as_tuple(getattr(self, name)))
 
     @property
     def num_heads(self) -> int | None:
         """The head count implied by per-head ratios, or None when all ratios are scalars."""
-        lens = {len(getattr(self, n)) for n in _RATIOS if isinstance(getattr(self, n), tuple)}
+        lens = {len(getattr(self, n)) for n in RATIO_NAMES if isinstance(getattr(self, n), tuple)}
         if len(lens) > 1:
             return -1
         return lens.pop() if lens else None
@@ -115,7 +168,7 @@ class ISAConfig:
             ValueError: a per-head ratio whose length differs from ``num_heads``.
         """
         out = {}
-        for name in _RATIOS:
+        for name in RATIO_NAMES:
             v = getattr(self, name)
             if isinstance(v, tuple):
                 if len(v) != num_heads:
@@ -164,13 +217,3 @@ class ISAConfig:
 
 def _as_tuple(v: Ratio) -> Tuple[float, ...]:
     return v if isinstance(v, tuple) else (v,)
-
-
-def count_of(alpha: torch.Tensor, n: int) -> torch.Tensor:
-    """ceil(alpha * n) per head, at least 1 when n > 0 and at most n (robust to float round-off)."""
-    if n <= 0:
-        return torch.zeros_like(alpha, dtype=torch.int64)
-    c = torch.ceil(alpha * n - 1e-9).to(torch.int64)
-    return c.clamp(1, n)
-
-

@@ -47,20 +47,18 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .config import SHARPNESS_METRICS, ISAConfig
+from .config import RATIO_NAMES, SHARPNESS_METRICS, ISAConfig, Ratio, validate_budget, validate_ratio
+from .timesteps import bucket_index
 
-__all__ = ["ThresholdProfile", "LayerSetting", "ProfileError", "config_hash", "SCHEMA_VERSION"]
+__all__ = ["ThresholdProfile", "LayerSetting", "ProfileError", "config_hash", "library_versions", "SCHEMA_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _KIND = "isa-threshold-profile"
 _PER_HEAD = "per_head"
-_RATIOS = ("alpha_s", "alpha_f", "alpha_ns")
 _ERRORS = ("error_target", "error_context")
 _METRICS = ("rel_l1",)
-
-Ratio = Union[float, Tuple[float, ...]]
 
 
 class ProfileError(ValueError):
@@ -93,11 +91,11 @@ class LayerSetting:
     error_context_per_head: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self):
-        for name in _RATIOS:
+        for name in RATIO_NAMES:
             object.__setattr__(self, name, _ratio(name, getattr(self, name)))
         if self.sharpness not in SHARPNESS_METRICS:
             raise ProfileError(f"sharpness={self.sharpness!r} is not supported; supported: {list(SHARPNESS_METRICS)}")
-        heads = {len(getattr(self, n)) for n in _RATIOS if isinstance(getattr(self, n), tuple)}
+        heads = {len(getattr(self, n)) for n in RATIO_NAMES if isinstance(getattr(self, n), tuple)}
         if len(heads) > 1:
             raise ProfileError(f"per-head ratios have different lengths {sorted(heads)}; give one value per head for each")
         for name in _ERRORS + ("relative_cost",):
@@ -115,7 +113,7 @@ class LayerSetting:
 
     @property
     def num_heads(self) -> Optional[int]:
-        for n in _RATIOS:
+        for n in RATIO_NAMES:
             v = getattr(self, n)
             if isinstance(v, tuple):
                 return len(v)
@@ -132,21 +130,11 @@ class LayerSetting:
 
 
 def _ratio(name: str, value: Any) -> Ratio:
-    def one(v, where=""):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise ProfileError(f"{name}{where}={v!r} must be a number in (0, 1]")
-        v = float(v)
-        if math.isnan(v) or not (0.0 < v <= 1.0):
-            raise ProfileError(f"{name}{where}={v!r} is out of range; ratios must lie in (0, 1]")
-        return v
-
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ProfileError(f"{name} is an empty list; give one value per head or a single number")
-        return tuple(one(v, f"[{i}]") for i, v in enumerate(value))
-    return one(value)
+    """:func:`~isa_plugin.config.validate_ratio`, raising :class:`ProfileError` (the profile's error type)."""
+    try:
+        return validate_ratio(name, value)
+    except (TypeError, ValueError) as e:
+        raise ProfileError(str(e)) from None
 
 
 def _nonneg(name: str, v: Any) -> Optional[float]:
@@ -199,7 +187,16 @@ def config_hash(model_or_config: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _versions() -> Dict[str, str]:
+def library_versions() -> Dict[str, str]:
+    """Versions of the libraries a calibration ran with, recorded in a profile's ``calibrated_on``.
+
+    Returns:
+        ``{"torch": ..., "isa_plugin": ..., "diffusers": ...}``; a library that cannot be imported is left out.
+
+    Example:
+        >>> "torch" in library_versions()
+        True
+    """
     out = {"torch": str(torch.__version__)}
     try:
         from . import __version__
@@ -290,17 +287,13 @@ class ThresholdProfile:
     def num_buckets(self) -> int:
         return len(self.timestep_edges) + 1
 
-    def bucket_of(self, timestep: Optional[float]) -> int:
-        """Index of the timestep bucket holding ``timestep`` (0 when the profile is not bucketed)."""
-        if self.num_buckets == 1:
-            return 0
-        if timestep is None:
-            raise ValueError(
-                f"this profile has {self.num_buckets} timestep buckets; pass the timestep to pick the settings"
-            )
-        # per-token timesteps (clean context tokens at 0): the call's timestep is the largest
-        t = float(timestep.detach().max()) if isinstance(timestep, torch.Tensor) else float(timestep)
-        return sum(1 for e in self.timestep_edges if t >= e)
+    def bucket_of(self, timestep: Union[float, torch.Tensor, None]) -> int:
+        """Index of the timestep bucket holding ``timestep`` (0 when the profile is not bucketed).
+
+        A [B] or [B, S] (per-token) timestep tensor counts as its largest value, as in calibration
+        (:func:`isa_plugin.timesteps.bucket_index`). A bucketed profile raises ``ValueError`` for None.
+        """
+        return bucket_index(timestep, self.timestep_edges)
 
     def setting(self, layer_name: str, timestep: Optional[float] = None) -> LayerSetting:
         """The :class:`LayerSetting` of one layer (at ``timestep`` when bucketed)."""
@@ -443,7 +436,7 @@ class ThresholdProfile:
                 if s.dense:
                     e["dense"] = True
                 else:
-                    for r in _RATIOS:
+                    for r in RATIO_NAMES:
                         v = getattr(s, r)
                         if isinstance(v, tuple):
                             tensors[f"{name}/{b}/{r}"] = torch.tensor(v, dtype=torch.float64)
@@ -616,8 +609,10 @@ def _check_budget(budget: Any) -> None:
         v = budget.get(k)
         if v is None:
             raise ProfileError(f"budget.{k} is missing")
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= float(v) < math.inf):
-            raise ProfileError(f"budget.{k}={v!r} must be a non-negative number")
+        try:
+            validate_budget(v, name=f"budget.{k}")
+        except ValueError as e:
+            raise ProfileError(str(e)) from None
 
 
 def _sidecar_path(path: Path) -> Path:

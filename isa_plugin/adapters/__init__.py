@@ -1,31 +1,29 @@
 """diffusers integration: ISA processors, apply/remove/stats, and one adapter module per model family.
 
-diffusers is imported only by the family modules, which are loaded on first use of the registry
-(:func:`load_adapter_modules`). See :mod:`isa_plugin.adapters.base` for the adapter contract, the
-per-call context and the observation hook used by calibration.
+Modules (each one job):
+
+- :mod:`.context` — the per-call context (:class:`StepInfo`, :class:`CallContext`) and layout providers;
+- :mod:`.processor` — :class:`ISAAttnProcessorBase`: eligibility, observation, counting, the attention call;
+- :mod:`.masking` — key-padding masks under ISA; :mod:`.rope` — the rotary embeddings of the families;
+- :mod:`.registry` — :class:`FamilyAdapter`, :class:`PipelineAdapter` and their registry;
+- :mod:`.install` — :func:`apply_isa`, :func:`remove_isa`, :func:`stats`, :func:`observe_attention`;
+- :mod:`.families` — one module per model family, discovered on first use of the registry (diffusers is
+  imported only then). ``isa_plugin.adapters.wan`` and the other family names are aliases of
+  ``isa_plugin.adapters.families.<name>``, and ``isa_plugin.adapters.base`` of the modules above.
 """
 
-from .base import (
-    CallContext,
+from .context import CallContext, LayoutProvider, StepInfo
+from .install import ISAState, apply_isa, is_isa_applied, isa_processors, observe_attention, remove_isa, reset_stats, stats
+from .processor import ISAAttnProcessorBase, LayerCounters
+from .registry import (
     FamilyAdapter,
-    ISAAttnProcessorBase,
-    ISAState,
-    LayoutProvider,
     PipelineAdapter,
-    StepInfo,
-    apply_isa,
     family_for,
-    is_isa_applied,
-    isa_processors,
     load_adapter_modules,
-    observe_attention,
     register_family,
     register_pipeline,
     registered_families,
     registered_pipelines,
-    remove_isa,
-    reset_stats,
-    stats,
 )
 
 __all__ = [
@@ -37,6 +35,7 @@ __all__ = [
     "isa_processors",
     "is_isa_applied",
     "ISAAttnProcessorBase",
+    "LayerCounters",
     "FamilyAdapter",
     "PipelineAdapter",
     "LayoutProvider",

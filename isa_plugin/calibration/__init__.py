@@ -10,12 +10,12 @@
 
 from .cost import DEFAULT_COST_MODEL, CostModel, load_cost_model
 from .fit import fit_profile, parse_budget
-from .stats import CalibrationStats, Grid, LayerStats, measure_call
+from .stats import CalibrationStats, Grid, LayerErrorStats, LayerStats, measure_call  # LayerStats: former name
 
 __all__ = [
     "CalibrationStats",
     "Grid",
-    "LayerStats",
+    "LayerErrorStats",
     "measure_call",
     "fit_profile",
     "parse_budget",

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+from ..kernels.counts import keep_count
+
 __all__ = ["CostModel", "DEFAULT_COST_MODEL", "load_cost_model", "setting_pairs"]
 
 logger = logging.getLogger(__name__)
@@ -159,10 +161,8 @@ def load_cost_model(path: Union[str, Path, None] = None, device_name: Optional[s
 
 
 def _count(alpha: float, n: float) -> float:
-    n_int = int(round(n))
-    if n_int <= 0:
-        return 0.0
-    return float(min(max(math.ceil(alpha * n_int - 1e-9), 1), n_int))
+    """:func:`keep_count` of a mean block count (rounded to whole blocks)."""
+    return float(keep_count(alpha, round(n)))
 
 
 def setting_pairs(alpha_s: float, alpha_f: float, alpha_ns: float, tokens: Mapping[str, float], blocks: Mapping[str, float]):

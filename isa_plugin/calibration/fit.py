@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..profile import LayerSetting, ThresholdProfile, _versions
+from ..config import validate_budget
+from ..profile import LayerSetting, ThresholdProfile, library_versions
 from .cost import DEFAULT_COST_MODEL, CostModel, setting_pairs
-from .stats import CalibrationStats, Grid, LayerStats
+from .stats import CalibrationStats, Grid, LayerErrorStats
 
 __all__ = ["fit_profile", "parse_budget", "layer_costs"]
 
@@ -21,26 +21,37 @@ BudgetArg = Union[float, Tuple[float, float], Mapping[str, float]]
 
 
 def parse_budget(budget: BudgetArg) -> Dict[str, Any]:
-    """``0.05`` -> both kinds 0.05; ``(t, c)`` or ``{"target": t, "context": c}`` -> separate budgets.
+    """The profile's budget record from ``budget``: one number, ``(target, context)`` or a mapping.
+
+    ``0.05`` -> both query kinds 0.05; ``(t, c)`` or ``{"target": t, "context": c}`` -> separate budgets.
+    Each number is checked by :func:`isa_plugin.config.validate_budget`.
+
+    Args:
+        budget: relative L1 error budget(s) of the attention output, each in (0, 1).
+
+    Returns:
+        ``{"metric": "rel_l1", "target": float, "context": float}``.
 
     Raises:
-        ValueError: a budget that is not a non-negative number.
+        ValueError: a budget outside (0, 1) or not a number, or a sequence that is not a pair.
+
+    Example:
+        >>> parse_budget((0.05, 0.2))
+        {'metric': 'rel_l1', 'target': 0.05, 'context': 0.2}
     """
     if isinstance(budget, Mapping):
         t, c = budget.get("target"), budget.get("context", budget.get("target"))
     elif isinstance(budget, (tuple, list)):
         if len(budget) != 2:
-            raise ValueError(f"budget {budget!r} must be one number or (target, context)")
+            raise ValueError(f"budget={budget!r} must be one number or a pair (target, context), e.g. 0.05")
         t, c = budget
     else:
-        t = c = budget
-    for name, v in (("target", t), ("context", c)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or float(v) < 0:
-            raise ValueError(f"error budget for {name} queries is {v!r}; give a non-negative number such as 0.05 (5% relative L1)")
-    return {"metric": "rel_l1", "target": float(t), "context": float(c)}
+        b = validate_budget(budget)
+        return {"metric": "rel_l1", "target": b, "context": b}
+    return {"metric": "rel_l1", "target": validate_budget(t, "target budget"), "context": validate_budget(c, "context budget")}
 
 
-def layer_costs(ls: LayerStats, grid: Grid, cost_model: CostModel) -> Tuple[torch.Tensor, float, float]:
+def layer_costs(ls: LayerErrorStats, grid: Grid, cost_model: CostModel) -> Tuple[torch.Tensor, float, float]:
     """Per-head time of every grid setting [S, F, NS], the per-head time of a dense head, and the dense layer time."""
     tokens, blocks = ls.mean_tokens(), ls.mean_blocks()
     n = sum(tokens.values())
@@ -55,7 +66,7 @@ def layer_costs(ls: LayerStats, grid: Grid, cost_model: CostModel) -> Tuple[torc
     return out, dense_head, cost_model.dense_time(n, ls.heads, ls.head_dim)
 
 
-def _fit_layer(ls: LayerStats, grid: Grid, budget: Dict[str, Any], cost_model: CostModel, per_head: Union[bool, str],
+def _fit_layer(ls: LayerErrorStats, grid: Grid, budget: Dict[str, Any], cost_model: CostModel, per_head: Union[bool, str],
                margin: float, min_gain: float) -> LayerSetting:
     H = ls.heads
     bt, bc = budget["target"] * margin, budget["context"] * margin
@@ -243,7 +254,7 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
         "attention_calls": int(stats.meta.get("calls", 0)),
         "grid": stats.grid.to_dict(),
         "margin": margin,
-        "versions": _versions(),
+        "versions": library_versions(),
         "diagnostics": diagnostics,
     }
     on.update(dict(metadata or {}))

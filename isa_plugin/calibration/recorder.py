@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..timesteps import bucket_edges, timestep_scalar
 from .stats import CalibrationStats, Grid
 
 __all__ = ["record", "calibrate", "register_runner", "StatsObserver", "sampled_steps"]
@@ -69,14 +70,6 @@ def sampled_steps(num_steps: int, k: int) -> List[int]:
     return sorted({round(i * (num_steps - 1) / (k - 1)) for i in range(k)})
 
 
-def _t_value(timestep) -> Optional[float]:
-    if timestep is None:
-        return None
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.detach().flatten()[0]) if timestep.ndim <= 1 else float(timestep.detach()[0].max())
-    return float(timestep)
-
-
 class StatsObserver:
     """An ``observe_attention`` observer that feeds :class:`CalibrationStats` at selected denoising steps.
 
@@ -107,7 +100,7 @@ class StatsObserver:
         call = getattr(step_info, "call_index", None)
         if call != self._call:
             self._call = call
-            t = _t_value(getattr(step_info, "timestep", None))
+            t = timestep_scalar(getattr(step_info, "timestep", None))
             if t != self._t:
                 self._t = t
                 self.step += 1
@@ -159,6 +152,7 @@ def _fit_shape(pipe, video: torch.Tensor, frames: Optional[int]) -> Tuple[torch.
 
 
 def _timestep_edges(pipe, steps: int, recorded: List[int], buckets: int) -> Tuple[float, ...]:
+    """Bucket edges (:func:`~isa_plugin.timesteps.bucket_edges`) of the scheduler's timesteps at the recorded steps."""
     if buckets <= 1:
         return ()
     try:
@@ -168,12 +162,7 @@ def _timestep_edges(pipe, steps: int, recorded: List[int], buckets: int) -> Tupl
     except Exception as e:  # pragma: no cover - exotic schedulers
         logger.warning("cannot list the scheduler's timesteps (%s); calibrating one timestep bucket", e)
         return ()
-    vals = sorted({ts[i] for i in recorded if i < len(ts)})
-    buckets = min(buckets, len(vals))
-    if buckets <= 1:
-        return ()
-    groups = [vals[round(i * len(vals) / buckets): round((i + 1) * len(vals) / buckets)] for i in range(buckets)]
-    return tuple((g[-1] + h[0]) / 2 for g, h in zip(groups, groups[1:]))
+    return bucket_edges([ts[i] for i in recorded if i < len(ts)], buckets)
 
 
 def record(pipe, videos: Sequence[VideoArg], prompts: Union[str, Sequence[str], None] = None, *, steps: int = 20,

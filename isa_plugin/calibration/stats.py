@@ -31,20 +31,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..config import RATIO_NAMES, SHARPNESS_METRICS, validate_ratio
 from ..layout import CONTEXT, TARGET, TEXT, Layout
 from ..kernels.reference import pool_blocks
+from ..kernels.counts import keep_count, topk_count
+from ..timesteps import bucket_index, timestep_scalar
 
-__all__ = ["Grid", "LayerStats", "CalibrationStats", "measure_call", "KINDS", "METRICS"]
+__all__ = ["Grid", "LayerErrorStats", "CalibrationStats", "measure_call", "KINDS", "METRICS"]
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("target", "context")
-METRICS = ("topk_mass", "l2")
+#: alias of :data:`isa_plugin.config.SHARPNESS_METRICS`, the metrics a grid may list
+METRICS = SHARPNESS_METRICS
 
 
 @dataclass(frozen=True)
@@ -54,17 +59,18 @@ class Grid:
     alpha_s: Tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
     alpha_f: Tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 1.0)
     alpha_ns: Tuple[float, ...] = (0.03125, 0.0625, 0.125, 0.25)
-    metrics: Tuple[str, ...] = METRICS
+    metrics: Tuple[str, ...] = SHARPNESS_METRICS
 
     def __post_init__(self):
-        for name in ("alpha_s", "alpha_f", "alpha_ns"):
-            vals = tuple(sorted(float(v) for v in getattr(self, name)))
-            if not vals or any(not (0 < v <= 1) for v in vals):
-                raise ValueError(f"Grid.{name}={vals} must be a non-empty list of values in (0, 1]")
-            object.__setattr__(self, name, vals)
+        for name in RATIO_NAMES:
+            values = getattr(self, name)
+            if isinstance(values, (numbers.Real, str)) or (isinstance(values, torch.Tensor) and values.ndim != 1):
+                raise TypeError(f"Grid.{name}={values!r} must be a list of candidate values in (0, 1]")
+            values = values if isinstance(values, torch.Tensor) else list(values)
+            object.__setattr__(self, name, tuple(sorted(validate_ratio(f"Grid.{name}", values))))
         for m in self.metrics:
-            if m not in METRICS:
-                raise ValueError(f"Grid metric {m!r} is not supported; supported: {list(METRICS)}")
+            if m not in SHARPNESS_METRICS:
+                raise ValueError(f"Grid metric {m!r} is not supported; supported: {list(SHARPNESS_METRICS)}")
         object.__setattr__(self, "metrics", tuple(self.metrics))
 
     @property
@@ -76,16 +82,9 @@ class Grid:
         return {"alpha_s": list(self.alpha_s), "alpha_f": list(self.alpha_f), "alpha_ns": list(self.alpha_ns), "metrics": list(self.metrics)}
 
 
-def _count(alpha: float, n: int) -> int:
-    """ceil(alpha·n) clamped to [min(1, n), n]; the same rounding as the reference planner."""
-    if n <= 0:
-        return 0
-    return int(min(max(math.ceil(alpha * n - 1e-9), 1), n))
-
-
 # ------------------------------------------------------------------------------------ per layer
 @dataclass
-class LayerStats:
+class LayerErrorStats:
     """Accumulated statistics of one (layer, timestep bucket); all sums over observed calls.
 
     Attributes:
@@ -117,7 +116,7 @@ class LayerStats:
     head_dim: int = 0
 
     @classmethod
-    def zeros(cls, heads: int, head_dim: int, grid: Grid, device=None) -> "LayerStats":
+    def zeros(cls, heads: int, head_dim: int, grid: Grid, device=None) -> "LayerErrorStats":
         M, S, F, NS = grid.shape
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         return cls(num=z(heads, 2, M, S, F, NS), den=z(heads, 2), prune_num=z(heads, 2, S), taylor_num=z(heads, 2, NS),
@@ -125,11 +124,11 @@ class LayerStats:
 
     _TENSORS = ("num", "den", "prune_num", "taylor_num", "corr_sum", "corr_n", "ctx_mass")
 
-    def to(self, device) -> "LayerStats":
+    def to(self, device) -> "LayerErrorStats":
         kw = {n: getattr(self, n).to(device) for n in self._TENSORS}
-        return LayerStats(**kw, calls=self.calls, tokens=dict(self.tokens), blocks=dict(self.blocks), heads=self.heads, head_dim=self.head_dim)
+        return LayerErrorStats(**kw, calls=self.calls, tokens=dict(self.tokens), blocks=dict(self.blocks), heads=self.heads, head_dim=self.head_dim)
 
-    def add_(self, other: "LayerStats") -> "LayerStats":
+    def add_(self, other: "LayerErrorStats") -> "LayerErrorStats":
         if other.num.shape != self.num.shape:
             raise ValueError(f"cannot merge statistics of shapes {tuple(other.num.shape)} and {tuple(self.num.shape)} (different heads or grid)")
         for n in self._TENSORS:
@@ -161,6 +160,10 @@ class LayerStats:
     def rank_correlation(self) -> torch.Tensor:
         """[H, 2, M, NS] mean Spearman correlation between sharpness and Taylor error."""
         return self.corr_sum / self.corr_n.clamp(min=1)[..., None, None]
+
+
+#: former name of :class:`LayerErrorStats`, kept so existing imports work
+LayerStats = LayerErrorStats
 
 
 # ------------------------------------------------------------------------------------ the measurement
@@ -206,7 +209,7 @@ def measure_call(
     scale: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
     max_chunk_elems: int = 1 << 28,
-) -> LayerStats:
+) -> LayerErrorStats:
     """Statistics of one attention call (one batch entry): see the module docstring.
 
     Args:
@@ -220,7 +223,7 @@ def measure_call(
         max_chunk_elems: bound on the transient [tokens, N] score buffers (elements).
 
     Returns:
-        A :class:`LayerStats` for this call, on the inputs' device.
+        A :class:`LayerErrorStats` for this call, on the inputs' device.
     """
     if q.ndim == 4:
         if q.shape[0] != 1:
@@ -232,7 +235,7 @@ def measure_call(
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     M, S, F, NS = grid.shape
-    out = LayerStats.zeros(H, D, grid, device=dev)
+    out = LayerErrorStats.zeros(H, D, grid, device=dev)
 
     blocks_cpu = layout.blocks(block_size)
     kinds_cpu = blocks_cpu.kinds
@@ -265,7 +268,7 @@ def measure_call(
             order = torch.sort(sal, dim=-1, descending=True, stable=True).indices
             rank_c = torch.empty_like(order)
             rank_c.scatter_(-1, order, torch.arange(nb, device=dev).expand_as(order))
-            kept_n = [_count(a, n_c) for a in grid.alpha_s]
+            kept_n = [keep_count(a, n_c) for a in grid.alpha_s]
             keep = torch.stack([(rank_c < kn) & is_c for kn in kept_n])  # [S, H, nb]
         else:
             kept_n = [0] * S
@@ -275,7 +278,7 @@ def measure_call(
         # sharpness per metric and the rank of every non-text query block: [M, H, nb]
         ranks = []
         sharps = []
-        kt = max(1, int(math.floor(topk_fraction * n_t + 1e-9))) if n_t else 1
+        kt = topk_count(topk_fraction, n_t)
         for m in grid.metrics:
             if m == "topk_mass":
                 sh = P[..., is_t].topk(min(kt, n_t), dim=-1).values.sum(-1) if n_t else torch.zeros(H, nb, device=dev, dtype=P.dtype)
@@ -289,7 +292,7 @@ def measure_call(
             ranks.append(r)
         rank = torch.stack(ranks)  # [M, H, nb]
         sharp = torch.stack(sharps)
-        n_exact_f = torch.tensor([_count(a, n_q) for a in grid.alpha_f], device=dev)  # [F]
+        n_exact_f = torch.tensor([keep_count(a, n_q) for a in grid.alpha_f], device=dev)  # [F]
 
         # ---------------------------------------------------------------- sampling (CPU generator)
         sel, sel_kind = [], []
@@ -328,7 +331,7 @@ def measure_call(
         # Taylor candidates: non-text KV' blocks, per alpha_s; counts per (alpha_s, alpha_ns)
         cand = kv_keep & ~is_x  # [S, H, nb]
         k_prime = [n_t + kept_n[si] for si in range(S)]
-        n_exact_ns = [[_count(a, k_prime[si]) for a in grid.alpha_ns] for si in range(S)]
+        n_exact_ns = [[keep_count(a, k_prime[si]) for a in grid.alpha_ns] for si in range(S)]
 
         # per-sample errors for every head: exact branch [H, s, S] and Taylor branch [H, s, S, NS]
         err_exact = torch.zeros(H, n_sel, S, dtype=torch.float64, device=dev)
@@ -437,7 +440,7 @@ class CalibrationStats:
         self.blocks_per_kind = int(blocks_per_kind)
         self.tokens_per_block = int(tokens_per_block)
         self.generator = torch.Generator().manual_seed(seed)
-        self.layers: Dict[Tuple[str, int], LayerStats] = {}
+        self.layers: Dict[Tuple[str, int], LayerErrorStats] = {}
         self.meta: Dict[str, Any] = {"timesteps": [], "calls": 0}
         self._timesteps = set()
 
@@ -446,9 +449,8 @@ class CalibrationStats:
         return len(self.timestep_edges) + 1
 
     def bucket_of(self, timestep) -> int:
-        if not self.timestep_edges or timestep is None:
-            return 0
-        return sum(1 for e in self.timestep_edges if float(timestep) >= e)
+        """The timestep bucket of a call (:func:`isa_plugin.timesteps.bucket_index`; the same rule as the profile)."""
+        return bucket_index(timestep, self.timestep_edges)
 
     def layer_names(self) -> List[str]:
         seen = []
@@ -457,7 +459,7 @@ class CalibrationStats:
                 seen.append(name)
         return seen
 
-    def get(self, layer: str, bucket: int = 0) -> Optional[LayerStats]:
+    def get(self, layer: str, bucket: int = 0) -> Optional[LayerErrorStats]:
         s = self.layers.get((layer, bucket))
         return None if s is None else s.to("cpu")
 
@@ -467,22 +469,27 @@ class CalibrationStats:
         Args:
             q, k, v: [B, N, H, D] after norms and RoPE.
             layout: a :class:`Layout` or a list of one per batch entry; None skips the call.
-            timestep: scalar, [B] or [B, S] tensor (the first token's value is used per entry), or None.
+            timestep: None, a number, or a [B] or [B, S] (per-token) tensor; the call's timestep is its largest
+                value (:func:`isa_plugin.timesteps.timestep_scalar`), and every batch entry goes to its bucket.
+
+        Raises:
+            ValueError: timestep buckets are set but the call has no timestep.
         """
         if layout is None:
             logger.debug("layer %s: no layout, call not measured", layer_name)
             return
         B = q.shape[0]
         layouts = [layout] * B if isinstance(layout, Layout) else list(layout)
+        t = timestep_scalar(timestep)
+        bucket = self.bucket_of(t)
+        if t is not None:
+            self._timesteps.add(round(t, 4))
         for b in range(B):
-            t = _timestep_of(timestep, b)
-            if t is not None:
-                self._timesteps.add(round(t, 4))
             st = measure_call(
                 q[b], k[b], v[b], layouts[b], self.grid, block_size=self.block_size, topk_fraction=self.topk_fraction,
                 blocks_per_kind=self.blocks_per_kind, tokens_per_block=self.tokens_per_block, generator=self.generator,
             )
-            key = (layer_name, self.bucket_of(t))
+            key = (layer_name, bucket)
             if key in self.layers:
                 self.layers[key].add_(st)
             else:
@@ -496,7 +503,7 @@ class CalibrationStats:
         layers = {}
         for (name, b), s in self.layers.items():
             s = s.to("cpu")
-            layers[f"{name}|{b}"] = {n: getattr(s, n) for n in LayerStats._TENSORS} | {
+            layers[f"{name}|{b}"] = {n: getattr(s, n) for n in LayerErrorStats._TENSORS} | {
                 "calls": s.calls, "tokens": dict(s.tokens), "blocks": dict(s.blocks), "heads": s.heads, "head_dim": s.head_dim}
         return {"grid": self.grid.to_dict(), "block_size": self.block_size, "topk_fraction": self.topk_fraction,
                 "timestep_edges": list(self.timestep_edges), "meta": dict(self.meta), "layers": layers}
@@ -509,17 +516,7 @@ class CalibrationStats:
         out.meta = dict(sd["meta"])
         for key, d in sd["layers"].items():
             name, b = key.rsplit("|", 1)
-            out.layers[(name, int(b))] = LayerStats(**{n: d[n] for n in LayerStats._TENSORS}, calls=d["calls"],
+            out.layers[(name, int(b))] = LayerErrorStats(**{n: d[n] for n in LayerErrorStats._TENSORS}, calls=d["calls"],
                                                      tokens=dict(d["tokens"]), blocks=dict(d["blocks"]), heads=d["heads"], head_dim=d["head_dim"])
         return out
 
-
-def _timestep_of(timestep, b: int) -> Optional[float]:
-    if timestep is None:
-        return None
-    if isinstance(timestep, torch.Tensor):
-        if timestep.ndim == 0:
-            return float(timestep)
-        row = timestep[b] if timestep.shape[0] > b else timestep[0]
-        return float(row.flatten().max())
-    return float(timestep)

@@ -28,6 +28,7 @@ import torch
 
 from ..config import ISAConfig
 from ..layout import CONTEXT, TARGET, TEXT, BlockLayout
+from .counts import keep_count, topk_count
 from .reference import ISAPlan
 
 __all__ = ["CompactPlan", "plan_compact", "plan_compact_from_pooled", "compact_from_reference", "compact_to_reference"]
@@ -77,13 +78,6 @@ class CompactPlan:
         return exact, approx
 
 
-def _ceil_host(alpha: float, n: int) -> int:
-    """Host twin of reference._ceil_count: ceil(alpha * n) clamped to [min(1, n), n]."""
-    if n <= 0:
-        return 0
-    return int(min(max(math.ceil(alpha * n - 1e-9), 1), n))
-
-
 class _Static:
     """Everything about a plan that depends only on the layout, the config and H (cached per device)."""
 
@@ -105,9 +99,9 @@ class _Static:
             return list(v) if isinstance(v, tuple) else [v] * H
 
         a_s, a_f, a_ns = vals("alpha_s"), vals("alpha_f"), vals("alpha_ns")
-        self.cnt_s = [_ceil_host(a, self.n_c) for a in a_s]
-        self.cnt_f = [_ceil_host(a, self.n_nt) for a in a_f]
-        self.n_exact = [_ceil_host(a, self.n_t + c) for a, c in zip(a_ns, self.cnt_s)]
+        self.cnt_s = [keep_count(a, self.n_c) for a in a_s]
+        self.cnt_f = [keep_count(a, self.n_nt) for a in a_f]
+        self.n_exact = [keep_count(a, self.n_t + c) for a, c in zip(a_ns, self.cnt_s)]
         self.kmax = max(1, (nb - self.n_c) + max(self.cnt_s))
         self.s_max = max(1, max(self.n_exact))
         self.host = dict(
@@ -115,7 +109,7 @@ class _Static:
             n_taylor=[self.n_nt - c for c in self.cnt_f],
             full_min=[n_full_nonctx + max(0, c - n_short_ctx) for c in self.cnt_s],
         )
-        self.topk = max(1, int(math.floor(config.topk_fraction * self.n_t + 1e-9)))
+        self.topk = topk_count(config.topk_fraction, self.n_t)
         self.is_t, self.is_c, self.is_x = is_t.to(dev), is_c.to(dev), is_x.to(dev)
         self.t_idx = _index(is_t, dev)
         self.c_idx = _index(is_c, dev)

@@ -30,6 +30,7 @@ import torch
 
 from ..config import ISAConfig
 from ..layout import CONTEXT, TARGET, TEXT, BlockLayout, Layout
+from .counts import keep_count, topk_count
 
 __all__ = [
     "ISAPlan",
@@ -110,13 +111,6 @@ def pool_blocks(x: torch.Tensor, blocks: BlockLayout) -> torch.Tensor:
     return out.permute(0, 2, 1, 3)
 
 
-def _ceil_count(alpha: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """ceil(alpha * n), clamped to [min(1, n), n], robust to float round-off (elementwise)."""
-    n = n.to(torch.float64)
-    c = torch.ceil(alpha * n - 1e-9)
-    return torch.minimum(torch.clamp(c, min=1.0), n).to(torch.int64)
-
-
 def _top_mask(scores: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Mark the ``count`` highest ``scores`` among ``valid`` entries along the last dim (stable ties)."""
     s = scores.masked_fill(~valid, float("-inf"))
@@ -154,13 +148,13 @@ def plan_from_pooled(
     # step 4: context pre-selection by the pooled attention mass of target query blocks
     saliency = (P * is_t[None, None, :, None]).sum(dim=2) * is_c  # [B, H, nb]
     n_ctx = int(is_c.sum())
-    keep_ctx = _top_mask(saliency, is_c.expand(B, H, nb), _ceil_count(ratios["alpha_s"], torch.tensor(n_ctx, device=dev))[None, :].expand(B, H))
+    keep_ctx = _top_mask(saliency, is_c.expand(B, H, nb), keep_count(ratios["alpha_s"], n_ctx)[None, :].expand(B, H))
     kv_keep = ~is_c | keep_ctx  # [B, H, nb]
 
     # step 5: sharpness of each query block
     if config.sharpness == "topk_mass":
         n_t = int(is_t.sum())
-        k = max(1, int(math.floor(config.topk_fraction * n_t + 1e-9)))
+        k = topk_count(config.topk_fraction, n_t)
         sharp = P[..., is_t].topk(k, dim=-1).values.sum(-1)
     else:
         sharp = (P * P).sum(-1)
@@ -168,13 +162,13 @@ def plan_from_pooled(
 
     # step 6: grouping; text query blocks always exact
     n_q = int((~is_x).sum())
-    exact_q = _top_mask(sharp, (~is_x).expand(B, H, nb), _ceil_count(ratios["alpha_f"], torch.tensor(n_q, device=dev))[None, :].expand(B, H))
+    exact_q = _top_mask(sharp, (~is_x).expand(B, H, nb), keep_count(ratios["alpha_f"], n_q)[None, :].expand(B, H))
     exact_q = exact_q | is_x
 
     # step 7: Taylor selections over non-text KV' blocks, plus all text blocks
     cand = (kv_keep & ~is_x)[:, :, None, :].expand(B, H, nb, nb)
     k_prime = (kv_keep & ~is_x).sum(-1)  # [B, H]
-    n_exact = _ceil_count(ratios["alpha_ns"][None, :], k_prime)[:, :, None].expand(B, H, nb)
+    n_exact = keep_count(ratios["alpha_ns"][None, :], k_prime)[:, :, None].expand(B, H, nb)
     taylor_sel = _top_mask(logits, cand, n_exact) | is_x
     exact_kv = torch.where(exact_q[..., None], kv_keep[:, :, None, :], taylor_sel)
 

@@ -35,7 +35,7 @@ def test_registry_enumerates_family_modules():
     assert {"wan", "ltx", "ltx2"} <= set(names)
     fams = registered_families()
     for mod_name in names:
-        mod = importlib.import_module(f"isa_plugin.adapters.{mod_name}")
+        mod = importlib.import_module(f"isa_plugin.adapters.families.{mod_name}")
         assert mod.__doc__ and len(mod.__doc__.strip()) > 80, f"{mod_name} is not documented"
         registered = [a for a in fams.values() if type(a).__module__ == mod.__name__]
         assert registered, f"{mod_name} registers no family adapter"
@@ -236,10 +236,13 @@ def test_mask_and_context_parallel_fall_back(tiny):
         attn(h, None, mask, None)
     assert proc.stats.fallbacks["attention mask present"] == 1
     q = torch.randn(1, 64, 2, 32)
-    assert proc._why_dense(q, Layout([("target", 32), ("context", 32)]), None, object()) == "context parallel active"
-    assert proc._why_dense(q, Layout([("target", 32), ("context", 32)]), None, None) is None
-    assert "head_dim" in proc._why_dense(torch.randn(1, 64, 2, 12), Layout([("target", 32), ("context", 32)]), None, None)
-    assert "dtype" in proc._why_dense(q.to(torch.int32), Layout([("target", 32), ("context", 32)]), None, None)
+    lay = Layout([("target", 32), ("context", 32)])
+    proc._parallel_config = object()
+    assert proc.route(q, lay).reason == "context parallel active"
+    proc._parallel_config = None
+    assert proc.route(q, lay).backend == "reference"  # CPU: the PyTorch reference serves the call
+    assert "head_dim" in proc.route(torch.randn(1, 64, 2, 12), lay).reason
+    assert "dtype" in proc.route(q.to(torch.int32), lay).reason
     remove_isa(t)
 
 

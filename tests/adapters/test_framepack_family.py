@@ -212,7 +212,7 @@ def test_registered():
 
 
 def test_mask_analysed_once_per_forward(monkeypatch):
-    import isa_plugin.adapters.qwenimage as q
+    import isa_plugin.adapters.masking as q
 
     calls = []
     real = q._key_mask_plan

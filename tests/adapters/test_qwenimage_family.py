@@ -110,7 +110,7 @@ def test_mask_on_non_text_tokens_falls_back():
     valid = torch.ones(1, 72, dtype=torch.bool)
     valid[0, 50] = False  # a context token
     sentinel = torch.zeros(1, 72, 2, 32)
-    out = attend_with_key_mask(proc, q, k, v, valid, lambda: sentinel)
+    out = attend_with_key_mask(proc, q, k, v, valid, dense=lambda: sentinel)
     assert out is sentinel and dict(proc.stats.fallbacks) == {"attention mask on non-text tokens": 1}
 
 

@@ -2,13 +2,14 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from isa_plugin.calibration.cost import DEFAULT_COST_MODEL, CostModel, load_cost_model, setting_pairs
 from isa_plugin.calibration.fit import fit_profile, layer_costs, parse_budget
-from isa_plugin.calibration.stats import CalibrationStats, Grid, LayerStats
+from isa_plugin.calibration.stats import CalibrationStats, Grid, LayerErrorStats
 
 GRID = Grid(alpha_s=(0.125, 0.5, 1.0), alpha_f=(0.25, 0.5, 1.0), alpha_ns=(0.0625, 0.25))
 TOKENS = {"target": 4096, "context": 4096, "text": 0}
@@ -19,7 +20,7 @@ def _stats(err_fn, heads=4, layers=("blocks.0.attn1",)):
     """Statistics whose error per (head, kind, metric, s, f, ns) is err_fn(h, kind, m, a_s, a_f, a_ns)."""
     st = CalibrationStats(GRID)
     for name in layers:
-        ls = LayerStats.zeros(heads, 64, GRID)
+        ls = LayerErrorStats.zeros(heads, 64, GRID)
         for h in range(heads):
             for kind in range(2):
                 ls.den[h, kind] = 100.0
@@ -81,9 +82,9 @@ def test_dense_when_nothing_fits():
     assert s.dense and prof.config_for("blocks.0.attn1") is None
 
 
-def test_zero_budget_keeps_only_exact_settings():
+def test_tiny_budget_keeps_only_exact_settings():
     st = _stats(lambda h, kind, m, a_s, a_f, a_ns: 0.0 if (a_s == 1 and a_f == 1) else 0.01)
-    s = fit_profile(st, 0.0, per_head=False).setting("blocks.0.attn1")
+    s = fit_profile(st, 1e-6, per_head=False).setting("blocks.0.attn1")
     assert s.dense  # alpha_s = alpha_f = 1 is dense attention: not cheaper, so the layer stays dense
 
 
@@ -124,8 +125,11 @@ def test_profile_metadata_and_errors():
     prof = fit_profile(st, 0.05, metadata={"transformer_class": "WanTransformer3DModel", "frames": 81})
     assert prof.calibrated_on["layer_names"] == ["blocks.0.attn1", "blocks.1.attn1"]
     assert prof.calibrated_on["frames"] == 81 and "torch" in prof.calibrated_on["versions"]
-    with pytest.raises(ValueError, match="budget"):
-        fit_profile(st, -0.1)
+    for bad, message in [(-0.1, "budget=-0.1 is out of range; use a value in (0, 1), e.g. 0.05"), (0.0, "budget=0.0"),
+                         (2, "budget=2.0 is out of range"), ("5%", "budget='5%' must be a number"),
+                         ((0.05, 1.5), "context budget=1.5"), ((0.05,), "pair")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fit_profile(st, bad)
     with pytest.raises(ValueError, match="no measured"):
         fit_profile(CalibrationStats(GRID), 0.05)
     assert parse_budget((0.05, 0.2)) == {"metric": "rel_l1", "target": 0.05, "context": 0.2}

@@ -358,11 +358,11 @@ def test_processor_on_cuda_with_unsupported_head_dim_counts_kernel_reason():
 
     p = ISAAttnProcessorBase(ISAConfig())
     layout = Layout([("target", 128), ("context", 128)])
-    why = p._why_dense(_FakeCuda((1, 256, 2, 96)), layout, None, None)
-    assert why == "ISA kernels unavailable: head_dim=96 is not supported; supported: 64, 128"
+    route = p.route(_FakeCuda((1, 256, 2, 96)), layout)
+    assert route.backend == "dense" and route.reason == "ISA kernels unavailable: head_dim=96 is not supported; supported: 64, 128"
     # the explicit reference backend serves any device
     p.config = ISAConfig(backend="reference")
-    assert p._why_dense(_FakeCuda((1, 256, 2, 96)), layout, None, None) is None
+    assert p.route(_FakeCuda((1, 256, 2, 96)), layout).backend == "reference"
 
 
 def test_backend_triton_on_cpu_raises_with_reason():

@@ -20,8 +20,8 @@ from isa_plugin.adapters.wan import WanICLLayout  # noqa: E402
 
 NAMES = ["blocks.0.attn1"]  # one-block models: compile time dominates these tests
 #: code that is "inside the attention": a break with one of these frames in its user stack fails the test
-ATTENTION_CODE = ("isa_plugin/attention.py", "isa_plugin/kernels/", "isa_plugin/layout.py", "isa_plugin/config.py")
-ATTENTION_FUNCS = ("__call__", "_attend", "_why_dense", "_resolve_layout", "isa_attention")
+ATTENTION_CODE = ("isa_plugin/attention.py", "isa_plugin/adapters/processor.py", "isa_plugin/kernels/", "isa_plugin/layout.py", "isa_plugin/config.py")
+ATTENTION_FUNCS = ("__call__", "attend", "route", "why_dense", "select_backend", "run_isa", "resolve_layout", "isa_attention")
 
 
 def _bucketed():

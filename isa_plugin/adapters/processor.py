@@ -1,0 +1,216 @@
+"""The ISA processor base: per-layer counters, eligibility, observation and the attention call.
+
+Family processors (``families/*.py``) subclass :class:`ISAAttnProcessorBase`, reproduce one stock
+diffusers processor exactly and call :meth:`ISAAttnProcessorBase.attend` where the stock code calls
+``dispatch_attention_fn``. The methods documented here are the extension API that family processors and
+the helpers of this package (:mod:`.masking`) use; nothing else reaches into a processor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Union
+
+import torch
+
+from ..attention import Route, run_isa, select_backend
+from ..config import ISAConfig
+from ..layout import Layout
+from .context import StepInfo, call_layout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .install import ISAState
+
+__all__ = ["ISAAttnProcessorBase", "LayerCounters", "Observer"]
+
+logger = logging.getLogger(__name__)
+
+Observer = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, Optional[Layout], StepInfo], None]
+
+
+@dataclass
+class LayerCounters:
+    """Counters of one ISA layer: ISA calls, dense fallbacks by reason, and which implementation served ISA."""
+
+    isa_calls: int = 0
+    fallbacks: Counter = field(default_factory=Counter)
+    backends: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """``{"isa_calls", "fallbacks" (total), "reasons" {reason: n}, "backends" {name: n}}``."""
+        return {"isa_calls": self.isa_calls, "fallbacks": sum(self.fallbacks.values()), "reasons": dict(self.fallbacks),
+                "backends": dict(self.backends)}
+
+
+class ISAAttnProcessorBase:
+    """Base of the ISA processors: eligibility, observation, counting, and the attention call.
+
+    Subclasses reproduce a stock diffusers processor and call :meth:`attend` where the stock code calls
+    ``dispatch_attention_fn``. They can be used directly with ``transformer.set_attn_processor`` (then give
+    ``layout=``, since no per-call context is installed), or through :func:`isa_plugin.apply_isa`.
+
+    Args:
+        config: the layer's :class:`ISAConfig`, or None to leave the layer dense.
+        layout: a :class:`Layout` or a callable ``seq_len -> Layout`` used when no per-call context
+            provides one.
+        layer_name: name used in :func:`isa_plugin.stats` and passed to the observer.
+        original: the stock processor this one replaces (used for calls it does not serve).
+
+    Attributes (plain, not buffers): ``config``, ``layout``, ``layer_name``, ``original``, ``observer``,
+    ``force_dense``, ``stats`` (:class:`LayerCounters`), ``state`` (the installing ``ISAState`` or None).
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(
+        self,
+        config: Optional[ISAConfig] = None,
+        *,
+        layout: Union[Layout, Callable[[int], Layout], None] = None,
+        layer_name: str = "",
+        original: Any = None,
+    ):
+        if config is not None and not isinstance(config, ISAConfig):
+            raise TypeError(f"config must be an ISAConfig or None, got {type(config).__name__}")
+        self.config = config
+        self.layout = layout
+        self.layer_name = layer_name
+        self.original = original
+        self.observer: Optional[Observer] = None
+        self.force_dense = False
+        self.stats = LayerCounters()
+        self.state: Optional["ISAState"] = None
+        if original is not None:
+            # keep the stock processor's backend / parallel settings
+            if getattr(original, "_attention_backend", None) is not None:
+                self._attention_backend = original._attention_backend
+            if getattr(original, "_parallel_config", None) is not None:
+                self._parallel_config = original._parallel_config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer_name!r}, config={self.config!r})"
+
+    # ------------------------------------------------------------ counting
+    def record_isa(self, backend: str) -> None:
+        """Count one call served by ISA on ``backend`` (``"triton"`` or ``"reference"``)."""
+        self.stats.isa_calls += 1
+        self.stats.backends[backend] += 1
+
+    def record_fallback(self, reason: str) -> None:
+        """Count one call served by the model's dense attention, with its reason."""
+        self.stats.fallbacks[reason] += 1
+
+    def delegate(self, reason: str, *args, **kwargs):
+        """Run the stock processor object for a call this processor does not serve (counted)."""
+        self.record_fallback(reason)
+        original = self.original
+        if original is None:
+            raise RuntimeError(
+                f"{type(self).__name__} ({self.layer_name or 'unnamed layer'}) got a call it cannot serve ({reason}) "
+                "and has no stock processor to hand it to; install it through isa_plugin.apply_isa or pass original="
+            )
+        return original(*args, **kwargs)
+
+    # ------------------------------------------------------------ per-call context
+    def step_info(self) -> StepInfo:
+        """The :class:`StepInfo` of the transformer call in progress (empty outside one)."""
+        ctx = self.state.context if self.state is not None else None
+        return ctx.step if ctx is not None else StepInfo()
+
+    def resolve_layout(self, seq_len: int) -> Optional[Layout]:
+        """The layout of an attention call over ``seq_len`` tokens: the per-call context, then ``self.layout``."""
+        ctx = self.state.context if self.state is not None else None
+        if ctx is not None and ctx.layout is not None:
+            return ctx.layout_for(seq_len)
+        if self.layout is None:
+            return None
+        if isinstance(self.layout, Layout):
+            return self.layout
+        return call_layout(self.layout, seq_len)
+
+    def observe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optional[Layout]) -> None:
+        """Hand q, k, v ([B, N, H, D], after norms and RoPE) to the observer, if any; check the profile's size."""
+        if self.observer is not None:
+            self.observer(self.layer_name, q, k, v, layout, self.step_info())
+        state = self.state
+        if layout is not None and state is not None and state.profile is not None and not torch.compiler.is_compiling():
+            state.check_size(layout)
+
+    # ------------------------------------------------------------ eligibility (decided once per call)
+    def why_dense(self, q: torch.Tensor, layout: Optional[Layout], attention_mask=None) -> Optional[str]:
+        """Why this layer cannot run ISA for the call (None: it can). Layer and call checks only; the backend
+        (kernels, reference or dense) is decided by :meth:`route`."""
+        if self.force_dense:
+            return "dense mode"
+        if self.config is None:
+            return "layer left dense (no config)"
+        if self._parallel_config is not None:
+            return "context parallel active"
+        if attention_mask is not None:
+            return "attention mask present"
+        if layout is None:
+            return "layout unknown"
+        N = q.shape[1]
+        if layout.num_tokens != N:
+            return f"layout covers {layout.num_tokens} tokens, call has {N}"
+        if layout.num("context") == 0:
+            return "no context tokens (not an in-context call)"
+        if self.config.num_heads not in (None, q.shape[2]):
+            return f"per-head ratios for {self.config.num_heads} heads, call has {q.shape[2]}"
+        return None
+
+    def route(self, q: torch.Tensor, layout: Optional[Layout], attention_mask=None) -> Route:
+        """The call's one backend decision: a :class:`~isa_plugin.attention.Route` (``"dense"`` with the
+        reason when the layer or the backends cannot serve it)."""
+        reason = self.why_dense(q, layout, attention_mask)
+        if reason is not None:
+            return Route("dense", reason)
+        return select_backend(q, layout, self.config, in_model=True)
+
+    # ------------------------------------------------------------ attention
+    def dense_call(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor] = None) -> Callable[[], torch.Tensor]:
+        """The stock attention call as a zero-argument callable: diffusers' ``dispatch_attention_fn`` with this
+        processor's backend and parallel config."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        def dense() -> torch.Tensor:
+            return dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+
+        return dense
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attention_mask: Optional[torch.Tensor] = None,
+        dense: Optional[Callable[[], torch.Tensor]] = None,
+        layout: Optional[Layout] = None,
+    ) -> torch.Tensor:
+        """ISA or the stock dense attention for q, k, v in [B, N, H, D]; returns [B, N, H, D].
+
+        Args:
+            attention_mask: what the stock call would pass (a mask makes the call dense).
+            dense: zero-argument callable running the model's own attention call; default
+                :meth:`dense_call` with q, k, v and the mask.
+            layout: the call's layout when the processor itself knows it (e.g. from a text length it
+                sees); default: :meth:`resolve_layout`.
+        """
+        if layout is None:
+            layout = self.resolve_layout(q.shape[1])
+        self.observe(q, k, v, layout)
+        route = self.route(q, layout, attention_mask)
+        if route.backend == "dense":
+            self.record_fallback(route.reason)
+            return (dense or self.dense_call(q, k, v, attention_mask))()
+        out = run_isa(q, k, v, layout, self.config, route)
+        self.record_isa(route.backend)
+        return out
