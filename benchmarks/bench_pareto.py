@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from isa_plugin.adaptive_settings import AdaptiveSettings  # noqa: E402
+from isa_plugin.config import AdaptiveSettings  # noqa: E402
 from isa_plugin.calibration.synthetic import SyntheticModel, SyntheticSpec, synthetic_qkv  # noqa: E402
 from isa_plugin.config import ISAConfig  # noqa: E402
 from isa_plugin.kernels.adaptive_reference import (  # noqa: E402

@@ -27,7 +27,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..adaptive_settings import AdaptiveSettings
+from ..config import AdaptiveSettings
 from ..layout import BlockLayout, Layout
 from .adaptive_reference import AdaptivePlan, plan_adaptive_from_pooled
 

@@ -24,10 +24,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..adaptive_settings import AdaptiveSettings
-from ..config import ISAConfig
+from ..config import AdaptiveSettings, ISAConfig
 from ..layout import TEXT, BlockLayout, Layout
-from .reference import ISAPlan, _scale, execute_plan_reference, plan_from_pooled, pool_blocks
+from .reference import ISAPlan, _scale, execute_plan_reference, plan_from_pooled, plan_pair_counts, pool_blocks
 
 __all__ = [
     "AdaptivePlan",
@@ -63,26 +62,6 @@ def sub_blocks(blocks: BlockLayout, s: int) -> Tuple[BlockLayout, torch.Tensor]:
         int64, the block each sub-block belongs to. Sub-blocks of one block are contiguous and in order.
     """
     return _sub_blocks(blocks, int(s))
-
-
-def plan_pair_counts(blocks: BlockLayout, kv_keep: torch.Tensor, exact_kv: torch.Tensor, pseudo_block: int,
-                     per_head: bool = False):
-    """(exact token pairs, (query token, pseudo-key) pairs) of a plan, summed over batch and heads.
-
-    Args:
-        blocks: the plan's blocking; kv_keep [B, H, nb] bool; exact_kv [B, H, nb, nb] bool.
-        pseudo_block: tokens per pseudo-key (the block size for the fixed mode: one pseudo-key per block).
-        per_head: return float64 tensors [H] (summed over the batch) instead of two ints.
-    """
-    dev = exact_kv.device
-    cnt = blocks.counts.to(dev, torch.float64)
-    n_pseudo = torch.ceil(cnt / pseudo_block)
-    approx = kv_keep[:, :, None, :] & ~exact_kv
-    exact = torch.einsum("bhij,i,j->h", exact_kv.double(), cnt, cnt)
-    pseudo = torch.einsum("bhij,i,j->h", approx.double(), cnt, n_pseudo)
-    if per_head:
-        return exact, pseudo
-    return int(round(float(exact.sum()))), int(round(float(pseudo.sum())))
 
 
 @dataclass

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from isa_plugin.adaptive_settings import AdaptiveSettings
+from isa_plugin.config import AdaptiveSettings
 from isa_plugin.config import ISAConfig
 from isa_plugin.kernels.adaptive_flex import adaptive_attention_flex, build_flex_inputs
 from isa_plugin.kernels.adaptive_reference import (
