@@ -273,3 +273,21 @@ def test_flex_block_tables_cover_exactly_the_mask(li, si, rng):
     # and no listed partial tile is empty (no wasted tiles)
     any_on = want.view(B, H, Nq // b, b, Nk // b, b).any(5).any(3)
     assert torch.equal(tiles_part | tiles_full, any_on)
+
+
+# ------------------------------------------------------------------ the compiled path on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size, pseudo_block", [(128, 16), (64, 64)])
+def test_flex_gpu_matches_reference(block_size, pseudo_block, rng):
+    from isa_plugin.kernels.testing import check_close, plan_rows
+
+    layout = Layout([("target", 1000), ("context", 1000), ("text", 77)])
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv(layout, rng, B=2, H=4, D=128, sharp=0.5))
+    st = AdaptiveSettings(mass=0.85, pseudo_block=pseudo_block, alpha_s=0.5, block_size=block_size)
+    out, plan = adaptive_attention_flex(q, k, v, layout, st, return_plan=True)
+    rows = torch.arange(0, layout.num_tokens, 7, device="cuda")
+    isa_plan = plan.to_isa_plan()
+    ref = plan_rows(q, k, v, isa_plan, rows)
+    base = plan_rows(q, k, v, isa_plan, rows, lowp=True)
+    ok, err, berr = check_close(out[:, rows].float(), ref, base, atol=1e-3)
+    assert ok, (err, berr)
