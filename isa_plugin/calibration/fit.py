@@ -133,6 +133,11 @@ def _fit_layer(ls: LayerErrorStats, grid: Grid, budget: Dict[str, Any], cost_mod
                                  error_target_per_head=tuple(eth), error_context_per_head=tuple(ech))
                 consider(rel, et / max(bt, 1e-12) + ec / max(bc, 1e-12), s)
 
+    # ---- the adaptive mode, when the statistics measured it
+    if ls.has_adaptive:
+        for cand in _fit_adaptive(ls, grid, bt, bc, cost_model, dense_layer, per_head, min_gain):
+            consider(*cand)
+
     if best is None or best[0] >= 1.0:
         return LayerSetting(dense=True, error_target=0.0, error_context=0.0, relative_cost=1.0)
     return best[2]
@@ -153,15 +158,29 @@ def _fit_heads(num: torch.Tensor, den: torch.Tensor, has: torch.Tensor, head_cos
         gt[:, :n_opt] = num[:, 0].reshape(H, -1) / float(den[0])
     if bool(has[1]):
         gc[:, :n_opt] = num[:, 1].reshape(H, -1) / float(den[1])
+    found = _lagrange(gt, gc, cost.expand(H, n_opt + 1), bt, bc)
+    if found is None:
+        return None
+    ch, et, ec = found
+    choice = [(-1 if int(c) == n_opt else int(c)) for c in ch]
+    return choice, et, ec
+
+
+def _lagrange(gt: torch.Tensor, gc: torch.Tensor, cost: torch.Tensor, bt: float, bc: float):
+    """Per-head option choice minimising Σ cost with Σ gt <= bt and Σ gc <= bc (Lagrangian relaxation).
+
+    gt, gc, cost: [H, O] (each head's error share per kind and cost per option). Returns
+    (choice [H] option indices, error_t, error_c) or None when no λ is feasible.
+    """
     best = None
     for rho in (0.25, 1.0, 4.0):
         pen = rho * gt / max(bt, 1e-12) + gc / max(bc, 1e-12)  # [H, O]
 
         def solve(lam):
-            ch = torch.argmin(cost[None, :] + lam * pen, dim=1)
+            ch = torch.argmin(cost + lam * pen, dim=1)
             et = float(gt.gather(1, ch[:, None]).sum())
             ec = float(gc.gather(1, ch[:, None]).sum())
-            return ch, et, ec, float(cost[ch].sum())
+            return ch, et, ec, float(cost.gather(1, ch[:, None]).sum())
 
         lo, hi = -6.0, 8.0  # log10 lambda
         ch, et, ec, c = solve(10**hi)
@@ -180,8 +199,74 @@ def _fit_heads(num: torch.Tensor, den: torch.Tensor, has: torch.Tensor, head_cos
     if best is None:
         return None
     ch, et, ec, _ = best
-    choice = [(-1 if int(c) == n_opt else int(c)) for c in ch]
-    return choice, et, ec
+    return ch, et, ec
+
+
+def _fit_adaptive(ls: LayerErrorStats, grid: Grid, bt: float, bc: float, cost_model: CostModel, dense_layer: float,
+                  per_head: Union[bool, str], min_gain: float) -> List[Tuple[float, float, LayerSetting]]:
+    """Candidate adaptive-mode settings of one layer as (relative cost, error score, setting).
+
+    One setting for the layer: every (α_s, mass, pseudo_block) whose layer errors meet the budget, the cheapest
+    kept. Per head (``pseudo_block`` stays one per layer): a Lagrangian search over each head's (α_s, mass)
+    options plus (α_s = 1, mass = 1) — exact attention, error 0 — ranked by each head's own measured pairs.
+    Costs use :meth:`CostModel.adaptive_coefficients`.
+    """
+    H = ls.heads
+    a, b, c = cost_model.adaptive_coefficients()
+    scale = cost_model.dim_scale(ls.head_dim)
+    pairs = ls.ad_pairs / max(ls.calls, 1)  # [H, S, P, PS, 2] per call
+    head_cost = (a * pairs[..., 0] + b * pairs[..., 1]) * scale  # [H, S, P, PS]
+    n = sum(ls.mean_tokens().values())
+    dense_pairs_head = a * n * n * scale  # mass = 1, alpha_s = 1: every pair exact
+    den = ls.ad_den.sum(0)  # [2]
+    has = den > 0
+    num = ls.ad_num  # [H, 2, S, P, PS]
+    err = torch.where(has.view(2, 1, 1, 1), num.sum(0) / den.clamp(min=1e-300).view(2, 1, 1, 1), torch.zeros(()).double())
+    rel = (head_cost.sum(0) + c).clamp(min=cost_model.floor) / dense_layer  # [S, P, PS]
+    out = []
+    ok = (err[0] <= bt + 1e-12) & (err[1] <= bc + 1e-12)
+    score = err[0] / max(bt, 1e-12) + err[1] / max(bc, 1e-12)
+    uniform_best = math.inf
+    if bool(ok.any()):
+        key = torch.where(ok, rel * 1e6 + score.clamp(max=1e5) * 1e-6, torch.full_like(rel, math.inf))
+        si, pi, qi = (int(x) for x in torch.unravel_index(torch.argmin(key), key.shape))
+        uniform_best = float(rel[si, pi, qi])
+        out.append((uniform_best, float(score[si, pi, qi]), LayerSetting(
+            mode="adaptive", alpha_s=grid.alpha_s[si], mass=grid.mass[pi], pseudo_block=grid.pseudo_block[qi],
+            error_target=float(err[0, si, pi, qi]), error_context=float(err[1, si, pi, qi]), relative_cost=uniform_best)))
+    if not (per_head and H > 1):
+        return out
+    S, P, PS = grid.adaptive_shape
+    for qi, ps in enumerate(grid.pseudo_block):
+        gt = torch.zeros(H, S * P + 1, dtype=torch.float64)
+        gc = torch.zeros(H, S * P + 1, dtype=torch.float64)
+        if bool(has[0]):
+            gt[:, :-1] = num[:, 0, :, :, qi].reshape(H, -1) / float(den[0])
+        if bool(has[1]):
+            gc[:, :-1] = num[:, 1, :, :, qi].reshape(H, -1) / float(den[1])
+        cost = torch.cat([head_cost[:, :, :, qi].reshape(H, -1), torch.full((H, 1), dense_pairs_head, dtype=torch.float64)], 1)
+        found = _lagrange(gt, gc, cost, bt, bc)
+        if found is None:
+            continue
+        ch, et, ec = found
+        r = (max(cost_model.floor, float(cost.gather(1, ch[:, None]).sum()) + c)) / dense_layer
+        if not (per_head == "always" or r < uniform_best * (1 - min_gain)):
+            continue
+        a_s, mass, eth, ech = [], [], [], []
+        for h, o in enumerate(ch.tolist()):
+            if o == S * P:
+                a_s.append(1.0), mass.append(1.0), eth.append(0.0), ech.append(0.0)
+                continue
+            si, pi = divmod(o, P)
+            a_s.append(grid.alpha_s[si]), mass.append(grid.mass[pi])
+            d0, d1 = float(ls.ad_den[h, 0]), float(ls.ad_den[h, 1])
+            eth.append(float(num[h, 0, si, pi, qi]) / d0 if d0 > 0 else 0.0)
+            ech.append(float(num[h, 1, si, pi, qi]) / d1 if d1 > 0 else 0.0)
+        one = lambda v: v[0] if len(set(v)) == 1 else tuple(v)  # noqa: E731
+        out.append((r, et / max(bt, 1e-12) + ec / max(bc, 1e-12), LayerSetting(
+            mode="adaptive", alpha_s=one(a_s), mass=one(mass), pseudo_block=ps, error_target=et, error_context=ec,
+            relative_cost=r, error_target_per_head=tuple(eth), error_context_per_head=tuple(ech))))
+    return out
 
 
 def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: Optional[CostModel] = None, *,
@@ -193,6 +278,10 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
     α_s, α_f, α_ns) for the whole layer, and — when ``per_head`` — per-head ratios (a Lagrangian search
     over each head's options, dense included, subject to the *layer's* target-query and context-query
     errors), keeping per-head ratios only when they cut the predicted cost by more than ``min_gain``.
+    When the statistics measured the adaptive mode (``Grid(mass=...)``), its settings (α_s, mass,
+    pseudo-key size; layer-wide and per head) compete too, each ranked by its own measured pair counts and
+    :meth:`CostModel.adaptive_coefficients`; the cheapest setting of either mode wins the layer. Without
+    adaptive measurements the result is the fixed mode's alone.
     A layer stays dense when no setting meets the budget or none is predicted to be faster.
 
     Args:
