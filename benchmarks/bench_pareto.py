@@ -25,6 +25,10 @@ Examples:
     python benchmarks/bench_pareto.py --flops                       # CPU, minutes
     python benchmarks/bench_pareto.py --tiny                        # CPU smoke run of the timing study
     python benchmarks/bench_pareto.py --n 65536 65520 --heads 40 --out benchmarks/results/pareto
+    python benchmarks/bench_pareto.py --n 65536 --modes adaptive --adaptive-block-sizes 128 --out ...   # a part
+
+The first adaptive call per (N, block size) compiles FlexAttention (not timed); split long runs with
+``--n``, ``--modes`` and ``--adaptive-block-sizes`` (each run writes its own table, JSON and PNG).
 """
 
 from __future__ import annotations
@@ -369,8 +373,10 @@ def timing_study(args):
     fixed = [ISAConfig(alpha_s=s, alpha_f=f, alpha_ns=n) for s in (0.25, 0.5, 1.0) for f in (0.25, 0.5, 0.75, 1.0)
              for n in (0.0625, 0.125)]
     adaptive = [AdaptiveSettings(mass=p, pseudo_block=ps, alpha_s=s, block_size=bs)
-                for bs, pss in ((128, (128, 32, 16)), (64, (64, 16))) for ps in pss for s in (0.5, 1.0)
-                for p in (0.7, 0.8, 0.9, 0.95, 0.98)]
+                for bs, pss in ((128, (128, 32, 16)), (64, (64, 16))) if bs in args.adaptive_block_sizes
+                for ps in pss for s in (0.5, 1.0) for p in (0.7, 0.8, 0.9, 0.95, 0.98)]
+    fixed = fixed if "fixed" in args.modes else []
+    adaptive = adaptive if "adaptive" in args.modes else []
     if args.quick or args.tiny:
         fixed = fixed[::5]
         adaptive = adaptive[::7]
@@ -534,6 +540,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer settings in the timing study")
     ap.add_argument("--n", type=int, nargs="+", default=[65536, 65520], choices=sorted(SHAPES))
     ap.add_argument("--heads", type=int, default=40)
+    ap.add_argument("--modes", nargs="+", default=["fixed", "adaptive"], choices=["fixed", "adaptive"],
+                    help="timing study: modes to run (split long runs)")
+    ap.add_argument("--adaptive-block-sizes", type=int, nargs="+", default=[128, 64], choices=[64, 128],
+                    help="timing study: block sizes of the adaptive settings")
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--margin", type=float, default=0.85)
     ap.add_argument("--frames", type=int, default=4)

@@ -111,7 +111,9 @@ def build_flex_inputs(q, k, v, layout: Layout, settings: AdaptiveSettings, scale
     order = torch.argsort((~slot_ok).to(torch.int8), dim=-1, stable=True)
     n_ps = slot_ok.sum(-1)  # [B, H]
     n_slots = nb * r
-    p_tiles = -(-n_slots // b)
+    # the pseudo-key region has one length per (N, b) for every s >= 16, so a compiled kernel serves every
+    # pseudo-key size (the length is baked into it); tiles past the last pseudo-key are never listed
+    p_tiles = -(-max(n_slots, -(-n_pad // 16)) // b)
     p_len = p_tiles * b
     ps_valid = torch.zeros(B, H, p_len, dtype=torch.bool, device=dev)
     ps_valid[..., :n_slots] = torch.gather(slot_ok, -1, order)
