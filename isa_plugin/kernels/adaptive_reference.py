@@ -24,9 +24,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..config import AdaptiveSettings, ISAConfig
+from ..config import AdaptiveSettings
 from ..layout import TEXT, BlockLayout, Layout
-from .reference import ISAPlan, _scale, execute_plan_reference, plan_from_pooled, plan_pair_counts, pool_blocks
+from .reference import ISAPlan, _scale, context_selection, execute_plan_reference, plan_pair_counts, pool_blocks
 
 __all__ = [
     "AdaptivePlan",
@@ -113,14 +113,6 @@ class AdaptivePlan:
                        sharpness=torch.zeros_like(keep, dtype=torch.float32), saliency=self.saliency[:, :, parent])
 
 
-def _kept_kv(qbar, kbar, blocks: BlockLayout, alpha_s, scale: float):
-    """KV' and the saliency from the fixed mode's own context pre-selection (step 4 of ISA.md)."""
-    a_s = alpha_s.tolist()
-    cfg = ISAConfig(alpha_s=tuple(a_s), alpha_f=1.0, alpha_ns=1.0, block_size=blocks.block_size, backend="reference")
-    fixed = plan_from_pooled(qbar, kbar, blocks, cfg, scale)
-    return fixed.kv_keep, fixed.saliency
-
-
 def plan_adaptive_from_pooled(qbar: torch.Tensor, kbar: torch.Tensor, blocks: BlockLayout, settings: AdaptiveSettings,
                               scale: float) -> AdaptivePlan:
     """Steps 2-4 of the adaptive mode from block means q̄, k̄ [B, H, nb, D] (float32 or float64).
@@ -139,12 +131,13 @@ def plan_adaptive_from_pooled(qbar: torch.Tensor, kbar: torch.Tensor, blocks: Bl
     blocks = blocks.to(dev)
     ph = settings.per_head(H, device=dev)
     is_x = blocks.kinds == TEXT
-    kv_keep, saliency = _kept_kv(qbar, kbar, blocks, ph["alpha_s"], scale)  # [B, H, nb]
+    raw = torch.einsum("bhid,bhjd->bhij", qbar, kbar) * scale  # [B, H, nb, nb]
+    # the fixed mode's context pre-selection (its pooled softmax has no count bias)
+    kv_keep, saliency = context_selection(torch.softmax(raw, dim=-1), blocks, ph["alpha_s"])  # [B, H, nb]
 
     # pooled mass with the count bias, over KV'
     log_n = torch.log(blocks.counts.to(qbar.dtype))
-    logits = torch.einsum("bhid,bhjd->bhij", qbar, kbar) * scale + log_n
-    logits = logits.masked_fill(~kv_keep[:, :, None, :], float("-inf"))
+    logits = (raw + log_n).masked_fill(~kv_keep[:, :, None, :], float("-inf"))
     m = torch.softmax(logits, dim=-1)  # [B, H, nb, nb]
     text_mass = (m * is_x).sum(-1)  # [B, H, nb]
 

@@ -40,6 +40,7 @@ __all__ = [
     "execute_plan_reference",
     "isa_attention_reference",
     "plan_pair_counts",
+    "context_selection",
 ]
 
 
@@ -145,6 +146,25 @@ def _top_mask(scores: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) ->
     return (rank < count.unsqueeze(-1)) & valid
 
 
+def context_selection(P: torch.Tensor, blocks: BlockLayout, alpha_s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step 4 of ISA (both selection modes): keep the ⌈α_s·C⌉ context blocks target queries attend to most.
+
+    Args:
+        P: [B, H, nb, nb] pooled attention (softmax of q̄ k̄ᵀ · scale over all key blocks).
+        blocks: the blocking (on P's device); alpha_s: [H] float64.
+
+    Returns:
+        ``(kv_keep, saliency)``: [B, H, nb] bool, key block is in KV'; [B, H, nb] saliency (Σ over target
+        query blocks of P, 0 off context blocks). Ties keep the lower block index.
+    """
+    B, H, nb, _ = P.shape
+    is_t, is_c = blocks.kinds == TARGET, blocks.kinds == CONTEXT
+    saliency = (P * is_t[None, None, :, None]).sum(dim=2) * is_c  # [B, H, nb]
+    n_ctx = int(is_c.sum())
+    keep_ctx = _top_mask(saliency, is_c.expand(B, H, nb), keep_count(alpha_s, n_ctx)[None, :].expand(B, H))
+    return ~is_c | keep_ctx, saliency
+
+
 def plan_from_pooled(
     qbar: torch.Tensor, kbar: torch.Tensor, blocks: BlockLayout, config: ISAConfig, scale: float
 ) -> ISAPlan:
@@ -178,10 +198,7 @@ def plan_from_pooled(
     P = torch.softmax(logits, dim=-1)
 
     # step 4: context pre-selection by the pooled attention mass of target query blocks
-    saliency = (P * is_t[None, None, :, None]).sum(dim=2) * is_c  # [B, H, nb]
-    n_ctx = int(is_c.sum())
-    keep_ctx = _top_mask(saliency, is_c.expand(B, H, nb), keep_count(ratios["alpha_s"], n_ctx)[None, :].expand(B, H))
-    kv_keep = ~is_c | keep_ctx  # [B, H, nb]
+    kv_keep, saliency = context_selection(P, blocks, ratios["alpha_s"])  # [B, H, nb]
 
     # step 5: sharpness of each query block
     if config.sharpness == "topk_mass":
