@@ -137,8 +137,11 @@ class HeadEngine:
         return (num + ap @ vb) / (den + ap.sum(-1))[:, None]
 
 
-def measure_split(model, layer, seeds, settings, dtype=torch.float32, log=None):
-    """num [O, H, 2] (Σ|o−o*|₁ per kind), den [H, 2], cost [O, H] (relative FLOPs, mean over samples)."""
+def measure_split(model, layer, seeds, settings, dtype=torch.float32, log=None, kind_cost=None):
+    """num [O, H, 2] (Σ|o−o*|₁ per kind), den [H, 2], cost [O, H] (relative FLOPs, mean over samples).
+
+    ``kind_cost``: a [O, H, 2] tensor that receives the cost of the target-query and context-query rows.
+    """
     H = model.spec.heads
     O = len(settings)
     num = torch.zeros(O, H, 2, dtype=torch.float64)
@@ -154,6 +157,15 @@ def measure_split(model, layer, seeds, settings, dtype=torch.float32, log=None):
         for o, (keep, exact, ps, bl) in enumerate(plans):
             e, a = plan_pair_counts(bl, keep, exact, ps, per_head=True)
             cost[o] += ((e + a) / (N * N)).cpu() / len(seeds)
+            if kind_cost is not None:
+                cnt = bl.counts.double()
+                npseudo = torch.ceil(cnt / ps)
+                approx = keep[:, :, None, :] & ~exact
+                for kid, kk in enumerate((TARGET, CONTEXT)):
+                    rows = cnt * (bl.kinds == kk)
+                    ek = torch.einsum("bhij,i,j->h", exact.double(), rows, cnt)
+                    ak = torch.einsum("bhij,i,j->h", approx.double(), rows, npseudo)
+                    kind_cost[o, :, kid] += (ek + ak) / (N * N) / len(seeds)
         sizes = sorted({p[2] for p in plans})
         for h in range(H):
             eng = HeadEngine(q[0, :, h].double() if dtype == torch.float64 else q[0, :, h], k[0, :, h], v[0, :, h], blocks, sizes,
@@ -274,8 +286,25 @@ def flops_study(args):
     t0 = time.time()
     for layer in range(spec.layers):
         res = {}
-        for mode, sts in (("fixed", fx), ("adaptive", ad), ("both", fx + ad)):
-            if mode == "both":
+        kc = {"calib": torch.zeros(len(ad), spec.heads, 2, dtype=torch.float64),
+              "held": torch.zeros(len(ad), spec.heads, 2, dtype=torch.float64)}
+        for mode, sts in (("fixed", fx), ("adaptive", ad), ("both", fx + ad), ("adaptive_tc", None)):
+            if mode == "adaptive_tc":
+                # target and context query blocks with their own mass (same alpha_s and pseudo size): target
+                # errors and row costs come from one setting, context ones from another
+                combos = [(i, j) for i, a in enumerate(ad) for j, b in enumerate(ad)
+                          if (a.alpha_s, a.pseudo_block) == (b.alpha_s, b.pseudo_block)]
+                it = torch.tensor([c[0] for c in combos])
+                ic = torch.tensor([c[1] for c in combos])
+                def combine(split, kcost):
+                    n_, d_, _ = split
+                    n2 = torch.stack([n_[it, :, 0], n_[ic, :, 1]], -1)
+                    c2 = kcost[it, :, 0] + kcost[ic, :, 1]
+                    return n2, d_, c2
+                calib = combine(res["adaptive"]["calib"], kc["calib"])
+                held = combine(res["adaptive"]["held"], kc["held"])
+                sts = [f"{ad[i].mass}/{ad[j].mass} s={ad[i].pseudo_block} a_s={ad[i].alpha_s}" for i, j in combos]
+            elif mode == "both":
                 # both modes offered: the union of options (per head the cheaper mode may be chosen)
                 nc = torch.cat([res["fixed"]["calib"][0], res["adaptive"]["calib"][0]])
                 cc = torch.cat([res["fixed"]["calib"][2], res["adaptive"]["calib"][2]])
@@ -284,29 +313,32 @@ def flops_study(args):
                 calib = (nc, res["fixed"]["calib"][1], cc)
                 held = (nh, res["fixed"]["held"][1], ch)
             else:
-                calib = measure_split(model, layer, args.calib_seeds, sts, log=log)
-                held = measure_split(model, layer, args.held_seeds, sts, log=log)
+                is_ad = mode == "adaptive"
+                calib = measure_split(model, layer, args.calib_seeds, sts, log=log, kind_cost=kc["calib"] if is_ad else None)
+                held = measure_split(model, layer, args.held_seeds, sts, log=log, kind_cost=kc["held"] if is_ad else None)
             choice, _ = select(*calib, args.budget, args.margin)
             et, ec, c = evaluate_choice(choice, *held)
             et_c, ec_c, c_c = evaluate_choice(choice, *calib)
-            names = sorted({describe(sts[o]) if o >= 0 else "dense" for o in choice})
+            names = sorted({(sts[o] if isinstance(sts[o], str) else describe(sts[o])) if o >= 0 else "dense" for o in choice})
             res[mode] = dict(calib=calib, held=held, choice=choice, err_t=et, err_c=ec, flops=c, flops_calib=c_c,
                              err_t_calib=et_c, err_c_calib=ec_c, settings=names)
             print(f"layer {layer} {mode:8s}: held-out FLOPs {c:.3f} err t/c {et:.4f}/{ec:.4f} "
                   f"(calibration {c_c:.3f}, {et_c:.4f}/{ec_c:.4f}); {len(names)} distinct settings "
                   f"[{time.time() - t0:.0f}s]", flush=True)
         rows.append({m: {k: v for k, v in r.items() if k not in ("calib", "held")} for m, r in res.items()})
-    tot = {m: sum(r[m]["flops"] for r in rows) / len(rows) for m in ("fixed", "adaptive", "both")}
-    lines = ["| layer | fixed FLOPs | fixed err t/c | adaptive FLOPs | adaptive err t/c | both FLOPs | both err t/c |",
-             "|---|---|---|---|---|---|---|"]
+    modes = ("fixed", "adaptive", "both", "adaptive_tc")
+    tot = {m: sum(r[m]["flops"] for r in rows) / len(rows) for m in modes}
+    lines = ["| layer | fixed FLOPs | fixed err t/c | adaptive FLOPs | adaptive err t/c | both FLOPs | both err t/c | "
+             "adaptive, own mass per query kind, FLOPs | err t/c |", "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         lines.append(f"| {i} | " + " | ".join(f"{r[m]['flops']:.3f} | {r[m]['err_t']:.4f}/{r[m]['err_c']:.4f}"
-                                               for m in ("fixed", "adaptive", "both")) + " |")
-    lines.append(f"| mean | {tot['fixed']:.3f} | | {tot['adaptive']:.3f} | | {tot['both']:.3f} | |")
+                                               for m in modes) + " |")
+    lines.append(f"| mean | {tot['fixed']:.3f} | | {tot['adaptive']:.3f} | | {tot['both']:.3f} | | {tot['adaptive_tc']:.3f} | |")
     table = "\n".join(lines)
     print(table)
     print(f"FLOP ratio at budget {args.budget} (held-out): adaptive / fixed = {tot['adaptive'] / tot['fixed']:.3f}, "
-          f"both modes offered / fixed = {tot['both'] / tot['fixed']:.3f}", flush=True)
+          f"both modes offered / fixed = {tot['both'] / tot['fixed']:.3f}, adaptive with a mass per query kind / fixed = "
+          f"{tot['adaptive_tc'] / tot['fixed']:.3f}", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "pareto_flops.json"), "w") as f:
