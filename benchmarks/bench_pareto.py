@@ -467,7 +467,7 @@ def timing_study(args):
                 rows.append(row)
                 continue
             row.update(ok=ok, check_err=err, check_base=berr, err_t=rel_l1(out, dense, sel_t), err_c=rel_l1(out, dense, sel_c),
-                       exact_pairs=e, pseudo_pairs=a, flops_rel=(e + a) / (N * N * H))
+                       exact_pairs=e, pseudo_pairs=a, flops_rel=(e + a) / (N * N * H), D=D)
             del out
             if not ok:
                 print(f"  {row['setting']}: FAIL correctness err {err:.2e} (torch {berr:.2e}); no time", flush=True)
@@ -484,7 +484,36 @@ def timing_study(args):
         if cuda:
             torch.cuda.empty_cache()
     report(rows, args, gpu)
+    if args.cost_model and cuda:
+        fit_adaptive_cost(rows, gpu, args.cost_model)
     return rows
+
+
+def fit_adaptive_cost(rows, gpu, path):
+    """Fit ms = a·E + b·A + c over the adaptive rows (E, A: exact / pseudo pairs in 1e9, scaled by D/128; least
+    squares weighted by 1/ms) and merge ``adaptive_ms_per_gexact_pair``, ``adaptive_ms_per_gpseudo_pair`` and
+    ``adaptive_ms_per_call`` into the card's entry of ``path`` (the calibration's cost model reads them)."""
+    rs = [r for r in rows if r["mode"] == "adaptive" and "ms" in r]
+    if len(rs) < 3:
+        print("adaptive cost model: need at least 3 measured settings", flush=True)
+        return
+    A = torch.tensor([[r["exact_pairs"] / 1e9 * r["D"] / 128, r["pseudo_pairs"] / 1e9 * r["D"] / 128, 1.0] for r in rs],
+                     dtype=torch.float64)
+    y = torch.tensor([r["ms"] for r in rs], dtype=torch.float64)
+    w = 1.0 / y
+    sol = torch.linalg.lstsq(A * w[:, None], (y * w).unsqueeze(1)).solution.squeeze(1)
+    rel = float(((A @ sol - y).abs() / y).max())
+    a, b, c = (max(float(x), 0.0) for x in sol)
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    card = data.setdefault("cards", {}).setdefault(gpu, {})
+    card.update(adaptive_ms_per_gexact_pair=a, adaptive_ms_per_gpseudo_pair=b, adaptive_ms_per_call=c,
+                adaptive_fitted_on=len(rs), adaptive_max_rel_error=rel)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"adaptive cost model for {gpu}: a={a:.4f} b={b:.4f} c={c:.3f} ms (max rel err {rel:.2f}) -> {path}", flush=True)
 
 
 def pareto(points):
@@ -590,6 +619,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for the FLOP study (0: torch's default)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--out", default=None, help="folder for the table (md), the rows (json) and the PNG")
+    ap.add_argument("--cost-model", default=None,
+                    help="timing study on CUDA: fit the adaptive mode's time per exact / pseudo pair and merge it into this JSON")
     args = ap.parse_args(argv)
     if args.flops:
         return flops_study(args)

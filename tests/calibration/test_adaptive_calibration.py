@@ -91,3 +91,18 @@ def test_profile_round_trip_with_adaptive_layers(tmp_path):
     assert cfg.mode == "adaptive" and cfg.mass == (0.9, 0.95, 0.99) and cfg.pseudo_block == 16 and cfg.alpha_s == 0.5
     assert back.layers["b"][0].to_config().mode == "fixed"
     assert "mode" not in path.read_text().split("b:")[1].split("c:")[0]
+
+
+def test_adaptive_cost_coefficients(tmp_path):
+    from isa_plugin.calibration.cost import FLEX_DENSE_RATE, load_cost_model
+
+    assert CostModel().adaptive_coefficients() == (1.0, 1.0, 0.0)
+    assert CostModel(a=2.0, b=5.0, c=1.0, dense_a=0.7).adaptive_coefficients() == pytest.approx((0.7 / FLEX_DENSE_RATE,) * 2 + (1.0,))
+    assert CostModel(adaptive_a=3.0, adaptive_b=4.0, adaptive_c=0.5).adaptive_coefficients() == (3.0, 4.0, 0.5)
+    with pytest.raises(ValueError, match="adaptive_a"):
+        CostModel(adaptive_a=0.0)
+    path = tmp_path / "cm.json"
+    path.write_text('{"cards": {"G": {"ms_per_gexact_pair": 0.8, "ms_per_gapprox_pair": 7.0, "ms_per_call": 1.5, '
+                    '"adaptive_ms_per_gexact_pair": 1.2, "adaptive_ms_per_gpseudo_pair": 1.1, "adaptive_ms_per_call": 2.0}}}')
+    a, b, c = load_cost_model(path, device_name="G").adaptive_coefficients()
+    assert (a, b, c) == pytest.approx((1.2e-9, 1.1e-9, 2.0))
