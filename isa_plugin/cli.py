@@ -348,6 +348,10 @@ def _inspect(args) -> int:
             bucket = str(bi) if prof.num_buckets > 1 else "-"
             if s.dense:
                 print(f"{name:<28} {bucket:>6} {'dense':>8} {'':>8} {'':>8} {'':>9} {_fmt(s.error_target, True):>8} {_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")
+            elif s.mode == "adaptive":  # alpha_f / alpha_ns columns show the mass and the pseudo-key size
+                print(f"{name:<28} {bucket:>6} {_fmt_ratio(s.alpha_s):>8} {'p=' + _fmt_ratio(s.mass):>8} "
+                      f"{'s=' + str(s.pseudo_block or prof.block_size):>8} {'adaptive':>9} {_fmt(s.error_target, True):>8} "
+                      f"{_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")
             else:
                 print(f"{name:<28} {bucket:>6} {_fmt_ratio(s.alpha_s):>8} {_fmt_ratio(s.alpha_f):>8} {_fmt_ratio(s.alpha_ns):>8} "
                       f"{s.sharpness:>9} {_fmt(s.error_target, True):>8} {_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")

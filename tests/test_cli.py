@@ -128,8 +128,8 @@ def test_adding_a_subcommand(capsys):
         cli._COMMANDS.pop("hello-test")
 
 
-def test_calibrate_adaptive(pipes, tmp_path):
-    out = tmp_path / "adaptive.yaml"
+def test_calibrate_adaptive(pipes, tmp_path, capsys):
+    out = tmp_path / "p.yaml"
     rc = main(["calibrate", "--pipeline", pipes["ok"], "--adapter", "wan-icl", "--videos", str(sample_video_path()),
                "--budget", "0.2", "--steps", "2", "--calib-steps", "1", "--height", "64", "--width", "64", "--frames", "9",
                "--block-size", "8", "--adaptive", "--out", str(out), "--no-progress"])
@@ -140,3 +140,8 @@ def test_calibrate_adaptive(pipes, tmp_path):
         assert s.dense or (s.error_target <= 0.2 and s.error_context <= 0.2)
         if s.mode == "adaptive":
             assert s.to_config(block_size=8).mode == "adaptive"
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.0.attn1" in printed
+    assert (" adaptive " in printed) == any(s.mode == "adaptive" for ss in prof.layers.values() for s in ss)

@@ -106,3 +106,16 @@ def test_adaptive_cost_coefficients(tmp_path):
                     '"adaptive_ms_per_gexact_pair": 1.2, "adaptive_ms_per_gpseudo_pair": 1.1, "adaptive_ms_per_call": 2.0}}}')
     a, b, c = load_cost_model(path, device_name="G").adaptive_coefficients()
     assert (a, b, c) == pytest.approx((1.2e-9, 1.1e-9, 2.0))
+
+
+def test_inspect_shows_adaptive_layers(tmp_path, capsys):
+    from isa_plugin.cli import main
+
+    layers = {"a": [LayerSetting(mode="adaptive", alpha_s=0.5, mass=(0.9, 0.95, 0.99), pseudo_block=16, relative_cost=0.4)],
+              "b": [LayerSetting(alpha_s=0.25)]}
+    prof = ThresholdProfile(layers=layers, budget={"metric": "rel_l1", "target": 0.05, "context": 0.05}, block_size=64)
+    path = prof.save(tmp_path / "p.yaml")
+    assert main(["inspect", str(path)]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:2] in ("a ", "b ")}
+    assert rows["a"][2:6] == ["0.5", "p=0.947*", "s=16", "adaptive"]
+    assert rows["b"][5] == "topk_mass"
