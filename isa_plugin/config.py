@@ -18,7 +18,7 @@ Count = Union[int, Tuple[int, ...]]
 #: selection modes: ISA's fixed ratios (ISA.md) or per-query-block selection by pooled mass (ADAPTIVE.md)
 MODES = ("fixed", "adaptive")
 #: the adaptive mode's settings in ISAConfig (used only with ``mode="adaptive"``)
-ADAPTIVE_NAMES = ("mass", "min_blocks", "max_blocks", "pseudo_block")
+ADAPTIVE_NAMES = ("mass", "context_mass", "min_blocks", "max_blocks", "pseudo_block")
 #: the sharpness metrics ISA ranks query blocks by (``ISAConfig.sharpness``, calibration grids, profiles)
 SHARPNESS_METRICS = ("topk_mass", "l2")
 BACKENDS = ("auto", "reference", "triton")
@@ -132,6 +132,7 @@ class AdaptiveSettings:
 
     Args:
         mass: p in (0, 1], the pooled attention mass a query block's exact key blocks must hold. Per head.
+        context_mass: the same for context query blocks (None: ``mass``). Per head.
         min_blocks: at least this many exact non-text key blocks per query block (>= 1). Per head.
         max_blocks: at most this many (0 = no bound; else >= ``min_blocks``). Per head.
         pseudo_block: tokens per pseudo-key; 1 <= s <= block_size and s divides block_size. None: block_size
@@ -154,11 +155,14 @@ class AdaptiveSettings:
     max_blocks: Count = 0
     pseudo_block: Optional[int] = None
     alpha_s: Ratio = 1.0
+    context_mass: Optional[Ratio] = None
     block_size: int = 64
     share_plan: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "mass", validate_ratio("mass", self.mass))
+        if self.context_mass is not None:
+            object.__setattr__(self, "context_mass", validate_ratio("context_mass", self.context_mass))
         object.__setattr__(self, "alpha_s", validate_ratio("alpha_s", self.alpha_s))
         object.__setattr__(self, "min_blocks", _validate_count("min_blocks", self.min_blocks, 1))
         object.__setattr__(self, "max_blocks", _validate_count("max_blocks", self.max_blocks, 0))
@@ -183,13 +187,16 @@ class AdaptiveSettings:
                 raise ValueError(f"max_blocks < min_blocks (heads {bad}); use max_blocks >= min_blocks or 0 (no bound)")
 
     def per_head(self, num_heads: int, device=None) -> Dict[str, torch.Tensor]:
-        """``mass``, ``alpha_s`` (float64) and ``min_blocks``, ``max_blocks`` (int64) as [num_heads] tensors.
+        """``mass``, ``context_mass`` (``mass`` where None), ``alpha_s`` (float64) and ``min_blocks``,
+        ``max_blocks`` (int64) as [num_heads] tensors.
 
         Raises:
             ValueError: a per-head value whose length differs from ``num_heads``.
         """
         return {
             "mass": _heads(self.mass, num_heads, "mass", torch.float64, device),
+            "context_mass": _heads(self.mass if self.context_mass is None else self.context_mass, num_heads,
+                                   "context_mass", torch.float64, device),
             "alpha_s": _heads(self.alpha_s, num_heads, "alpha_s", torch.float64, device),
             "min_blocks": _heads(self.min_blocks, num_heads, "min_blocks", torch.int64, device),
             "max_blocks": _heads(self.max_blocks, num_heads, "max_blocks", torch.int64, device),
@@ -199,7 +206,7 @@ class AdaptiveSettings:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
-_ADAPTIVE_DEFAULTS = {"mass": 0.9, "min_blocks": 1, "max_blocks": 0, "pseudo_block": None}
+_ADAPTIVE_DEFAULTS = {"mass": 0.9, "context_mass": None, "min_blocks": 1, "max_blocks": 0, "pseudo_block": None}
 
 
 @dataclass(frozen=True)
@@ -226,11 +233,12 @@ class ISAConfig:
             others as pseudo-keys; ``alpha_s`` prunes context as in the fixed mode, ``alpha_f``,
             ``alpha_ns``, ``sharpness`` and ``topk_fraction`` are not used).
         mass: adaptive mode: pooled-mass threshold p in (0, 1]. Default 0.9.
+        context_mass: adaptive mode: the threshold of context query blocks (None: ``mass``).
         min_blocks, max_blocks: adaptive mode: bounds on exact non-text key blocks per query block
             (``max_blocks=0``: no bound). Defaults 1 and 0.
         pseudo_block: adaptive mode: tokens per pseudo-key (divides ``block_size``); None = ``block_size``.
 
-    Each ratio (and ``mass``, ``min_blocks``, ``max_blocks``) may be a sequence with one value per attention
+    Each ratio (and ``mass``, ``context_mass``, ``min_blocks``, ``max_blocks``) may be a sequence with one value per attention
     head. The adaptive settings may only be set with ``mode="adaptive"``; a fixed-mode config's dict and
     encoding do not list them.
 
@@ -260,6 +268,7 @@ class ISAConfig:
     min_blocks: Count = 1
     max_blocks: Count = 0
     pseudo_block: Optional[int] = None
+    context_mass: Optional[Ratio] = None
 
     def __post_init__(self):
         for name in RATIO_NAMES:
@@ -283,12 +292,12 @@ class ISAConfig:
             if set_:
                 raise ValueError(f"ISAConfig {set_} are settings of the adaptive mode; pass mode='adaptive' to use them")
         try:
-            ada = AdaptiveSettings(mass=self.mass, min_blocks=self.min_blocks, max_blocks=self.max_blocks,
+            ada = AdaptiveSettings(mass=self.mass, context_mass=self.context_mass, min_blocks=self.min_blocks, max_blocks=self.max_blocks,
                                    pseudo_block=self.pseudo_block, alpha_s=self.alpha_s, block_size=self.block_size,
                                    share_plan=self.share_plan)
         except (TypeError, ValueError) as e:
             raise type(e)(f"ISAConfig.{e}") from None
-        for n in ("mass", "min_blocks", "max_blocks"):
+        for n in ("mass", "context_mass", "min_blocks", "max_blocks"):
             object.__setattr__(self, n, getattr(ada, n))
         if self.mode == "adaptive":
             object.__setattr__(self, "pseudo_block", ada.pseudo_block)
@@ -305,14 +314,14 @@ class ISAConfig:
     @property
     def is_dense(self) -> bool:
         """True when ISA computes exactly dense attention: every ratio 1 (fixed mode); in the adaptive mode
-        ``alpha_s`` 1 and either ``mass`` 1 or ``pseudo_block`` 1."""
+        ``alpha_s`` 1 and either ``mass`` and ``context_mass`` 1 or ``pseudo_block`` 1."""
         if self.mode == "adaptive":
             return all(v == 1.0 for v in _as_tuple(self.alpha_s)) and (
-                all(v == 1.0 for v in _as_tuple(self.mass)) or self.pseudo_block == 1)
+                all(v == 1.0 for v in _as_tuple(self.mass) + _as_tuple(self.context_mass or 1.0)) or self.pseudo_block == 1)
         return all(v == 1.0 for name in RATIO_NAMES for v in _as_tuple(getattr(self, name)))
 
     def _per_head_names(self) -> Tuple[str, ...]:
-        return RATIO_NAMES + (("mass", "min_blocks", "max_blocks") if self.mode == "adaptive" else ())
+        return RATIO_NAMES + (("mass", "context_mass", "min_blocks", "max_blocks") if self.mode == "adaptive" else ())
 
     @property
     def num_heads(self) -> int | None:
@@ -323,8 +332,8 @@ class ISAConfig:
         return lens.pop() if lens else None
 
     def per_head(self, num_heads: int, device=None) -> Dict[str, torch.Tensor]:
-        """The three ratios as float64 tensors of shape [num_heads]; in the adaptive mode also ``mass``
-        (float64), ``min_blocks`` and ``max_blocks`` (int64).
+        """The three ratios as float64 tensors of shape [num_heads]; in the adaptive mode also ``mass``,
+        ``context_mass`` (float64), ``min_blocks`` and ``max_blocks`` (int64).
 
         Raises:
             ValueError: a per-head value whose length differs from ``num_heads``.
@@ -335,7 +344,7 @@ class ISAConfig:
                 ada = self._adaptive.per_head(num_heads, device)
             except ValueError as e:
                 raise ValueError(f"ISAConfig.{e}") from None
-            out.update({n: ada[n] for n in ("mass", "min_blocks", "max_blocks")})
+            out.update({n: ada[n] for n in ("mass", "context_mass", "min_blocks", "max_blocks")})
         for name in RATIO_NAMES:
             v = getattr(self, name)
             if isinstance(v, tuple):

@@ -6,7 +6,8 @@ float64 inputs). Per (batch, head):
 1. blocks and block means as in the fixed mode; the fixed mode's context pre-selection (α_s) gives KV';
 2. pooled mass m_ij ∝ n_j·exp(q̄_i·k̄_j·scale) over KV' (count bias ln n_j);
 3. each non-text query block computes exactly every text block plus the fewest non-text KV' blocks (by
-   descending m_ij, stable) whose mass, with the text blocks', reaches p, clamped to [min_blocks, max_blocks];
+   descending m_ij, stable) whose mass, with the text blocks', reaches p (``context_mass`` for context query
+   blocks, ``mass`` for the others), clamped to [min_blocks, max_blocks];
    text query blocks attend exactly over KV';
 4. every other KV' block enters as pseudo-keys: the means of its sub-blocks of ``pseudo_block`` tokens, each
    with logit bias ln(its token count); one softmax over exact keys and pseudo-keys.
@@ -25,7 +26,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..config import AdaptiveSettings
-from ..layout import TEXT, BlockLayout, Layout
+from ..layout import CONTEXT, TEXT, BlockLayout, Layout
 from .reference import ISAPlan, _scale, context_selection, execute_plan_reference, plan_pair_counts, pool_blocks
 
 __all__ = [
@@ -148,9 +149,11 @@ def plan_adaptive_from_pooled(qbar: torch.Tensor, kbar: torch.Tensor, blocks: Bl
     prefix = torch.cumsum(m_sorted, -1)
     prefix = torch.cat([torch.zeros_like(prefix[..., :1]), prefix[..., :-1]], -1)  # S_k, k = 0 .. nb-1
     pos = torch.arange(nb, device=dev)
-    below = (text_mass[..., None] + prefix < ph["mass"].to(m.dtype)[None, :, None, None]) & (pos < k_prime[:, :, None, None])
+    # the threshold of each query block: context_mass for context query blocks, mass for the others
+    p_q = torch.where((blocks.kinds == CONTEXT)[None, :], ph["context_mass"][:, None], ph["mass"][:, None])  # [H, nb]
+    below = (text_mass[..., None] + prefix < p_q.to(m.dtype)[None, :, :, None]) & (pos < k_prime[:, :, None, None])
     k_star = below.sum(-1)  # [B, H, nb]
-    k_star = torch.where((ph["mass"] >= 1.0)[None, :, None], k_prime[:, :, None].expand_as(k_star), k_star)
+    k_star = torch.where((p_q >= 1.0)[None], k_prime[:, :, None].expand_as(k_star), k_star)
     kp = k_prime[:, :, None]
     lo = torch.minimum(ph["min_blocks"][None, :, None], kp)
     hi = torch.where(ph["max_blocks"][None, :, None] > 0, torch.minimum(ph["max_blocks"][None, :, None], kp), kp)

@@ -70,12 +70,12 @@ def _loop_adaptive(q, k, v, layout, st: AdaptiveSettings):
             kv = [j for j in range(nb) if bl[j][0] != "context" or j in kept]
             cands = [j for j in kv if bl[j][0] != "text"]
             texts = [j for j in kv if bl[j][0] == "text"]
-            p = float(per["mass"][h])
             lo, hi = int(per["min_blocks"][h]), int(per["max_blocks"][h])
             for i in range(nb):
                 w = {j: bl[j][2] * math.exp(float(qm[i] @ km[j]) * sc) for j in kv}
                 tot = sum(w.values())
                 m = {j: w[j] / tot for j in kv}
+                p = float(per["context_mass" if bl[i][0] == "context" else "mass"][h])
                 if bl[i][0] == "text":
                     chosen = list(cands)
                 else:
@@ -115,10 +115,11 @@ SETTINGS = [
                      alpha_s=(0.5, 1.0, 0.25)),
     AdaptiveSettings(mass=0.9, block_size=16, pseudo_block=16, alpha_s=0.34),
     AdaptiveSettings(mass=0.75, block_size=6, pseudo_block=3, min_blocks=2),
+    AdaptiveSettings(mass=(0.9, 0.7, 1.0), context_mass=(0.5, 1.0, 0.8), block_size=8, pseudo_block=4, alpha_s=0.5),
 ]
 
 # every layout and every setting at least once, without the full product (test time)
-CASES = [(0, 0), (1, 1), (2, 2), (1, 3), (0, 1)]
+CASES = [(0, 0), (1, 1), (2, 2), (1, 3), (0, 1), (1, 4)]
 
 
 @pytest.mark.parametrize("li, si", CASES)
