@@ -81,6 +81,7 @@ class LayerSetting:
             ``pseudo_block``; ``alpha_f``, ``alpha_ns`` and ``sharpness`` unused). Only adaptive settings list
             ``mode``, ``mass`` and ``pseudo_block`` in the YAML.
         mass: adaptive mode: pooled-mass threshold, a float or one value per head.
+        context_mass: adaptive mode: the threshold of context query blocks (None: ``mass``).
         pseudo_block: adaptive mode: tokens per pseudo-key (None: the block size).
     """
 
@@ -97,6 +98,7 @@ class LayerSetting:
     mode: str = "fixed"
     mass: Ratio = 0.9
     pseudo_block: Optional[int] = None
+    context_mass: Optional[Ratio] = None
 
     def __post_init__(self):
         for name in RATIO_NAMES:
@@ -104,6 +106,8 @@ class LayerSetting:
         if self.mode not in MODES:
             raise ProfileError(f"mode={self.mode!r} is not supported; supported: {list(MODES)}")
         object.__setattr__(self, "mass", _ratio("mass", self.mass))
+        if self.context_mass is not None:
+            object.__setattr__(self, "context_mass", _ratio("context_mass", self.context_mass))
         ps = self.pseudo_block
         if ps is not None and (isinstance(ps, bool) or not isinstance(ps, numbers.Integral) or ps < 1):
             raise ProfileError(f"pseudo_block={ps!r} must be a positive integer (tokens per pseudo-key)")
@@ -126,7 +130,7 @@ class LayerSetting:
             raise ProfileError(f"dense={self.dense!r} must be true or false")
 
     def _per_head_names(self) -> Tuple[str, ...]:
-        return RATIO_NAMES + (("mass",) if self.mode == "adaptive" else ())
+        return RATIO_NAMES + (("mass", "context_mass") if self.mode == "adaptive" else ())
 
     @property
     def num_heads(self) -> Optional[int]:
@@ -141,8 +145,8 @@ class LayerSetting:
         if self.dense:
             return None
         if self.mode == "adaptive":
-            return ISAConfig(mode="adaptive", alpha_s=self.alpha_s, mass=self.mass, pseudo_block=self.pseudo_block,
-                             block_size=block_size, backend=backend)
+            return ISAConfig(mode="adaptive", alpha_s=self.alpha_s, mass=self.mass, context_mass=self.context_mass,
+                             pseudo_block=self.pseudo_block, block_size=block_size, backend=backend)
         return ISAConfig(
             alpha_s=self.alpha_s, alpha_f=self.alpha_f, alpha_ns=self.alpha_ns, block_size=block_size,
             sharpness=self.sharpness, backend=backend,
@@ -301,7 +305,8 @@ class ThresholdProfile:
         if config.mode == "adaptive" and (config.min_blocks != 1 or config.max_blocks != 0):
             raise ProfileError("profiles do not carry the adaptive mode's min_blocks / max_blocks; leave them at 1 and 0")
         s = LayerSetting(alpha_s=config.alpha_s, alpha_f=config.alpha_f, alpha_ns=config.alpha_ns, sharpness=config.sharpness,
-                         **({"mode": "adaptive", "mass": config.mass, "pseudo_block": config.pseudo_block}
+                         **({"mode": "adaptive", "mass": config.mass, "context_mass": config.context_mass,
+                             "pseudo_block": config.pseudo_block}
                             if config.mode == "adaptive" else {}))
         kwargs.setdefault("block_size", config.block_size)
         return cls(layers={n: [s] for n in layer_names}, **kwargs)
@@ -474,11 +479,13 @@ class ThresholdProfile:
                     e["sharpness"] = s.sharpness
                     if s.mode == "adaptive":
                         e["mode"] = "adaptive"
-                        if isinstance(s.mass, tuple):
-                            tensors[f"{name}/{b}/mass"] = torch.tensor(s.mass, dtype=torch.float64)
-                            e["mass"] = _PER_HEAD
-                        else:
-                            e["mass"] = s.mass
+                        for k in ("mass", "context_mass"):
+                            v = getattr(s, k)
+                            if isinstance(v, tuple):
+                                tensors[f"{name}/{b}/{k}"] = torch.tensor(v, dtype=torch.float64)
+                                e[k] = _PER_HEAD
+                            elif v is not None:
+                                e[k] = v
                         if s.pseudo_block is not None:
                             e["pseudo_block"] = s.pseudo_block
                 for k in _ERRORS + ("relative_cost",):

@@ -71,8 +71,11 @@ def measure_adaptive_call(
         max_chunk_elems: bound on the transient [tokens, N] buffers.
 
     Returns:
-        ``{"num": [H, 2, S, P, PS], "den": [H, 2], "pairs": [H, S, P, PS, 2]}`` float64 on the inputs' device:
-        Σ|o − o*|₁ and Σ|o*|₁ over sampled tokens per query kind, and the (exact, pseudo) pairs of the plan.
+        ``{"num": [H, 2, S, P, PS], "den": [H, 2], "pairs": [H, S, P, PS, 2, 2]}`` float64 on the inputs'
+        device: Σ|o − o*|₁ and Σ|o*|₁ over sampled tokens per query kind (target, context), and the (exact,
+        pseudo) pairs of the plan's rows of non-context (target and text) and of context query blocks — a
+        query block's selection depends only on its own threshold, so any (mass, context_mass) pair is a
+        sum of two entries.
 
     Raises:
         ValueError: a pseudo size that does not divide ``block_size`` (through :class:`AdaptiveSettings`).
@@ -92,7 +95,7 @@ def measure_adaptive_call(
     S, P, PS = len(alpha_s), len(mass), len(pseudo_block)
     out = {"num": torch.zeros(H, 2, S, P, PS, dtype=torch.float64, device=dev),
            "den": torch.zeros(H, 2, dtype=torch.float64, device=dev),
-           "pairs": torch.zeros(H, S, P, PS, 2, dtype=torch.float64, device=dev)}
+           "pairs": torch.zeros(H, S, P, PS, 2, 2, dtype=torch.float64, device=dev)}
     blocks_cpu = layout.blocks(block_size)
     nb = blocks_cpu.num_blocks
     if nb < 2 or not bool(((blocks_cpu.kinds == TARGET) | (blocks_cpu.kinds == CONTEXT)).any()):
@@ -108,11 +111,13 @@ def measure_adaptive_call(
             st = AdaptiveSettings(mass=p, alpha_s=a_s, block_size=block_size)
             plan = plan_adaptive_from_pooled(qbar, kbar, blocks, st, sc)
             plans[si, pi] = (plan.kv_keep[0], plan.exact_kv[0])  # [H, nb], [H, nb, nb]
+            is_c = blocks.kinds == CONTEXT
             for psi, ps in enumerate(pseudo_block):
                 AdaptiveSettings(block_size=block_size, pseudo_block=ps)  # validates ps
-                e, a = plan_pair_counts(blocks, plan.kv_keep, plan.exact_kv, ps, per_head=True)
-                out["pairs"][:, si, pi, psi, 0] = e
-                out["pairs"][:, si, pi, psi, 1] = a
+                for kid, rows in enumerate((~is_c, is_c)):
+                    e, a = plan_pair_counts(blocks, plan.kv_keep, plan.exact_kv, ps, per_head=True, query_blocks=rows)
+                    out["pairs"][:, si, pi, psi, kid, 0] = e
+                    out["pairs"][:, si, pi, psi, kid, 1] = a
 
     tok, w, kind = _sample_tokens(blocks_cpu, block_size, blocks_per_kind, tokens_per_block, generator)
     tok, w, kind = tok.to(dev), w.to(dev), kind.to(dev)

@@ -206,66 +206,81 @@ def _fit_adaptive(ls: LayerErrorStats, grid: Grid, bt: float, bc: float, cost_mo
                   per_head: Union[bool, str], min_gain: float) -> List[Tuple[float, float, LayerSetting]]:
     """Candidate adaptive-mode settings of one layer as (relative cost, error score, setting).
 
-    One setting for the layer: every (α_s, mass, pseudo_block) whose layer errors meet the budget, the cheapest
-    kept. Per head (``pseudo_block`` stays one per layer): a Lagrangian search over each head's (α_s, mass)
-    options plus (α_s = 1, mass = 1) — exact attention, error 0 — ranked by each head's own measured pairs.
+    A setting is (α_s, mass, context_mass, pseudo_block): target-query errors and the rows of non-context query
+    blocks follow ``mass``, context-query errors and rows ``context_mass`` (a query block's selection depends
+    on its own threshold only). One setting for the layer: the cheapest whose layer errors meet the budget.
+    Per head (``pseudo_block`` stays one per layer): a Lagrangian search over each head's (α_s, mass,
+    context_mass) options plus exact attention (α_s = mass = 1, error 0), ranked by each head's measured pairs.
     Costs use :meth:`CostModel.adaptive_coefficients`.
     """
     H = ls.heads
     a, b, c = cost_model.adaptive_coefficients()
     scale = cost_model.dim_scale(ls.head_dim)
-    pairs = ls.ad_pairs / max(ls.calls, 1)  # [H, S, P, PS, 2] per call
-    head_cost = (a * pairs[..., 0] + b * pairs[..., 1]) * scale  # [H, S, P, PS]
+    pairs = ls.ad_pairs / max(ls.calls, 1)  # [H, S, P, PS, rows (non-context, context), (exact, pseudo)]
+    row_cost = (a * pairs[..., 0] + b * pairs[..., 1]) * scale  # [H, S, P, PS, 2]
+    head_cost = row_cost[:, :, :, None, :, 0] + row_cost[:, :, None, :, :, 1]  # [H, S, P (mass), P (context), PS]
     n = sum(ls.mean_tokens().values())
-    dense_pairs_head = a * n * n * scale  # mass = 1, alpha_s = 1: every pair exact
+    exact_head = a * n * n * scale
     den = ls.ad_den.sum(0)  # [2]
     has = den > 0
     num = ls.ad_num  # [H, 2, S, P, PS]
-    err = torch.where(has.view(2, 1, 1, 1), num.sum(0) / den.clamp(min=1e-300).view(2, 1, 1, 1), torch.zeros(()).double())
-    rel = (head_cost.sum(0) + c).clamp(min=cost_model.floor) / dense_layer  # [S, P, PS]
+    e = torch.where(has.view(2, 1, 1, 1), num.sum(0) / den.clamp(min=1e-300).view(2, 1, 1, 1), torch.zeros(()).double())
+    err_t, err_c = e[0][:, :, None, :], e[1][:, None, :, :]  # broadcast to [S, P, P, PS]
+    rel = (head_cost.sum(0) + c).clamp(min=cost_model.floor) / dense_layer  # [S, P, P, PS]
+    ok = (err_t <= bt + 1e-12) & (err_c <= bc + 1e-12)
+    score = err_t / max(bt, 1e-12) + err_c / max(bc, 1e-12)
+
+    def masses(pt, pc):
+        mt = tuple(grid.mass[i] if i >= 0 else 1.0 for i in pt)
+        mc = tuple(grid.mass[i] if i >= 0 else 1.0 for i in pc)
+        one = lambda v: v[0] if len(set(v)) == 1 else v  # noqa: E731
+        return one(mt), (None if mc == mt else one(mc))
+
     out = []
-    ok = (err[0] <= bt + 1e-12) & (err[1] <= bc + 1e-12)
-    score = err[0] / max(bt, 1e-12) + err[1] / max(bc, 1e-12)
     uniform_best = math.inf
     if bool(ok.any()):
         key = torch.where(ok, rel * 1e6 + score.clamp(max=1e5) * 1e-6, torch.full_like(rel, math.inf))
-        si, pi, qi = (int(x) for x in torch.unravel_index(torch.argmin(key), key.shape))
-        uniform_best = float(rel[si, pi, qi])
-        out.append((uniform_best, float(score[si, pi, qi]), LayerSetting(
-            mode="adaptive", alpha_s=grid.alpha_s[si], mass=grid.mass[pi], pseudo_block=grid.pseudo_block[qi],
-            error_target=float(err[0, si, pi, qi]), error_context=float(err[1, si, pi, qi]), relative_cost=uniform_best)))
+        si, pt, pc, qi = (int(x) for x in torch.unravel_index(torch.argmin(key), key.shape))
+        uniform_best = float(rel[si, pt, pc, qi])
+        m, cm = masses([pt], [pc])
+        out.append((uniform_best, float(score[si, pt, pc, qi]), LayerSetting(
+            mode="adaptive", alpha_s=grid.alpha_s[si], mass=m, context_mass=cm, pseudo_block=grid.pseudo_block[qi],
+            error_target=float(e[0, si, pt, qi]), error_context=float(e[1, si, pc, qi]), relative_cost=uniform_best)))
     if not (per_head and H > 1):
         return out
     S, P, PS = grid.adaptive_shape
+    n_opt = S * P * P
     for qi, ps in enumerate(grid.pseudo_block):
-        gt = torch.zeros(H, S * P + 1, dtype=torch.float64)
-        gc = torch.zeros(H, S * P + 1, dtype=torch.float64)
+        gt = torch.zeros(H, n_opt + 1, dtype=torch.float64)
+        gc = torch.zeros(H, n_opt + 1, dtype=torch.float64)
         if bool(has[0]):
-            gt[:, :-1] = num[:, 0, :, :, qi].reshape(H, -1) / float(den[0])
+            gt[:, :-1] = (num[:, 0, :, :, qi] / float(den[0]))[:, :, :, None].expand(H, S, P, P).reshape(H, -1)
         if bool(has[1]):
-            gc[:, :-1] = num[:, 1, :, :, qi].reshape(H, -1) / float(den[1])
-        cost = torch.cat([head_cost[:, :, :, qi].reshape(H, -1), torch.full((H, 1), dense_pairs_head, dtype=torch.float64)], 1)
+            gc[:, :-1] = (num[:, 1, :, :, qi] / float(den[1]))[:, :, None, :].expand(H, S, P, P).reshape(H, -1)
+        cost = torch.cat([head_cost[..., qi].reshape(H, -1), torch.full((H, 1), exact_head, dtype=torch.float64)], 1)
         found = _lagrange(gt, gc, cost, bt, bc)
         if found is None:
             continue
         ch, et, ec = found
-        r = (max(cost_model.floor, float(cost.gather(1, ch[:, None]).sum()) + c)) / dense_layer
+        r = max(cost_model.floor, float(cost.gather(1, ch[:, None]).sum()) + c) / dense_layer
         if not (per_head == "always" or r < uniform_best * (1 - min_gain)):
             continue
-        a_s, mass, eth, ech = [], [], [], []
+        a_s, pts, pcs, eth, ech = [], [], [], [], []
         for h, o in enumerate(ch.tolist()):
-            if o == S * P:
-                a_s.append(1.0), mass.append(1.0), eth.append(0.0), ech.append(0.0)
+            if o == n_opt:
+                a_s.append(1.0), pts.append(-1), pcs.append(-1), eth.append(0.0), ech.append(0.0)
                 continue
-            si, pi = divmod(o, P)
-            a_s.append(grid.alpha_s[si]), mass.append(grid.mass[pi])
+            si, rest = divmod(o, P * P)
+            pt, pc = divmod(rest, P)
+            a_s.append(grid.alpha_s[si]), pts.append(pt), pcs.append(pc)
             d0, d1 = float(ls.ad_den[h, 0]), float(ls.ad_den[h, 1])
-            eth.append(float(num[h, 0, si, pi, qi]) / d0 if d0 > 0 else 0.0)
-            ech.append(float(num[h, 1, si, pi, qi]) / d1 if d1 > 0 else 0.0)
-        one = lambda v: v[0] if len(set(v)) == 1 else tuple(v)  # noqa: E731
+            eth.append(float(num[h, 0, si, pt, qi]) / d0 if d0 > 0 else 0.0)
+            ech.append(float(num[h, 1, si, pc, qi]) / d1 if d1 > 0 else 0.0)
+        m, cm = masses(pts, pcs)
         out.append((r, et / max(bt, 1e-12) + ec / max(bc, 1e-12), LayerSetting(
-            mode="adaptive", alpha_s=one(a_s), mass=one(mass), pseudo_block=ps, error_target=et, error_context=ec,
-            relative_cost=r, error_target_per_head=tuple(eth), error_context_per_head=tuple(ech))))
+            mode="adaptive", alpha_s=a_s[0] if len(set(a_s)) == 1 else tuple(a_s), mass=m, context_mass=cm,
+            pseudo_block=ps, error_target=et, error_context=ec, relative_cost=r,
+            error_target_per_head=tuple(eth), error_context_per_head=tuple(ech))))
     return out
 
 
@@ -278,8 +293,8 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
     α_s, α_f, α_ns) for the whole layer, and — when ``per_head`` — per-head ratios (a Lagrangian search
     over each head's options, dense included, subject to the *layer's* target-query and context-query
     errors), keeping per-head ratios only when they cut the predicted cost by more than ``min_gain``.
-    When the statistics measured the adaptive mode (``Grid(mass=...)``), its settings (α_s, mass,
-    pseudo-key size; layer-wide and per head) compete too, each ranked by its own measured pair counts and
+    When the statistics measured the adaptive mode (``Grid(mass=...)``), its settings (α_s, mass, context
+    mass, pseudo-key size; layer-wide and per head) compete too, each ranked by its own measured pair counts and
     :meth:`CostModel.adaptive_coefficients`; the cheapest setting of either mode wins the layer. Without
     adaptive measurements the result is the fixed mode's alone.
     A layer stays dense when no setting meets the budget or none is predicted to be faster.

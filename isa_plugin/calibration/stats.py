@@ -133,7 +133,8 @@ class LayerErrorStats:
         heads, head_dim: of the layer.
         ad_num: [H, 2, S, P, PS] float64, the adaptive mode's Σ|o − o*|₁ per α_s, mass and pseudo-key size
             (None when the grid has no ``mass``); ``ad_den`` [H, 2] its Σ|o*|₁ (own token sample);
-            ``ad_pairs`` [H, S, P, PS, 2] Σ over calls of its (exact, pseudo) pairs.
+            ``ad_pairs`` [H, S, P, PS, 2, 2] Σ over calls of its (exact, pseudo) pairs, for the rows of
+            non-context and of context query blocks.
     """
 
     num: torch.Tensor
@@ -165,7 +166,7 @@ class LayerErrorStats:
         ad = {}
         if grid.mass:
             S_, P, PS = grid.adaptive_shape
-            ad = dict(ad_num=z(heads, 2, S_, P, PS), ad_den=z(heads, 2), ad_pairs=z(heads, S_, P, PS, 2))
+            ad = dict(ad_num=z(heads, 2, S_, P, PS), ad_den=z(heads, 2), ad_pairs=z(heads, S_, P, PS, 2, 2))
         return cls(num=z(heads, 2, M, S, F, NS), den=z(heads, 2), prune_num=z(heads, 2, S), taylor_num=z(heads, 2, NS),
                    corr_sum=z(heads, 2, M, NS), corr_n=z(heads, 2), ctx_mass=z(heads), heads=heads, head_dim=head_dim, **ad)
 

@@ -45,20 +45,22 @@ __all__ = [
 
 
 def plan_pair_counts(blocks: BlockLayout, kv_keep: torch.Tensor, exact_kv: torch.Tensor, pseudo_block: int,
-                     per_head: bool = False):
+                     per_head: bool = False, query_blocks: Optional[torch.Tensor] = None):
     """(exact token pairs, (query token, pseudo-key) pairs) of a plan, summed over batch and heads.
 
     Args:
         blocks: the plan's blocking; kv_keep [B, H, nb] bool; exact_kv [B, H, nb, nb] bool.
         pseudo_block: tokens per pseudo-key (the block size for the fixed mode: one pseudo-key per block).
         per_head: return float64 tensors [H] (summed over the batch) instead of two ints.
+        query_blocks: [nb] bool, count only the rows of these query blocks (default: all).
     """
     dev = exact_kv.device
     cnt = blocks.counts.to(dev, torch.float64)
     n_pseudo = torch.ceil(cnt / pseudo_block)
+    rows = cnt if query_blocks is None else cnt * query_blocks.to(dev)
     approx = kv_keep[:, :, None, :] & ~exact_kv
-    exact = torch.einsum("bhij,i,j->h", exact_kv.double(), cnt, cnt)
-    pseudo = torch.einsum("bhij,i,j->h", approx.double(), cnt, n_pseudo)
+    exact = torch.einsum("bhij,i,j->h", exact_kv.double(), rows, cnt)
+    pseudo = torch.einsum("bhij,i,j->h", approx.double(), rows, n_pseudo)
     if per_head:
         return exact, pseudo
     return int(round(float(exact.sum()))), int(round(float(pseudo.sum())))

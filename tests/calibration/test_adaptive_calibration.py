@@ -34,7 +34,12 @@ def test_statistics_with_every_token_equal_the_reference_error():
                         want = float((out - dense)[0, sel, h].abs().sum() / dense[0, sel, h].abs().sum())
                         got = float(r["num"][h, kid, si, pi, qi] / r["den"][h, kid])
                         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-                assert tuple(round(float(x)) for x in r["pairs"][:, si, pi, qi].sum(0)) == plan.pair_counts()
+                assert tuple(round(float(x)) for x in r["pairs"][:, si, pi, qi].sum((0, 1))) == plan.pair_counts()
+    # a (mass, context_mass) pair costs the non-context rows of one entry and the context rows of another
+    cfg = ISAConfig(mode="adaptive", alpha_s=1.0, mass=0.6, context_mass=0.9, pseudo_block=4, block_size=16)
+    _, plan = isa_attention_reference(q, k, v, layout, cfg, return_plan=True)
+    mixed = r["pairs"][:, 1, 0, 0, 0].sum(0) + r["pairs"][:, 1, 1, 0, 1].sum(0)
+    assert tuple(round(float(x)) for x in mixed) == plan.pair_counts()
 
 
 def test_fit_searches_both_modes_and_keeps_fixed_results_without_adaptive():
@@ -78,8 +83,8 @@ def test_state_dict_round_trip_with_adaptive_statistics():
 
 def test_profile_round_trip_with_adaptive_layers(tmp_path):
     layers = {
-        "a": [LayerSetting(mode="adaptive", alpha_s=0.5, mass=(0.9, 0.95, 0.99), pseudo_block=16, error_target=0.01,
-                           error_context=0.02, relative_cost=0.4)],
+        "a": [LayerSetting(mode="adaptive", alpha_s=0.5, mass=(0.9, 0.95, 0.99), context_mass=0.8, pseudo_block=16,
+                           error_target=0.01, error_context=0.02, relative_cost=0.4)],
         "b": [LayerSetting(alpha_s=0.25, alpha_f=0.5, alpha_ns=0.125)],
         "c": [LayerSetting(dense=True)],
     }
@@ -89,6 +94,7 @@ def test_profile_round_trip_with_adaptive_layers(tmp_path):
     assert back == prof
     cfg = back.layers["a"][0].to_config()
     assert cfg.mode == "adaptive" and cfg.mass == (0.9, 0.95, 0.99) and cfg.pseudo_block == 16 and cfg.alpha_s == 0.5
+    assert cfg.context_mass == 0.8
     assert back.layers["b"][0].to_config().mode == "fixed"
     assert "mode" not in path.read_text().split("b:")[1].split("c:")[0]
 
