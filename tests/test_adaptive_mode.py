@@ -19,7 +19,7 @@ def _qkv(rng, B=2, H=3, D=16, dtype=torch.float64):
 
 def test_config_round_trip_and_fixed_dict_unchanged():
     cfg = ISAConfig(mode="adaptive", mass=(0.8, 0.9, 0.99), min_blocks=(1, 2, 1), max_blocks=3, pseudo_block=16,
-                    alpha_s=(0.5, 1.0, 0.25))
+                    alpha_s=(0.5, 1.0, 0.25), context_mass=(0.7, 0.9, 1.0))
     assert ISAConfig.decode(cfg.encode()) == cfg
     assert ISAConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(mass=0.5).mass == 0.5 and cfg.replace(mass=0.5).mode == "adaptive"
@@ -27,7 +27,9 @@ def test_config_round_trip_and_fixed_dict_unchanged():
     ph = cfg.per_head(3)
     assert ph["mass"].tolist() == [0.8, 0.9, 0.99] and ph["min_blocks"].dtype == torch.int64
     assert cfg.adaptive == AdaptiveSettings(mass=(0.8, 0.9, 0.99), min_blocks=(1, 2, 1), max_blocks=3, pseudo_block=16,
-                                            alpha_s=(0.5, 1.0, 0.25))
+                                            alpha_s=(0.5, 1.0, 0.25), context_mass=(0.7, 0.9, 1.0))
+    assert ph["context_mass"].tolist() == [0.7, 0.9, 1.0]
+    assert ISAConfig(mode="adaptive", mass=0.8).per_head(2)["context_mass"].tolist() == [0.8, 0.8]
     # a fixed-mode config lists neither the mode nor the adaptive settings
     d = ISAConfig().to_dict()
     assert "mode" not in d and "mass" not in d and "pseudo_block" not in d
@@ -45,6 +47,8 @@ def test_config_round_trip_and_fixed_dict_unchanged():
     (dict(mode="adaptive", min_blocks=0), ValueError, "min_blocks"),
     (dict(mode="adaptive", min_blocks=3, max_blocks=2), ValueError, "max_blocks"),
     (dict(mode="adaptive", max_blocks=2.5), TypeError, "max_blocks"),
+    (dict(context_mass=0.5), ValueError, "mode='adaptive'"),
+    (dict(mode="adaptive", context_mass=0.0), ValueError, "context_mass"),
 ])
 def test_config_validation(kw, exc, word):
     with pytest.raises(exc, match=word):
