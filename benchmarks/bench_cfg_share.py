@@ -14,9 +14,8 @@ no time.
 
 The shared plan runs on the kernels as: pool q, k per entry (Triton), average the block means over the
 batch, plan once on the averaged means (expanded to the batch), execute per entry with each entry's own
-tokens and pseudo-keys — the semantics of ``share_plan`` in the reference. When the kernels implement
-``share_plan`` themselves (``isa_plugin.kernels.dispatch.SUPPORTS_SHARE_PLAN``), the public
-``isa_attention(..., share_plan=True)`` is timed as well.
+tokens and pseudo-keys — the semantics of ``share_plan`` in the reference. The public
+``isa_attention(..., share_plan=True)`` (the kernels' own share_plan) is timed as well.
 
 Examples:
     python benchmarks/bench_cfg_share.py                                   # Wan 480p 81f ICL, 12 heads
@@ -39,7 +38,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from isa_plugin import ISAConfig, isa_attention  # noqa: E402
 from isa_plugin.calibration.synthetic import synthetic_qkv  # noqa: E402
-from isa_plugin.kernels import dispatch  # noqa: E402
 from isa_plugin.kernels.executor import execute_compact  # noqa: E402
 from isa_plugin.kernels.plan import compact_to_reference, plan_compact, plan_compact_from_pooled  # noqa: E402
 from isa_plugin.kernels.pooling import pool_blocks_triton  # noqa: E402
@@ -158,15 +156,14 @@ def main(argv=None):
                     print(f"FAIL {mode} perturb={perturb} alpha_s={a_s}: kernel error {err:.3e} vs torch error {berr:.3e}")
                     continue
                 if mode == "independent":
-                    fn = lambda: execute_compact(q, k, v, plan_compact(q, k, layout, cfg, scale, v=v, _defer=True), scale)  # noqa: E731
+                    fn = lambda: execute_compact(q, k, v, plan_compact(q, k, layout, cfg, scale, v=v, defer_selections=True), scale)  # noqa: E731
                 else:
                     fn = lambda: execute_compact(q, k, v, plan_shared(q, k, layout, cfg, scale), scale)  # noqa: E731
                 res[mode]["ms"] = triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
             res["entries_agree"] = selections_agree(plans["independent"], plans["shared"])
-            if getattr(dispatch, "SUPPORTS_SHARE_PLAN", False):
-                c2 = cfg.replace(share_plan=True)
-                res["api_shared_ms"] = triton.testing.do_bench(lambda: isa_attention(q, k, v, layout, c2), warmup=10, rep=200,
-                                                               return_mode="median")
+            c2 = cfg.replace(share_plan=True)
+            res["api_shared_ms"] = triton.testing.do_bench(lambda: isa_attention(q, k, v, layout, c2), warmup=10, rep=200,
+                                                           return_mode="median")
             res["dense_ms"] = t_dense
             rows.append(res)
         del q, k, v, d

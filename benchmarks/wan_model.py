@@ -1,27 +1,21 @@
-"""A randomly initialised Wan transformer of a given shape for the GPU benchmarks (no weights are read)."""
+"""Randomly initialised transformers of a given shape for the GPU benchmarks (no weights are read)."""
 
 from __future__ import annotations
 
 import torch
 
 
-def build_wan_transformer(*, heads: int, head_dim: int, ffn: int, layers: int, text_dim: int, device, dtype):
-    """``WanTransformer3DModel`` with random weights created directly in ``dtype`` on ``device``.
+def build_random_transformer(cls, *, device, dtype, **config):
+    """``cls(**config)`` with random weights created directly in ``dtype`` on ``device``.
 
     As ``from_pretrained(torch_dtype=...)`` does, the model's ``_keep_in_fp32_modules`` stay in float32.
-    Creating the weights in ``dtype`` avoids a float32 copy of a 14B-parameter model.
+    Creating the weights in ``dtype`` avoids a float32 copy of a many-billion-parameter model.
     """
-    from diffusers import WanTransformer3DModel
-
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = WanTransformer3DModel(
-                patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
-                out_channels=16, text_dim=text_dim, freq_dim=256, ffn_dim=ffn, num_layers=layers,
-                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-            )
+            model = cls(**config)
     finally:
         torch.set_default_dtype(prev)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -30,3 +24,35 @@ def build_wan_transformer(*, heads: int, head_dim: int, ffn: int, layers: int, t
             if keep & set(name.split(".")):
                 p.data = p.data.float()
     return model.eval().requires_grad_(False)
+
+
+def build_wan_transformer(*, heads: int, head_dim: int, ffn: int, layers: int, text_dim: int, device, dtype, model_cls=None):
+    """``WanTransformer3DModel`` (or ``model_cls``, a subclass taking its config, e.g. LIVEditor's) with random
+    weights (Wan 14B: 40 heads x 128, ffn 13824, 40 layers, text 4096)."""
+    from diffusers import WanTransformer3DModel
+
+    return build_random_transformer(
+        model_cls or WanTransformer3DModel, device=device, dtype=dtype,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
+        out_channels=16, text_dim=text_dim, freq_dim=256, ffn_dim=ffn, num_layers=layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    )
+
+
+def build_ltx2_transformer(*, heads: int, head_dim: int, audio_heads: int, audio_head_dim: int, layers: int, text_dim: int,
+                           device, dtype):
+    """``LTX2VideoTransformer3DModel`` with random weights.
+
+    LTX-2 (diffusers' defaults): 32 heads x 128 (video), 32 x 64 (audio), 48 layers, 128 latent channels for
+    video and audio, caption channels 3840, interleaved RoPE, cross-attention widths equal to the inner widths.
+    """
+    from diffusers import LTX2VideoTransformer3DModel
+
+    return build_random_transformer(
+        LTX2VideoTransformer3DModel, device=device, dtype=dtype,
+        in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=heads,
+        attention_head_dim=head_dim, cross_attention_dim=heads * head_dim, audio_in_channels=128, audio_out_channels=128,
+        audio_num_attention_heads=audio_heads, audio_attention_head_dim=audio_head_dim,
+        audio_cross_attention_dim=audio_heads * audio_head_dim, num_layers=layers, caption_channels=text_dim,
+        qk_norm="rms_norm_across_heads", rope_type="interleaved",
+    )

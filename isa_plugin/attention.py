@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ISAConfig
+from .kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual, residual_gate_view
 from .kernels.reference import isa_attention_reference
 from .layout import Layout
 
@@ -157,9 +158,9 @@ def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, c
     Callers validate inputs and decide the route first (:func:`isa_attention` does both).
     """
     if route.backend == "triton":
-        from .kernels.dispatch import isa_attention_triton
+        from .kernels.ops import isa_attention_kernels
 
-        return isa_attention_triton(q, k, v, layout, config, scale=scale)
+        return isa_attention_kernels(q, k, v, layout, config, scale=scale)
     if route.backend == "flex":
         from .kernels.adaptive_flex import adaptive_attention_flex
 
@@ -173,6 +174,29 @@ def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, c
     return _reference_op(q, k, v, kinds, lens, config.encode(), sc)
 
 
+def _normalise_layout(layout, batch: int) -> Union[Layout, List[Layout]]:
+    """The one place a layout argument is accepted: a Layout, ``(kind, length)`` pairs, or one of those per entry.
+
+    Returns:
+        a :class:`Layout`, or a list of ``batch`` Layouts.
+
+    Raises:
+        TypeError / ValueError: anything else, with what to write instead.
+    """
+    if isinstance(layout, Layout):
+        return layout
+    if isinstance(layout, (str, bytes)) or not isinstance(layout, Sequence):
+        raise TypeError(f"layout must be a Layout, a list of (kind, length) pairs such as [('target', 1024), ('context', 1024)], "
+                        f"or one of those per batch entry; got {type(layout).__name__}")
+    items = list(layout)
+    if items and all(isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], str) for x in items):
+        return Layout(items)  # plain (kind, length) pairs
+    if len(items) == batch and all(isinstance(x, Layout) or isinstance(x, (tuple, list)) for x in items):
+        return [x if isinstance(x, Layout) else Layout(x) for x in items]
+    raise ValueError(f"layout must be a Layout, a list of (kind, length) pairs such as [('target', 1024), ('context', 1024)], "
+                     f"or a list of {batch} of those (one per batch entry); got {layout!r}")
+
+
 def isa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -182,15 +206,24 @@ def isa_attention(
     *,
     scale: Optional[float] = None,
     return_info: bool = False,
+    residual_gate: Optional[torch.Tensor] = None,
+    residual_block_size: int = COARSE_BLOCK_SIZE,
 ):
     """In-context sparse attention over target, context and text tokens.
 
     Args:
         q, k, v: [B, N, H, D] (sequence before heads, as diffusers' processors hold them), one dtype.
-        layout: a :class:`Layout` covering the N tokens, or one Layout per batch entry (each covering N).
+        layout: a :class:`Layout` covering the N tokens, a plain list of ``(kind, length)`` pairs (made into
+            a Layout), or one of those per batch entry (each covering N).
         config: ratios, block size, sharpness metric and backend; default :class:`ISAConfig`.
         scale: softmax scale, default 1/sqrt(D).
         return_info: also return an :class:`ISAInfo` saying how the call was served.
+        residual_gate: [B, N] or [B, N, 1] per-token gate of a coarse attention residual, for models
+            trained with one (LIVEditor): the output becomes ``attention + gate · coarse(q, k, v)`` with
+            ``coarse`` the block-pooled attention over whole-sequence ``residual_block_size`` blocks
+            (:func:`~isa_plugin.kernels.coarse.coarse_attention`), on every path (ISA kernels, reference,
+            dense fallback). None (default, stock models): nothing is added.
+        residual_block_size: block size of that residual (64, as LIVEditor was trained).
 
     Returns:
         [B, N, H, D] in q's dtype (or ``(out, info)``). Each query attends over the target and text
@@ -201,8 +234,9 @@ def isa_attention(
         blocks) are served by dense attention, reported through ``info``.
 
     Raises:
-        ValueError: shapes that differ, a layout that does not cover N tokens, per-head ratios whose
-            length is not H, or a list of layouts whose length is not B.
+        ValueError: shapes that differ, a layout that does not cover N tokens (with q in the [B, H, N, D]
+            layout, the message says so and how to transpose), per-head ratios whose length is not H, or a
+            list of layouts whose length is not B.
 
     Example:
         >>> q = k = v = torch.randn(1, 512, 2, 64)
@@ -216,20 +250,25 @@ def isa_attention(
     _check_inputs(q, k, v)
     B, N, H, _ = q.shape
     config.per_head(H)  # validates per-head lengths
+    if residual_gate is not None:
+        residual_gate_view(residual_gate, B, N)  # validates the gate's shape before any work
+    layout = _normalise_layout(layout, B)
     if not isinstance(layout, Layout):
-        layouts = list(layout)
-        if len(layouts) != B or not all(isinstance(l, Layout) for l in layouts):
-            raise ValueError(f"layout must be a Layout or a list of {B} Layouts (one per batch entry); got {layout!r}")
+        layouts = layout
         if len(set(layouts)) == 1:
             layout = layouts[0]
         else:
-            parts = [isa_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], l, config, scale=scale, return_info=True) for i, l in enumerate(layouts)]
+            parts = [isa_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], l, config, scale=scale, return_info=True,
+                                   residual_gate=None if residual_gate is None else residual_gate[i : i + 1],
+                                   residual_block_size=residual_block_size) for i, l in enumerate(layouts)]
             out = torch.cat([p[0] for p in parts])
             infos = [p[1] for p in parts]
             info = next((i for i in infos if not i.used_isa), infos[0])
             return (out, info) if return_info else out
-    if not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a Layout, got {type(layout).__name__}")
+    if layout.num_tokens != N and layout.num_tokens == H and N != H:
+        raise ValueError(f"{layout!r} covers {layout.num_tokens} tokens, which is q's dimension 2 (N={N} is dimension 1): "
+                         f"q {tuple(q.shape)} looks like [B, H, N, D]; isa_attention takes [B, N, H, D] — "
+                         "pass q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2) (and transpose the output back)")
     layout.check(N)
 
     route = select_backend(q, layout, config)
@@ -237,4 +276,6 @@ def isa_attention(
         out, info = dense_attention(q, k, v, scale), ISAInfo(False, "dense", route.reason)
     else:
         out, info = run_isa(q, k, v, layout, config, route, scale), ISAInfo(True, route.backend)
+    if residual_gate is not None:
+        out = gated_coarse_residual(out, q, k, v, residual_gate, residual_block_size, scale, inplace=True)
     return (out, info) if return_info else out

@@ -1,6 +1,6 @@
 """The ``isa`` command line (also ``python -m isa_plugin``): a thin shell over the library.
 
-Built-in commands: ``calibrate``, ``inspect``, ``validate``. Adding one elsewhere is a few lines::
+Built-in commands: ``calibrate``, ``inspect``, ``validate`` (and ``demo``, ``eval``, ``convert-liveditor`` from the extension modules). Adding one elsewhere is a few lines::
 
     # isa_plugin/demo_cli.py
     from isa_plugin.cli import command
@@ -20,17 +20,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shutil
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["main", "command", "register_command", "CLIError", "EXTENSION_MODULES", "load_pipeline"]
+__all__ = ["main", "command", "register_command", "CLIError", "EXTENSION_MODULES", "load_pipeline", "budget_arg"]
 
 logger = logging.getLogger("isa_plugin.cli")
 
 #: modules imported by :func:`main` so their ``@command`` registrations take effect (missing ones are skipped)
-EXTENSION_MODULES: List[str] = ["isa_plugin.demo_cli", "isa_plugin.eval_cli"]
+EXTENSION_MODULES: List[str] = ["isa_plugin.demo_cli", "isa_plugin.eval_cli", "isa_plugin.liveditor_cli"]
 
 
 class CLIError(Exception):
@@ -48,17 +50,22 @@ class Command:
     run: Callable[[argparse.Namespace], Optional[int]]
     arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     description: Optional[str] = None
+    epilog: Optional[str] = None  # printed after the options as written (line breaks kept)
 
 
 _COMMANDS: Dict[str, Command] = {}
 
 
 def register_command(name: str, run: Callable[[argparse.Namespace], Optional[int]], *, help: str,
-                     arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None, description: Optional[str] = None) -> Command:
-    """Add a subcommand: ``arguments(parser)`` declares its options, ``run(args)`` returns the exit status."""
+                     arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None, description: Optional[str] = None,
+                     epilog: Optional[str] = None) -> Command:
+    """Add a subcommand: ``arguments(parser)`` declares its options, ``run(args)`` returns the exit status.
+
+    ``description`` is wrapped to the terminal; ``epilog`` (shown after the options) keeps its line breaks.
+    """
     if name in _COMMANDS and _COMMANDS[name].run is not run:
         raise ValueError(f"isa subcommand {name!r} is already registered")
-    cmd = Command(name, help, run, arguments, description)
+    cmd = Command(name, help, run, arguments, description, epilog)
     _COMMANDS[name] = cmd
     return cmd
 
@@ -90,12 +97,47 @@ def _load_extensions() -> None:
 
 
 # ================================================================================= helpers
+def budget_arg(name: str = "budget") -> Callable[[str], float]:
+    """An argparse ``type`` for error budgets: every command checks its budget at parse time, in one way.
+
+    The value goes through :func:`isa_plugin.config.validate_budget`, so ``--budget 2`` or ``--budget 0``
+    stops the command with the validator's message before anything is loaded.
+
+    Args:
+        name: how the value is named in the message (``"budget"``, ``"context budget"``).
+
+    Returns:
+        a function ``str -> float`` for ``parser.add_argument(..., type=budget_arg())``.
+
+    Example:
+        >>> p.add_argument("--budget", type=budget_arg(), default=0.05)
+    """
+
+    def parse(text: str) -> float:
+        from .config import validate_budget
+
+        try:
+            value = float(text)
+        except ValueError:
+            value = text  # the validator names the non-number
+        try:
+            return validate_budget(value, name=name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = "budget"
+    return parse
+
+
 def _device_dtype(device: Optional[str], dtype: Optional[str]):
     import torch
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {dev}: CUDA is not available on this machine; use --device cpu")
+    from .devices import resolve_device
+
+    try:
+        dev = str(resolve_device(device, name="--device"))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "fp32": torch.float32, "float32": torch.float32}
     if dtype is None:
@@ -167,10 +209,22 @@ def load_pipeline(path_or_id: str, adapter: Optional[str] = None, device: Option
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch_dtype -> dtype rename in newer diffusers
-            pipe = cls.from_pretrained(path_or_id, torch_dtype=dt)
+            pipe = cls.from_pretrained(path_or_id, torch_dtype=dt, **_absent_components(cls, p))
     except (OSError, ValueError) as e:
         raise CLIError(f"--pipeline {path_or_id}: cannot load {cls_name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return pipe.to(dev)
+
+
+def _absent_components(cls, folder: Path) -> Dict[str, None]:
+    """Components a local pipeline was saved without (e.g. ``text_encoder=None``): passed as None to load it."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        expected, _ = cls._get_signature_keys(cls)
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {name: None for name in expected if name not in index or index[name] in (None, [None, None])}
 
 
 def load_transformer_skeleton(path: str):
@@ -235,12 +289,15 @@ def _fmt(x, pct=False) -> str:
 
 # ================================================================================= calibrate
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", required=True, help="pipeline folder (save_pretrained) or hub id")
-    p.add_argument("--adapter", help="isa-plugin adapter serving the pipeline (e.g. wan-icl); checked against the pipeline class")
-    p.add_argument("--videos", nargs="+", required=True, metavar="VIDEO", help="sample videos: mp4/gif/webm files or folders of frames")
-    p.add_argument("--prompts", nargs="*", default=None, metavar="PROMPT", help="one prompt, or one per video (default: empty)")
-    p.add_argument("--budget", type=float, default=0.05, help="relative L1 error budget of the attention output (default 0.05)")
-    p.add_argument("--context-budget", type=float, default=None, help="separate budget for context-query outputs (default: --budget)")
+    p.add_argument("--pipeline", required=True, help="pipeline folder (save_pretrained) or hub id; its family is detected")
+    p.add_argument("--adapter", help="isa-plugin adapter serving the pipeline (default: detected from the pipeline class; "
+                                     "checked against it)")
+    p.add_argument("--inputs", "--videos", dest="inputs", nargs="+", metavar="INPUT",
+                   help="calibration samples: video files (mp4/gif/webm), images, or folders of frames; what each is for the "
+                        "pipeline is listed below (default: the bundled sample videos)")
+    p.add_argument("--prompts", nargs="*", default=None, metavar="PROMPT", help="one prompt, or one per sample (default: empty)")
+    p.add_argument("--budget", type=budget_arg(), default=0.05, help="relative L1 error budget of the attention output, in (0, 1) (default 0.05)")
+    p.add_argument("--context-budget", type=budget_arg("context_budget"), default=None, help="separate budget for context-query outputs, in (0, 1) (default: --budget)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps of the schedule (default 10; the run stops after the last measured step)")
     p.add_argument("--calib-steps", type=int, default=4, help="steps measured, spread over the schedule (default 4)")
     p.add_argument("--height", type=int, help="resize videos to this height")
@@ -274,9 +331,13 @@ def _calibrate(args) -> int:
     if args.steps < 1 or args.calib_steps < 1:
         raise CLIError("--steps and --calib-steps must be at least 1")
     budget = parse_budget((args.budget, args.context_budget if args.context_budget is not None else args.budget))
-    for v in args.videos:
+    if args.inputs is None:
+        from .calibration.video import sample_media_paths
+
+        args.inputs = [str(p) for p in sample_media_paths()]
+    for v in args.inputs:
         if not Path(v).exists():
-            raise CLIError(f"video {v!r} does not exist")
+            raise CLIError(f"input {v!r} does not exist")
     cost_model = load_cost_model(args.cost_model) if args.cost_model else load_cost_model()
     out = Path(args.out)
     if out.is_dir():
@@ -291,15 +352,19 @@ def _calibrate(args) -> int:
     if args.guidance_scale is not None:
         extra["guidance_scale"] = args.guidance_scale
     t0 = time.perf_counter()
+    from .calibration.runners import runner_for, runner_named
+
+    try:
+        runner = runner_named(args.adapter) if args.adapter else runner_for(pipe)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
     stats, meta = record(
-        pipe, args.videos, args.prompts or None, steps=args.steps, calib_steps=args.calib_steps, height=args.height,
+        pipe, args.inputs, args.prompts or None, adapter=runner.adapter, steps=args.steps, calib_steps=args.calib_steps, height=args.height,
         width=args.width, frames=args.frames, block_size=args.block_size, blocks_per_kind=args.blocks_per_kind,
         tokens_per_block=args.tokens_per_block, timestep_buckets=args.timestep_buckets, seed=args.seed,
         progress=not args.no_progress, pipeline_kwargs=extra, grid=grid,
     )
     meta["pipeline"] = args.pipeline
-    if args.adapter:
-        meta["adapter"] = args.adapter
     meta["seconds"] = round(time.perf_counter() - t0, 2)
     per_head = {"auto": "auto", "always": "always", "off": False}[args.per_head]
     profile = fit_profile(stats, budget, cost_model, per_head=per_head, margin=args.margin, metadata=meta)
@@ -309,9 +374,33 @@ def _calibrate(args) -> int:
 
         torch.save(stats.state_dict(), args.save_stats)
     s = profile.summary()
+    _print_held_out(profile)
     print(f"wrote {out}: {s['layers']} layers, {s['dense_layers']} dense, predicted attention cost "
           f"{_fmt(s['mean_relative_cost'], True)} of dense, calibrated in {meta['seconds']:.1f} s")
     return 0
+
+
+def _print_held_out(profile) -> None:
+    """The held-out check per layer (predicted vs leave-one-sample-out error), and a warning per layer over budget."""
+    checks = profile.calibrated_on.get("held_out") or {}
+    bt, bc = profile.budget["target"], profile.budget["context"]
+    header = f"{'layer':<36} {'bucket':>6} {'pred_tgt':>8} {'held_tgt':>8} {'pred_ctx':>8} {'held_ctx':>8} {'margin':>6}"
+    print(f"held-out check (leave one sample out; budget target {_fmt(bt, True)}, context {_fmt(bc, True)}):")
+    print(header)
+    misses = []
+    for name, per_bucket in checks.items():
+        for bi, c in enumerate(per_bucket):
+            if c is None:
+                continue
+            ht, hc = c.get("held_out_target"), c.get("held_out_context")
+            print(f"{name:<36} {bi:>6} {_fmt(c.get('predicted_target'), True):>8} {_fmt(ht, True):>8} "
+                  f"{_fmt(c.get('predicted_context'), True):>8} {_fmt(hc, True):>8} {c.get('margin', 0):>6.3f}")
+            if ht is None:
+                misses.append(f"{name}: one sample only, no held-out check (give two or more --inputs)")
+            elif ht > bt or hc > bc:
+                misses.append(f"{name} bucket {bi}: held-out error {_fmt(ht, True)} / {_fmt(hc, True)} exceeds the budget")
+    for m in dict.fromkeys(misses):
+        print(f"isa: warning: {m}", file=sys.stderr)
 
 
 # ================================================================================= inspect
@@ -415,8 +504,8 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="intended run height (warns when it differs from the calibrated one)")
     p.add_argument("--width", type=int, help="intended run width")
     p.add_argument("--frames", type=int, help="intended run frame count")
-    p.add_argument("--device", default="cpu", help="where to load the pipeline (default cpu)")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default="cpu", help="where to load the pipeline when it has to be loaded (default cpu)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
 
 
 def _validate(args) -> int:
@@ -439,56 +528,115 @@ def _validate(args) -> int:
         names = list(family_for(tr).self_attention_layers(tr))
     except TypeError as e:
         raise CLIError(str(e)) from None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # a size warning shown before in this process still counts here
         try:
             prof.check_compatible(tr, layer_names=names, height=args.height, width=args.width, frames=args.frames)
         except ValueError as e:
             raise CLIError(f"profile does not fit this model: {e}", code=1) from None
-    for w in caught:
-        print(f"isa: warning: {w.message}", file=sys.stderr)
     s = prof.summary()
     print(f"OK: {args.profile} fits {type(tr).__name__} ({len(names)} attention layers, {s['dense_layers']} kept dense)")
     return 0
 
 
-register_command("calibrate", _calibrate, help="calibrate ISA ratios on sample videos and write a profile", arguments=_calibrate_args,
-                 description="Run the pipeline densely on sample videos, measure ISA's error per layer and head, and write the "
-                             "cheapest per-layer ratios within the error budget.")
+def _calibrate_epilog() -> str:
+    from .calibration.runners import help_text
+
+    return "pipelines (detected from the saved pipeline; --adapter NAME overrides) and what one --inputs sample is for each:\n" + help_text()
+
+
+register_command("calibrate", _calibrate, help="calibrate ISA ratios on sample videos or images and write a profile",
+                 arguments=_calibrate_args, epilog=_calibrate_epilog(),
+                 description="Run the pipeline densely on calibration samples, measure ISA's error per layer and head (every "
+                             "transformer of the pipeline), and write the cheapest per-layer ratios whose leave-one-sample-out "
+                             "error is within the budget.")
 register_command("inspect", _inspect, help="print a profile as a per-layer table (and plot it)", arguments=_inspect_args)
 register_command("validate", _validate, help="check a profile against a model", arguments=_validate_args)
 
 
 # ================================================================================= main
+def _global_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
+    """``-v`` and ``--debug``, accepted before and after the subcommand (``isa inspect x --debug``)."""
+    extra = {"default": argparse.SUPPRESS} if sub else {}  # a subcommand does not reset what came before it
+    p.add_argument("-v", "--verbose", action="count", help="more log output (-vv for debug)", **({"default": 0} if not sub else extra))
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors", **({"default": False} if not sub else extra))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other user error: ``isa: error: ...`` and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"isa: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="isa", description="ISA (In-context Sparse Attention) for diffusers: calibration and tools.")
+    parser = _Parser(prog="isa", description="ISA (In-context Sparse Attention) for diffusers: calibration and tools.")
     parser.add_argument("--version", action="version", version=f"isa-plugin {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _global_options(parser, sub=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for cmd in _COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        kw = {}
+        if cmd.epilog:  # kept as written; the description is wrapped here since the raw formatter does not
+            kw = dict(epilog=cmd.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description = cmd.description or cmd.help
+        if cmd.epilog:
+            width = max(40, shutil.get_terminal_size().columns - 2)
+            description = "\n\n".join(textwrap.fill(" ".join(par.split()), width) for par in description.split("\n\n"))
+        p = sub.add_parser(cmd.name, help=cmd.help, description=description, **kw)
         if cmd.arguments is not None:
             cmd.arguments(p)
+        _global_options(p, sub=True)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
+class _LogHandler(logging.StreamHandler):
+    """``isa: message`` on stderr (``isa: warning: message`` from warnings up); remembers warnings shown."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+        self.shown = set()
+
+    def format(self, record):
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            self.shown.add(msg)
+            return f"isa: warning: {msg}"
+        return f"isa: {msg}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``isa``; returns the exit status."""
+    import warnings
+
     _load_extensions()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="isa: %(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (one line printed, exit 2), --help and --version
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    root = logging.getLogger()
+    handler, old_level = _LogHandler(), root.level
+    root.addHandler(handler)
+    root.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text not in handler.shown:  # the library logs most warnings it raises: print each once
+            handler.shown.add(text)
+            print(f"isa: warning: {text}", file=sys.stderr)
+
     from .profile import ProfileError
 
     try:
-        rc = args._run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            rc = args._run(args)
         return 0 if rc is None else int(rc)
     except (CLIError, ProfileError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         if args.debug:
@@ -498,6 +646,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("isa: interrupted", file=sys.stderr)
         return 130
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
 
 
 def _one_line(e: BaseException) -> str:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from .cli import command
+from .cli import budget_arg, command
 
 
 def _arguments(p) -> None:
     p.add_argument("--out", default="isa_demo", metavar="DIR", help="output folder (default: ./isa_demo)")
     p.add_argument("--size", default="tiny", help="random-pipeline preset: tiny (CPU), small, large (GPU); default tiny")
-    p.add_argument("--model", metavar="PATH_OR_ID", help="a WanInContextEditPipeline checkpoint instead of random weights")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--budget", type=float, default=0.05, help="attention-output error budget, relative L1 (default 0.05)")
+    p.add_argument("--model", metavar="PATH_OR_ID", help="a WanInContextEditPipeline or LIVEditorPipeline folder instead of random weights")
+    p.add_argument("--device", help="cuda (or cuda:N) or cpu (default: cuda when available)")
+    p.add_argument("--budget", type=budget_arg(), default=0.05, help="attention-output error budget, relative L1 in (0, 1) (default 0.05)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video", metavar="PATH", help="video or frame folder to edit (default: the bundled sample)")
@@ -22,9 +22,9 @@ def demo(args) -> int:
     """Calibrate a profile, load it, edit with dense attention and with ISA, report fidelity and time."""
     from .cli import CLIError
     from .demo import run_demo
+    from .devices import resolve_device
 
-    if not 0 < args.budget < 1:
-        raise CLIError(f"--budget {args.budget}: give a relative error in (0, 1), e.g. 0.05")
+    resolve_device(args.device, name="--device")  # before anything is built
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps {args.steps}: give at least 1 step")
     r = run_demo(args.out, size=args.size, model=args.model, device=args.device, budget=args.budget, steps=args.steps,

@@ -10,18 +10,21 @@ from .cli import command
 
 def _arguments(p) -> None:
     p.add_argument("--pipeline", required=True, metavar="PATH_OR_ID", help="the ICL pipeline (local folder or cached hub id)")
-    p.add_argument("--adapter", help="adapter name the pipeline must be served by (see isa calibrate --help)")
+    p.add_argument("--adapter", help="adapter name the pipeline must be served by, e.g. wan-icl (checked against the "
+                                     "pipeline class; an unknown name is answered with the list of adapters)")
     p.add_argument("--profile", required=True, metavar="YAML", help="threshold profile from isa calibrate")
     p.add_argument("--videos", required=True, nargs="+", metavar="VIDEO", help="videos (mp4/gif/frame folders)")
     p.add_argument("--prompts", nargs="+", default=[""], help="one prompt, or one per video")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
-    p.add_argument("--dtype")
+    p.add_argument("--height", type=int, help="resize the videos to this height (default: the video's, fitted to the model)")
+    p.add_argument("--width", type=int, help="resize the videos to this width (default: the video's, fitted to the model)")
+    p.add_argument("--frames", type=int, help="use the first N frames of each video (default: all, fitted to the model)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of each edit (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed shared by the dense and the ISA run (default 0)")
+    p.add_argument("--device", help="cuda (or cuda:N) or cpu (default: cuda when available)")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--json", metavar="PATH", default="isa_eval.json", help="where to write the results (default isa_eval.json)")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bars (each run's bar is labelled with the video, dense or ISA, and the run)")
 
 
 @command("eval", help="compare ISA with dense attention on your pipeline and videos (PSNR/SSIM, error, time)",
@@ -43,14 +46,16 @@ def evaluate(args) -> int:
     profile = ThresholdProfile.load(args.profile)
     pipe = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype)
     profile.check_compatible(pipe.transformer)
+    pipe.set_progress_bar_config(disable=args.no_progress)
     prompts = args.prompts * len(args.videos) if len(args.prompts) == 1 else args.prompts
     print("LPIPS: skipped (no LPIPS weights are bundled; PSNR and SSIM are reported)")
     rows = []
-    for path, prompt in zip(args.videos, prompts):
+    for i, (path, prompt) in enumerate(zip(args.videos, prompts)):
         video = _load_video(path, args.frames, args.height, args.width)
         video, nf, h, w = _fit_shape(pipe, video, args.frames)
         profile.check_run(height=h, width=w, frames=nf)
-        r = compare_edit(pipe, profile, video, prompt, height=h, width=w, frames=nf, steps=args.steps, seed=args.seed)
+        r = compare_edit(pipe, profile, video, prompt, height=h, width=w, frames=nf, steps=args.steps, seed=args.seed,
+                         label=f"video {i + 1}/{len(args.videos)}")
         rows.append({
             "video": path, "prompt": prompt, "height": h, "width": w, "frames": nf,
             "psnr": r["psnr"], "ssim": r["ssim"], "lpips": None,

@@ -8,10 +8,11 @@ error of each ISA layer, and how many calls fell back to dense attention and why
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -46,9 +47,25 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def _progress_label(pipe, label: Optional[str]):
+    """Label the pipeline's progress bar for the duration (keeping its other settings, e.g. ``disable``)."""
+    old = getattr(pipe, "_progress_bar_config", None)
+    if label is None or not hasattr(pipe, "set_progress_bar_config"):
+        yield
+        return
+    pipe.set_progress_bar_config(**{**(old or {}), "desc": label})
+    try:
+        yield
+    finally:
+        pipe.set_progress_bar_config(**(old or {}))
+
+
 def run_edit(pipe, video: torch.Tensor, prompt: str, *, height: int, width: int, frames: int, steps: int,
-             seed: int, **pipeline_kwargs) -> EditRun:
+             seed: int, label: Optional[str] = None, **pipeline_kwargs) -> EditRun:
     """Run ``pipe`` once on ``video`` ([F, 3, H, W] in [0, 1]) and time it.
+
+    ``label`` names the run on the pipeline's progress bar (e.g. ``"dense, run 1/2"``).
 
     Returns:
         an :class:`EditRun`; ``attention_ms`` is the summed forward time of the self-attention modules.
@@ -57,7 +74,7 @@ def run_edit(pipe, video: torch.Tensor, prompt: str, *, height: int, width: int,
 
     device = getattr(pipe, "_execution_device", torch.device("cpu"))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    with time_modules(self_attention_modules(pipe).items()) as timer:
+    with _progress_label(pipe, label), time_modules(self_attention_modules(pipe).items()) as timer:
         _sync(device)
         t0 = time.perf_counter()
         out = pipe(prompt=prompt, video=video, height=height, width=width, num_frames=frames,
@@ -69,7 +86,7 @@ def run_edit(pipe, video: torch.Tensor, prompt: str, *, height: int, width: int,
     return EditRun(frames=result, total_ms=total, attention_ms=timer.total_ms, attention_calls=timer.calls)
 
 
-def _layer_errors(pipe, video, prompt, *, height, width, frames, steps, seed, measure_calls: int, pipeline_kwargs):
+def _layer_errors(pipe, video, prompt, *, height, width, frames, steps, seed, measure_calls: int, pipeline_kwargs, label=None):
     """Relative L1 error of each ISA layer's output vs dense attention, target and context rows apart.
 
     Runs the edit once more with ISA, and on the first ``measure_calls`` transformer calls compares, per
@@ -96,7 +113,7 @@ def _layer_errors(pipe, video, prompt, *, height, width, frames, steps, seed, me
                 acc[key][0] += float((out[:, rows] - ref[:, rows]).abs().sum())
                 acc[key][1] += float(ref[:, rows].abs().sum())
 
-    with observe_attention(pipe, observer, dense=False):
+    with observe_attention(pipe, observer, dense=False), _progress_label(pipe, label):
         with torch.no_grad():
             gen = torch.Generator(device="cpu").manual_seed(seed)
             pipe(prompt=prompt, video=video, height=height, width=width, num_frames=frames,
@@ -108,7 +125,7 @@ def _layer_errors(pipe, video, prompt, *, height, width, frames, steps, seed, me
 
 def compare_edit(pipe, profile_or_config, video: torch.Tensor, prompt: str, *, height: int, width: int, frames: int,
                  steps: int, seed: int = 0, measure_calls: int = 2, warmup: bool = True, repeats: int = 2,
-                 **pipeline_kwargs) -> Dict[str, Any]:
+                 label: Optional[str] = None, **pipeline_kwargs) -> Dict[str, Any]:
     """Dense vs ISA on one edit, same seed.
 
     Args:
@@ -119,6 +136,7 @@ def compare_edit(pipe, profile_or_config, video: torch.Tensor, prompt: str, *, h
         warmup: run each configuration once (1 step) before timing (kernel compilation, caches).
         repeats: timed runs of each configuration, interleaved dense/ISA so that a busy machine slows
             both alike; the fastest of each is reported.
+        label: prefix of the progress-bar labels (each run is named: ``"<label> dense, run 1/2"``, ...).
 
     Returns:
         ``{"dense": EditRun, "isa": EditRun, "psnr": dB, "ssim": ..., "layer_errors": {...},
@@ -133,22 +151,24 @@ def compare_edit(pipe, profile_or_config, video: torch.Tensor, prompt: str, *, h
         raise ValueError(f"repeats={repeats} must be at least 1")
     kw = dict(height=height, width=width, frames=frames, steps=steps, seed=seed, **pipeline_kwargs)
     dense_runs, isa_runs = [], []
+    name = (lambda what: f"{label} {what}") if label else (lambda what: what)
     with torch.no_grad():
         for r in range(repeats):
             if warmup and r == 0:
-                run_edit(pipe, video, prompt, **{**kw, "steps": 1})
-            dense_runs.append(run_edit(pipe, video, prompt, **kw))
+                run_edit(pipe, video, prompt, **{**kw, "steps": 1}, label=name("dense warm-up"))
+            dense_runs.append(run_edit(pipe, video, prompt, **kw, label=name(f"dense, run {r + 1}/{repeats}")))
             apply_isa(pipe, profile_or_config)
             try:
                 if warmup and r == 0:
-                    run_edit(pipe, video, prompt, **{**kw, "steps": 1})
+                    run_edit(pipe, video, prompt, **{**kw, "steps": 1}, label=name("ISA warm-up"))
                 reset_stats(pipe)
-                run = run_edit(pipe, video, prompt, **kw)
+                run = run_edit(pipe, video, prompt, **kw, label=name(f"ISA, run {r + 1}/{repeats}"))
                 run.stats = stats(pipe)
                 isa_runs.append(run)
                 if r == repeats - 1:
                     errors = _layer_errors(pipe, video, prompt, height=height, width=width, frames=frames, steps=steps,
-                                           seed=seed, measure_calls=measure_calls, pipeline_kwargs=pipeline_kwargs)
+                                           seed=seed, measure_calls=measure_calls, pipeline_kwargs=pipeline_kwargs,
+                                           label=name("ISA, per-layer errors"))
             finally:
                 remove_isa(pipe)
     dense = min(dense_runs, key=lambda x: x.total_ms)

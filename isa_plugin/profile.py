@@ -33,12 +33,15 @@ Example YAML::
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
 import math
 import numbers
 import os
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
@@ -354,6 +357,31 @@ class ThresholdProfile:
             self.check_compatible(transformer, layer_names=layer_names)
         return {name: self.config_for(name, timestep, backend) for name in self.layers}
 
+    def for_component(self, component: Optional[str]) -> "ThresholdProfile":
+        """The part of this profile for one transformer of a pipeline (``"transformer"``, ``"transformer_2"``).
+
+        A profile calibrated on a pipeline with several transformers keys the extra ones' layers
+        ``"<component>/<layer>"`` and records their class and config hash under ``calibrated_on["components"]``;
+        this returns a profile with that component's layers (prefix removed) and provenance. A profile without
+        prefixed layers serves every component as it is.
+
+        Example:
+            >>> profile.for_component("transformer_2").layer_names[:1]
+            ['blocks.0.attn1']
+        """
+        if not any("/" in n for n in self.layers):
+            return self
+        prefix = "" if component in (None, "transformer") else f"{component}/"
+        if prefix:
+            layers = {n[len(prefix):]: v for n, v in self.layers.items() if n.startswith(prefix)}
+        else:
+            layers = {n: v for n, v in self.layers.items() if "/" not in n}
+        on = {k: v for k, v in (self.calibrated_on or {}).items() if k not in ("components", "layer_names")}
+        if prefix:
+            on.update((self.calibrated_on.get("components") or {}).get(component, {}))
+        on["layer_names"] = list(layers)
+        return dataclasses.replace(self, layers=layers, calibrated_on=on)
+
     def check_compatible(self, transformer, layer_names: Optional[Sequence[str]] = None, *,
                          height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None) -> None:
         """Raise ``ValueError`` unless this profile was calibrated for ``transformer``.
@@ -537,12 +565,16 @@ class ThresholdProfile:
 
         Raises:
             FileNotFoundError: no such file.
+            IsADirectoryError: ``path`` is a folder (the message suggests the profile file inside it).
             ProfileError (a ``ValueError``): truncated or corrupt YAML or sidecar, unknown schema version,
                 wrong types, or out-of-range ratios; the message names the file and the field.
         """
         import yaml
 
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"ISA profile {str(path)!r} is a directory; give the profile's YAML file "
+                                    f"(e.g. {str(path / 'profile.yaml')!r})")
         if not path.is_file():
             raise FileNotFoundError(f"ISA profile {str(path)!r} does not exist")
         raw = path.read_bytes()
@@ -690,6 +722,10 @@ def _load_sidecar(path: Path, meta: Any) -> Dict[str, torch.Tensor]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, with an ordinary file's mode.
+
+    The mode is the existing file's, else ``0o666`` less the umask (``mkstemp`` alone would leave 0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
@@ -697,6 +733,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -704,3 +745,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask

@@ -67,7 +67,8 @@ def test_validate(profile, pipes, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config hash" in err and "Traceback" not in err
     assert main(["validate", str(profile), "--pipeline", pipes["ok"], "--height", "128", "--width", "64"]) == 0
-    assert "warning" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and err.startswith("isa: warning:"), err  # logged and warned: printed once
 
 
 def test_profile_applies(profile, pipes):
@@ -145,3 +146,101 @@ def test_calibrate_adaptive(pipes, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "blocks.0.attn1" in printed
     assert (" adaptive " in printed) == any(s.mode == "adaptive" for ss in prof.layers.values() for s in ss)
+
+
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "--pipeline", "/nonexistent", "--videos", "v.mp4", "--out", "p.yaml", "--budget", "2"],
+    ["calibrate", "--pipeline", "/nonexistent", "--videos", "v.mp4", "--out", "p.yaml", "--budget", "0"],
+    ["calibrate", "--pipeline", "/nonexistent", "--videos", "v.mp4", "--out", "p.yaml", "--context-budget", "1"],
+    ["demo", "--budget", "2", "--out", "/nonexistent/never-written"],
+    ["demo", "--budget", "nan", "--out", "/nonexistent/never-written"],
+])
+def test_budget_checked_at_parse_time(argv, capsys, monkeypatch):
+    """Every command checks its budget with config.validate_budget before it runs (nothing is loaded)."""
+    from isa_plugin import cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("isa: error: argument --") and "use a value in (0, 1), e.g. 0.05" in err, err
+
+
+def test_budget_arg_message_is_the_validators():
+    import argparse
+
+    from isa_plugin.cli import budget_arg
+    from isa_plugin.config import validate_budget
+
+    assert budget_arg()("0.1") == 0.1
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        budget_arg()("abc")
+    with pytest.raises(ValueError) as v:
+        validate_budget("abc")
+    assert str(e.value) == str(v.value)
+
+
+def test_debug_after_the_subcommand(capsys):
+    assert main(["inspect", "/nonexistent/p.yaml"]) == 2
+    for argv in (["--debug", "inspect", "/nonexistent/p.yaml"], ["inspect", "/nonexistent/p.yaml", "--debug"]):
+        with pytest.raises(FileNotFoundError):
+            main(argv)
+
+
+@pytest.mark.parametrize("device,needle", [("gpu", "is not a device name; use 'cuda'"), ("cuda", "no CUDA GPU is visible")])
+def test_bad_device_is_one_line(device, needle, capsys):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["demo", "--device", device, "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("isa: error: --device") and needle in err and "cpu" in err, err
+
+
+def test_inspect_of_a_folder(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and "profile.yaml" in err and "does not exist" not in err
+
+
+def test_eval_options_have_help_and_progress_switch():
+    from isa_plugin.cli import _load_extensions, build_parser
+
+    _load_extensions()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["eval"]
+    missing = [a.dest for a in sub._actions if not a.help]
+    assert not missing, missing
+    assert "calibrate --help" not in sub.format_help()
+    for flag in ("--no-progress", "--quiet"):
+        args = parser.parse_args(["eval", "--pipeline", "p", "--profile", "x.yaml", "--videos", "v.mp4", flag])
+        assert args.no_progress
+
+
+def test_progress_bars_are_labelled():
+    from isa_plugin.evaluate import _progress_label
+
+    class Pipe:
+        _progress_bar_config = {"disable": True}
+
+        def set_progress_bar_config(self, **kw):
+            self._progress_bar_config = kw
+
+    pipe = Pipe()
+    with _progress_label(pipe, "video 1/2 dense, run 1/2"):
+        assert pipe._progress_bar_config == {"disable": True, "desc": "video 1/2 dense, run 1/2"}
+    assert pipe._progress_bar_config == {"disable": True}
+
+
+def test_profile_files_keep_the_umask_mode(profile, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = ThresholdProfile.load(profile).save(tmp_path / "p.yaml")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes and all(m == 0o644 for m in modes.values()), modes
+    assert out.name in modes

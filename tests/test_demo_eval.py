@@ -41,7 +41,10 @@ def test_demo_outputs(demo_dir):
     # the video decodes: input | dense | ISA side by side
     frames = iio.imread(demo_dir / "side_by_side.mp4", index=None)
     assert frames.ndim == 4 and frames.shape[0] == report["preset"]["frames"]
-    assert frames.shape[2] >= 3 * report["preset"]["width"]
+    assert frames.shape[2] >= 240 and frames.shape[2] >= 4 * report["preset"]["width"]  # scaled, four panels
+    assert len(report["psnr_per_frame"]) == frames.shape[0]
+    pred = report["gpu_prediction"]
+    assert pred is None or (pred["card"] and pred["dense_ms"] > 0 and pred["isa_ms"] > 0)
     # the PNG is an image with content (a plot, not a blank canvas)
     img = mpimg.imread(demo_dir / "plot.png")
     assert img.ndim == 3 and img.shape[0] > 100 and np.std(img) > 0.01
@@ -73,7 +76,8 @@ def test_eval_on_saved_checkpoint(demo_dir, tmp_path):
         (["eval", "--pipeline", "x", "--profile", "p.yaml", "--videos", "a.mp4", "b.mp4", "--prompts", "1", "2", "3"], "prompts"),
         (["eval", "--pipeline", "x", "--profile", "p.yaml", "--videos", "a.mp4", "--steps", "0"], "--steps 0"),
         (["demo", "--size", "huge"], "size='huge'"),
-        (["demo", "--budget", "2"], "--budget 2"),
+        (["demo", "--budget", "2"], "argument --budget: budget=2.0 is out of range"),
+        (["demo", "--device", "gpu"], "--device='gpu' is not a device name"),
     ],
 )
 def test_bad_arguments_one_line(args, needle, tmp_path):

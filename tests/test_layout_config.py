@@ -81,7 +81,7 @@ def test_entry_point_errors():
         isa_attention(q, q.double(), q, layout)
     with pytest.raises(TypeError, match="config must be an ISAConfig"):
         isa_attention(q, q, q, layout, {"alpha_s": 0.5})
-    with pytest.raises(ValueError, match="list of 1 Layouts"):
+    with pytest.raises(ValueError, match="list of 1 of those"):
         isa_attention(q, q, q, [layout, layout])
 
 
@@ -108,3 +108,18 @@ def test_per_entry_layouts():
     out = isa_attention(q, k, v, [la, lb], cfg)
     assert torch.equal(out[0:1], isa_attention(q[0:1], k[0:1], v[0:1], la, cfg))
     assert torch.equal(out[1:2], isa_attention(q[1:2], k[1:2], v[1:2], lb, cfg))
+
+
+def test_layout_as_plain_pairs_and_transposed_inputs():
+    """A list of (kind, length) pairs is a layout; [B, H, N, D] inputs are named as such in the error."""
+    from isa_plugin import isa_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 128, 2, 16) for _ in range(3))
+    pairs = [("target", 64), ("context", 64)]
+    cfg = ISAConfig(block_size=16)
+    assert torch.equal(isa_attention(q, k, v, pairs, cfg), isa_attention(q, k, v, Layout(pairs), cfg))
+    with pytest.raises(ValueError, match=r"looks like \[B, H, N, D\].*transpose\(1, 2\)"):
+        isa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pairs, cfg)
+    with pytest.raises(TypeError, match=r"list of \(kind, length\) pairs"):
+        isa_attention(q, k, v, "target", cfg)

@@ -39,6 +39,7 @@ from ..config import ISAConfig
 from ..layout import Layout
 from ..timesteps import timestep_scalar
 from .context import CallContext, ChainedLayout, FamilyLayout, LayoutProvider, LayoutSpec, StepInfo, user_provider
+from .parallel import carry_settings
 from .processor import ISAAttnProcessorBase, LayerCounters, Observer
 from .registry import FamilyAdapter, family_for, lookup, registered_families, registered_pipelines
 
@@ -112,12 +113,11 @@ class ISAState:
                 layout = None
         self.context = CallContext(layout=layout, step=step)
         if self.bucketed is not None:
-            self._select_bucket(ts)
+            self._select_bucket(timestep_scalar(ts))
         return None
 
-    def _select_bucket(self, ts) -> None:
+    def _select_bucket(self, t: Optional[float]) -> None:
         profile, buckets = self.bucketed
-        t = timestep_scalar(ts)
         b = self._bucket if t is None else profile.bucket_of(t)
         if t is None:
             logger.warning("timestep-bucketed ISA profile but the call has no timestep; keeping bucket %d", b)
@@ -366,7 +366,9 @@ def apply_isa(pipe_or_transformer, config_or_profile, *, layout: Optional[Layout
                     "called before compiling"
                 )
             provider = _layout_provider_for(pipe, component, transformer, layout)
-            _install(transformer, config_or_profile, provider)
+            # a profile calibrated on several transformers holds each one's layers (e.g. Wan 2.2's experts)
+            part = config_or_profile.for_component(component) if hasattr(config_or_profile, "for_component") else config_or_profile
+            _install(transformer, part, provider)
             done.append(transformer)
     except Exception:
         for t in done:
@@ -379,6 +381,9 @@ def _uninstall(transformer) -> None:
     state: ISAState = getattr(transformer, _STATE_ATTR)
     for h in state.handles:
         h.remove()
+    for p in state.processors.values():  # enable_parallelism / set_attention_backend after apply reached only p
+        if p.original is not None:
+            carry_settings(p, p.original)
     _set_attn_processors(transformer, dict(state.original_processors))
     for p in state.processors.values():
         p.state = None
@@ -403,15 +408,23 @@ def is_isa_applied(pipe_or_transformer) -> bool:
 def remove_isa(pipe_or_transformer) -> None:
     """Restore the original attention processors (the same objects) and remove the hooks.
 
+    The restored processors get the attention backend and context-parallel config the ISA processors
+    hold (set by ``set_attention_backend`` / ``enable_parallelism`` after :func:`apply_isa`), so a model
+    made parallel while ISA was applied stays parallel.
+
+    On a model or pipeline without ISA (never applied, or already removed) it does nothing and logs a
+    warning, so a cleanup path (``try: ... finally: remove_isa(pipe)``) may call it unconditionally.
+
     Raises:
-        ValueError: ISA is not applied.
+        TypeError: neither a diffusers pipeline nor a transformer.
 
     Example:
         >>> isa_plugin.apply_isa(pipe, isa_plugin.ISAConfig()); isa_plugin.remove_isa(pipe)
     """
     applied = _applied(pipe_or_transformer)
     if not applied:
-        raise ValueError(f"ISA is not applied to this {type(pipe_or_transformer).__name__}; nothing to remove")
+        logger.warning("remove_isa: ISA is not applied to this %s; nothing to remove", type(pipe_or_transformer).__name__)
+        return
     for _, t in applied:
         _uninstall(_inner(t))
 
@@ -434,19 +447,21 @@ def stats(pipe_or_transformer) -> Dict[str, Dict[str, Any]]:
         "backends": {"triton" | "reference": count}}}`` (``backends`` says which implementation served
         the ISA calls). For a pipeline
         with several transformers, layers of components other than ``transformer`` are prefixed
-        ``"<component>/"`` (e.g. ``"transformer_2/blocks.0.attn1"``).
+        ``"<component>/"`` (e.g. ``"transformer_2/blocks.0.attn1"``). ``{}`` when ISA is not applied (never,
+        or no more after :func:`remove_isa`): there is nothing to count.
+
+        Under context parallelism the counters are per process: on each rank they count the calls of that
+        rank's processors, one per layer call whichever heads the rank computed (see
+        :mod:`isa_plugin.adapters.parallel`). Ranks take the same decision for a call, so their counts agree.
 
     Raises:
-        ValueError: ISA is not applied.
+        TypeError: neither a diffusers pipeline nor a transformer.
 
     Example:
         >>> isa_plugin.stats(pipe)["blocks.3.attn1"]
         {'isa_calls': 8, 'fallbacks': 0, 'reasons': {}, 'backends': {'triton': 8}}
     """
-    procs = isa_processors(pipe_or_transformer)
-    if not procs:
-        raise ValueError(f"ISA is not applied to this {type(pipe_or_transformer).__name__}; no statistics")
-    return {n: p.stats.as_dict() for n, p in procs.items()}
+    return {n: p.stats.as_dict() for n, p in isa_processors(pipe_or_transformer).items()}
 
 
 def reset_stats(pipe_or_transformer) -> None:

@@ -14,10 +14,12 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ..attention import dense_attention, run_isa
+from ..config import ISAConfig
 from ..layout import Layout
+from .parallel import context_parallel_config, ulysses_attend
 from .processor import ISAAttnProcessorBase
 
-__all__ = ["attend_with_key_mask"]
+__all__ = ["attend_with_key_mask", "attend_key_mask_local"]
 
 #: one entry's plan: (indices of unmasked tokens, indices of masked tokens, layout of the unmasked tokens)
 EntryPlan = Tuple[torch.Tensor, torch.Tensor, Layout]
@@ -101,24 +103,53 @@ def attend_with_key_mask(
         reason ``"attention mask on non-text tokens"``. The observer, if any, sees the unmasked q, k, v and
         the full layout.
 
+        Under context parallelism q, k, v, ``key_valid`` and the result are this rank's sequence shard: the
+        mask is gathered like the tokens (:func:`~isa_plugin.adapters.parallel.ulysses_attend`).
+
     Example:
         >>> out = attend_with_key_mask(self, query, key, value, key_valid, attention_mask=mask, mask_source=text_mask)
     """
+    if context_parallel_config(proc) is not None:
+        if key_valid is not None and attention_mask is None:
+            attention_mask = key_valid[:, None, None, :]
+        return ulysses_attend(proc, q, k, v, attention_mask=attention_mask, dense=dense, key_valid=key_valid)
+    return attend_key_mask_local(proc, q, k, v, key_valid, attention_mask=attention_mask, dense=dense, mask_source=mask_source)
+
+
+def attend_key_mask_local(
+    proc: ISAAttnProcessorBase,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: Optional[torch.Tensor],
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    dense: Optional[Callable[[], torch.Tensor]] = None,
+    mask_source: Optional[torch.Tensor] = None,
+    layout: Optional[Layout] = None,
+    config: Optional[ISAConfig] = None,
+) -> torch.Tensor:
+    """:func:`attend_with_key_mask` on tensors that hold the whole sequence (no exchange).
+
+    ``layout``: the call's layout (default: the processor's); ``config``: the config of the heads in q
+    (default ``proc.config``; the rank's slice under Ulysses).
+    """
     dense = dense or proc.dense_call(q, k, v, attention_mask)
     if key_valid is None:
-        return proc.attend(q, k, v, dense=dense)
+        return proc.attend_local(q, k, v, dense=dense, layout=layout, config=config)
     if key_valid.dtype != torch.bool or key_valid.shape != q.shape[:2]:
-        return proc.attend(q, k, v, attention_mask=key_valid, dense=dense)
-    layout = proc.resolve_layout(q.shape[1])
+        return proc.attend_local(q, k, v, attention_mask=key_valid, dense=dense, layout=layout, config=config)
+    if layout is None:
+        layout = proc.resolve_layout(q.shape[1])
     all_valid, mask_reason, plan = _cached_mask_plan(proc, key_valid, layout, mask_source, q.device)
     if all_valid:
-        return proc.attend(q, k, v, dense=dense)
+        return proc.attend_local(q, k, v, dense=dense, layout=layout, config=config)
     proc.observe(q, k, v, layout)
-    reason = proc.why_dense(q, layout) or mask_reason
+    reason = proc.why_dense(q, layout, config=config) or mask_reason
     routes = []
     if reason is None:
         for keep, _, lay in plan:  # one decision per batch entry (each has its own layout)
-            route = proc.route(q[:1, : keep.numel()], lay)
+            route = proc.route(q[:1, : keep.numel()], lay, config=config)
             if route.backend == "dense":
                 reason = route.reason
                 break
@@ -129,7 +160,7 @@ def attend_with_key_mask(
     out = torch.empty_like(q)
     for b, ((keep, drop, lay), route) in enumerate(zip(plan, routes)):
         qb, kb, vb = q[b : b + 1, keep], k[b : b + 1, keep], v[b : b + 1, keep]
-        out[b, keep] = run_isa(qb, kb, vb, lay, proc.config, route)[0]
+        out[b, keep] = run_isa(qb, kb, vb, lay, config or proc.config, route)[0]
         if drop.numel():
             out[b, drop] = dense_attention(q[b : b + 1, drop], kb, vb)[0]
     proc.record_isa(routes[-1].backend)

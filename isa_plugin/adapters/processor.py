@@ -17,8 +17,10 @@ import torch
 
 from ..attention import Route, run_isa, select_backend
 from ..config import ISAConfig
+from ..kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual
 from ..layout import Layout
 from .context import StepInfo, call_layout
+from .parallel import carry_settings, context_parallel_config, ulysses_attend
 
 if TYPE_CHECKING:  # pragma: no cover
     from .install import ISAState
@@ -60,10 +62,19 @@ class ISAAttnProcessorBase:
 
     Attributes (plain, not buffers): ``config``, ``layout``, ``layer_name``, ``original``, ``observer``,
     ``force_dense``, ``stats`` (:class:`LayerCounters`), ``state`` (the installing ``ISAState`` or None).
+
+    Context parallelism: diffusers' ``enable_parallelism`` sets ``_parallel_config`` on these processors as on
+    its own; :meth:`attend` then runs ISA under Ulysses (:mod:`.parallel`). :attr:`cp_streams` says how a
+    rank's call is made of the model's split streams (``"sequence"``; joint-attention families
+    ``"text_first"`` or ``"text_last"``).
     """
 
     _attention_backend = None
     _parallel_config = None
+    #: how one rank's attention call is made of the model's split streams (see :mod:`.parallel`)
+    cp_streams = "sequence"
+    #: block size of a gated coarse residual (``attend(residual_gate=...)``); LIVEditor's is 64
+    residual_block_size: int = COARSE_BLOCK_SIZE
 
     def __init__(
         self,
@@ -83,12 +94,8 @@ class ISAAttnProcessorBase:
         self.force_dense = False
         self.stats = LayerCounters()
         self.state: Optional["ISAState"] = None
-        if original is not None:
-            # keep the stock processor's backend / parallel settings
-            if getattr(original, "_attention_backend", None) is not None:
-                self._attention_backend = original._attention_backend
-            if getattr(original, "_parallel_config", None) is not None:
-                self._parallel_config = original._parallel_config
+        if original is not None:  # keep the stock processor's backend / parallel settings
+            carry_settings(original, self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer_name!r}, config={self.config!r})"
@@ -112,6 +119,7 @@ class ISAAttnProcessorBase:
                 f"{type(self).__name__} ({self.layer_name or 'unnamed layer'}) got a call it cannot serve ({reason}) "
                 "and has no stock processor to hand it to; install it through isa_plugin.apply_isa or pass original="
             )
+        carry_settings(self, original)  # enable_parallelism / set_attention_backend reached only this processor
         return original(*args, **kwargs)
 
     # ------------------------------------------------------------ per-call context
@@ -140,15 +148,23 @@ class ISAAttnProcessorBase:
             state.check_size(layout)
 
     # ------------------------------------------------------------ eligibility (decided once per call)
-    def why_dense(self, q: torch.Tensor, layout: Optional[Layout], attention_mask=None) -> Optional[str]:
-        """Why this layer cannot run ISA for the call (None: it can). Layer and call checks only; the backend
-        (kernels, reference or dense) is decided by :meth:`route`."""
+    def layer_reason(self) -> Optional[str]:
+        """Why this layer runs dense whatever the call (dense mode, no config); None when it may run ISA."""
         if self.force_dense:
             return "dense mode"
         if self.config is None:
             return "layer left dense (no config)"
-        if self._parallel_config is not None:
-            return "context parallel active"
+        return None
+
+    def why_dense(self, q: torch.Tensor, layout: Optional[Layout], attention_mask=None,
+                  config: Optional[ISAConfig] = None) -> Optional[str]:
+        """Why this layer cannot run ISA for the call (None: it can). Layer and call checks only; the backend
+        (kernels, reference or dense) is decided by :meth:`route`. ``config``: the config of the call's heads
+        (default ``self.config``; under context parallelism, the slice for the rank's heads)."""
+        reason = self.layer_reason()
+        if reason is not None:
+            return reason
+        config = config or self.config
         if attention_mask is not None:
             return "attention mask present"
         if layout is None:
@@ -158,23 +174,23 @@ class ISAAttnProcessorBase:
             return f"layout covers {layout.num_tokens} tokens, call has {N}"
         if layout.num("context") == 0:
             return "no context tokens (not an in-context call)"
-        if self.config.num_heads not in (None, q.shape[2]):
-            return f"per-head ratios for {self.config.num_heads} heads, call has {q.shape[2]}"
+        if config.num_heads not in (None, q.shape[2]):
+            return f"per-head ratios for {config.num_heads} heads, call has {q.shape[2]}"
         return None
 
-    def route(self, q: torch.Tensor, layout: Optional[Layout], attention_mask=None) -> Route:
+    def route(self, q: torch.Tensor, layout: Optional[Layout], attention_mask=None, config: Optional[ISAConfig] = None) -> Route:
         """The call's one backend decision: a :class:`~isa_plugin.attention.Route` (``"dense"`` with the
-        reason when the layer or the backends cannot serve it)."""
-        reason = self.why_dense(q, layout, attention_mask)
+        reason when the layer or the backends cannot serve it). ``config`` as in :meth:`why_dense`."""
+        reason = self.why_dense(q, layout, attention_mask, config)
         if reason is not None:
             return Route("dense", reason)
-        return select_backend(q, layout, self.config, in_model=True)
+        return select_backend(q, layout, config or self.config, in_model=True)
 
     # ------------------------------------------------------------ attention
     def dense_call(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None) -> Callable[[], torch.Tensor]:
         """The stock attention call as a zero-argument callable: diffusers' ``dispatch_attention_fn`` with this
-        processor's backend and parallel config."""
+        processor's backend and parallel config (q, k, v: this rank's shards under context parallelism)."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         def dense() -> torch.Tensor:
@@ -194,6 +210,7 @@ class ISAAttnProcessorBase:
         attention_mask: Optional[torch.Tensor] = None,
         dense: Optional[Callable[[], torch.Tensor]] = None,
         layout: Optional[Layout] = None,
+        residual_gate: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """ISA or the stock dense attention for q, k, v in [B, N, H, D]; returns [B, N, H, D].
 
@@ -202,15 +219,53 @@ class ISAAttnProcessorBase:
             dense: zero-argument callable running the model's own attention call; default
                 :meth:`dense_call` with q, k, v and the mask.
             layout: the call's layout when the processor itself knows it (e.g. from a text length it
-                sees); default: :meth:`resolve_layout`.
+                sees); default: :meth:`resolve_layout`. Under context parallelism: the whole sequence's.
+            residual_gate: [B, N] or [B, N, 1] for models trained with a gated coarse residual
+                (LIVEditor): ``gate · coarse`` (:func:`~isa_plugin.kernels.coarse.gated_coarse_residual`)
+                is added to the output of either path. None (stock models): nothing is added.
+
+        Under context parallelism (``_parallel_config`` set by ``enable_parallelism``) q, k, v and the result
+        are this rank's sequence shard and the call goes through
+        :func:`~isa_plugin.adapters.parallel.ulysses_attend`.
+
+        Raises:
+            RuntimeError: a ``residual_gate`` under context parallelism (the residual's whole-sequence blocks
+                need every token on one rank).
+        """
+        if context_parallel_config(self) is not None:
+            if residual_gate is not None:
+                raise RuntimeError(
+                    f"{self.layer_name or type(self).__name__}: the gated coarse residual pools whole-sequence blocks and "
+                    "cannot run on a sequence shard; context parallelism is not supported for this model"
+                )
+            return ulysses_attend(self, q, k, v, attention_mask=attention_mask, dense=dense, layout=layout)
+        out = self.attend_local(q, k, v, attention_mask=attention_mask, dense=dense, layout=layout)
+        if residual_gate is not None:
+            out = gated_coarse_residual(out, q, k, v, residual_gate, self.residual_block_size, inplace=True)
+        return out
+
+    def attend_local(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attention_mask: Optional[torch.Tensor] = None,
+        dense: Optional[Callable[[], torch.Tensor]] = None,
+        layout: Optional[Layout] = None,
+        config: Optional[ISAConfig] = None,
+    ) -> torch.Tensor:
+        """:meth:`attend` on tensors that hold the whole sequence (no exchange): observe, route, run.
+
+        ``config``: the config of the heads in q (default ``self.config``; the rank's slice under Ulysses).
         """
         if layout is None:
             layout = self.resolve_layout(q.shape[1])
         self.observe(q, k, v, layout)
-        route = self.route(q, layout, attention_mask)
+        route = self.route(q, layout, attention_mask, config)
         if route.backend == "dense":
             self.record_fallback(route.reason)
             return (dense or self.dense_call(q, k, v, attention_mask))()
-        out = run_isa(q, k, v, layout, self.config, route)
+        out = run_isa(q, k, v, layout, config or self.config, route)
         self.record_isa(route.backend)
         return out

@@ -2,15 +2,25 @@
 
 - :class:`CalibrationStats` / :func:`measure_call` (``stats``): per layer and head, the relative L1 error of
   every candidate (sharpness metric, α_s, α_f, α_ns) for target-query and context-query outputs.
-- :func:`fit_profile` (``fit``): the cheapest setting per layer (per head where it pays) within a budget.
+- :func:`fit_profile` (``fit``): the cheapest setting per layer (per head where it pays) within a budget,
+  checked on held-out samples.
 - :func:`load_cost_model` (``cost``): the kernel-time model the fit ranks settings by.
-- :func:`calibrate` (``recorder``): run a diffusers pipeline densely on sample videos and collect statistics.
+- :func:`calibrate` (``recorder``): run a diffusers pipeline densely on samples and collect statistics;
+  ``runners``: how each supported pipeline is called on a sample.
 - ``synthetic``: a structured synthetic ICL attention workload for tests and benchmarks.
+
+Names resolve lazily, so ``isa_plugin.calibration.runners`` (used by ``isa calibrate --help``) loads no torch.
 """
 
-from .cost import DEFAULT_COST_MODEL, CostModel, load_cost_model
-from .fit import fit_profile, parse_budget
-from .stats import CalibrationStats, Grid, LayerErrorStats, LayerStats, measure_call  # LayerStats: former name
+import importlib
+
+_LAZY = {
+    "CostModel": ".cost", "DEFAULT_COST_MODEL": ".cost", "load_cost_model": ".cost",
+    "fit_profile": ".fit", "parse_budget": ".fit",
+    "CalibrationStats": ".stats", "Grid": ".stats", "LayerErrorStats": ".stats", "LayerStats": ".stats",
+    "measure_call": ".stats",
+    "calibrate": ".recorder", "record": ".recorder",
+}
 
 __all__ = [
     "CalibrationStats",
@@ -22,4 +32,19 @@ __all__ = [
     "CostModel",
     "DEFAULT_COST_MODEL",
     "load_cost_model",
+    "calibrate",
+    "record",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

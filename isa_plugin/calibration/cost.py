@@ -37,7 +37,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 from ..kernels.counts import keep_count
 
-__all__ = ["CostModel", "DEFAULT_COST_MODEL", "load_cost_model", "setting_pairs", "FLEX_DENSE_RATE"]
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "load_cost_model", "setting_pairs", "predict_call_ms", "FLEX_DENSE_RATE"]
 
 #: FlexAttention's rate on variable per-row block masks relative to cuDNN dense attention (H200, N = 65,536,
 #: H = 40, 128-token blocks), used for the adaptive mode where a cost model has no measured coefficients
@@ -221,3 +221,46 @@ def setting_pairs(alpha_s: float, alpha_f: float, alpha_ns: float, tokens: Mappi
     exact = (ex_q + tx) * kv_tokens + tay_q * (n_ex * per_kv + tx)
     approx = tay_q * (kprime - n_ex)
     return exact, approx
+
+
+def predict_call_ms(cost_model: CostModel, ratios: Optional[Mapping[str, Any]], tokens: Mapping[str, int], *,
+                    block_size: int, heads: int, head_dim: int, batch: int = 1) -> float:
+    """Predicted time of one attention call (all heads and batch entries) under ``cost_model``.
+
+    Args:
+        cost_model: e.g. ``load_cost_model(device_name="NVIDIA H200")`` (units: the model's, ms for the
+            kernel benchmark's file).
+        ratios: ``{"alpha_s", "alpha_f", "alpha_ns"}``, each a number or one per head [H]; None for
+            dense attention (the model's dense alternative, ``dense_time``).
+        tokens: tokens per kind of one batch entry, e.g. ``{"target": 1536, "context": 1536}``
+            (``"text"`` optional); blocks are counted per kind with ``block_size``.
+        block_size: ISA block size; heads, head_dim: of the layer; batch: entries per call (2 with CFG).
+
+    Returns:
+        the predicted time of the call.
+
+    Raises:
+        ValueError: per-head ratios whose length is not ``heads``.
+
+    Example:
+        >>> cm = load_cost_model(device_name="NVIDIA H200")
+        >>> r = {"alpha_s": 0.125, "alpha_f": 0.5, "alpha_ns": 0.0625}
+        >>> t = {"target": 32760, "context": 32760}
+        >>> predict_call_ms(cm, None, t, block_size=64, heads=40, head_dim=128) / predict_call_ms(cm, r, t, block_size=64, heads=40, head_dim=128)  # doctest: +SKIP
+        2.9...
+    """
+    n = sum(tokens.values())
+    if ratios is None:
+        return cost_model.dense_time(n, heads * batch, head_dim)
+    blocks = {k: float(math.ceil(v / block_size)) for k, v in tokens.items()}
+    per_head = []
+    for name in ("alpha_s", "alpha_f", "alpha_ns"):
+        r = ratios[name]
+        if isinstance(r, (tuple, list)) and len(r) != heads:
+            raise ValueError(f"{name} has {len(r)} per-head values for {heads} heads; give one per head or one number")
+        per_head.append(tuple(r) if isinstance(r, (tuple, list)) else (r,) * heads)
+    exact = approx = 0.0
+    for a_s, a_f, a_ns in zip(*per_head):
+        e, a = setting_pairs(a_s, a_f, a_ns, tokens, blocks)
+        exact, approx = exact + e * batch, approx + a * batch
+    return cost_model.time(exact, approx, head_dim)

@@ -13,7 +13,7 @@ from ..profile import LayerSetting, ThresholdProfile, library_versions
 from .cost import DEFAULT_COST_MODEL, CostModel, setting_pairs
 from .stats import CalibrationStats, Grid, LayerErrorStats
 
-__all__ = ["fit_profile", "parse_budget", "layer_costs"]
+__all__ = ["fit_profile", "parse_budget", "layer_costs", "setting_errors", "held_out_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,9 +284,156 @@ def _fit_adaptive(ls: LayerErrorStats, grid: Grid, bt: float, bc: float, cost_mo
     return out
 
 
+# ------------------------------------------------------------------------------------ held-out check
+def _grid_index(values: Tuple[float, ...], v: float) -> Optional[int]:
+    for i, g in enumerate(values):
+        if abs(g - v) <= 1e-9:
+            return i
+    return None
+
+
+def setting_errors(ls: LayerErrorStats, grid: Grid, setting: LayerSetting) -> Tuple[float, float]:
+    """The (target, context) relative L1 error that ``setting`` has on the statistics ``ls``.
+
+    Args:
+        ls: one layer's statistics (e.g. of a sample the setting was not fitted on).
+        grid: the grid ``ls`` was measured on; the setting's ratios must be grid values, except heads kept
+            dense (all ratios 1), which contribute no error.
+        setting: a fitted :class:`~isa_plugin.profile.LayerSetting` (uniform or per head).
+
+    Returns:
+        ``(error_target, error_context)``; 0 for a kind without queries and for a dense layer.
+
+    Raises:
+        ValueError: a ratio outside the grid.
+
+    Example:
+        >>> setting_errors(stats.get("blocks.0.attn1", sample=2), stats.grid, profile.layers["blocks.0.attn1"][0])
+        (0.031, 0.042)
+    """
+    if setting.dense:
+        return 0.0, 0.0
+    H = ls.heads
+    per_head = lambda v: v if isinstance(v, tuple) else (v,) * H  # noqa: E731
+    if setting.mode == "adaptive":
+        return _adaptive_setting_errors(ls, grid, setting, per_head)
+    a_s, a_f, a_ns = per_head(setting.alpha_s), per_head(setting.alpha_f), per_head(setting.alpha_ns)
+    mi = grid.metrics.index(setting.sharpness)
+    num = torch.zeros(2, dtype=torch.float64)
+    for h in range(H):
+        if (a_s[h], a_f[h], a_ns[h]) == (1.0, 1.0, 1.0) and _grid_index(grid.alpha_ns, 1.0) is None:
+            continue  # a head kept dense
+        idx = (_grid_index(grid.alpha_s, a_s[h]), _grid_index(grid.alpha_f, a_f[h]), _grid_index(grid.alpha_ns, a_ns[h]))
+        if None in idx:
+            raise ValueError(f"head {h}: ratios {(a_s[h], a_f[h], a_ns[h])} are not on the calibration grid {grid.to_dict()}")
+        num += ls.num[h, :, mi, idx[0], idx[1], idx[2]]
+    den = ls.den.sum(0)
+    err = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros(()).double())
+    return float(err[0]), float(err[1])
+
+
+def _adaptive_setting_errors(ls: LayerErrorStats, grid: Grid, setting: LayerSetting, per_head) -> Tuple[float, float]:
+    """:func:`setting_errors` of an adaptive-mode setting (target errors follow ``mass``, context ``context_mass``)."""
+    if not ls.has_adaptive:
+        raise ValueError("an adaptive-mode setting needs statistics measured with Grid(mass=...)")
+    H = ls.heads
+    a_s, mt = per_head(setting.alpha_s), per_head(setting.mass)
+    mc = mt if setting.context_mass is None else per_head(setting.context_mass)
+    qi = grid.pseudo_block.index(setting.pseudo_block) if setting.pseudo_block in grid.pseudo_block else None
+    num = torch.zeros(2, dtype=torch.float64)
+    for h in range(H):
+        if (a_s[h], mt[h], mc[h]) == (1.0, 1.0, 1.0) and _grid_index(grid.mass, 1.0) is None:
+            continue  # a head computed exactly
+        si, pt, pc = _grid_index(grid.alpha_s, a_s[h]), _grid_index(grid.mass, mt[h]), _grid_index(grid.mass, mc[h])
+        if None in (si, pt, pc, qi):
+            raise ValueError(f"head {h}: adaptive setting {(a_s[h], mt[h], mc[h], setting.pseudo_block)} is not on the "
+                             f"calibration grid {grid.to_dict()}")
+        num[0] += ls.ad_num[h, 0, si, pt, qi]
+        num[1] += ls.ad_num[h, 1, si, pc, qi]
+    den = ls.ad_den.sum(0)
+    err = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros(()).double())
+    return float(err[0]), float(err[1])
+
+
+def _summed(parts: List[LayerErrorStats]) -> LayerErrorStats:
+    out = LayerErrorStats.zeros(parts[0].heads, parts[0].head_dim, _GridShape(parts[0].num), device="cpu")
+    if parts[0].ad_num is not None:
+        for n in LayerErrorStats._ADAPTIVE:
+            setattr(out, n, torch.zeros_like(getattr(parts[0], n), device="cpu"))
+    for p in parts:
+        out.add_(p)
+    return out
+
+
+class _GridShape:
+    """Stand-in grid for :meth:`LayerErrorStats.zeros` from an existing ``num`` tensor's shape."""
+
+    def __init__(self, num: torch.Tensor):
+        self.shape = tuple(num.shape[2:])
+
+
+def held_out_check(samples: Mapping[int, LayerErrorStats], fit_one, budget: Dict[str, Any], grid: Grid
+                   ) -> Tuple[float, float]:
+    """Leave-one-sample-out errors of a layer: for each sample, the error of the setting fitted on the others.
+
+    Args:
+        samples: sample id -> that sample's statistics of the layer (at least two).
+        fit_one: ``LayerErrorStats -> LayerSetting``, the fit under test.
+        budget, grid: the budget record and the statistics' grid.
+
+    Returns:
+        ``(target, context)``: the worst held-out error over the samples.
+    """
+    worst = [0.0, 0.0]
+    ids = sorted(samples)
+    for s in ids:
+        setting = fit_one(_summed([samples[i] for i in ids if i != s]))
+        et, ec = setting_errors(samples[s], grid, setting)
+        worst = [max(worst[0], et), max(worst[1], ec)]
+    return worst[0], worst[1]
+
+
+#: at most this many margin reductions per layer before the layer is kept dense
+MAX_MARGIN_STEPS = 6
+
+
+def _fit_layer_generalising(ls: LayerErrorStats, samples: Mapping[int, LayerErrorStats], grid: Grid, budget: Dict[str, Any],
+                            cost_model: CostModel, per_head, margin: float, min_gain: float
+                            ) -> Tuple[LayerSetting, Dict[str, Any]]:
+    """Fit a layer so that it also meets the budget on samples it was not fitted on.
+
+    The margin starts at ``margin``; while the leave-one-sample-out error (:func:`held_out_check`) of
+    either query kind exceeds its budget, the margin shrinks by the ratio of budget to held-out error (and
+    5% more), up to :data:`MAX_MARGIN_STEPS` times; then the layer stays dense. The final setting is
+    fitted on all samples at the margin that passed.
+
+    Returns:
+        ``(setting, record)``; record: ``{"held_out_target", "held_out_context", "margin", "samples"}`` (the
+        held-out errors None with fewer than two samples).
+    """
+    bt, bc = budget["target"], budget["context"]
+    m = margin
+    held = (None, None)
+    for _ in range(MAX_MARGIN_STEPS + 1):
+        fit_one = lambda st: _fit_layer(st, grid, budget, cost_model, per_head, m, min_gain)  # noqa: E731
+        setting = fit_one(ls)
+        if setting.dense or len(samples) < 2:
+            held = (0.0, 0.0) if setting.dense and len(samples) >= 2 else (None, None)
+            break
+        held = held_out_check(samples, fit_one, budget, grid)
+        if held[0] <= bt and held[1] <= bc:
+            break
+        m *= 0.95 * min(bt / max(held[0], 1e-12), bc / max(held[1], 1e-12), 1.0)
+    else:
+        setting, held = LayerSetting(dense=True, error_target=0.0, error_context=0.0, relative_cost=1.0), (0.0, 0.0)
+    rnd = lambda x: None if x is None else round(float(x), 5)  # noqa: E731
+    return setting, {"held_out_target": rnd(held[0]), "held_out_context": rnd(held[1]), "margin": round(m, 4),
+                     "samples": len(samples)}
+
+
 def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: Optional[CostModel] = None, *,
                 per_head: Union[bool, str] = "auto", margin: float = 0.85, min_gain: float = 0.02,
-                metadata: Optional[Mapping[str, Any]] = None) -> ThresholdProfile:
+                metadata: Optional[Mapping[str, Any]] = None, held_out: bool = True) -> ThresholdProfile:
     """Pick, per layer (and timestep bucket), the cheapest ISA setting whose errors stay within budget.
 
     A pure function of its arguments. For each layer it considers every grid setting (sharpness metric,
@@ -306,9 +453,14 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
         cost_model: kernel-time model; None counts token pairs (:data:`DEFAULT_COST_MODEL`). Pass
             :func:`~isa_plugin.calibration.load_cost_model` for the kernel benchmark's per-GPU model.
         per_head: ``"auto"`` (per head where it pays), ``"always"``, or False.
-        margin: fit to ``margin × budget`` to leave room for sampling noise (1 = none).
+        margin: fit to ``margin × budget`` to leave room for sampling noise (1 = none); with
+            ``held_out``, the starting margin.
         min_gain: relative cost reduction per-head ratios must bring over the best layer-wide setting.
         metadata: merged into the profile's ``calibrated_on`` (transformer class, config hash, ...).
+        held_out: when the statistics hold two or more samples (``CalibrationStats.observe(..., sample=i)``),
+            check every layer leave-one-sample-out and tighten its margin until the held-out errors meet
+            the budget (else the layer stays dense). ``calibrated_on["held_out"][layer][bucket]`` records
+            the predicted and held-out errors and the margin used.
 
     Returns:
         A :class:`ThresholdProfile`.
@@ -330,15 +482,21 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
     if not names:
         raise ValueError("the calibration statistics hold no measured attention call; was the layout known and did the run reach the sampled steps?")
     layers: Dict[str, List[LayerSetting]] = {}
+    checks: Dict[str, List[Optional[Dict[str, Any]]]] = {}
     for name in names:
-        per_bucket = []
+        per_bucket, per_check = [], []
         for bucket in range(stats.num_buckets):
             ls = stats.get(name, bucket)
             if ls is None or not bool((ls.den > 0).any()):
                 per_bucket.append(LayerSetting(dense=True))
+                per_check.append(None)
                 continue
-            per_bucket.append(_fit_layer(ls, stats.grid, b, cm, per_head, margin, min_gain))
+            samples = {i: stats.get(name, bucket, sample=i) for i in stats.sample_ids(name, bucket)} if held_out else {}
+            setting, check = _fit_layer_generalising(ls, samples, stats.grid, b, cm, per_head, margin, min_gain)
+            per_bucket.append(setting)
+            per_check.append(dict(check, predicted_target=setting.error_target, predicted_context=setting.error_context))
         layers[name] = per_bucket
+        checks[name] = per_check
     diagnostics = {}
     for name in names:
         ls = stats.get(name, 0)
@@ -358,6 +516,8 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
         "attention_calls": int(stats.meta.get("calls", 0)),
         "grid": stats.grid.to_dict(),
         "margin": margin,
+        # per layer and timestep bucket: predicted (in-sample) and leave-one-sample-out errors, final margin
+        "held_out": checks,
         "versions": library_versions(),
         "diagnostics": diagnostics,
     }

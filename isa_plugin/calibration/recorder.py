@@ -6,8 +6,15 @@ self-attention call of the transformer (both CFG branches) is measured by
 :meth:`CalibrationStats.observe`; after the last sampled step the run stops (no further steps, no VAE
 decode). :func:`calibrate` then fits a :class:`~isa_plugin.ThresholdProfile`.
 
-Per pipeline class a *runner* turns (video, prompt, size, steps) into the pipeline call; see
-:func:`register_runner` to add one.
+Per pipeline adapter a *runner* (:mod:`isa_plugin.calibration.runners`) turns (sample, prompt, size,
+steps) into the pipeline call. Every transformer of the pipeline is measured (Wan 2.2's ``transformer_2``
+layers are keyed ``"transformer_2/blocks.N.attn1"``), and statistics are kept per sample for the fit's
+held-out check.
+
+Memory: the recorder holds, per (layer, timestep bucket), the pooled and the per-sample statistics
+(:class:`~isa_plugin.calibration.stats.LayerErrorStats`, dominated by ``num`` [H, 2, M, S, F, NS] float64)
+and, during one call, the transient buffers of :func:`~isa_plugin.calibration.stats.measure_call`;
+:func:`recorder_peak_bytes` computes both from those shapes.
 """
 
 from __future__ import annotations
@@ -22,42 +29,25 @@ import torch
 from ..timesteps import bucket_edges, timestep_scalar
 from .stats import CalibrationStats, Grid
 
-__all__ = ["record", "calibrate", "register_runner", "StatsObserver", "sampled_steps"]
+__all__ = ["record", "calibrate", "StatsObserver", "sampled_steps", "recorder_peak_bytes"]
 
 logger = logging.getLogger(__name__)
 
 VideoArg = Union[str, Path, torch.Tensor]
-Runner = Callable[..., Any]
-_RUNNERS: Dict[str, Runner] = {}
 
 
 class _Done(Exception):
     """Raised inside the transformer once every sampled step has been measured (ends the run early)."""
 
 
-def register_runner(pipeline_class_name: str, runner: Runner) -> Runner:
-    """Register how to call a pipeline class on one sample.
+class _Keyed:
+    """Forwards observations to ``observer`` under the layer key ``name`` (processors know only their local name)."""
 
-    ``runner(pipe, video, prompt, *, height, width, num_frames, num_inference_steps, generator, **extra)``
-    must run the pipeline once (``video`` is [F, 3, H, W] in [0, 1]); its output is ignored.
-    """
-    _RUNNERS[pipeline_class_name] = runner
-    return runner
+    def __init__(self, observer, name: str):
+        self.observer, self.name = observer, name
 
-
-def _wan_icl_runner(pipe, video, prompt, *, height, width, num_frames, num_inference_steps, generator, **extra):
-    return pipe(prompt=prompt, video=video, height=height, width=width, num_frames=num_frames,
-                num_inference_steps=num_inference_steps, generator=generator, output_type="latent", **extra)
-
-
-register_runner("WanInContextEditPipeline", _wan_icl_runner)
-
-
-def _runner_for(pipe) -> Runner:
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in _RUNNERS:
-            return _RUNNERS[cls.__name__]
-    return _wan_icl_runner  # the generic call: prompt + video + size + steps
+    def __call__(self, layer_name, *args):
+        return self.observer(self.name, *args)
 
 
 def sampled_steps(num_steps: int, k: int) -> List[int]:
@@ -90,7 +80,9 @@ class StatsObserver:
         self.tokens: Optional[Dict[str, int]] = None  # token counts of the first measured call's layout
         self.new_run()
 
-    def new_run(self) -> None:
+    def new_run(self, sample: Optional[int] = None) -> None:
+        """Start a pipeline run on calibration sample ``sample`` (statistics are also kept per sample)."""
+        self.sample = sample
         self.step = -1
         self._t = object()
         self._call = None
@@ -113,42 +105,21 @@ class StatsObserver:
         if self.steps is None or self.step in self.steps:
             if self.tokens is None and hasattr(layout, "num"):
                 self.tokens = {kind: layout.num(kind) for kind in ("target", "context", "text")}
-            self.stats.observe(layer_name, q, k, v, layout, timestep=getattr(step_info, "timestep", None))
+            self.stats.observe(layer_name, q, k, v, layout, timestep=getattr(step_info, "timestep", None), sample=self.sample)
 
 
-def _load_video(v: VideoArg, frames, height, width) -> torch.Tensor:
+def _load_sample(v: VideoArg) -> torch.Tensor:
+    """A calibration sample as frames [F, 3, H, W] in [0, 1]: a tensor, a video or image file, or a frame folder."""
     if isinstance(v, torch.Tensor):
         video = v.float()
+        if video.ndim == 3:
+            video = video[None]
         if video.ndim != 4 or video.shape[1] != 3:
-            raise ValueError(f"a video tensor must be [F, 3, H, W] in [0, 1]; got {tuple(video.shape)}")
-        if frames is not None:
-            video = video[:frames]
-        if height is not None and width is not None and tuple(video.shape[-2:]) != (height, width):
-            video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+            raise ValueError(f"a sample tensor must be [F, 3, H, W] (or an image [3, H, W]) in [0, 1]; got {tuple(v.shape)}")
         return video
     from .video import read_video
 
-    return read_video(v, frames=frames, height=height, width=width)
-
-
-def _fit_shape(pipe, video: torch.Tensor, frames: Optional[int]) -> Tuple[torch.Tensor, int, int, int]:
-    """Trim frames to 1 + k·(temporal factor) and round the size down to the model's spatial multiple."""
-    t_fac = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
-    s_fac = int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8)
-    tr = getattr(pipe, "transformer", None)
-    patch = getattr(getattr(tr, "config", None), "patch_size", None)
-    p = int(patch[-1]) if isinstance(patch, (list, tuple)) else int(patch or 1)
-    mult = s_fac * p
-    f = video.shape[0]
-    if frames is None and t_fac > 1:
-        f = (f - 1) // t_fac * t_fac + 1
-        video = video[:f]
-    h, w = video.shape[-2:]
-    h2, w2 = max(mult, h // mult * mult), max(mult, w // mult * mult)
-    if (h2, w2) != (h, w):
-        logger.info("resizing calibration video from %dx%d to %dx%d (multiples of %d)", h, w, h2, w2, mult)
-        video = torch.nn.functional.interpolate(video, size=(h2, w2), mode="bilinear", antialias=True, align_corners=False)
-    return video, int(video.shape[0]), int(h2), int(w2)
+    return read_video(v)
 
 
 def _timestep_edges(pipe, steps: int, recorded: List[int], buckets: int) -> Tuple[float, ...]:
@@ -169,87 +140,96 @@ def record(pipe, videos: Sequence[VideoArg], prompts: Union[str, Sequence[str], 
            calib_steps: int = 4, height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
            grid: Optional[Grid] = None, block_size: int = 64, blocks_per_kind: int = 48, tokens_per_block: int = 16,
            timestep_buckets: int = 1, seed: int = 0, progress: bool = False, pipeline_kwargs: Optional[Dict[str, Any]] = None,
-           ) -> Tuple[CalibrationStats, Dict[str, Any]]:
-    """Run ``pipe`` densely on each video and measure ISA's error at ``calib_steps`` of ``steps`` steps.
+           adapter: Optional[str] = None) -> Tuple[CalibrationStats, Dict[str, Any]]:
+    """Run ``pipe`` densely on each sample and measure ISA's error at ``calib_steps`` of ``steps`` steps.
 
     Args:
-        pipe: a diffusers ICL pipeline served by an isa-plugin adapter (e.g. ``WanInContextEditPipeline``).
-        videos: paths (mp4/gif/frame folder) or [F, 3, H, W] tensors in [0, 1].
-        prompts: one prompt for all videos or one per video (default ``""``).
-        steps: the denoising schedule length; ``calib_steps`` steps spread over it are measured (both CFG
-            branches) and the run stops after the last one.
-        height, width, frames: resize / trim the videos (default: their own size, rounded to what the model takes).
+        pipe: a diffusers ICL pipeline with a calibration runner (:mod:`isa_plugin.calibration.runners`).
+        videos: the samples: paths (video file, image file or frame folder) or [F, 3, H, W] tensors in [0, 1];
+            what a sample means depends on the pipeline (its runner's ``inputs``).
+        prompts: one prompt for all samples or one per sample (default ``""``).
+        steps: the denoising schedule length; ``calib_steps`` steps spread over it are measured (every
+            transformer call: CFG branches, both experts) and the run stops after the last one.
+        height, width, frames: resize / trim the samples (default: their own size, rounded to what the model takes).
         grid, block_size, blocks_per_kind, tokens_per_block: see :class:`CalibrationStats`.
         timestep_buckets: measure this many timestep buckets separately (1 = one setting for all steps).
+        progress: one tqdm bar (samples x measured steps, with ETA).
         pipeline_kwargs: extra keyword arguments for every pipeline call (e.g. ``guidance_scale``).
+        adapter: the runner's adapter name (default: found from the pipeline's class).
 
     Returns:
         ``(stats, metadata)``; metadata is what the profile records under ``calibrated_on``.
 
     Raises:
-        ValueError: no videos, a prompt count that differs from the video count, or no attention call
+        ValueError: no samples, a prompt count that differs from the sample count, or no attention call
             could be measured (the pipeline's layout is unknown to the adapters).
+        TypeError: no runner serves the pipeline.
+
+    Example:
+        >>> stats, meta = record(pipe, ["a.mp4", "b.mp4"], "make it winter", steps=30)
     """
     from ..adapters import observe_attention
     from ..profile import config_hash
+    from .runners import runner_for, runner_named
 
     videos = list(videos)
     if not videos:
-        raise ValueError("calibration needs at least one sample video")
+        raise ValueError("calibration needs at least one sample")
     if prompts is None or isinstance(prompts, str):
         prompts = [prompts or ""] * len(videos)
     prompts = list(prompts)
     if len(prompts) == 1 and len(videos) > 1:
         prompts = prompts * len(videos)
     if len(prompts) != len(videos):
-        raise ValueError(f"got {len(prompts)} prompts for {len(videos)} videos; give one prompt, or one per video")
+        raise ValueError(f"got {len(prompts)} prompts for {len(videos)} samples; give one prompt, or one per sample")
+    runner = runner_named(adapter) if adapter else runner_for(pipe)
     recorded = sampled_steps(steps, calib_steps)
     edges = _timestep_edges(pipe, steps, recorded, timestep_buckets)
     stats = CalibrationStats(grid, block_size=block_size, timestep_edges=edges, blocks_per_kind=blocks_per_kind,
                              tokens_per_block=tokens_per_block, seed=seed)
-    runner = _runner_for(pipe)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(videos) * len(recorded), desc="calibrating", unit="step")
+        bar = tqdm(total=len(videos) * len(recorded), desc=f"calibrating {runner.adapter}", unit="step")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     observer = StatsObserver(stats, recorded, on_step=(lambda s: bar.update(1)) if bar is not None else None)
     shape = None
-    skipped = set()
     try:
         for i, (v, prompt) in enumerate(zip(videos, prompts)):
-            video = _load_video(v, frames, height, width)
-            video, nf, h, w = _fit_shape(pipe, video, frames)
+            sample, h, w, nf = runner.prepare(pipe, _load_sample(v), height=height, width=width, num_frames=frames)
             shape = shape or (h, w, nf)
-            observer.new_run()
+            observer.new_run(sample=i)
             gen = torch.Generator(device="cpu").manual_seed(seed + i)
             with observe_attention(pipe, observer) as procs:
-                for name, p in procs.items():
-                    if "/" in name:  # only the main transformer is calibrated
-                        p.observer = None
-                        skipped.add(name.split("/")[0])
+                for name, proc in procs.items():
+                    if "/" in name:  # an extra transformer's layer (e.g. "transformer_2/blocks.0.attn1"): keep its key
+                        proc.observer = _Keyed(observer, name)
                 try:
-                    runner(pipe, video, prompt, height=h, width=w, num_frames=nf, num_inference_steps=steps, generator=gen,
-                           **dict(pipeline_kwargs or {}))
+                    runner.call(pipe, sample, prompt, height=h, width=w, num_frames=nf, steps=steps, generator=gen,
+                                **dict(pipeline_kwargs or {}))
                 except _Done:
                     pass
             if observer.measured_calls == 0:
                 raise ValueError(
-                    f"no attention call was measured on video {i}: the pipeline ran fewer than {recorded[-1] + 1} steps, "
+                    f"no attention call was measured on sample {i}: the pipeline ran fewer than {recorded[-1] + 1} steps, "
                     "or the adapters could not tell its target/context layout"
                 )
     finally:
         if bar is not None:
             bar.close()
-    if skipped:
-        logger.warning("calibrated the main transformer only; not calibrated: %s", ", ".join(sorted(skipped)))
     if not stats.layers:
         raise ValueError("no attention call was measured: the adapters could not tell the pipeline's target/context layout")
     tr = pipe.transformer
+    components = {}
+    for comp in ("transformer_2",):
+        extra_tr = getattr(pipe, comp, None)
+        if extra_tr is not None:
+            components[comp] = {"transformer_class": type(extra_tr).__name__, "config_hash": config_hash(extra_tr)}
     meta = {
         "pipeline_class": type(pipe).__name__,
+        "adapter": runner.adapter,
         "transformer_class": type(tr).__name__,
         "config_hash": config_hash(tr),
         "resolution": [shape[0], shape[1]],
@@ -260,7 +240,49 @@ def record(pipe, videos: Sequence[VideoArg], prompts: Union[str, Sequence[str], 
         "num_samples": len(videos),
         "cfg_branches": "all transformer calls (cond and uncond when guidance is on)",
     }
+    if components:
+        meta["components"] = components  # the extra transformers' classes and config hashes
     return stats, meta
+
+
+def recorder_peak_bytes(tokens: int, heads: int, head_dim: int, *, layers: int, transformers: int = 1, samples: int = 2,
+                        buckets: int = 1, grid: Optional[Grid] = None, block_size: int = 64, blocks_per_kind: int = 48,
+                        tokens_per_block: int = 16, max_chunk_elems: int = 1 << 28) -> Dict[str, int]:
+    """The recorder's memory beyond the model's own forward, computed from its data structures' shapes.
+
+    Two parts: the accumulated statistics (per transformer, layer and bucket one pooled and one per-sample
+    :class:`LayerErrorStats`: ``num`` [H, 2, M, S, F, NS], ``prune_num`` [H, 2, S], ``taylor_num``
+    [H, 2, NS], ``corr_sum`` [H, 2, M, NS], ``den``/``corr_n`` [H, 2], ``ctx_mass`` [H], float64), and the
+    largest transient set of one :func:`~isa_plugin.calibration.stats.measure_call` (float32): pooled
+    q/k/v block means and logits/softmax [H, nb, nb] (x3), the variant weights [H, s, V, nb] (x2,
+    V = S·(1 + NS)) with their boolean selection temporaries [S, H, s, NS, nb] (x4), and per head the
+    gathered keys/values [nb, b, D] (x2), the score buffer [c·m, nb, b] and per-block numerators
+    [nb, c·m, D] plus the variant outputs [c, V, m, D] (x2) of one chunk of c sampled blocks
+    (c·m·nb·max(b, D) ≤ ``max_chunk_elems``).
+
+    Returns:
+        ``{"statistics": bytes, "transient": bytes, "total": bytes}``.
+
+    Example:
+        >>> recorder_peak_bytes(65520, 40, 128, layers=40, transformers=2)["total"] / 2**30   # Wan 14B, 480p 81f
+    """
+    g = grid or Grid()
+    M, S, F, NS = g.shape
+    H, D = heads, head_dim
+    per_stats = 8 * H * (2 * M * S * F * NS + 2 * S + 2 * NS + 2 * M * NS + 2 + 2 + 1)
+    statistics = per_stats * layers * transformers * buckets * (samples + 1)
+    nb = -(-tokens // block_size)
+    s = min(2 * blocks_per_kind, nb)
+    m = min(tokens_per_block, block_size)
+    V = S * (1 + NS)
+    per_block = max(1, m * nb * max(block_size, D))
+    c = max(1, min(s, max_chunk_elems // per_block))
+    f4 = 4
+    pooled = f4 * (3 * H * nb * D + 3 * H * nb * nb)
+    variants = f4 * 2 * H * s * V * nb + 4 * S * H * s * NS * nb
+    per_head = f4 * (2 * nb * block_size * D + c * m * nb * block_size + nb * c * m * D + 2 * c * V * m * D)
+    transient = pooled + variants + per_head
+    return {"statistics": int(statistics), "transient": int(transient), "total": int(statistics + transient)}
 
 
 def calibrate(pipe, videos: Sequence[VideoArg], prompts: Union[str, Sequence[str], None] = None, *, budget=0.05,

@@ -501,6 +501,8 @@ class CalibrationStats:
             if bad:
                 raise ValueError(f"Grid.pseudo_block values {bad} do not divide block_size={self.block_size}")
         self.layers: Dict[Tuple[str, int], LayerErrorStats] = {}
+        #: the same statistics per calibration sample (``observe(..., sample=i)``): the held-out check's input
+        self.per_sample: Dict[Tuple[str, int], Dict[int, LayerErrorStats]] = {}
         self.meta: Dict[str, Any] = {"timesteps": [], "calls": 0}
         self._timesteps = set()
 
@@ -519,11 +521,17 @@ class CalibrationStats:
                 seen.append(name)
         return seen
 
-    def get(self, layer: str, bucket: int = 0) -> Optional[LayerErrorStats]:
-        s = self.layers.get((layer, bucket))
+    def get(self, layer: str, bucket: int = 0, sample: Optional[int] = None) -> Optional[LayerErrorStats]:
+        """A layer's statistics (on the CPU) in a timestep bucket, over all samples or of one ``sample``."""
+        s = self.layers.get((layer, bucket)) if sample is None else self.per_sample.get((layer, bucket), {}).get(sample)
         return None if s is None else s.to("cpu")
 
-    def observe(self, layer_name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, timestep=None) -> None:
+    def sample_ids(self, layer: str, bucket: int = 0) -> List[int]:
+        """The samples that measured ``layer`` in ``bucket`` (empty when calls were observed without ``sample``)."""
+        return sorted(self.per_sample.get((layer, bucket), {}))
+
+    def observe(self, layer_name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, timestep=None,
+                sample: Optional[int] = None) -> None:
         """Measure one attention call (every batch entry) and add it to the layer's statistics.
 
         Args:
@@ -531,6 +539,8 @@ class CalibrationStats:
             layout: a :class:`Layout` or a list of one per batch entry; None skips the call.
             timestep: None, a number, or a [B] or [B, S] (per-token) tensor; the call's timestep is its largest
                 value (:func:`isa_plugin.timesteps.timestep_scalar`), and every batch entry goes to its bucket.
+            sample: the calibration sample the call belongs to; statistics are also kept per sample, for
+                :func:`~isa_plugin.calibration.fit_profile`'s held-out check.
 
         Raises:
             ValueError: timestep buckets are set but the call has no timestep.
@@ -557,6 +567,12 @@ class CalibrationStats:
                 )
                 st.ad_num, st.ad_den, st.ad_pairs = r["num"], r["den"], r["pairs"]
             key = (layer_name, bucket)
+            if sample is not None:
+                per = self.per_sample.setdefault(key, {})
+                if sample in per:
+                    per[sample].add_(st)
+                else:  # a copy: the pooled sum below may add into ``st``
+                    per[sample] = LayerErrorStats.zeros(st.heads, st.head_dim, self.grid, device=st.num.device).add_(st)
             if key in self.layers:
                 self.layers[key].add_(st)
             else:
@@ -567,24 +583,32 @@ class CalibrationStats:
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> Dict[str, Any]:
         """Plain tensors and Python values (``torch.save``-able with ``weights_only=True``)."""
-        layers = {}
-        for (name, b), s in self.layers.items():
+        def plain(s):
             s = s.to("cpu")
-            layers[f"{name}|{b}"] = {n: getattr(s, n) for n in LayerErrorStats._TENSORS + LayerErrorStats._ADAPTIVE
-                                     if getattr(s, n) is not None} | {
+            return {n: getattr(s, n) for n in LayerErrorStats._TENSORS + LayerErrorStats._ADAPTIVE if getattr(s, n) is not None} | {
                 "calls": s.calls, "tokens": dict(s.tokens), "blocks": dict(s.blocks), "heads": s.heads, "head_dim": s.head_dim}
+
+        layers = {f"{name}|{b}": plain(s) for (name, b), s in self.layers.items()}
+        samples = {f"{name}|{b}|{i}": plain(s) for (name, b), per in self.per_sample.items() for i, s in per.items()}
         return {"grid": self.grid.to_dict(), "block_size": self.block_size, "topk_fraction": self.topk_fraction,
-                "timestep_edges": list(self.timestep_edges), "meta": dict(self.meta), "layers": layers}
+                "timestep_edges": list(self.timestep_edges), "meta": dict(self.meta), "layers": layers, "samples": samples}
 
     @classmethod
     def from_state_dict(cls, sd: Dict[str, Any]) -> "CalibrationStats":
         out = cls(Grid.from_dict(sd["grid"]),
                   block_size=sd["block_size"], topk_fraction=sd["topk_fraction"], timestep_edges=sd["timestep_edges"])
         out.meta = dict(sd["meta"])
+
+        def build(d):
+            return LayerErrorStats(**{n: d[n] for n in LayerErrorStats._TENSORS}, **{n: d[n] for n in LayerErrorStats._ADAPTIVE if n in d},
+                                   calls=d["calls"], tokens=dict(d["tokens"]), blocks=dict(d["blocks"]), heads=d["heads"],
+                                   head_dim=d["head_dim"])
+
         for key, d in sd["layers"].items():
             name, b = key.rsplit("|", 1)
-            out.layers[(name, int(b))] = LayerErrorStats(**{n: d[n] for n in LayerErrorStats._TENSORS},
-                                                         **{n: d[n] for n in LayerErrorStats._ADAPTIVE if n in d}, calls=d["calls"],
-                                                     tokens=dict(d["tokens"]), blocks=dict(d["blocks"]), heads=d["heads"], head_dim=d["head_dim"])
+            out.layers[(name, int(b))] = build(d)
+        for key, d in sd.get("samples", {}).items():
+            name, b, i = key.rsplit("|", 2)
+            out.per_sample.setdefault((name, int(b)), {})[int(i)] = build(d)
         return out
 

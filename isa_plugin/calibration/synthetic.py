@@ -267,7 +267,7 @@ def calibrate_synthetic(model: SyntheticModel, sample_seeds: Sequence[int], *, g
     for s in sample_seeds:
         for layer, name in enumerate(model.layer_names):
             q, k, v, layout = model.sample(layer, s, device=device, dtype=dtype)
-            stats.observe(name, q, k, v, layout)
+            stats.observe(name, q, k, v, layout, sample=s)
     return stats
 
 

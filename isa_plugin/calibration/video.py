@@ -9,7 +9,7 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["read_video", "write_video", "sample_video_path", "make_sample_video", "IMAGE_SUFFIXES"]
+__all__ = ["read_video", "write_video", "sample_video_path", "sample_media_paths", "make_sample_video", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,11 @@ _DATA = Path(__file__).resolve().parent.parent / "data"
 def sample_video_path() -> Path:
     """The small sample video bundled with isa-plugin (17 frames, 64x64, moving shapes)."""
     return _DATA / "sample.gif"
+
+
+def sample_media_paths() -> List[Path]:
+    """The bundled calibration samples (two 17-frame 64x64 videos; image pipelines take their first frames)."""
+    return [_DATA / "sample.gif", _DATA / "sample_b.gif"]
 
 
 def _frames_from_file(path: Path) -> List[np.ndarray]:

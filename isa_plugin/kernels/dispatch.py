@@ -15,12 +15,23 @@ import torch
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: the compact planner implements ISAConfig.share_plan (one plan from the batch-mean block means)
-SUPPORTS_SHARE_PLAN = True
 
 
 def triton_ineligible(q: torch.Tensor, config) -> Optional[str]:
-    """Why the Triton kernels cannot serve a call with these inputs (None when they can)."""
+    """Why the Triton kernels cannot serve a call with these inputs (None when they can).
+
+    Args:
+        q: [B, N, H, D] query tensor (device, dtype, head_dim and strides are checked).
+        config: :class:`~isa_plugin.ISAConfig` (its block size is checked).
+
+    Returns:
+        A sentence naming the unsupported value and what is supported, or None. Callers that get None
+        run :func:`isa_plugin.kernels.ops.isa_attention_kernels`.
+
+    Example:
+        >>> triton_ineligible(torch.zeros(1, 128, 2, 64), ISAConfig())  # doctest: +SKIP
+        'inputs are on cpu, the kernels need CUDA'
+    """
     if not q.is_cuda:
         return f"inputs are on {q.device.type}, the kernels need CUDA"
     if q.dtype not in SUPPORTED_DTYPES:
@@ -40,21 +51,3 @@ def triton_ineligible(q: torch.Tensor, config) -> Optional[str]:
     except Exception as e:  # pragma: no cover - environment
         return f"triton is not importable ({e})"
     return None
-
-
-def isa_attention_triton(q, k, v, layout, config, scale=None):
-    """ISA attention through the Triton kernels (see :func:`triton_ineligible` for what is served).
-
-    Args:
-        q, k, v: [B, N, H, D] CUDA tensors of one dtype; k and v need a unit stride on D.
-        layout: :class:`~isa_plugin.Layout` covering N; config: :class:`~isa_plugin.ISAConfig`.
-        scale: softmax scale (default 1/sqrt(D)).
-    Returns:
-        [B, N, H, D] in q's dtype.
-    """
-    from .ops import isa_attention_kernels
-
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
-    backend = "triton" if q.dtype == torch.float32 else "auto"
-    return isa_attention_kernels(q, k, v, layout, config, scale=scale, exact_backend=backend)

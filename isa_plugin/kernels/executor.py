@@ -9,7 +9,10 @@ Two ways to run the exact group (query blocks that attend over all of KV'):
   blocks, or blocks beyond the shortest list of the chunk) and scatters the rows back to their tokens.
   Heads are chunked so that the gathered copies stay under about one size of k.
 
-The Taylor group always runs in Triton, queued after the exact group.
+The Taylor group always runs in Triton, queued after the exact group. A plan whose Taylor selections
+are deferred (``plan_compact(..., defer_selections=True)``) has them computed between the two groups
+(:meth:`~isa_plugin.kernels.plan.CompactPlan.finish_selections`), so their host work overlaps the
+exact-attention kernels. (A side stream for the Taylor group measured no gain: cuDNN fills every SM.)
 """
 
 from __future__ import annotations
@@ -122,6 +125,14 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
         groups.setdefault((cp.host["nq_exact"][h], cp.host["full_min"][h]), []).append(h)
     item_bytes = q.element_size() * D
     leftovers = []
+    # once per call for every chunk: the exact query blocks of all heads (the first nq of a head's row
+    # are its own selection: a head has at most nq exact blocks) and, per common prefix F, the rest
+    # lengths of the KV' lists; chunks take slices, so they launch few host ops
+    nq_all = max((nq for (nq, F) in groups if nq > 0 and F > 0), default=0)
+    if nq_all:
+        qsel = _select_blocks(cp.exact_q, nq_all)  # [B, H, nq_all], -1 = padding
+        qsel32 = qsel.clamp_min(0).to(torch.int32)
+    rest_len = {}
     for (nq, F), heads in sorted(groups.items(), key=lambda kv: -kv[0][0] * (kv[0][1] + 1)):
         if nq == 0:
             continue
@@ -137,13 +148,11 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
             Hc = len(hl)
             hs, hs32 = _cached(("heads", tuple(hl), dev), lambda: (lambda t: (t, t.to(torch.int32)))(_to_dev(hl, dev)))
             if hl == list(range(hl[0], hl[0] + Hc)):
-                eq = cp.exact_q[:, hl[0] : hl[0] + Hc]
-                kvb = cp.kv_list[:, hl[0] : hl[0] + Hc, :F].contiguous()
+                hsl = slice(hl[0], hl[0] + Hc)
+                q_blocks, q_blocks32, kvb = qsel[:, hsl, :nq], qsel32[:, hsl, :nq], cp.kv_list[:, hsl, :F]  # views
             else:
-                eq = cp.exact_q[:, hs]
-                kvb = cp.kv_list[:, hs, :F].contiguous()
-            q_blocks = _select_blocks(eq, nq)  # [B, Hc, nq], -1 = padding
-            (qg,) = gather_blocks_triton(q, blist=q_blocks.clamp_min(0).to(torch.int32).contiguous(), heads=hs32, starts=starts, counts=counts, block_size=bs)
+                q_blocks, q_blocks32, kvb = qsel[:, hs, :nq], qsel32[:, hs, :nq], cp.kv_list[:, hs, :F]
+            (qg,) = gather_blocks_triton(q, blist=q_blocks32, heads=hs32, starts=starts, counts=counts, block_size=bs)
             if k.stride() == v.stride():
                 kg, vg = gather_blocks_triton(k, v, blist=kvb, heads=hs32, starts=starts, counts=counts, block_size=bs)
             else:
@@ -163,7 +172,9 @@ def _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp: Compact
 
             w_bh, w_bh32, w_loff, w_ioff, w_irow = _cached(("sdpa", B, H, tuple(hl), nq, F, kmax, bs, og.stride(), dev), make_items)
             w_qb = q_blocks.reshape(-1)
-            w_llen = (cp.kv_len.reshape(-1)[w_bh] - F).to(torch.int32)
+            if F not in rest_len:
+                rest_len[F] = (cp.kv_len - F).reshape(-1)
+            w_llen = rest_len[F][w_bh]
             isa_attn_items(
                 q, k, v, out, kbar, vbar, log2n, starts, counts,
                 w_bh32, w_qb, w_loff, w_llen, cp.kv_list.reshape(-1),
@@ -183,45 +194,52 @@ def execute_compact(
     cp: CompactPlan,
     scale: Optional[float] = None,
     exact_backend: str = "auto",
-    overlap: bool = True,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Run ISA attention for q, k, v [B, N, H, D] according to ``cp``; returns [B, N, H, D] in q's dtype.
+    """Run ISA attention for q, k, v [B, N, H, D] according to the plan ``cp``.
 
     Args:
+        q, k, v: [B, N, H, D] with a unit stride on D (the plan's inputs).
+        cp: a :class:`~isa_plugin.kernels.plan.CompactPlan` for these inputs; deferred Taylor selections
+            are computed here, after the exact group is queued.
+        scale: softmax scale (default 1/sqrt(D)).
         exact_backend: ``"sdpa"`` (cuDNN on gathered tensors, CUDA fp16/bf16 only), ``"triton"``, or
             ``"auto"`` (sdpa where allowed).
-        overlap: kept for API stability; the Taylor group runs after the exact group on one stream
-            (a side stream measured no gain: cuDNN fills every SM).
+        out: optional [B, N, H, D] output buffer (every element is written).
 
-    A plan from ``plan_compact(..., _defer=True)`` has its step 7 finished here, after the exact group
-    is queued, so the host work of step 7 overlaps the exact-attention kernels.
+    Returns:
+        [B, N, H, D] in q's dtype.
+
+    Raises:
+        ValueError: an unknown ``exact_backend``.
+
+    Example:
+        >>> out = execute_compact(q, k, v, plan_compact(q, k, layout, cfg, v=v, defer_selections=True))  # doctest: +SKIP
     """
     B, N, H, D = q.shape
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = q.device
-    blocks = cp.blocks.to(dev)
-    starts = blocks.starts.to(torch.int32)
-    counts = blocks.counts.to(torch.int32)
-    log2n = torch.log2(blocks.counts.to(torch.float32)).contiguous()
+    if cp.block_meta is not None:
+        starts, counts, log2n = cp.block_meta
+    else:
+        blocks = cp.blocks.to(dev)
+        starts = blocks.starts.to(torch.int32)
+        counts = blocks.counts.to(torch.int32)
+        log2n = torch.log2(blocks.counts.to(torch.float32)).contiguous()
     if out is None:
         out = torch.empty_like(q)
     kbar, vbar = cp.pooled_kv if cp.pooled_kv is not None else _pooled_kv(k, v, cp, starts, counts)
     bs = cp.blocks.block_size
-    use_sdpa = (exact_backend == "sdpa" or (exact_backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))) and bs & (bs - 1) == 0
     if exact_backend not in ("auto", "sdpa", "triton"):
         raise ValueError(f"exact_backend={exact_backend!r}; supported: 'auto', 'sdpa', 'triton'")
+    use_sdpa = (exact_backend == "sdpa" or (exact_backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))) and bs & (bs - 1) == 0
     # the exact group needs only steps 1-6 of the plan: queue it first, so that the host work of
-    # step 7 (Taylor selections) overlaps the long exact-attention kernels
-    pending = getattr(cp, "_pending", None) is not None
+    # step 7 (Taylor selections, when deferred) overlaps the long exact-attention kernels
     if use_sdpa:
         budget = k.numel() * k.element_size()
         _run_exact_sdpa(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc, budget)
     else:
         _run_exact_triton(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
-    if pending:
-        from .plan import _finish_plan
-
-        _finish_plan(cp)
+    cp.finish_selections()
     _run_taylor(q, k, v, out, kbar, vbar, log2n, starts, counts, cp, sc)
     return out

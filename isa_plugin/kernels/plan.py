@@ -16,6 +16,12 @@ the kernels need lists. :class:`CompactPlan` holds, per (batch, head):
 :func:`plan_compact` computes the same selections as
 :func:`~isa_plugin.kernels.reference.plan_reference` (pooling in Triton, the rest in torch);
 :func:`compact_from_reference` / :func:`compact_to_reference` convert plans both ways (for tests).
+
+Deferred selections: the exact group needs only steps 1-6 (KV' lists and the grouping). A plan made with
+``plan_compact(..., defer_selections=True)`` carries the inputs of step 7 (the Taylor selections) in
+:attr:`CompactPlan.pending` and computes them when :meth:`CompactPlan.finish_selections` is called. The
+executor calls it after queueing the exact group, so the host work of step 7 overlaps the long
+exact-attention kernels instead of delaying their launch.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from ..layout import CONTEXT, TARGET, TEXT, BlockLayout
 from .counts import keep_count, topk_count
 from .reference import ISAPlan
 
-__all__ = ["CompactPlan", "plan_compact", "plan_compact_from_pooled", "compact_from_reference", "compact_to_reference"]
+__all__ = ["CompactPlan", "PendingSelections", "plan_compact", "plan_compact_from_pooled", "compact_from_reference", "compact_to_reference"]
 
 
 @dataclass
@@ -41,6 +47,10 @@ class CompactPlan:
     ``host`` holds per-head counts known on the host, so execution needs no device synchronisation:
     ``nq_exact`` / ``n_taylor`` (the most exact / Taylor query blocks of any batch entry, per head) and
     ``full_min`` (a lower bound of ``kv_full`` over the batch, per head).
+
+    ``pending`` is set while the Taylor selections (``tsel``, ``tsel_len``, ``approx``) are not computed
+    yet (a plan from ``plan_compact(..., defer_selections=True)``); :meth:`finish_selections` computes
+    them. The exact group may run before that; the Taylor group may not.
     """
 
     blocks: BlockLayout
@@ -57,10 +67,32 @@ class CompactPlan:
     host: Optional[Dict[str, List[int]]] = None
     taylor_qb: Optional[torch.Tensor] = None  # [B, H, T] Taylor query blocks (-1 = padding), when known
     pooled_kv: Optional[tuple] = None  # (kbar, vbar) [B*H, nb, D] in the input dtype, when pooled with q
+    pending: Optional["PendingSelections"] = None  # inputs of step 7 while the Taylor selections are deferred
+    block_meta: Optional[tuple] = None  # (starts int32, counts int32, log2 counts float32) [nb] on the device
 
     @property
     def shape(self):
         return tuple(self.kv_keep.shape)
+
+    def finish_selections(self, use_kernel: Optional[bool] = None) -> "CompactPlan":
+        """Compute the deferred Taylor selections (step 7) in place; a no-op when they are computed.
+
+        Args:
+            use_kernel: run the Triton selection kernel over the Taylor query blocks (default: when the
+                pooled logits are float32); otherwise torch ops over every row.
+
+        Returns:
+            ``self``, with ``tsel`` [B, H, nb, S], ``tsel_len`` [B, H, nb], ``approx`` [B, H, nb, Kmax]
+            set and ``pending`` None.
+
+        Example:
+            >>> cp = plan_compact(q, k, layout, config, v=v, defer_selections=True)  # doctest: +SKIP
+            >>> # ... queue the exact group ...
+            >>> cp.finish_selections()  # doctest: +SKIP
+        """
+        if self.pending is not None:
+            _finish_selections(self, use_kernel)
+        return self
 
     def pair_counts(self):
         """(exact token pairs, approximated (query token, pseudo-key) pairs), summed over batch and heads."""
@@ -76,6 +108,18 @@ class CompactPlan:
         n_approx = self.approx.double().sum(-1)
         approx = float((n_approx * cnt * tay).sum())
         return exact, approx
+
+
+@dataclass
+class PendingSelections:
+    """What step 7 (the Taylor selections) of a deferred plan needs besides the plan's own lists.
+
+    ``logits`` [B, H, nb, nb]: the scaled pooled logits q̄·k̄ᵀ of steps 3-6; ``static``: the plan's
+    layout- and config-derived counts and index tensors (the planner's cache entry).
+    """
+
+    logits: torch.Tensor
+    static: "_Static"
 
 
 class _Static:
@@ -240,7 +284,7 @@ def _rank_mask(scores: torch.Tensor, count: torch.Tensor, kmax: int, uniform: bo
 
 
 def _plan_stage1(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: float) -> CompactPlan:
-    """Steps 3-6 and the KV' lists: enough for the exact group (tsel / approx still None)."""
+    """Steps 3-6 and the KV' lists: enough for the exact group (step 7 pending)."""
     B, H, nb, _ = qbar.shape
     dev = qbar.device
     st = _static(blocks, config, H, dev)
@@ -279,13 +323,12 @@ def _plan_stage1(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: floa
     exact_q[..., st.nt_idx] = _rank_mask(sharp[..., st.nt_idx], st.cnt_f_d.expand(B, H), max(st.cnt_f), min(st.cnt_f) == max(st.cnt_f))
 
     kv_list, kv_len, kv_full = _kv_lists(kv_keep, blocks, st.kmax)
-    cp = CompactPlan(
+    return CompactPlan(
         blocks=blocks, kv_keep=kv_keep, kv_list=kv_list.to(torch.int32), kv_len=kv_len.to(torch.int32),
         kv_full=kv_full.to(torch.int32), exact_q=exact_q, tsel=None, tsel_len=None, approx=None,
         sharpness=sharp.float(), saliency=saliency.float(), host=st.host,
+        pending=PendingSelections(logits=logits, static=st), block_meta=(st.starts32, st.counts32, st.log2n),
     )
-    cp._pending = (logits, kv_list, kv_len, st)
-    return cp
 
 
 def select_blocks(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -299,14 +342,10 @@ def select_blocks(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.where(ok, idx, torch.full_like(idx, -1))
 
 
-def _finish_plan(cp: CompactPlan, use_kernel: Optional[bool] = None) -> CompactPlan:
-    """Step 7 (Taylor selections) of a plan from :func:`_plan_stage1`; fills tsel / tsel_len / approx.
-
-    ``use_kernel`` (default: when the logits are float32) runs the Triton selection kernel over the
-    Taylor query blocks; otherwise torch ops over every row.
-    """
-    logits, kv_list, kv_len, st = cp._pending
-    del cp._pending
+def _finish_selections(cp: CompactPlan, use_kernel: Optional[bool]) -> None:
+    """Step 7 (Taylor selections) of a plan with ``pending`` set (see :meth:`CompactPlan.finish_selections`)."""
+    logits, st = cp.pending.logits, cp.pending.static
+    cp.pending = None
     B, H, nb = cp.exact_q.shape
     dev = cp.exact_q.device
     kmax = st.kmax
@@ -321,7 +360,8 @@ def _finish_plan(cp: CompactPlan, use_kernel: Optional[bool] = None) -> CompactP
             logits, qb, cp.kv_list, cp.kv_len, st.blocks.kinds, st.x_ids, st.n_exact_d, min(st.s_max, kmax)
         )
         cp.taylor_qb = qb
-        return cp
+        return
+    kv_list, kv_len = cp.kv_list.long(), cp.kv_len.long()
     pos = torch.arange(kmax, device=dev)
     cand = (pos < kv_len.unsqueeze(-1)) & ~st.is_x[kv_list]  # [B, H, Kmax]
     lg = torch.gather(logits, -1, kv_list[:, :, None, :].expand(B, H, nb, kmax))
@@ -339,7 +379,6 @@ def _finish_plan(cp: CompactPlan, use_kernel: Optional[bool] = None) -> CompactP
     full = _build(cp.kv_keep, cp.exact_q, kv_list, kv_len, cp.kv_full, sel_pos, cp.blocks, cp.sharpness, cp.saliency,
                   sel_first=top, host=st.host, text_ids=st.x_ids)
     cp.tsel, cp.tsel_len, cp.approx = full.tsel, full.tsel_len, full.approx
-    return cp
 
 
 def plan_compact_from_pooled(qbar, kbar, blocks: BlockLayout, config: ISAConfig, scale: float) -> CompactPlan:
@@ -348,14 +387,27 @@ def plan_compact_from_pooled(qbar, kbar, blocks: BlockLayout, config: ISAConfig,
     Launches only device work (no host synchronisation): every count is known from the layout and
     the ratios.
     """
-    return _finish_plan(_plan_stage1(qbar, kbar, blocks, config, scale))
+    return _plan_stage1(qbar, kbar, blocks, config, scale).finish_selections()
 
 
-def plan_compact(q, k, layout, config: ISAConfig, scale: Optional[float] = None, v: Optional[torch.Tensor] = None, _defer: bool = False) -> CompactPlan:
+def plan_compact(
+    q, k, layout, config: ISAConfig, scale: Optional[float] = None, v: Optional[torch.Tensor] = None, defer_selections: bool = False
+) -> CompactPlan:
     """Steps 1-7 of ISA for q, k [B, N, H, D]: Triton pooling, then :func:`plan_compact_from_pooled`.
 
-    With ``v`` (same strides as q and k), v is pooled in the same pass and the block means k̄, v̄ the
-    Taylor branch needs are kept in ``pooled_kv``.
+    Args:
+        q, k: [B, N, H, D] with a unit stride on D. layout: :class:`~isa_plugin.Layout` covering N.
+        config: ratios, block size and sharpness metric. scale: softmax scale (default 1/sqrt(D)).
+        v: [B, N, H, D] with q's and k's strides: pooled in the same pass, and the block means k̄, v̄
+            the Taylor branch needs are kept in ``pooled_kv``.
+        defer_selections: leave step 7 (the Taylor selections) pending; call
+            :meth:`CompactPlan.finish_selections` before the Taylor group (the executor does).
+
+    Returns:
+        A :class:`CompactPlan`. No host synchronisation.
+
+    Example:
+        >>> cp = plan_compact(q, k, Layout([("target", 4096), ("context", 4096)]), ISAConfig(), v=v)  # doctest: +SKIP
     """
     from .pooling import pool_blocks_triton
 
@@ -376,7 +428,7 @@ def plan_compact(q, k, layout, config: ISAConfig, scale: Optional[float] = None,
         (kbar,) = pool_blocks_triton(k, starts=starts, counts=counts, block_size=config.block_size)
     cp = _plan_stage1(qbar, kbar, blocks, config, sc)
     cp.pooled_kv = pooled_kv
-    return cp if _defer else _finish_plan(cp)
+    return cp if defer_selections else cp.finish_selections()
 
 
 def compact_from_reference(plan: ISAPlan) -> CompactPlan:

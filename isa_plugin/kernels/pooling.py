@@ -101,10 +101,11 @@ def pool_blocks_triton(*xs: torch.Tensor, starts: torch.Tensor, counts: torch.Te
 @triton.jit
 def _gather_blocks_fwd_kernel(
     X0, X1, Y0, Y1,  # inputs [B, N, H, D] (shared strides); outputs [B, Hc, nblk * BLOCK, D] contiguous
-    BLIST,  # [B, Hc, nblk] int32 block ids
+    BLIST,  # [B, Hc, nblk] int32 block ids (strides sl_b, sl_h; unit stride on the last dim)
     HEADS,  # [Hc] int32 head of each output head slot
     STARTS, COUNTS,  # [nb] int32
     sx_b, sx_n, sx_h,
+    sl_b, sl_h,
     Hc, nblk,
     D: tl.constexpr,  # head dim: tile width
     BLOCK: tl.constexpr,  # rows per block (the ISA block size, a power of two)
@@ -114,7 +115,7 @@ def _gather_blocks_fwd_kernel(
     i_x = tl.program_id(2)
     i_b = (i_bhc // Hc).to(tl.int64)
     i_h = tl.load(HEADS + i_bhc % Hc).to(tl.int64)
-    i_blk = tl.load(BLIST + i_bhc.to(tl.int64) * nblk + i_j)
+    i_blk = tl.load(BLIST + i_b * sl_b + (i_bhc % Hc).to(tl.int64) * sl_h + i_j)
     start = tl.load(STARTS + i_blk).to(tl.int64)
     count = tl.load(COUNTS + i_blk)
     o_r = tl.arange(0, BLOCK)
@@ -134,7 +135,8 @@ def gather_blocks_triton(*xs: torch.Tensor, blist: torch.Tensor, heads: torch.Te
 
     Args:
         *xs: one or two tensors [B, N, H, D] with equal strides and a unit stride on D.
-        blist: [B, Hc, nblk] int32 block ids per (batch, output head); heads: [Hc] int32 source heads.
+        blist: [B, Hc, nblk] int32 block ids per (batch, output head), any strides with a unit stride on
+            the last dim (a slice of a larger list needs no copy); heads: [Hc] int32 source heads.
         starts, counts: [nb] int32; block_size must be a power of two (rows of short blocks are padded
             with copies of the block's last token).
 
@@ -151,6 +153,8 @@ def gather_blocks_triton(*xs: torch.Tensor, blist: torch.Tensor, heads: torch.Te
             raise ValueError("gather_blocks_triton inputs must share strides with a unit stride on D")
     B, N, H, D = x0.shape
     _, Hc, nblk = blist.shape
+    if nblk and blist.stride(-1) != 1:
+        raise ValueError("gather_blocks_triton needs a unit stride on the last dim of blist")
     outs = [torch.empty(B, Hc, nblk * block_size, D, device=x0.device, dtype=x0.dtype) for _ in xs]
     if nblk == 0:
         return outs
@@ -158,7 +162,7 @@ def gather_blocks_triton(*xs: torch.Tensor, blist: torch.Tensor, heads: torch.Te
     Y = outs + [outs[0]] * (2 - len(outs))
     _gather_blocks_fwd_kernel[(nblk, B * Hc, len(xs))](
         X[0], X[1], Y[0], Y[1], blist, heads, starts, counts,
-        x0.stride(0), x0.stride(1), x0.stride(2), Hc, nblk,
+        x0.stride(0), x0.stride(1), x0.stride(2), blist.stride(0), blist.stride(1), Hc, nblk,
         D=D, BLOCK=block_size, num_warps=4,
     )
     return outs

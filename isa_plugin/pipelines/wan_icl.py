@@ -1,6 +1,6 @@
 """``WanInContextEditPipeline``: Wan video editing with the source video in context along the frame axis.
 
-In-context editing models built on Wan (ICVE, EditVerse-style fine-tunes, the ISA paper's LIVEditor)
+In-context editing models built on Wan (ICVE, EditVerse-style fine-tunes; not LIVEditor: see ``LIVEditorPipeline``)
 denoise the target video's latents concatenated, along the latent frame axis, with the clean latents of
 the source video, and read the prediction of the target frames only. This pipeline is :class:`WanPipeline`
 plus exactly that:

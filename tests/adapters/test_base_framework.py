@@ -1,7 +1,6 @@
 """The adapter framework: apply/remove/stats, guard rails, registry, per-call context, observation."""
 
 import importlib
-import inspect
 
 import pytest
 import torch
@@ -24,11 +23,6 @@ from isa_plugin.adapters import (
 from isa_plugin.adapters.wan import WanICLLayout, WanISAAttnProcessor
 
 
-def _fwd(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
-
-
 # ----------------------------------------------------------------------------- registry
 def test_registry_enumerates_family_modules():
     names = load_adapter_modules()
@@ -41,8 +35,10 @@ def test_registry_enumerates_family_modules():
         assert registered, f"{mod_name} registers no family adapter"
     import diffusers
 
+    import isa_plugin.pipelines as own  # models this package ports (LIVEditor)
+
     for cls_name, adapter in fams.items():
-        assert hasattr(diffusers, cls_name), f"{cls_name} is not a diffusers class"
+        assert hasattr(diffusers, cls_name) or hasattr(own, cls_name), f"{cls_name} is neither a diffusers class nor one of isa_plugin.pipelines"
         assert type(adapter).__doc__, cls_name
         assert adapter.stock_processor_names, cls_name
     for cls_name, adapter in registered_pipelines().items():
@@ -57,15 +53,6 @@ def test_registry_has_my_families():
     pipes = registered_pipelines()
     for name in ("WanInContextEditPipeline", "LTXConditionPipeline", "LTX2InContextPipeline", "LTX2ConditionPipeline"):
         assert name in pipes
-
-
-def test_processor_signatures_match_stock():
-    """diffusers drops kwargs a processor does not name: ISA processors name exactly the stock parameters."""
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-    assert list(inspect.signature(WanISAAttnProcessor.__call__).parameters) == list(
-        inspect.signature(WanAttnProcessor.__call__).parameters
-    )
 
 
 # ----------------------------------------------------------------------------- guard rails
@@ -84,8 +71,20 @@ def test_double_apply_refused(tiny):
     with pytest.raises(RuntimeError, match="already applied"):
         apply_isa(t, tiny.SPARSE)
     remove_isa(t)
-    with pytest.raises(ValueError, match="not applied"):
+
+
+def test_stats_and_remove_after_removal(tiny, caplog):
+    """After remove_isa (or before any apply) stats() is {} and remove_isa() is a logged no-op."""
+    t = tiny.wan()
+    assert stats(t) == {}
+    apply_isa(t, tiny.SPARSE)
+    assert stats(t)
+    original = remove_isa(t)
+    assert original is None and stats(t) == {}
+    procs = dict(t.attn_processors)
+    with caplog.at_level("WARNING", logger="isa_plugin.adapters.install"):
         remove_isa(t)
+    assert "not applied" in caplog.text and dict(t.attn_processors) == procs
 
 
 def test_compiled_model_refused(tiny):
@@ -130,7 +129,7 @@ def test_per_head_ratios_must_fit(tiny):
         apply_isa(t, ISAConfig(alpha_f=(0.5, 0.5, 0.5)))
     assert not is_isa_applied(t)
     apply_isa(t, ISAConfig(alpha_f=(0.5, 1.0), block_size=8), layout=WanICLLayout(3))
-    _fwd(t, tiny.wan_inputs())
+    tiny.fwd(t, tiny.wan_inputs())
     assert all(s["isa_calls"] == 1 for s in stats(t).values())
 
 
@@ -157,7 +156,7 @@ def test_profile_duck_typed(tiny):
     x = tiny.wan_inputs()
     prof = _Profile({"blocks.0.attn1": tiny.SPARSE, "blocks.1.attn1": None})
     apply_isa(t, prof, layout=WanICLLayout(3))
-    _fwd(t, x)
+    tiny.fwd(t, x)
     s = stats(t)
     assert s["blocks.0.attn1"]["isa_calls"] == 1
     assert s["blocks.1.attn1"] == {"isa_calls": 0, "fallbacks": 1, "reasons": {"layer left dense (no config)": 1}, "backends": {}}
@@ -169,36 +168,13 @@ def test_profile_duck_typed(tiny):
 
 
 # ----------------------------------------------------------------------------- apply / remove
-def test_remove_restores_same_objects_and_outputs(tiny):
-    t = tiny.wan()
-    x = tiny.wan_inputs()
-    ref = _fwd(t, x)
-    before = t.attn_processors
-    sd = {k: v.clone() for k, v in t.state_dict().items()}
-    apply_isa(t, tiny.SPARSE, layout=WanICLLayout(3))
-    after = t.attn_processors
-    # only attn1 replaced; attn2 (cross-attention) keeps the very same objects
-    for key, proc in after.items():
-        if ".attn1." in key:
-            assert isinstance(proc, WanISAAttnProcessor)
-        else:
-            assert proc is before[key]
-    assert list(t.state_dict()) == list(sd) and all(torch.equal(t.state_dict()[k], v) for k, v in sd.items())
-    out = _fwd(t, x)
-    assert not torch.equal(out, ref)
-    remove_isa(t)
-    assert all(t.attn_processors[k] is v for k, v in before.items())
-    assert not t._forward_pre_hooks and not t._forward_hooks
-    assert torch.equal(_fwd(t, x), ref)
-
-
 def test_layout_forms(tiny):
     t = tiny.wan()
     x = tiny.wan_inputs(frames=6)  # 6 frames x 64 tokens
     lay = Layout([("target", 192), ("context", 192)])
     for spec in (lay, lambda n: Layout([("target", n // 2), ("context", n - n // 2)]), WanICLLayout(3)):
         apply_isa(t, tiny.SPARSE, layout=spec)
-        _fwd(t, x)
+        tiny.fwd(t, x)
         assert all(s["isa_calls"] == 1 for s in stats(t).values()), spec
         remove_isa(t)
     with pytest.raises(TypeError):
@@ -208,24 +184,24 @@ def test_layout_forms(tiny):
 def test_fallback_reasons_are_counted(tiny):
     t = tiny.wan()
     x = tiny.wan_inputs(frames=6)
-    ref = _fwd(t, x)
+    ref = tiny.fwd(t, x)
     apply_isa(t, tiny.SPARSE)  # no layout: unknown
-    assert torch.equal(_fwd(t, x), ref)  # fallback is the stock dense path, bit for bit
+    assert torch.equal(tiny.fwd(t, x), ref)  # fallback is the stock dense path, bit for bit
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout unknown": 1}
     remove_isa(t)
     apply_isa(t, tiny.SPARSE, layout=Layout([("target", 100), ("context", 100)]))
-    _fwd(t, x)
+    tiny.fwd(t, x)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout covers 200 tokens, call has 384": 1}
     reset_stats(t)
     assert stats(t)["blocks.0.attn1"] == {"isa_calls": 0, "fallbacks": 0, "reasons": {}, "backends": {}}
     remove_isa(t)
     apply_isa(t, tiny.SPARSE, layout=Layout([("target", 384)]))
-    _fwd(t, x)
+    tiny.fwd(t, x)
     assert stats(t)["blocks.1.attn1"]["reasons"] == {"no context tokens (not an in-context call)": 1}
     remove_isa(t)
 
 
-def test_mask_and_context_parallel_fall_back(tiny):
+def test_mask_falls_back_and_route_reasons(tiny):
     t = tiny.wan()
     apply_isa(t, tiny.SPARSE, layout=Layout([("target", 32), ("context", 32)]))
     attn = t.blocks[0].attn1
@@ -237,9 +213,6 @@ def test_mask_and_context_parallel_fall_back(tiny):
     assert proc.stats.fallbacks["attention mask present"] == 1
     q = torch.randn(1, 64, 2, 32)
     lay = Layout([("target", 32), ("context", 32)])
-    proc._parallel_config = object()
-    assert proc.route(q, lay).reason == "context parallel active"
-    proc._parallel_config = None
     assert proc.route(q, lay).backend == "reference"  # CPU: the PyTorch reference serves the call
     assert "head_dim" in proc.route(torch.randn(1, 64, 2, 12), lay).reason
     assert "dtype" in proc.route(q.to(torch.int32), lay).reason
@@ -263,7 +236,7 @@ def test_direct_processor_use(tiny):
     """The processor class alone, through set_attn_processor, with an explicit layout."""
     t = tiny.wan()
     x = tiny.wan_inputs(frames=6)
-    ref = _fwd(t, x)
+    ref = tiny.fwd(t, x)
     procs = dict(t.attn_processors)
     lay = Layout([("target", 192), ("context", 192)])
     mine = {}
@@ -271,7 +244,7 @@ def test_direct_processor_use(tiny):
         if ".attn1." in k:
             procs[k] = mine[k] = WanISAAttnProcessor(tiny.EXACT, layout=lay, layer_name=k)
     t.set_attn_processor(procs)
-    out = _fwd(t, x)
+    out = tiny.fwd(t, x)
     assert (out - ref).abs().max() <= 1e-5
     assert all(p.stats.isa_calls == 1 for p in mine.values())
 
@@ -279,10 +252,10 @@ def test_direct_processor_use(tiny):
 def test_fused_projections(tiny):
     t = tiny.wan()
     x = tiny.wan_inputs(frames=6)
-    ref = _fwd(t, x)
+    ref = tiny.fwd(t, x)
     t.fuse_qkv_projections()
     apply_isa(t, tiny.EXACT, layout=WanICLLayout(3))
-    assert (_fwd(t, x) - ref).abs().max() <= 1e-5
+    assert (tiny.fwd(t, x) - ref).abs().max() <= 1e-5
     assert all(s["isa_calls"] == 1 for s in stats(t).values())
 
 
@@ -294,7 +267,7 @@ def test_exported_from_package():
 def test_observe_attention_dense_on_plain_model(tiny):
     t = tiny.wan()
     x = tiny.wan_inputs(frames=6)
-    ref = _fwd(t, x)
+    ref = tiny.fwd(t, x)
     before = t.attn_processors
     seen = []
 
@@ -303,8 +276,8 @@ def test_observe_attention_dense_on_plain_model(tiny):
 
     with observe_attention(t, obs, layout=WanICLLayout(3)) as procs:
         assert list(procs) == ["blocks.0.attn1", "blocks.1.attn1"]
-        out = _fwd(t, x)
-        _fwd(t, x)
+        out = tiny.fwd(t, x)
+        tiny.fwd(t, x)
     assert torch.equal(out, ref)  # dense mode is the stock computation
     assert all(t.attn_processors[k] is v for k, v in before.items())
     assert not is_isa_applied(t)
@@ -317,14 +290,14 @@ def test_observe_attention_dense_on_plain_model(tiny):
 def test_observe_attention_on_isa_model(tiny):
     t = tiny.wan()
     x = tiny.wan_inputs(frames=6)
-    ref = _fwd(t, x)
+    ref = tiny.fwd(t, x)
     apply_isa(t, tiny.SPARSE, layout=WanICLLayout(3))
-    sparse = _fwd(t, x)
+    sparse = tiny.fwd(t, x)
     seen = []
     with observe_attention(t, lambda *a: seen.append(a[0])):
-        assert torch.equal(_fwd(t, x), ref)
+        assert torch.equal(tiny.fwd(t, x), ref)
     with observe_attention(t, lambda *a: seen.append(a[0]), dense=False):
-        assert torch.equal(_fwd(t, x), sparse)
+        assert torch.equal(tiny.fwd(t, x), sparse)
     assert len(seen) == 4
     assert all(p.observer is None and not p.force_dense for p in isa_processors(t).values())
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"dense mode": 1}
@@ -334,7 +307,7 @@ def test_observe_attention_on_isa_model(tiny):
 def test_hook_context_cleared_after_forward(tiny):
     t = tiny.wan()
     apply_isa(t, tiny.SPARSE, layout=WanICLLayout(3))
-    _fwd(t, tiny.wan_inputs())
+    tiny.fwd(t, tiny.wan_inputs())
     assert t._isa_state.context is None
     with pytest.raises(Exception):
         t(hidden_states=torch.randn(1, 3, 2, 2, 2), timestep=torch.tensor([1]), encoder_hidden_states=torch.randn(1, 2, 16))
@@ -364,7 +337,7 @@ def test_timestep_bucketed_profile(tiny):
     for ts in (900, 100, 700):
         x = tiny.wan_inputs()
         x["timestep"] = torch.tensor([ts])
-        _fwd(t, x)
+        tiny.fwd(t, x)
     s = stats(t)["blocks.0.attn1"]
     assert s["isa_calls"] == 2 and s["reasons"] == {"layer left dense (no config)": 1}
 
@@ -376,7 +349,7 @@ def test_real_threshold_profile(tiny):
     names = ["blocks.0.attn1", "blocks.1.attn1"]
     prof = ThresholdProfile.uniform(names, ISAConfig(block_size=8), calibrated_on={"transformer_class": "WanTransformer3DModel"})
     apply_isa(t, prof, layout=WanICLLayout(3))
-    _fwd(t, tiny.wan_inputs())
+    tiny.fwd(t, tiny.wan_inputs())
     assert all(s["isa_calls"] == 1 for s in stats(t).values())
     remove_isa(t)
     with pytest.raises(ValueError, match="calibrated for"):
@@ -390,7 +363,7 @@ def test_real_threshold_profile(tiny):
     for ts in (900, 100, 700):
         x = tiny.wan_inputs()
         x["timestep"] = torch.tensor([ts])
-        _fwd(t, x)
+        tiny.fwd(t, x)
     s = stats(t)["blocks.1.attn1"]
     assert s["isa_calls"] == 2 and s["fallbacks"] == 1
     assert not is_isa_applied(tiny.wan())
@@ -399,8 +372,8 @@ def test_real_threshold_profile(tiny):
 def test_kernels_unavailable_falls_back(tiny):
     t = tiny.wan()
     x = tiny.wan_inputs(frames=6)
-    ref = _fwd(t, x)
+    ref = tiny.fwd(t, x)
     apply_isa(t, ISAConfig(block_size=8, backend="triton"), layout=WanICLLayout(3))  # CPU: kernels cannot serve
-    assert torch.equal(_fwd(t, x), ref)
+    assert torch.equal(tiny.fwd(t, x), ref)
     (reason,) = stats(t)["blocks.0.attn1"]["reasons"]
     assert reason.startswith("ISA kernels unavailable")

@@ -1,78 +1,30 @@
-"""LTX-2 family: exactness (both RoPE types, gated, perturbed), video attn1 only, removal, IC-LoRA pipeline."""
+"""LTX-2 family: perturbed STG, layout rules, mask fallback, IC-LoRA and condition pipelines.
 
-import inspect
+The family contract (signatures, exactness for both RoPE types, gated and perturbed, video attn1 only,
+removal) is checked in test_family_contract.py.
+"""
 
 import pytest
 import torch
 
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats
-from isa_plugin.adapters.ltx2 import LTX2ISAAttnProcessor, LTX2PerturbedISAAttnProcessor, ltx2_appended_layout
-
-
-def _fwd(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)
-
-
-def test_signatures_match_stock():
-    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor, LTX2PerturbedAttnProcessor
-
-    for mine, stock in ((LTX2ISAAttnProcessor, LTX2AudioVideoAttnProcessor), (LTX2PerturbedISAAttnProcessor, LTX2PerturbedAttnProcessor)):
-        assert list(inspect.signature(mine.__call__).parameters) == list(inspect.signature(stock.__call__).parameters)
-
-
-@pytest.mark.parametrize(
-    "kw", [dict(), dict(rope_type="split"), dict(gated_attn=True), dict(perturbed_attn=True, rope_type="split")], ids=str
-)
-@pytest.mark.parametrize("batch", [1, 2])
-def test_all_ratios_one_equals_stock(tiny, kw, batch):
-    t = tiny.ltx2(**kw)
-    x = tiny.ltx2_inputs(frames=3, extra_tokens=48, batch=batch)
-    ref_v, ref_a = _fwd(t, x)
-    apply_isa(t, tiny.EXACT)  # layout from num_frames/height/width: appended tokens are context
-    v, a = _fwd(t, x)
-    assert (v - ref_v).abs().max().item() <= 1e-5
-    assert (a - ref_a).abs().max().item() <= 1e-5
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
-
-
-def test_default_ratios_video_self_attention_only_and_removal(tiny):
-    t = tiny.ltx2(num_layers=3)
-    x = tiny.ltx2_inputs(frames=3, extra_tokens=96)
-    ref_v, ref_a = _fwd(t, x)
-    before = t.attn_processors
-    sd = {k: v.clone() for k, v in t.state_dict().items()}
-    apply_isa(t, tiny.SPARSE)
-    v, a = _fwd(t, x)
-    assert torch.isfinite(v).all() and not torch.equal(v, ref_v)
-    assert list(stats(t)) == [f"transformer_blocks.{i}.attn1" for i in range(3)]
-    assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())
-    for key, proc in t.attn_processors.items():
-        if key.endswith(".attn1.processor") and not key.split(".")[-2].startswith("audio"):
-            assert isinstance(proc, LTX2ISAAttnProcessor), key
-        else:  # audio self-attention, text and audio<->video cross-attention untouched
-            assert proc is before[key], key
-    assert t.state_dict().keys() == sd.keys() and all(torch.equal(t.state_dict()[k], w) for k, w in sd.items())
-    remove_isa(t)
-    assert all(t.attn_processors[k] is p for k, p in before.items())
-    v2, a2 = _fwd(t, x)
-    assert torch.equal(v2, ref_v) and torch.equal(a2, ref_a)
+from isa_plugin.adapters.ltx2 import ltx2_appended_layout
 
 
 def test_perturbed_stg(tiny):
     t = tiny.ltx2(perturbed_attn=True)
     x = tiny.ltx2_inputs(frames=3, extra_tokens=48, batch=2)
     x.update(spatio_temporal_guidance_blocks=[1], perturbation_mask=torch.tensor([1.0, 0.0]))
-    ref_v, _ = _fwd(t, x)
+    ref_v = tiny.fwd(t, x)
     apply_isa(t, tiny.EXACT)
-    v, _ = _fwd(t, x)
+    v = tiny.fwd(t, x)
     assert (v - ref_v).abs().max().item() <= 1e-5
     remove_isa(t)
     x["perturbation_mask"] = torch.zeros(2)
-    ref_v, _ = _fwd(t, x)
+    ref_v = tiny.fwd(t, x)
     apply_isa(t, tiny.EXACT)
-    v, _ = _fwd(t, x)
+    v = tiny.fwd(t, x)
     assert (v - ref_v).abs().max().item() <= 1e-5
     assert stats(t)["transformer_blocks.1.attn1"]["reasons"] == {"all perturbed (attention skipped)": 1}
 
@@ -85,7 +37,7 @@ def test_layout_rules(tiny):
     assert ltx2_appended_layout(t, x0) == Layout([("target", 96)])
     assert ltx2_appended_layout(t, {"hidden_states": x0["hidden_states"]}) is None
     apply_isa(t, tiny.SPARSE)
-    _fwd(t, x0)
+    tiny.fwd(t, x0)
     assert all(s["reasons"] == {"no context tokens (not an in-context call)": 1} for s in stats(t).values())
 
 
@@ -94,9 +46,9 @@ def test_self_attention_mask_falls_back(tiny):
     x = tiny.ltx2_inputs(frames=3, extra_tokens=32)
     S = x["hidden_states"].shape[1]
     x["video_self_attention_mask"] = torch.ones(1, S, S)
-    ref_v, _ = _fwd(t, x)
+    ref_v = tiny.fwd(t, x)
     apply_isa(t, tiny.SPARSE)
-    v, _ = _fwd(t, x)
+    v = tiny.fwd(t, x)
     assert torch.equal(v, ref_v)
     assert all(s["reasons"] == {"attention mask present": 1} for s in stats(t).values())
 

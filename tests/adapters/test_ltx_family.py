@@ -1,60 +1,15 @@
-"""LTX-Video family: exactness, sparsity on attn1 only, removal, state_dict, LTXConditionPipeline layout."""
+"""LTX-Video family: prefix layout inference, plain calls, LTXConditionPipeline layout.
+
+The family contract (signature, exactness, attn1 only, removal, state_dict) is checked in
+test_family_contract.py.
+"""
 
 import numpy as np
-import pytest
 import torch
 
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats
-from isa_plugin.adapters.ltx import LTXISAAttnProcessor, ltx_prefix_layout
-
-
-def _fwd(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
-
-
-def test_signature_matches_stock():
-    import inspect
-
-    from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
-
-    assert list(inspect.signature(LTXISAAttnProcessor.__call__).parameters) == list(
-        inspect.signature(LTXVideoAttnProcessor.__call__).parameters
-    )
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_all_ratios_one_equals_stock(tiny, batch):
-    t = tiny.ltx()
-    x = tiny.ltx_inputs(frames=3, prefix_frames=2, batch=batch)
-    ref = _fwd(t, x)
-    apply_isa(t, tiny.EXACT)  # layout inferred from video_coords
-    out = _fwd(t, x)
-    assert (out - ref).abs().max().item() <= 1e-5
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
-
-
-def test_default_ratios_self_attention_only_and_removal(tiny):
-    t = tiny.ltx(num_layers=3)
-    x = tiny.ltx_inputs(frames=3, prefix_frames=2)
-    ref = _fwd(t, x)
-    before = t.attn_processors
-    sd = {k: v.clone() for k, v in t.state_dict().items()}
-    apply_isa(t, tiny.SPARSE)
-    out = _fwd(t, x)
-    assert torch.isfinite(out).all() and not torch.equal(out, ref)
-    assert list(stats(t)) == [f"transformer_blocks.{i}.attn1" for i in range(3)]
-    assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())
-    for key, proc in t.attn_processors.items():
-        if ".attn2." in key:
-            assert proc is before[key] and type(proc).__name__ == "LTXVideoAttnProcessor"
-        else:
-            assert isinstance(proc, LTXISAAttnProcessor)
-    assert t.state_dict().keys() == sd.keys() and all(torch.equal(t.state_dict()[k], v) for k, v in sd.items())
-    remove_isa(t)
-    assert all(t.attn_processors[k] is v for k, v in before.items())
-    assert torch.equal(_fwd(t, x), ref)
+from isa_plugin.adapters.ltx import ltx_prefix_layout
 
 
 def test_layout_inference():
@@ -73,13 +28,13 @@ def test_plain_call_without_context_falls_back(tiny):
     x = tiny.ltx_inputs(frames=3)
     x.pop("video_coords")
     x.update(num_frames=3, height=4, width=8)
-    ref = _fwd(t, x)
+    ref = tiny.fwd(t, x)
     apply_isa(t, tiny.SPARSE)
-    assert torch.equal(_fwd(t, x), ref)
+    assert torch.equal(tiny.fwd(t, x), ref)
     assert all(s["reasons"] == {"no context tokens (not an in-context call)": 1} for s in stats(t).values())
     remove_isa(t)
     apply_isa(t, tiny.SPARSE, layout=Layout([("target", 64), ("context", 32)]))  # explicit layout overrides
-    _fwd(t, x)
+    tiny.fwd(t, x)
     assert all(s["isa_calls"] == 1 for s in stats(t).values())
 
 

@@ -1,4 +1,8 @@
-"""QwenImage family (Edit / EditPlus): exactness, text masks, removal, state_dict, layout, the pipelines."""
+"""QwenImage family (Edit / EditPlus): text masks at the processor, layout, observation, the pipelines.
+
+The family contract (signature, exactness with text masks and zero_cond_t, dense layers, removal) is checked
+in test_family_contract.py.
+"""
 
 import inspect
 
@@ -6,106 +10,47 @@ import numpy as np
 import pytest
 import torch
 
-from isa_plugin import ISAConfig, Layout
+from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, isa_processors, remove_isa, stats
 from isa_plugin.adapters.qwenimage import QwenImageISAAttnProcessor, attend_with_key_mask, qwen_image_layout
 
 diffusers = pytest.importorskip("diffusers")
 
-EXACT = ISAConfig(alpha_s=1.0, alpha_f=1.0, alpha_ns=1.0, block_size=8)
-SPARSE = ISAConfig(block_size=8)
-SHAPES = [(1, 8, 8), (1, 8, 12)]  # target 64 tokens, one condition image of 96 tokens
-TEXT = 12
 LAYERS = ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
 
 
-def tiny_qwen(num_layers=2, **kw):
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(0)
-    return QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 12, 12), **kw,
-    ).eval()
-
-
-def qwen_inputs(batch=1, shapes=SHAPES, text_valid=None):
-    """``text_valid``: per batch entry, the number of unpadded text tokens (None: no mask)."""
-    g = torch.Generator().manual_seed(1)
-    S = sum(f * h * w for f, h, w in shapes)
-    mask = None
-    if text_valid is not None:
-        mask = torch.zeros(batch, TEXT, dtype=torch.long)
-        for i, n in enumerate(text_valid):
-            mask[i, :n] = 1
-    return dict(
-        hidden_states=torch.randn(batch, S, 16, generator=g),
-        encoder_hidden_states=torch.randn(batch, TEXT, 16, generator=g),
-        encoder_hidden_states_mask=mask,
-        timestep=torch.full((batch,), 0.5),
-        img_shapes=[list(shapes)] * batch,
-    )
-
-
-def _fwd(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
-
-
-def test_processor_signature_matches_stock():
-    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
-
-    assert list(inspect.signature(QwenImageISAAttnProcessor.__call__).parameters) == list(
-        inspect.signature(QwenDoubleStreamAttnProcessor2_0.__call__).parameters
-    )
-
-
-@pytest.mark.parametrize(
-    "batch,text_valid,zero_cond_t", [(1, None, False), (2, None, False), (1, [9], False), (2, [12, 5], False), (2, [12, 4], True)]
-)
-def test_all_ratios_one_equals_stock(batch, text_valid, zero_cond_t):
-    t = tiny_qwen(zero_cond_t=zero_cond_t)  # zero_cond_t: Qwen-Image-Edit-2511 (condition tokens modulated at t=0)
-    x = qwen_inputs(batch, text_valid=text_valid)
-    ref = _fwd(t, x)
-    apply_isa(t, EXACT)
-    out = _fwd(t, x)
-    assert (out - ref).abs().max().item() <= 1e-5
-    assert list(stats(t)) == LAYERS
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
-
-
-def _stock_and_isa_processor_outputs(config, text_valid):
-    t = tiny_qwen(1)
+def _stock_and_isa_processor_outputs(tiny, config, text_valid):
+    t = tiny.qwen(1)
     attn = t.transformer_blocks[0].attn
     g = torch.Generator().manual_seed(5)
     B = len(text_valid)
     img = torch.randn(B, 160, attn.inner_dim, generator=g)
-    txt = torch.randn(B, TEXT, attn.inner_dim, generator=g)
-    mask = torch.zeros(B, TEXT, dtype=torch.bool)
+    txt = torch.randn(B, tiny.QWEN_TEXT, attn.inner_dim, generator=g)
+    mask = torch.zeros(B, tiny.QWEN_TEXT, dtype=torch.bool)
     for i, n in enumerate(text_valid):
         mask[i, :n] = True
-    rope = t.pos_embed([SHAPES], max_txt_seq_len=TEXT, device=img.device)
+    rope = t.pos_embed([tiny.QWEN_SHAPES], max_txt_seq_len=tiny.QWEN_TEXT, device=img.device)
     with torch.no_grad():
         ref = attn(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, image_rotary_emb=rope)
-        proc = QwenImageISAAttnProcessor(config, layout=Layout([("text", TEXT), ("target", 64), ("context", 96)]), original=attn.processor)
+        proc = QwenImageISAAttnProcessor(config, layout=Layout([("text", tiny.QWEN_TEXT), ("target", 64), ("context", 96)]), original=attn.processor)
         attn.set_processor(proc)
         out = attn(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, image_rotary_emb=rope)
     return ref, out, proc
 
 
-def test_text_mask_is_honoured_including_padded_queries():
+def test_text_mask_is_honoured_including_padded_queries(tiny):
     """The processor alone (layout= given): image and text outputs, padded text queries included."""
-    ref, out, proc = _stock_and_isa_processor_outputs(EXACT, [12, 7, 3])
+    ref, out, proc = _stock_and_isa_processor_outputs(tiny, tiny.EXACT, [12, 7, 3])
     for r, o in zip(ref, out):
         assert (o - r).abs().max().item() <= 1e-5
     assert proc.stats.isa_calls == 1 and not proc.stats.fallbacks
-    _, out, proc = _stock_and_isa_processor_outputs(SPARSE, [12, 7, 3])
+    _, out, proc = _stock_and_isa_processor_outputs(tiny, tiny.SPARSE, [12, 7, 3])
     assert all(torch.isfinite(o).all() for o in out) and proc.stats.isa_calls == 1
 
 
-def test_mask_on_non_text_tokens_falls_back():
+def test_mask_on_non_text_tokens_falls_back(tiny):
     layout = Layout([("text", 8), ("target", 32), ("context", 32)])
-    proc = QwenImageISAAttnProcessor(SPARSE, layout=layout)
+    proc = QwenImageISAAttnProcessor(tiny.SPARSE, layout=layout)
     q, k, v = (torch.randn(1, 72, 2, 32) for _ in range(3))
     valid = torch.ones(1, 72, dtype=torch.bool)
     valid[0, 50] = False  # a context token
@@ -114,51 +59,27 @@ def test_mask_on_non_text_tokens_falls_back():
     assert out is sentinel and dict(proc.stats.fallbacks) == {"attention mask on non-text tokens": 1}
 
 
-def test_dense_layers_reproduce_stock_bitwise():
-    t = tiny_qwen()
-    x = qwen_inputs(2, text_valid=[12, 5])
-    ref = _fwd(t, x)
-    apply_isa(t, {n: None for n in LAYERS})
-    assert torch.equal(_fwd(t, x), ref)
-
-
-def test_default_ratios_use_isa_then_remove_restores():
-    t = tiny_qwen()
-    x = qwen_inputs()
-    ref = _fwd(t, x)
-    before = t.attn_processors
-    sd = {k: v.clone() for k, v in t.state_dict().items()}
-    apply_isa(t, SPARSE)
-    out = _fwd(t, x)
-    assert torch.isfinite(out).all() and not torch.equal(out, ref)
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
-    assert t.state_dict().keys() == sd.keys() and all(torch.equal(t.state_dict()[k], v) for k, v in sd.items())
-    remove_isa(t)
-    assert all(p is before[k] for k, p in t.attn_processors.items())
-    assert torch.equal(_fwd(t, x), ref)
-
-
-def test_layout_from_img_shapes():
-    x = qwen_inputs()
+def test_layout_from_img_shapes(tiny):
+    x = tiny.qwen_inputs()
     assert qwen_image_layout(x["encoder_hidden_states"], x["hidden_states"], x["img_shapes"]) == Layout(
-        [("text", TEXT), ("target", 64), ("context", 96)]
+        [("text", tiny.QWEN_TEXT), ("target", 64), ("context", 96)]
     )
     hs = torch.zeros(1, 64 + 96 + 16, 4)
     two = [(1, 8, 8), (1, 8, 12), (1, 4, 4)]
     assert qwen_image_layout(x["encoder_hidden_states"], hs, [two]) == Layout(
-        [("text", TEXT), ("target", 64), ("context", 96), ("context", 16)]
+        [("text", tiny.QWEN_TEXT), ("target", 64), ("context", 96), ("context", 16)]
     )
-    assert qwen_image_layout(x["encoder_hidden_states"], hs, [SHAPES]) is None  # does not add up
+    assert qwen_image_layout(x["encoder_hidden_states"], hs, [tiny.QWEN_SHAPES]) is None  # does not add up
     # plain text-to-image: no condition image -> no context span -> the call runs dense
-    t = tiny_qwen(1)
-    y = qwen_inputs(shapes=[(1, 8, 8)])
-    ref = _fwd(t, y)
-    apply_isa(t, SPARSE)
-    assert torch.equal(_fwd(t, y), ref)
+    t = tiny.qwen(1)
+    y = tiny.qwen_inputs(shapes=[(1, 8, 8)])
+    ref = tiny.fwd(t, y)
+    apply_isa(t, tiny.SPARSE)
+    assert torch.equal(tiny.fwd(t, y), ref)
     assert "no context tokens (not an in-context call)" in stats(t)["transformer_blocks.0.attn"]["reasons"]
 
 
-def tiny_edit_pipe(cls_name):
+def tiny_edit_pipe(tiny, cls_name):
     import diffusers as d
 
     torch.manual_seed(0)
@@ -169,17 +90,17 @@ def tiny_edit_pipe(cls_name):
     cls = getattr(d, cls_name)
     return cls(
         scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, processor=None,
-        transformer=tiny_qwen(),
+        transformer=tiny.qwen(),
     )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cls_name", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
-def test_edit_pipelines_end_to_end(cls_name):
+def test_edit_pipelines_end_to_end(tiny, cls_name):
     from PIL import Image
 
     module = inspect.getmodule(getattr(diffusers, cls_name))
-    pipe = tiny_edit_pipe(cls_name)
+    pipe = tiny_edit_pipe(tiny, cls_name)
     rng = np.random.default_rng(0)
     sizes = [(48, 32)] if cls_name == "QwenImageEditPipeline" else [(48, 32), (40, 40)]  # (width, height)
     images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for w, h in sizes]
@@ -203,12 +124,12 @@ def test_edit_pipelines_end_to_end(cls_name):
 
     if cls_name == "QwenImageEditPipeline":  # each run VAE-encodes ~1024^2 condition images: keep runs few
         ref, _ = run()
-        apply_isa(pipe, EXACT)
+        apply_isa(pipe, tiny.EXACT)
         out, _ = run()
         assert (out - ref).abs().max().item() <= 1e-4
         remove_isa(pipe)
 
-    apply_isa(pipe, SPARSE)
+    apply_isa(pipe, tiny.SPARSE)
     seen, inputs = [], []
     for p in isa_processors(pipe).values():
         p.observer = lambda name, q, k, v, layout, step: seen.append((q.shape[1], layout))
@@ -243,15 +164,15 @@ def test_registered():
         assert name in registered_pipelines() and hasattr(diffusers, name)
 
 
-def test_observe_attention_is_stock_and_sees_layouts():
+def test_observe_attention_is_stock_and_sees_layouts(tiny):
     from isa_plugin.adapters import is_isa_applied, observe_attention
 
-    t = tiny_qwen()
-    x = qwen_inputs(2, text_valid=[12, 5])
-    ref = _fwd(t, x)
+    t = tiny.qwen()
+    x = tiny.qwen_inputs(2, text_valid=[12, 5])
+    ref = tiny.fwd(t, x)
     seen = []
     with observe_attention(t, lambda name, q, k, v, layout, step: seen.append((name, layout))):
-        out = _fwd(t, x)
+        out = tiny.fwd(t, x)
     assert torch.equal(out, ref)
-    assert seen == [(n, Layout([("text", TEXT), ("target", 64), ("context", 96)])) for n in LAYERS]
+    assert seen == [(n, Layout([("text", tiny.QWEN_TEXT), ("target", 64), ("context", 96)])) for n in LAYERS]
     assert not is_isa_applied(t)

@@ -1,50 +1,15 @@
-"""Wan family: exactness, sparsity engaged on attn1 only, removal, state_dict, the in-context edit pipeline."""
+"""Wan family: layout provider, attention_kwargs hints, bf16, compile, the in-context edit pipeline.
+
+The family contract (signature, exactness, attn1 only, removal, state_dict) is checked in
+test_family_contract.py.
+"""
 
 import pytest
 import torch
 
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats
-from isa_plugin.adapters.wan import WanICLLayout, WanISAAttnProcessor
-
-
-def _fwd(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("position", ["after", "before"])
-def test_all_ratios_one_equals_stock(tiny, batch, position):
-    t = tiny.wan()
-    x = tiny.wan_inputs(frames=6, batch=batch)
-    ref = _fwd(t, x)
-    apply_isa(t, tiny.EXACT, layout=WanICLLayout(context_frames=2, position=position))
-    out = _fwd(t, x)
-    assert (out - ref).abs().max().item() <= 1e-5
-    assert all(s == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}} for s in stats(t).values())
-
-
-def test_default_ratios_use_isa_on_self_attention_only(tiny):
-    t = tiny.wan(num_layers=3)
-    x = tiny.wan_inputs(frames=6)
-    ref = _fwd(t, x)
-    before = t.attn_processors
-    sd = {k: v.clone() for k, v in t.state_dict().items()}
-    apply_isa(t, tiny.SPARSE, layout=WanICLLayout(context_frames=3))
-    out = _fwd(t, x)
-    assert torch.isfinite(out).all() and not torch.equal(out, ref)
-    assert list(stats(t)) == [f"blocks.{i}.attn1" for i in range(3)]
-    assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())
-    for key, proc in t.attn_processors.items():
-        if ".attn2." in key:
-            assert proc is before[key] and type(proc).__name__ == "WanAttnProcessor"
-        else:
-            assert isinstance(proc, WanISAAttnProcessor)
-    assert t.state_dict().keys() == sd.keys() and all(torch.equal(t.state_dict()[k], v) for k, v in sd.items())
-    remove_isa(t)
-    assert torch.equal(_fwd(t, x), ref)
-    assert t.state_dict().keys() == sd.keys()
+from isa_plugin.adapters.wan import WanICLLayout
 
 
 def test_layout_provider_counts(tiny):
@@ -62,12 +27,12 @@ def test_layout_provider_counts(tiny):
 def test_layout_from_attention_kwargs(tiny):
     t = tiny.wan()
     x = tiny.wan_inputs(frames=6)
-    ref = _fwd(t, x)
+    ref = tiny.fwd(t, x)
     apply_isa(t, tiny.EXACT)
-    out = _fwd(t, {**x, "attention_kwargs": {"isa_context_frames": 2, "isa_context_position": "before"}})
+    out = tiny.fwd(t, {**x, "attention_kwargs": {"isa_context_frames": 2, "isa_context_position": "before"}})
     assert (out - ref).abs().max().item() <= 1e-5
     assert all(s["isa_calls"] == 1 for s in stats(t).values())
-    _fwd(t, x)  # no hint: unknown
+    tiny.fwd(t, x)  # no hint: unknown
     assert all(s["reasons"] == {"layout unknown": 1} for s in stats(t).values())
 
 
@@ -85,7 +50,7 @@ def test_bf16_runs(tiny):
     x["hidden_states"] = x["hidden_states"].bfloat16()
     x["encoder_hidden_states"] = x["encoder_hidden_states"].bfloat16()
     apply_isa(t, tiny.SPARSE, layout=WanICLLayout(3))
-    out = _fwd(t, x)
+    out = tiny.fwd(t, x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert all(s["isa_calls"] == 1 for s in stats(t).values())
 
@@ -206,10 +171,10 @@ def test_pipeline_per_token_timesteps(tiny):
 def test_compile_after_apply(tiny):
     t = tiny.wan(num_layers=1)
     x = tiny.wan_inputs(frames=4)
-    ref = _fwd(t, x)
+    ref = tiny.fwd(t, x)
     apply_isa(t, tiny.EXACT, layout=WanICLLayout(2))
     compiled = torch.compile(t)
-    out = _fwd(compiled, x)
+    out = tiny.fwd(compiled, x)
     assert (out - ref).abs().max().item() <= 1e-5
     assert stats(t)["blocks.0.attn1"]["isa_calls"] == 1
 

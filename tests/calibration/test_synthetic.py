@@ -80,6 +80,4 @@ def test_heldout_profile_meets_budget_and_beats_defaults(capsys):
                      f"{r['error_target']:.3f}/{r['error_context']:.3f}, cost {r['relative_cost']:.3f} vs {d['relative_cost']:.3f}")
         assert r["error_target"] <= d["error_target"] and r["error_context"] <= d["error_context"], (name, r, d)
         costs.append((r["relative_cost"], d["relative_cost"]))
-    assert sum(c for c, _ in costs) < sum(c for _, c in costs)
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    assert sum(c for c, _ in costs) < sum(c for _, c in costs), "\n".join(lines)

@@ -18,7 +18,7 @@ if torch.cuda.is_available():
     pytest.skip("interpreter tests run where there is no GPU", allow_module_level=True)
 
 os.environ["TRITON_INTERPRET"] = "1"
-_MODS = ["pooling", "isa_attn", "plan", "executor", "ops"]
+_MODS = ["pooling", "coarse_triton", "isa_attn", "plan", "executor", "ops"]
 for _m in _MODS:
     _name = f"isa_plugin.kernels.{_m}"
     if _name in sys.modules:
@@ -58,11 +58,16 @@ def test_pooling_matches_reference(rng, spans):
         torch.testing.assert_close(g, pool_blocks(x, blocks), rtol=1e-5, atol=1e-5)
 
 
-def test_gather_blocks(rng):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_gather_blocks(rng, sliced):
     layout = Layout([("target", 100), ("context", 70)])
     q, k, v = _qkv(rng, 2, layout.num_tokens, 3, 64, torch.float16)
     blocks = layout.blocks(64)
     blist = torch.tensor([[[1, 3], [0, 2]], [[2, 2], [3, 0]]], dtype=torch.int32)
+    if sliced:  # a slice of a larger list (the executor passes views of kv_list): strides, no copy
+        big = torch.full((2, 4, 5), 99, dtype=torch.int32)
+        big[:, 1:3, :2] = blist
+        blist = big[:, 1:3, :2]
     heads = torch.tensor([2, 0], dtype=torch.int32)
     kg, vg = pooling.gather_blocks_triton(k, v, blist=blist, heads=heads, starts=blocks.starts.int(), counts=blocks.counts.int(), block_size=64)
     for b in range(2):
@@ -133,7 +138,7 @@ def test_all_ratios_one_is_dense(rng, D):
     layout = Layout([("target", 90), ("context", 77), ("text", 3)])
     q, k, v = _qkv(rng, 1, layout.num_tokens, 2, D, torch.float32)
     cfg = ISAConfig(alpha_s=1, alpha_f=1, alpha_ns=1)
-    cp = kplan.plan_compact(q, k, layout, cfg, v=v, _defer=True)
+    cp = kplan.plan_compact(q, k, layout, cfg, v=v, defer_selections=True)
     out = torch.full_like(q, float("nan"))
     executor.execute_compact(q, k, v, cp, exact_backend="triton", out=out)
     ref = dense_attention_reference(q.double(), k.double(), v.double())
@@ -167,6 +172,33 @@ def test_custom_op_compiles_without_graph_breaks(rng):
     assert (eager.double() - ref).abs().max().item() < 1e-5
 
 
+def test_deferred_selections_equal_direct_plan(rng):
+    """plan_compact(defer_selections=True) + finish_selections() is the direct plan; finishing twice is a no-op."""
+    layout = Layout(LAYOUTS[1])
+    q, k, v = _qkv(rng, 2, layout.num_tokens, 2, 32, torch.float32)
+    cfg = ISAConfig(alpha_s=0.5, alpha_f=0.4, alpha_ns=0.3)
+    direct = kplan.plan_compact(q, k, layout, cfg, v=v)
+    deferred = kplan.plan_compact(q, k, layout, cfg, v=v, defer_selections=True)
+    assert direct.pending is None and deferred.pending is not None and deferred.tsel is None
+    assert deferred.finish_selections() is deferred and deferred.pending is None
+    tsel = deferred.tsel
+    deferred.finish_selections()
+    assert deferred.tsel is tsel
+    for f in ("kv_list", "kv_len", "exact_q", "tsel_len", "approx"):
+        assert torch.equal(getattr(direct, f), getattr(deferred, f)), f
+    ra, rb = kplan.compact_to_reference(direct), kplan.compact_to_reference(deferred)
+    assert torch.equal(ra.exact_kv, rb.exact_kv)
+
+
+def test_entry_point_rejects_unknown_exact_backend(rng):
+    from isa_plugin.kernels.ops import isa_attention_kernels
+
+    layout = Layout([("target", 70), ("context", 64)])
+    q, k, v = _qkv(rng, 1, layout.num_tokens, 1, 32, torch.float32)
+    with pytest.raises(ValueError, match="exact_backend='cudnn'"):
+        isa_attention_kernels(q, k, v, layout, ISAConfig(), exact_backend="cudnn")
+
+
 def test_launcher_validates():
     from isa_plugin.kernels.isa_attn import isa_attn_items
 
@@ -185,8 +217,8 @@ def test_taylor_select_kernel_matches_torch_path(rng, spans, per_head):
     cfg = ISAConfig(alpha_s=(0.4, 1.0) if per_head else 0.5, alpha_f=0.5, alpha_ns=(0.2, 0.6) if per_head else 0.3)
     blocks = layout.blocks(64)
     qbar, kbar = pool_blocks(q, blocks), pool_blocks(k, blocks)
-    a = kplan._finish_plan(kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5), use_kernel=True)
-    b = kplan._finish_plan(kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5), use_kernel=False)
+    a = kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5).finish_selections(use_kernel=True)
+    b = kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5).finish_selections(use_kernel=False)
     ra, rb = kplan.compact_to_reference(a), kplan.compact_to_reference(b)
     assert torch.equal(ra.exact_kv, rb.exact_kv)
     tay = ~a.exact_q
@@ -201,3 +233,30 @@ def test_topk_mass_kernel(rng):
     got = topk_mass_triton(P, 5, 37, 4)
     ref = P[..., 5:42].topk(4, dim=-1).values.sum(-1)
     torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,bs", [(200, 64), (128, 64), (37, 16)])
+def test_coarse_residual_kernels_match_torch_route(rng, dtype, N, bs):
+    """LIVEditor's gated coarse residual: Triton pooling + in-place add against the PyTorch route."""
+    from isa_plugin.kernels import coarse
+
+    q, k, v = _qkv(rng, 2, N, 3, 32, dtype)
+    out = torch.randn(2, N, 3, 32, generator=rng).to(dtype)
+    gate = (torch.rand(2, N, 1, generator=rng) - 0.5) * 0.5
+    want = coarse.gated_coarse_residual(out.float(), q.float(), k.float(), v.float(), gate, bs)  # CPU: torch route
+    got = out.clone()
+    assert coarse._add_residual_kernels(got, q, k, v, gate, bs, None) is got
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    assert (got.float() - out.float()).abs().max() > 10 * tol  # the residual was added
+
+
+def test_coarse_residual_add_validates():
+    from isa_plugin.kernels.coarse_triton import coarse_residual_add_triton
+
+    out, gate = torch.zeros(1, 10, 2, 32), torch.zeros(1, 10)
+    with pytest.raises(ValueError, match="rows must be"):
+        coarse_residual_add_triton(out, torch.zeros(1, 2, 2, 32), gate, 4)  # nb = 3
+    with pytest.raises(ValueError, match="head_dim=24"):
+        coarse_residual_add_triton(torch.zeros(1, 10, 2, 24), torch.zeros(1, 2, 3, 24), gate, 4)

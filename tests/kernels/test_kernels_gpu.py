@@ -111,3 +111,21 @@ def test_torch_compile_opaque():
     eager = f(q, k, v)
     compiled = torch.compile(f, fullgraph=True)(q, k, v)
     assert (compiled.float() - eager.float()).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_coarse_residual_kernel_route_matches_torch_route(dtype):
+    """LIVEditor's gated coarse residual at 480p-like length: the Triton route against the PyTorch one."""
+    from isa_plugin.kernels import coarse
+
+    q, k, v = _inputs(2, 8190, 4, 128, dtype, 7)  # 127 full 64-blocks + a 62-token tail
+    out = torch.randn_like(q)
+    gate = (torch.rand(2, 8190, 1, device="cuda") - 0.5) * 0.5
+    assert coarse.coarse_kernels_serve(q, k, v, 64, out)
+    got = coarse.gated_coarse_residual(out, q, k, v, gate)
+    q32, k32, v32 = (x.float().cpu() for x in (q, k, v))
+    want = coarse.gated_coarse_residual(out.float().cpu(), q32, k32, v32, gate.cpu())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
+    compiled = torch.compile(lambda o, g: coarse.gated_coarse_residual(o, q, k, v, g), fullgraph=True)(out, gate)
+    torch.testing.assert_close(compiled.float(), got.float(), rtol=tol, atol=tol)  # Inductor may fuse the softmax differently

@@ -121,11 +121,6 @@ def test_kernels_all_ones_are_dense(p):
     assert (out.double() - dense_attention_reference(q.double(), k.double(), v.double())).abs().max().item() < 1e-4
 
 
-_SHARE = pytest.mark.skipif(not getattr(__import__("isa_plugin.kernels.dispatch", fromlist=["x"]), "SUPPORTS_SHARE_PLAN", False),
-                            reason="the kernels do not implement share_plan (isa_attention runs the reference)")
-
-
-@_SHARE
 @SETTINGS
 @given(problems(dtypes=(torch.float32,)))
 def test_kernel_planner_share_plan_matches_reference(p):
@@ -141,7 +136,6 @@ def test_kernel_planner_share_plan_matches_reference(p):
         assert all(torch.equal(getattr(got, f)[0], getattr(got, f)[i]) for i in range(q.shape[0])), f
 
 
-@_SHARE
 @SETTINGS
 @given(problems())
 def test_kernel_op_share_plan_executes_its_plan(p):

@@ -521,7 +521,7 @@ def test_different_layouts_per_batch_entry():
 @pytest.mark.parametrize("bad", [[Layout([("target", 60), ("context", 60)])] * 3, ["not a layout", "x"]])
 def test_layout_list_of_wrong_length_raises(bad):
     q, k, v = qkv(2, 120, 2, 8)
-    with pytest.raises(ValueError, match=r"a Layout or a list of 2 Layouts \(one per batch entry\)"):
+    with pytest.raises(ValueError, match=r"a list of 2 of those \(one per batch entry\)"):
         isa_attention(q, k, v, bad)
 
 

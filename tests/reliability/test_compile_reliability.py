@@ -69,8 +69,9 @@ def test_no_graph_break_inside_attention(tiny, case):
     if case != "bucketed-profile":
         assert explain.graph_break_count == 0, [b.reason for b in explain.break_reasons]
     else:  # the timestep read of the bucket switch, in the pre-hook, and nothing else
-        assert explain.graph_break_count <= 1
-        assert all(any(fr.name in ("_select_bucket", "_scalar_timestep") for fr in b.user_stack) for b in explain.break_reasons)
+        # one break: the timestep read of the bucket switch (dynamo may count its resume as a second split)
+        assert len(explain.break_reasons) == 1, [b.reason for b in explain.break_reasons]
+        assert all(any(fr.name in ("_select_bucket", "timestep_scalar") for fr in b.user_stack) for b in explain.break_reasons)
 
 
 @pytest.mark.parametrize("case", ["static-layout", "share-plan-cfg-batch", "fallback-layout-unknown", "bucketed-profile"])

@@ -58,6 +58,9 @@ class FluxISAAttnProcessor(ISAAttnProcessorBase):
         >>> transformer.transformer_blocks[0].attn.set_processor(FluxISAAttnProcessor(ISAConfig(), layout=layout))
     """
 
+    #: each rank's call is [text; image] of its own chunks (context parallelism: see adapters.parallel)
+    cp_streams = "text_first"
+
     def __call__(
         self,
         attn,

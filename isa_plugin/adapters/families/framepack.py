@@ -62,6 +62,9 @@ class FramepackISAAttnProcessor(ISAAttnProcessorBase):
         >>> transformer.transformer_blocks[0].attn.set_processor(FramepackISAAttnProcessor(ISAConfig(), layout=layout))
     """
 
+    #: each rank's call is [video; text] of its own chunks (context parallelism: see adapters.parallel)
+    cp_streams = "text_last"
+
     def __call__(
         self,
         attn,

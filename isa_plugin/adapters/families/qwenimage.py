@@ -61,6 +61,9 @@ class QwenImageISAAttnProcessor(ISAAttnProcessorBase):
         >>> transformer.transformer_blocks[0].attn.set_processor(QwenImageISAAttnProcessor(ISAConfig(), layout=layout))
     """
 
+    #: each rank's call is [text; image] of its own chunks (context parallelism: see adapters.parallel)
+    cp_streams = "text_first"
+
     def __call__(
         self,
         attn,

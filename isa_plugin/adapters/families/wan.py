@@ -4,7 +4,7 @@ Layers: the video self-attention ``blocks.N.attn1`` of every block. Cross-attent
 the CLIP image branch of I2V models) keeps its stock processor.
 
 Layout: Wan's transformer has no notion of context; in-context editing models (ICVE, EditVerse-style
-fine-tunes, the ISA paper's LIVEditor) concatenate the source video's latents to the noisy latents
+fine-tunes; not LIVEditor, see :mod:`.liveditor`) concatenate the source video's latents to the noisy latents
 along the frame axis. :class:`WanICLLayout` turns "``n`` context latent frames, after (or before) the
 target frames" into the token layout of each call, from the 5-D ``hidden_states`` the transformer gets
 (tokens per latent frame = (H/p_h)·(W/p_w)). Three ways to give ``n``:
@@ -34,11 +34,48 @@ from ..processor import ISAAttnProcessorBase
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
 from ..rope import rope_interleaved_pairs
 
-__all__ = ["WanISAAttnProcessor", "WanICLLayout", "WanAdapter", "WanICLPipelineAdapter", "wan_icl_layout", "CONTEXT_FRAMES_KEY", "CONTEXT_POSITION_KEY"]
+__all__ = ["WanISAAttnProcessor", "wan_self_attention_qkv", "WanICLLayout", "WanAdapter", "WanICLPipelineAdapter", "wan_icl_layout", "CONTEXT_FRAMES_KEY", "CONTEXT_POSITION_KEY"]
 
 #: ``attention_kwargs`` keys read by the Wan adapter (number / position of context latent frames)
 CONTEXT_FRAMES_KEY = "isa_context_frames"
 CONTEXT_POSITION_KEY = "isa_context_position"
+
+
+def wan_self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb: Optional[tuple]):
+    """q, k, v [B, N, H, D] of a Wan self-attention layer, exactly as diffusers' ``WanAttnProcessor`` makes them.
+
+    Projections (fused ``to_qkv`` when ``attn.fuse_projections()`` ran), RMSNorm of q and k across heads,
+    split into heads, Wan's interleaved-pair RoPE on q and k (skipped when ``rotary_emb`` is None).
+
+    Args:
+        attn: a diffusers ``WanAttention`` used as self-attention.
+        hidden_states: [B, N, dim].
+        rotary_emb: ``(cos, sin)``, each [1, N, 1, head_dim], or None.
+
+    Returns:
+        ``(query, key, value)``, each [B, N, H, head_dim].
+
+    Example:
+        >>> q, k, v = wan_self_attention_qkv(transformer.blocks[0].attn1, x, rotary_emb)
+    """
+    if attn.fused_projections:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+
+    query = query.unflatten(2, (attn.heads, -1))
+    key = key.unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+
+    if rotary_emb is not None:
+        query = rope_interleaved_pairs(query, *rotary_emb)
+        key = rope_interleaved_pairs(key, *rotary_emb)
+    return query, key, value
 
 
 class WanISAAttnProcessor(ISAAttnProcessorBase):
@@ -50,12 +87,20 @@ class WanISAAttnProcessor(ISAAttnProcessorBase):
     Cross-attention calls (``encoder_hidden_states`` given) and modules with an image branch are handed to
     the stock processor.
 
+    Subclasses for Wan-derived models whose self-attention adds a gated coarse residual (LIVEditor)
+    override :meth:`residual_gate`.
+
     Args: see :class:`~isa_plugin.adapters.base.ISAAttnProcessorBase`.
 
     Example:
         >>> proc = WanISAAttnProcessor(ISAConfig(), layout=Layout([("target", 1560), ("context", 1560)]))
         >>> transformer.blocks[0].attn1.set_processor(proc)
     """
+
+    def residual_gate(self, attn, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-token gate [B, N, 1] of a coarse attention residual (see ``isa_attention(residual_gate=)``);
+        None for stock Wan, which has none."""
+        return None
 
     def __call__(
         self,
@@ -67,25 +112,9 @@ class WanISAAttnProcessor(ISAAttnProcessorBase):
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attn.add_k_proj is not None:
             return self.delegate("cross-attention call", attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        if attn.fused_projections:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query = attn.to_q(hidden_states)
-            key = attn.to_k(hidden_states)
-            value = attn.to_v(hidden_states)
-
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
-        if rotary_emb is not None:
-            query = rope_interleaved_pairs(query, *rotary_emb)
-            key = rope_interleaved_pairs(key, *rotary_emb)
-
-        hidden_states = self.attend(query, key, value, attention_mask=attention_mask)
+        query, key, value = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
+        gate = self.residual_gate(attn, hidden_states)
+        hidden_states = self.attend(query, key, value, attention_mask=attention_mask, residual_gate=gate)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.type_as(query)
 

@@ -1,0 +1,164 @@
+"""LIVEditor family (:class:`~isa_plugin.pipelines.LIVEditorTransformer3DModel`): ISA + the trained gate on ``blocks.N.attn1``.
+
+Layers: the self-attention ``blocks.N.attn1`` of every block (the model's own processor is
+``LIVEditorAttnProcessor``: dense attention + gated coarse residual); cross-attention ``attn2`` keeps
+diffusers' ``WanAttnProcessor``.
+
+Processor: :class:`LIVEditorISAAttnProcessor` is the Wan ISA processor plus the model's gate
+(:func:`liveditor_gate`): every call, ISA or dense fallback, returns ``attention + gate · coarse``
+(``isa_attention(..., residual_gate=gate)``), so ISA replaces only the attention the model was trained
+with ISA in the loop.
+
+Layout: the token sequence is ``[target; source]`` (noisy target tokens, then the clean source's), read
+from each call's ``hidden_states`` and ``source_latents`` shapes: ``Layout([("target", n_t), ("context",
+n_s)])``. Blocks are per span (the package's rule). The authors' own ISA cuts the whole sequence into
+64-token blocks, which differs only when ``n_t`` is not a multiple of the block size (one block then
+straddles target and source; at 480p, 32,760 = 511.875 x 64); ``LIVEditorLayout(blocking="sequence")``
+reproduces that blocking exactly (the straddling block counted as target) for comparison —
+``benchmarks/bench_liveditor.py`` measures how much the two differ.
+
+Calibration is optional for this model: it was fine-tuned with ISA's fixed ratios in the loop, so the
+default :class:`~isa_plugin.ISAConfig` is what it was trained with; ``isa calibrate`` still works.
+
+Example:
+    >>> pipe = LIVEditorPipeline.from_pretrained("liveditor-14b", torch_dtype=torch.bfloat16).to("cuda")
+    >>> apply_isa(pipe, ISAConfig())
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+
+from ...layout import Layout
+from ..context import LayoutProvider
+from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
+from .wan import WanISAAttnProcessor
+
+__all__ = ["LIVEditorISAAttnProcessor", "LIVEditorLayout", "LIVEditorAdapter", "liveditor_gate", "liveditor_layout"]
+
+_BLOCKINGS = ("span", "sequence")
+
+
+def liveditor_gate(attn, hidden_states: torch.Tensor) -> torch.Tensor:
+    """LIVEditor's per-token residual gate of one self-attention layer.
+
+    Args:
+        attn: the layer's ``WanAttention`` carrying ``alpha_1`` (``Linear(dim, 1, bias=False)``).
+        hidden_states: [B, N, dim], the self-attention's input (normed, modulated hidden states).
+
+    Returns:
+        [B, N, 1] float32, ``(sigmoid(alpha_1(hidden_states)) - 0.5) * 0.5``, in [-0.25, 0.25].
+
+    Raises:
+        TypeError: ``attn`` has no ``alpha_1`` (not a LIVEditor self-attention layer).
+
+    Example:
+        >>> g = liveditor_gate(model.blocks[0].attn1, x)   # x: [1, 65520, 5120] -> [1, 65520, 1]
+    """
+    alpha = getattr(attn, "alpha_1", None)
+    if not isinstance(alpha, torch.nn.Module):
+        raise TypeError(f"{type(attn).__name__} has no alpha_1 gate: not a LIVEditor self-attention layer")
+    return (torch.sigmoid(alpha(hidden_states).float()) - 0.5) * 0.5
+
+
+def liveditor_layout(n_target: int, n_source: int, block_size: int = 64, *, blocking: str = "span") -> Layout:
+    """The ISA layout of a LIVEditor call: target tokens, then source (context) tokens.
+
+    Args:
+        n_target, n_source: token counts (> 0).
+        block_size: ISA block size (used by ``blocking="sequence"`` only).
+        blocking: ``"span"`` (default: blocks restart at the source, the package's rule) or ``"sequence"``
+            (the authors' whole-sequence blocks: the target span is rounded up to a multiple of
+            ``block_size``, so the straddling block counts as target and every block boundary is a
+            multiple of ``block_size`` from token 0).
+
+    Returns:
+        a :class:`Layout` of ``n_target + n_source`` tokens.
+
+    Raises:
+        ValueError: a non-positive count or block size, or an unknown ``blocking``.
+
+    Example:
+        >>> liveditor_layout(32760, 32760, 64, blocking="sequence")   # target 32,768, context 32,752
+    """
+    if blocking not in _BLOCKINGS:
+        raise ValueError(f"blocking={blocking!r} is not supported; supported: {', '.join(map(repr, _BLOCKINGS))}")
+    if min(n_target, n_source) <= 0 or block_size <= 0:
+        raise ValueError(f"token counts and block size must be positive, got {n_target}, {n_source}, {block_size}")
+    if blocking == "sequence":
+        shift = min(-n_target % block_size, n_source - 1)
+        n_target, n_source = n_target + shift, n_source - shift
+    return Layout([("target", n_target), ("context", n_source)])
+
+
+def _counts(transformer, arguments: Mapping[str, Any]):
+    x, src = arguments.get("hidden_states"), arguments.get("source_latents")
+    if not (isinstance(x, torch.Tensor) and isinstance(src, torch.Tensor) and x.ndim == 5 and src.ndim == 5):
+        return None
+    return transformer.token_counts(x, src)
+
+
+class LIVEditorLayout(LayoutProvider):
+    """Layout provider for LIVEditor calls, with a choice of blocking (see :func:`liveditor_layout`).
+
+    The family infers the per-span layout by itself; pass this to ``apply_isa(..., layout=...)`` only to
+    choose ``blocking="sequence"``.
+
+    Args:
+        blocking: ``"span"`` or ``"sequence"``.
+        block_size: the ISA block size the layout is made for (default 64, ``ISAConfig``'s default).
+
+    Example:
+        >>> apply_isa(pipe, ISAConfig(), layout=LIVEditorLayout(blocking="sequence"))
+    """
+
+    def __init__(self, blocking: str = "span", block_size: int = 64):
+        liveditor_layout(1, 1, block_size, blocking=blocking)  # validates
+        self.blocking, self.block_size = blocking, block_size
+
+    def __repr__(self) -> str:
+        return f"LIVEditorLayout(blocking={self.blocking!r}, block_size={self.block_size})"
+
+    def __call__(self, transformer, arguments: Mapping[str, Any]) -> Optional[Layout]:
+        counts = _counts(transformer, arguments)
+        return None if counts is None else liveditor_layout(*counts, self.block_size, blocking=self.blocking)
+
+
+class LIVEditorISAAttnProcessor(WanISAAttnProcessor):
+    """ISA for LIVEditor's self-attention: the Wan ISA processor plus the model's gated coarse residual.
+
+    Replaces ``LIVEditorAttnProcessor`` on ``blocks.N.attn1``. Dense fallbacks keep the residual too.
+
+    Args: see :class:`~isa_plugin.adapters.processor.ISAAttnProcessorBase`.
+
+    Example:
+        >>> apply_isa(transformer, ISAConfig())   # installs this processor on every attn1
+    """
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        # the residual's block size is the model's (its own processor's), 64 for the released model
+        self.residual_block_size = getattr(self.original, "block_size", self.residual_block_size)
+
+    def residual_gate(self, attn, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        return liveditor_gate(attn, hidden_states)
+
+
+class LIVEditorAdapter(FamilyAdapter):
+    """LIVEditor: ``blocks.N.attn1`` get :class:`LIVEditorISAAttnProcessor`; layout ``[target; source]`` per call."""
+
+    name = "liveditor"
+    transformer_classes = ("LIVEditorTransformer3DModel",)
+    stock_processor_names = ("LIVEditorAttnProcessor",)
+    layer_paths = (("blocks", "attn1"),)
+    processor_class = LIVEditorISAAttnProcessor
+
+    def layout_for_call(self, transformer, arguments):
+        counts = _counts(transformer, arguments)
+        return None if counts is None else liveditor_layout(*counts)
+
+
+register_family(LIVEditorAdapter())
+register_pipeline(PipelineAdapter("liveditor", ("LIVEditorPipeline",)))

@@ -1,0 +1,280 @@
+"""``LIVEditorPipeline``: edit a video with LIVEditor-14B (source video in, edited video out).
+
+Components: ``tokenizer`` + ``text_encoder`` (umT5-XXL of the base Wan model), ``vae`` (Wan 2.1 VAE),
+``scheduler`` and ``transformer`` (:class:`~isa_plugin.pipelines.LIVEditorTransformer3DModel`). The folder
+:func:`~isa_plugin.pipelines.liveditor_checkpoint.convert_liveditor_checkpoint` writes loads with
+``LIVEditorPipeline.from_pretrained``.
+
+Defaults follow the authors' sampling recipe: flow-matching UniPC (multistep, 1000 training timesteps,
+shift 6.0; :func:`liveditor_scheduler`), 32 steps, classifier-free guidance 2.5 with Wan's own negative
+prompt (:data:`DEFAULT_NEGATIVE_PROMPT`, the base model's), target size = source size. The conditional
+and unconditional predictions come from one transformer call on a batch of 2 (CFG batch). The authors
+sample with seed 42 and write 16 fps videos: pass ``generator=torch.Generator().manual_seed(42)`` and
+``fps=16`` to your video writer to match.
+
+Example:
+    >>> pipe = LIVEditorPipeline.from_pretrained("liveditor-14b", torch_dtype=torch.bfloat16).to("cuda")
+    >>> frames = pipe("turn the car red", video=source_frames).frames[0]     # 81 frames at 480x832
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, UniPCMultistepScheduler, WanPipeline
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from .liveditor import LIVEditorTransformer3DModel
+from .wan_icl import WanInContextEditPipeline
+
+__all__ = ["LIVEditorPipeline", "liveditor_scheduler", "DEFAULT_NEGATIVE_PROMPT", "LIVEDITOR_RECIPE"]
+
+#: Wan's default negative prompt (``sample_neg_prompt`` of Wan's shared config), used by the authors for
+#: the unconditional branch
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+#: the authors' sampling settings
+LIVEDITOR_RECIPE: Dict[str, Any] = {"flow_shift": 6.0, "num_train_timesteps": 1000, "num_inference_steps": 32, "guidance_scale": 2.5, "seed": 42, "fps": 16}
+
+
+def liveditor_scheduler() -> UniPCMultistepScheduler:
+    """The authors' sampler: UniPC multistep on flow-matching sigmas, shift 6.0, 1000 training timesteps.
+
+    Returns:
+        a ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+        num_train_timesteps=1000, flow_shift=6.0)`` (diffusers' other UniPC defaults: order 2, bh2,
+        predict x0), the scheduler Wan's diffusers exports use, with LIVEditor's shift.
+
+    Example:
+        >>> pipe.scheduler = liveditor_scheduler()
+    """
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True,
+        num_train_timesteps=LIVEDITOR_RECIPE["num_train_timesteps"], flow_shift=LIVEDITOR_RECIPE["flow_shift"],
+    )
+
+
+class LIVEditorPipeline(DiffusionPipeline):
+    """Video editing with LIVEditor: the source video's latents enter the transformer beside the noisy target.
+
+    Args:
+        tokenizer, text_encoder: the base Wan model's (umT5); may be None when every call passes
+            ``prompt_embeds`` (and ``negative_prompt_embeds`` with guidance).
+        vae: ``AutoencoderKLWan``.
+        scheduler: a flow-matching scheduler (default recipe: :func:`liveditor_scheduler`).
+        transformer: :class:`LIVEditorTransformer3DModel`.
+
+    Example:
+        >>> pipe = LIVEditorPipeline.from_pretrained("liveditor-14b", torch_dtype=torch.bfloat16).to("cuda")
+        >>> isa_plugin.apply_isa(pipe, isa_plugin.ISAConfig())
+        >>> out = pipe("make it snow", video=frames, generator=torch.Generator().manual_seed(42)).frames[0]
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder"]
+    _callback_tensor_inputs = ["latents"]
+
+    # the base pipelines' text and video encoding (same components, same conventions)
+    _get_t5_prompt_embeds = WanPipeline._get_t5_prompt_embeds
+    encode_prompt = WanPipeline.encode_prompt
+    encode_video = WanInContextEditPipeline.encode_video
+
+    def __init__(self, tokenizer, text_encoder, vae: AutoencoderKLWan, scheduler, transformer: LIVEditorTransformer3DModel):
+        super().__init__()
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+        self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) is not None else 4
+        self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) is not None else 8
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+        self._guidance_scale = 1.0
+        self._num_timesteps = 0
+        self._current_timestep = None
+        self._interrupt = False
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # ------------------------------------------------------------------ helpers
+    def _size_multiple(self) -> int:
+        return self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+
+    def _resolve_size(self, video: Any, height: Optional[int], width: Optional[int]):
+        if height is None or width is None:
+            pixels = self.video_processor.preprocess_video(video)
+            height = pixels.shape[-2] if height is None else height
+            width = pixels.shape[-1] if width is None else width
+        m = self._size_multiple()
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % m:
+                raise ValueError(
+                    f"{name}={value!r} must be a positive multiple of {m} (VAE factor x patch size); pass height= and "
+                    f"width= (e.g. {name}={max(m, (int(value) // m) * m) if isinstance(value, (int, float)) else 480})"
+                )
+        return height, width
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        z = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean, device=latents.device, dtype=torch.float32).view(1, z, 1, 1, 1)
+        std = torch.tensor(self.vae.config.latents_std, device=latents.device, dtype=torch.float32).view(1, z, 1, 1, 1)
+        latents = (latents.float() * std + mean).to(self.vae.dtype)
+        video = self.vae.decode(latents, return_dict=False)[0]
+        return self.video_processor.postprocess_video(video, output_type=output_type)
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        negative_prompt: Union[str, List[str], None] = None,
+        *,
+        video: Any = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_frames: Optional[int] = None,
+        num_inference_steps: int = LIVEDITOR_RECIPE["num_inference_steps"],
+        guidance_scale: float = LIVEDITOR_RECIPE["guidance_scale"],
+        num_videos_per_prompt: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        callback_on_step_end: Optional[Callable[[Any, int, Any, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
+    ):
+        """Edit ``video`` following ``prompt``.
+
+        Args:
+            prompt: the edit instruction(s); or pass ``prompt_embeds``.
+            negative_prompt: for the unconditional branch; default :data:`DEFAULT_NEGATIVE_PROMPT` (``""`` for none).
+            video: the source video (list of PIL images, [F, H, W, C] array, [F, C, H, W] tensor, or a batch of
+                those, one per prompt); 1 + 4k frames. The edited video has its frame count.
+            height, width: size of the edit (multiples of 16); default the source's. The source is resized to it.
+            num_frames: optional check: the edit has the source's frame count, and a different value is an error.
+            num_inference_steps: denoising steps (default 32).
+            guidance_scale: classifier-free guidance (default 2.5; <= 1 disables the unconditional branch).
+            num_videos_per_prompt, generator, latents: as diffusers' ``WanPipeline``; ``latents`` is
+                [B, 16, (F - 1)/4 + 1, height/8, width/8].
+            prompt_embeds, negative_prompt_embeds: [B, L, text_dim] precomputed text states.
+            output_type: ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``.
+            return_dict: return ``WanPipelineOutput`` (default) or a tuple.
+            attention_kwargs: passed to the transformer (LoRA ``scale``).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: diffusers' step callback (it may replace ``latents``).
+            max_sequence_length: text tokens (512 for umT5 as the model was trained).
+
+        Returns:
+            ``WanPipelineOutput(frames=...)``: [B, F, H, W, 3] for ``"np"``.
+
+        Raises:
+            ValueError: no ``video``; a size that is not a multiple of 16; a frame count the VAE cannot take;
+                a source batch that does not match the prompts; bad ``latents`` shape; a bad step count.
+
+        Example:
+            >>> out = pipe("make it winter", video=frames, num_inference_steps=32).frames[0]
+        """
+        if video is None:
+            raise ValueError("LIVEditorPipeline edits a video: pass the source frames as video=...")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive int (the recipe uses 32)")
+        bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad_inputs:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad_inputs)} not in {self._callback_tensor_inputs}")
+        height, width = self._resolve_size(video, height, width)
+        self._guidance_scale = float(guidance_scale)
+        self._interrupt = False
+        device = self._execution_device
+        dtype = self.transformer.dtype
+
+        if self.do_classifier_free_guidance and negative_prompt is None and negative_prompt_embeds is None:
+            negative_prompt = DEFAULT_NEGATIVE_PROMPT
+        if prompt is not None and isinstance(negative_prompt, str) and not isinstance(prompt, str):
+            negative_prompt = [negative_prompt] * len(prompt)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_videos_per_prompt=num_videos_per_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
+        )
+        prompt_embeds = prompt_embeds.to(dtype)
+        batch = prompt_embeds.shape[0]
+
+        source = self.encode_video(video, height, width).to(device=device, dtype=dtype)
+        source_frames = (source.shape[2] - 1) * self.vae_scale_factor_temporal + 1
+        if num_frames is not None and num_frames != source_frames:
+            raise ValueError(
+                f"num_frames={num_frames}, but LIVEditor edits at the source's length ({source_frames} frames); "
+                "omit num_frames or trim the source video"
+            )
+        n_prompts = batch // num_videos_per_prompt
+        if source.shape[0] not in (1, n_prompts):
+            raise ValueError(f"{source.shape[0]} source videos for {n_prompts} prompts: pass one video, or one per prompt")
+        source = source.repeat_interleave(batch // source.shape[0], dim=0)
+
+        shape = (batch, self.transformer.config.in_channels, source.shape[2], source.shape[3], source.shape[4])
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape}")
+        else:
+            latents = latents.to(device=device, dtype=torch.float32)
+
+        if self.do_classifier_free_guidance:
+            text = torch.cat([negative_prompt_embeds.to(dtype), prompt_embeds])
+            source_in = torch.cat([source, source])
+        else:
+            text, source_in = prompt_embeds, source
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                x = latents.to(dtype)
+                x_in = torch.cat([x, x]) if self.do_classifier_free_guidance else x
+                pred = self.transformer(
+                    hidden_states=x_in, timestep=t.expand(x_in.shape[0]), encoder_hidden_states=text,
+                    source_latents=source_in, attention_kwargs=attention_kwargs, return_dict=False,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    uncond, cond = pred.chunk(2)
+                    pred = uncond + self.guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {"latents": latents})
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+        self._current_timestep = None
+
+        video_out = latents if output_type == "latent" else self._decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video_out,)
+        return WanPipelineOutput(frames=video_out)

@@ -1,0 +1,63 @@
+"""ISA under diffusers' Ulysses context parallelism, on CPU with gloo (2 processes; one case with 4).
+
+One launch per process count runs every case (see cp_harness); each test asserts on the results of all
+ranks. Tolerance: 1e-6 in fp32 against single-process ISA (ISA itself is exact here: the exchange puts the
+tokens back in canonical order, so the blocks and selections are those of one process).
+"""
+
+import pytest
+
+pytest.importorskip("diffusers")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import cp_harness  # noqa: E402
+
+TOL = 1e-6
+CASES_2 = ["wan", "wan_uneven", "ltx2", "flux_kontext", "qwenimage_text_mask", "wan_ring"]
+RING = "context parallel: ring attention (ring_degree=2) is not supported by ISA; dense"
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return cp_harness.launch(2, "cp_cases", CASES_2, tmp_path_factory.mktemp("cp2"))
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    return cp_harness.launch(4, "cp_cases", ["wan_p4"], tmp_path_factory.mktemp("cp4"))
+
+
+def _all_isa(stats):
+    return all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats.values()) and len(stats) > 0
+
+
+def _check_family(ranks, case, stock=True):
+    for r, res in enumerate(ranks):
+        x = res[case]
+        assert x["single_isa_vs_dense"] > 1e-3, (case, r, "ISA must differ from dense for the check to mean anything")
+        assert x["apply_first"] <= TOL, (case, r, x)
+        assert _all_isa(x["apply_first_stats"]), (case, r, x["apply_first_stats"])
+        if stock:
+            assert x["enable_first"] <= TOL, (case, r, x)
+            assert _all_isa(x["enable_first_stats"]), (case, r, x["enable_first_stats"])
+            assert x["removed_after_apply_first"] == 0.0, (case, r, x)
+            assert x["removed_after_enable_first"] == 0.0, (case, r, x)
+            assert x["reapplied"] == 0.0, (case, r, x)
+
+
+@pytest.mark.parametrize("case", ["wan", "wan_uneven", "ltx2", "flux_kontext", "qwenimage_text_mask"])
+def test_ulysses_isa_equals_single_process(two, case):
+    _check_family(two, case)
+
+
+def test_ring_falls_back_counted(two):
+    for res in two:
+        x = res["wan_ring"]
+        assert x["vs_stock_ring"] == 0.0
+        assert all(s == {"isa_calls": 0, "fallbacks": 1, "reasons": {RING: 1}, "backends": {}} for s in x["stats"].values())
+
+
+def test_four_processes(four):
+    _check_family(four, "wan_p4")
