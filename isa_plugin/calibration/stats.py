@@ -164,7 +164,7 @@ class LayerErrorStats:
         M, S, F, NS = grid.shape
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         ad = {}
-        if grid.mass:
+        if getattr(grid, "mass", ()):  # (fit._GridShape stands in for a grid and has none)
             S_, P, PS = grid.adaptive_shape
             ad = dict(ad_num=z(heads, 2, S_, P, PS), ad_den=z(heads, 2), ad_pairs=z(heads, S_, P, PS, 2, 2))
         return cls(num=z(heads, 2, M, S, F, NS), den=z(heads, 2), prune_num=z(heads, 2, S), taylor_num=z(heads, 2, NS),

@@ -125,3 +125,21 @@ def test_inspect_shows_adaptive_layers(tmp_path, capsys):
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:2] in ("a ", "b ")}
     assert rows["a"][2:6] == ["0.5", "p=0.947*", "s=16", "adaptive"]
     assert rows["b"][5] == "topk_mass"
+
+
+def test_held_out_check_covers_adaptive_settings():
+    from isa_plugin.calibration.fit import setting_errors
+
+    model = SyntheticModel(SPEC, seed=2)
+    st = calibrate_synthetic(model, [0, 1], grid=Grid(mass=(0.8, 0.95), pseudo_block=(16,)), block_size=16,
+                             blocks_per_kind=8, tokens_per_block=4)
+    prof = fit_profile(st, 0.3, cost_model=CostModel(a=1.0, b=50.0, adaptive_a=1.0, adaptive_b=1.0))
+    adaptive = [(n, prof.layers[n][0]) for n in model.layer_names if prof.layers[n][0].mode == "adaptive"]
+    assert adaptive
+    for name, s in adaptive:
+        et, ec = setting_errors(st.get(name), st.grid, s)
+        assert et == pytest.approx(s.error_target, abs=1e-12) and ec == pytest.approx(s.error_context, abs=1e-12)
+        for i in st.sample_ids(name):  # the per-sample statistics hold the adaptive measurements too
+            assert st.get(name, sample=i).has_adaptive
+    with pytest.raises(ValueError, match="not on the calibration grid"):
+        setting_errors(st.get(adaptive[0][0]), st.grid, LayerSetting(mode="adaptive", alpha_s=1.0, mass=0.5, pseudo_block=16))
