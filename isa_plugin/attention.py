@@ -28,7 +28,8 @@ class ISAInfo:
 
     Attributes:
         used_isa: False when the call fell back to dense attention.
-        backend: ``"reference"``, ``"triton"`` or ``"dense"``.
+        backend: ``"reference"``, ``"triton"`` (fixed mode's kernels), ``"flex"`` (the adaptive mode's
+            FlexAttention path) or ``"dense"``.
         reason: why the call fell back to dense attention (None when ISA ran).
     """
 
@@ -91,7 +92,8 @@ class Route:
     """The one backend decision of an ISA call (made by :func:`select_backend`).
 
     Attributes:
-        backend: ``"triton"`` (the kernels), ``"reference"`` (the PyTorch reference) or ``"dense"``.
+        backend: ``"triton"`` (the fixed mode's kernels), ``"flex"`` (the adaptive mode's FlexAttention
+            path), ``"reference"`` (the PyTorch reference) or ``"dense"``.
         reason: for ``"dense"``, why ISA cannot serve the call; for ``"reference"``, why the kernels
             cannot (None when the config asked for the reference); None for ``"triton"``.
     """
@@ -129,11 +131,19 @@ def select_backend(q: torch.Tensor, layout: Layout, config: ISAConfig, *, in_mod
         return Route("dense", f"sequence too short: fewer than two blocks ({layout.num_tokens} tokens, block_size={config.block_size})")
     if config.backend == "reference":
         return Route("reference")
-    from .kernels.dispatch import triton_ineligible
+    if config.mode == "adaptive":
+        # config.backend "triton" / "auto" mean the GPU path of the mode: FlexAttention (Triton-generated)
+        from .kernels.adaptive_flex import flex_ineligible
 
-    why_not = triton_ineligible(q, config)
+        why_not = "inputs are on cpu, the FlexAttention path needs CUDA" if not q.is_cuda else flex_ineligible(q, config.adaptive)
+        fast = "flex"
+    else:
+        from .kernels.dispatch import triton_ineligible
+
+        why_not = triton_ineligible(q, config)
+        fast = "triton"
     if why_not is None:
-        return Route("triton")
+        return Route(fast)
     if config.backend == "triton" and not in_model:
         raise RuntimeError(f"ISAConfig.backend='triton' but the Triton kernels cannot serve this call: {why_not}")
     if in_model and (config.backend == "triton" or q.device.type != "cpu"):
@@ -143,7 +153,7 @@ def select_backend(q: torch.Tensor, layout: Layout, config: ISAConfig, *, in_mod
 
 def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, config: ISAConfig, route: Route,
             scale: Optional[float] = None) -> torch.Tensor:
-    """Execute an ISA call on the backend ``route`` chose (``"triton"`` or ``"reference"``); [B, N, H, D] in, out.
+    """Execute an ISA call on the backend ``route`` chose (``"triton"``, ``"flex"`` or ``"reference"``); [B, N, H, D] in, out.
 
     Callers validate inputs and decide the route first (:func:`isa_attention` does both).
     """
@@ -151,8 +161,12 @@ def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, c
         from .kernels.ops import isa_attention_kernels
 
         return isa_attention_kernels(q, k, v, layout, config, scale=scale)
+    if route.backend == "flex":
+        from .kernels.adaptive_flex import adaptive_attention_flex
+
+        return adaptive_attention_flex(q, k, v, layout, config.adaptive, scale=scale)
     if route.backend != "reference":
-        raise ValueError(f"run_isa serves the 'triton' and 'reference' routes, got {route.backend!r}")
+        raise ValueError(f"run_isa serves the 'triton', 'flex' and 'reference' routes, got {route.backend!r}")
     if q.is_cuda and route.reason is not None:
         logger.debug("ISA kernels unavailable (%s); using the PyTorch reference", route.reason)
     kinds, lens = layout.encode()

@@ -310,6 +310,8 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timestep-buckets", type=int, default=1, help="separate settings per timestep bucket (default 1)")
     p.add_argument("--per-head", choices=("auto", "always", "off"), default="auto", help="per-head ratios (default: where they pay)")
     p.add_argument("--margin", type=float, default=0.85, help="fit to margin x budget (sampling noise; default 0.85)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="also measure the adaptive selection mode (docs/ADAPTIVE.md) and keep it where it is cheaper")
     p.add_argument("--cost-model", help="kernel cost model JSON (default: isa_plugin/kernels/cost_model.json if present)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale passed to the pipeline")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -340,6 +342,11 @@ def _calibrate(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise CLIError(f"--out {args.out} is a folder; give a file name such as profile.yaml")
+    grid = None
+    if args.adaptive:
+        from .calibration.stats import ADAPTIVE_MASS, Grid
+
+        grid = Grid(mass=ADAPTIVE_MASS, pseudo_block=tuple({s for s in (16, args.block_size) if args.block_size % s == 0}))
     pipe = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype)
     extra = {}
     if args.guidance_scale is not None:
@@ -355,7 +362,7 @@ def _calibrate(args) -> int:
         pipe, args.inputs, args.prompts or None, adapter=runner.adapter, steps=args.steps, calib_steps=args.calib_steps, height=args.height,
         width=args.width, frames=args.frames, block_size=args.block_size, blocks_per_kind=args.blocks_per_kind,
         tokens_per_block=args.tokens_per_block, timestep_buckets=args.timestep_buckets, seed=args.seed,
-        progress=not args.no_progress, pipeline_kwargs=extra,
+        progress=not args.no_progress, pipeline_kwargs=extra, grid=grid,
     )
     meta["pipeline"] = args.pipeline
     meta["seconds"] = round(time.perf_counter() - t0, 2)
@@ -430,6 +437,10 @@ def _inspect(args) -> int:
             bucket = str(bi) if prof.num_buckets > 1 else "-"
             if s.dense:
                 print(f"{name:<28} {bucket:>6} {'dense':>8} {'':>8} {'':>8} {'':>9} {_fmt(s.error_target, True):>8} {_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")
+            elif s.mode == "adaptive":  # alpha_f / alpha_ns columns show the mass and the pseudo-key size
+                print(f"{name:<28} {bucket:>6} {_fmt_ratio(s.alpha_s):>8} {'p=' + _fmt_ratio(s.mass):>8} "
+                      f"{'s=' + str(s.pseudo_block or prof.block_size):>8} {'adaptive':>9} {_fmt(s.error_target, True):>8} "
+                      f"{_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")
             else:
                 print(f"{name:<28} {bucket:>6} {_fmt_ratio(s.alpha_s):>8} {_fmt_ratio(s.alpha_f):>8} {_fmt_ratio(s.alpha_ns):>8} "
                       f"{s.sharpness:>9} {_fmt(s.error_target, True):>8} {_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")

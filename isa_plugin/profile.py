@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .config import RATIO_NAMES, SHARPNESS_METRICS, ISAConfig, Ratio, validate_budget, validate_ratio
+from .config import MODES, RATIO_NAMES, SHARPNESS_METRICS, ISAConfig, Ratio, validate_budget, validate_ratio
 from .timesteps import bucket_index
 
 __all__ = ["ThresholdProfile", "LayerSetting", "ProfileError", "config_hash", "library_versions", "SCHEMA_VERSION"]
@@ -80,6 +80,12 @@ class LayerSetting:
         error_target, error_context: measured relative L1 error of target-query / context-query outputs
             (None when unknown); per head when a tuple.
         relative_cost: predicted kernel time relative to dense attention (None when unknown).
+        mode: ``"fixed"`` (the ratios) or ``"adaptive"`` (``docs/ADAPTIVE.md``: ``alpha_s``, ``mass`` and
+            ``pseudo_block``; ``alpha_f``, ``alpha_ns`` and ``sharpness`` unused). Only adaptive settings list
+            ``mode``, ``mass`` and ``pseudo_block`` in the YAML.
+        mass: adaptive mode: pooled-mass threshold, a float or one value per head.
+        context_mass: adaptive mode: the threshold of context query blocks (None: ``mass``).
+        pseudo_block: adaptive mode: tokens per pseudo-key (None: the block size).
     """
 
     dense: bool = False
@@ -92,13 +98,25 @@ class LayerSetting:
     relative_cost: Optional[float] = None
     error_target_per_head: Optional[Tuple[float, ...]] = None
     error_context_per_head: Optional[Tuple[float, ...]] = None
+    mode: str = "fixed"
+    mass: Ratio = 0.9
+    pseudo_block: Optional[int] = None
+    context_mass: Optional[Ratio] = None
 
     def __post_init__(self):
         for name in RATIO_NAMES:
             object.__setattr__(self, name, _ratio(name, getattr(self, name)))
+        if self.mode not in MODES:
+            raise ProfileError(f"mode={self.mode!r} is not supported; supported: {list(MODES)}")
+        object.__setattr__(self, "mass", _ratio("mass", self.mass))
+        if self.context_mass is not None:
+            object.__setattr__(self, "context_mass", _ratio("context_mass", self.context_mass))
+        ps = self.pseudo_block
+        if ps is not None and (isinstance(ps, bool) or not isinstance(ps, numbers.Integral) or ps < 1):
+            raise ProfileError(f"pseudo_block={ps!r} must be a positive integer (tokens per pseudo-key)")
         if self.sharpness not in SHARPNESS_METRICS:
             raise ProfileError(f"sharpness={self.sharpness!r} is not supported; supported: {list(SHARPNESS_METRICS)}")
-        heads = {len(getattr(self, n)) for n in RATIO_NAMES if isinstance(getattr(self, n), tuple)}
+        heads = {len(getattr(self, n)) for n in self._per_head_names() if isinstance(getattr(self, n), tuple)}
         if len(heads) > 1:
             raise ProfileError(f"per-head ratios have different lengths {sorted(heads)}; give one value per head for each")
         for name in _ERRORS + ("relative_cost",):
@@ -114,9 +132,12 @@ class LayerSetting:
         if not isinstance(self.dense, bool):
             raise ProfileError(f"dense={self.dense!r} must be true or false")
 
+    def _per_head_names(self) -> Tuple[str, ...]:
+        return RATIO_NAMES + (("mass", "context_mass") if self.mode == "adaptive" else ())
+
     @property
     def num_heads(self) -> Optional[int]:
-        for n in RATIO_NAMES:
+        for n in self._per_head_names():
             v = getattr(self, n)
             if isinstance(v, tuple):
                 return len(v)
@@ -126,6 +147,9 @@ class LayerSetting:
         """The :class:`ISAConfig` of this setting, or None for a dense layer."""
         if self.dense:
             return None
+        if self.mode == "adaptive":
+            return ISAConfig(mode="adaptive", alpha_s=self.alpha_s, mass=self.mass, context_mass=self.context_mass,
+                             pseudo_block=self.pseudo_block, block_size=block_size, backend=backend)
         return ISAConfig(
             alpha_s=self.alpha_s, alpha_f=self.alpha_f, alpha_ns=self.alpha_ns, block_size=block_size,
             sharpness=self.sharpness, backend=backend,
@@ -276,8 +300,17 @@ class ThresholdProfile:
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def uniform(cls, layer_names: Sequence[str], config: ISAConfig, **kwargs) -> "ThresholdProfile":
-        """A profile that gives every layer the same :class:`ISAConfig` (e.g. the paper's defaults)."""
-        s = LayerSetting(alpha_s=config.alpha_s, alpha_f=config.alpha_f, alpha_ns=config.alpha_ns, sharpness=config.sharpness)
+        """A profile that gives every layer the same :class:`ISAConfig` (e.g. the paper's defaults).
+
+        Raises:
+            ProfileError: an adaptive config with ``min_blocks`` / ``max_blocks`` set (profiles do not carry them).
+        """
+        if config.mode == "adaptive" and (config.min_blocks != 1 or config.max_blocks != 0):
+            raise ProfileError("profiles do not carry the adaptive mode's min_blocks / max_blocks; leave them at 1 and 0")
+        s = LayerSetting(alpha_s=config.alpha_s, alpha_f=config.alpha_f, alpha_ns=config.alpha_ns, sharpness=config.sharpness,
+                         **({"mode": "adaptive", "mass": config.mass, "context_mass": config.context_mass,
+                             "pseudo_block": config.pseudo_block}
+                            if config.mode == "adaptive" else {}))
         kwargs.setdefault("block_size", config.block_size)
         return cls(layers={n: [s] for n in layer_names}, **kwargs)
 
@@ -472,6 +505,17 @@ class ThresholdProfile:
                         else:
                             e[r] = v
                     e["sharpness"] = s.sharpness
+                    if s.mode == "adaptive":
+                        e["mode"] = "adaptive"
+                        for k in ("mass", "context_mass"):
+                            v = getattr(s, k)
+                            if isinstance(v, tuple):
+                                tensors[f"{name}/{b}/{k}"] = torch.tensor(v, dtype=torch.float64)
+                                e[k] = _PER_HEAD
+                            elif v is not None:
+                                e[k] = v
+                        if s.pseudo_block is not None:
+                            e["pseudo_block"] = s.pseudo_block
                 for k in _ERRORS + ("relative_cost",):
                     if getattr(s, k) is not None:
                         e[k] = getattr(s, k)

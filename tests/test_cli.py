@@ -129,6 +129,25 @@ def test_adding_a_subcommand(capsys):
         cli._COMMANDS.pop("hello-test")
 
 
+def test_calibrate_adaptive(pipes, tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    rc = main(["calibrate", "--pipeline", pipes["ok"], "--adapter", "wan-icl", "--videos", str(sample_video_path()),
+               "--budget", "0.2", "--steps", "2", "--calib-steps", "1", "--height", "64", "--width", "64", "--frames", "9",
+               "--block-size", "8", "--adaptive", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    prof = ThresholdProfile.load(out)
+    assert prof.calibrated_on["grid"]["pseudo_block"] == [8] and prof.calibrated_on["grid"]["mass"]
+    for s in (x for ss in prof.layers.values() for x in ss):
+        assert s.dense or (s.error_target <= 0.2 and s.error_context <= 0.2)
+        if s.mode == "adaptive":
+            assert s.to_config(block_size=8).mode == "adaptive"
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.0.attn1" in printed
+    assert (" adaptive " in printed) == any(s.mode == "adaptive" for ss in prof.layers.values() for s in ss)
+
+
 @pytest.mark.parametrize("argv", [
     ["calibrate", "--pipeline", "/nonexistent", "--videos", "v.mp4", "--out", "p.yaml", "--budget", "2"],
     ["calibrate", "--pipeline", "/nonexistent", "--videos", "v.mp4", "--out", "p.yaml", "--budget", "0"],

@@ -16,6 +16,13 @@ and block-mean pseudo-key, ``c`` a per-call constant (planning, launches). Dense
 
 Without that file, :data:`DEFAULT_COST_MODEL` counts pairs (a = b = 1, c = 0): the predicted relative cost
 is then :meth:`isa_plugin.kernels.reference.ISAPlan.relative_cost`.
+
+The adaptive mode (``docs/ADAPTIVE.md``) runs another kernel (FlexAttention) and has its own coefficients,
+:meth:`CostModel.adaptive_coefficients`: ``adaptive_a`` per exact pair, ``adaptive_b`` per (query, pseudo-key)
+pair, ``adaptive_c`` per call (benchmark keys ``adaptive_ms_per_gexact_pair``, ``adaptive_ms_per_gpseudo_pair``,
+``adaptive_ms_per_call``). Where a measured GPU model lacks them, exact and pseudo pairs cost
+``dense_a / FLEX_DENSE_RATE`` each (FlexAttention ran variable block masks at about 0.69 of cuDNN's dense rate
+on an H200) and the call constant is ``c``; the pair-count model counts pairs of both modes alike.
 """
 
 from __future__ import annotations
@@ -30,7 +37,11 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 from ..kernels.counts import keep_count
 
-__all__ = ["CostModel", "DEFAULT_COST_MODEL", "load_cost_model", "setting_pairs", "predict_call_ms"]
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "load_cost_model", "setting_pairs", "predict_call_ms", "FLEX_DENSE_RATE"]
+
+#: FlexAttention's rate on variable per-row block masks relative to cuDNN dense attention (H200, N = 65,536,
+#: H = 40, 128-token blocks), used for the adaptive mode where a cost model has no measured coefficients
+FLEX_DENSE_RATE = 0.69
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +60,17 @@ class CostModel:
     source: str = "default (pair count: a = b = 1, c = 0)"
     head_dim_ref: Optional[int] = None  # pairs are counted at this head_dim (work scales with D / head_dim_ref)
     floor: float = 0.0  # smallest time of one call (host-side launch work bounds small problems)
+    adaptive_a: Optional[float] = None  # the adaptive mode's time per exact pair (None: see adaptive_coefficients)
+    adaptive_b: Optional[float] = None  # ... per (query token, pseudo-key) pair
+    adaptive_c: Optional[float] = None  # ... per call
 
     def __post_init__(self):
+        for n in ("adaptive_a", "adaptive_b", "adaptive_c"):
+            v = getattr(self, n)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0):
+                raise ValueError(f"cost model {n}={v!r} must be a finite non-negative number")
+        if self.adaptive_a is not None and self.adaptive_a <= 0:
+            raise ValueError(f"cost model adaptive_a={self.adaptive_a!r} must be positive")
         for n in ("a", "b", "c", "dense_c", "floor"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
@@ -66,6 +86,16 @@ class CostModel:
     def time(self, exact_pairs: float, approx_pairs: float, head_dim: Optional[int] = None) -> float:
         """Predicted time of one call (all heads) with these pair counts."""
         return max(self.floor, (self.a * exact_pairs + self.b * approx_pairs) * self.dim_scale(head_dim) + self.c)
+
+    def adaptive_coefficients(self):
+        """(a, b, c) of the adaptive mode: time ≈ a·exact pairs + b·pseudo pairs + c (see the module docstring)."""
+        if self.adaptive_a is not None:
+            a = self.adaptive_a
+            return a, (a if self.adaptive_b is None else self.adaptive_b), (self.c if self.adaptive_c is None else self.adaptive_c)
+        if self.dense_a is not None:
+            a = self.dense_a / FLEX_DENSE_RATE
+            return a, a, self.c
+        return self.a, self.a, self.c
 
     def dense_time(self, n_tokens: float, heads: int, head_dim: Optional[int] = None) -> float:
         da = self.a if self.dense_a is None else self.dense_a
@@ -92,8 +122,13 @@ def _from_mapping(d: Mapping[str, Any], source: str) -> CostModel:
         b, c = max(num("ms_per_gapprox_pair") / 1e9, 0.0), max(num("ms_per_call"), 0.0)
         dense = d.get("dense_cudnn_ms_per_gpair")
         dense_a = num("dense_cudnn_ms_per_gpair") / 1e9 if dense is not None and num("dense_cudnn_ms_per_gpair") > 0 else None
-        return CostModel(a=a, b=b, c=c, dense_a=dense_a, source=source, head_dim_ref=128, floor=max(num("host_floor_ms"), 0.0))
-    known = {"a", "b", "c", "dense_a", "dense_c"}
+        ada = {}
+        if "adaptive_ms_per_gexact_pair" in d:
+            ada = dict(adaptive_a=num("adaptive_ms_per_gexact_pair") / 1e9,
+                       adaptive_b=max(num("adaptive_ms_per_gpseudo_pair", d["adaptive_ms_per_gexact_pair"]), 0.0) / 1e9,
+                       adaptive_c=max(num("adaptive_ms_per_call", d.get("ms_per_call", 0.0)), 0.0))
+        return CostModel(a=a, b=b, c=c, dense_a=dense_a, source=source, head_dim_ref=128, floor=max(num("host_floor_ms"), 0.0), **ada)
+    known = {"a", "b", "c", "dense_a", "dense_c", "adaptive_a", "adaptive_b", "adaptive_c"}
     kw = {k: d[k] for k in known if k in d}
     if "a" not in kw:
         raise ValueError(f"{source}: a cost model needs at least 'a' (time per exact pair); got keys {sorted(d)}")

@@ -133,6 +133,11 @@ def _fit_layer(ls: LayerErrorStats, grid: Grid, budget: Dict[str, Any], cost_mod
                                  error_target_per_head=tuple(eth), error_context_per_head=tuple(ech))
                 consider(rel, et / max(bt, 1e-12) + ec / max(bc, 1e-12), s)
 
+    # ---- the adaptive mode, when the statistics measured it
+    if ls.has_adaptive:
+        for cand in _fit_adaptive(ls, grid, bt, bc, cost_model, dense_layer, per_head, min_gain):
+            consider(*cand)
+
     if best is None or best[0] >= 1.0:
         return LayerSetting(dense=True, error_target=0.0, error_context=0.0, relative_cost=1.0)
     return best[2]
@@ -153,15 +158,29 @@ def _fit_heads(num: torch.Tensor, den: torch.Tensor, has: torch.Tensor, head_cos
         gt[:, :n_opt] = num[:, 0].reshape(H, -1) / float(den[0])
     if bool(has[1]):
         gc[:, :n_opt] = num[:, 1].reshape(H, -1) / float(den[1])
+    found = _lagrange(gt, gc, cost.expand(H, n_opt + 1), bt, bc)
+    if found is None:
+        return None
+    ch, et, ec = found
+    choice = [(-1 if int(c) == n_opt else int(c)) for c in ch]
+    return choice, et, ec
+
+
+def _lagrange(gt: torch.Tensor, gc: torch.Tensor, cost: torch.Tensor, bt: float, bc: float):
+    """Per-head option choice minimising Σ cost with Σ gt <= bt and Σ gc <= bc (Lagrangian relaxation).
+
+    gt, gc, cost: [H, O] (each head's error share per kind and cost per option). Returns
+    (choice [H] option indices, error_t, error_c) or None when no λ is feasible.
+    """
     best = None
     for rho in (0.25, 1.0, 4.0):
         pen = rho * gt / max(bt, 1e-12) + gc / max(bc, 1e-12)  # [H, O]
 
         def solve(lam):
-            ch = torch.argmin(cost[None, :] + lam * pen, dim=1)
+            ch = torch.argmin(cost + lam * pen, dim=1)
             et = float(gt.gather(1, ch[:, None]).sum())
             ec = float(gc.gather(1, ch[:, None]).sum())
-            return ch, et, ec, float(cost[ch].sum())
+            return ch, et, ec, float(cost.gather(1, ch[:, None]).sum())
 
         lo, hi = -6.0, 8.0  # log10 lambda
         ch, et, ec, c = solve(10**hi)
@@ -180,8 +199,89 @@ def _fit_heads(num: torch.Tensor, den: torch.Tensor, has: torch.Tensor, head_cos
     if best is None:
         return None
     ch, et, ec, _ = best
-    choice = [(-1 if int(c) == n_opt else int(c)) for c in ch]
-    return choice, et, ec
+    return ch, et, ec
+
+
+def _fit_adaptive(ls: LayerErrorStats, grid: Grid, bt: float, bc: float, cost_model: CostModel, dense_layer: float,
+                  per_head: Union[bool, str], min_gain: float) -> List[Tuple[float, float, LayerSetting]]:
+    """Candidate adaptive-mode settings of one layer as (relative cost, error score, setting).
+
+    A setting is (α_s, mass, context_mass, pseudo_block): target-query errors and the rows of non-context query
+    blocks follow ``mass``, context-query errors and rows ``context_mass`` (a query block's selection depends
+    on its own threshold only). One setting for the layer: the cheapest whose layer errors meet the budget.
+    Per head (``pseudo_block`` stays one per layer): a Lagrangian search over each head's (α_s, mass,
+    context_mass) options plus exact attention (α_s = mass = 1, error 0), ranked by each head's measured pairs.
+    Costs use :meth:`CostModel.adaptive_coefficients`.
+    """
+    H = ls.heads
+    a, b, c = cost_model.adaptive_coefficients()
+    scale = cost_model.dim_scale(ls.head_dim)
+    pairs = ls.ad_pairs / max(ls.calls, 1)  # [H, S, P, PS, rows (non-context, context), (exact, pseudo)]
+    row_cost = (a * pairs[..., 0] + b * pairs[..., 1]) * scale  # [H, S, P, PS, 2]
+    head_cost = row_cost[:, :, :, None, :, 0] + row_cost[:, :, None, :, :, 1]  # [H, S, P (mass), P (context), PS]
+    n = sum(ls.mean_tokens().values())
+    exact_head = a * n * n * scale
+    den = ls.ad_den.sum(0)  # [2]
+    has = den > 0
+    num = ls.ad_num  # [H, 2, S, P, PS]
+    e = torch.where(has.view(2, 1, 1, 1), num.sum(0) / den.clamp(min=1e-300).view(2, 1, 1, 1), torch.zeros(()).double())
+    err_t, err_c = e[0][:, :, None, :], e[1][:, None, :, :]  # broadcast to [S, P, P, PS]
+    rel = (head_cost.sum(0) + c).clamp(min=cost_model.floor) / dense_layer  # [S, P, P, PS]
+    ok = (err_t <= bt + 1e-12) & (err_c <= bc + 1e-12)
+    score = err_t / max(bt, 1e-12) + err_c / max(bc, 1e-12)
+
+    def masses(pt, pc):
+        mt = tuple(grid.mass[i] if i >= 0 else 1.0 for i in pt)
+        mc = tuple(grid.mass[i] if i >= 0 else 1.0 for i in pc)
+        one = lambda v: v[0] if len(set(v)) == 1 else v  # noqa: E731
+        return one(mt), (None if mc == mt else one(mc))
+
+    out = []
+    uniform_best = math.inf
+    if bool(ok.any()):
+        key = torch.where(ok, rel * 1e6 + score.clamp(max=1e5) * 1e-6, torch.full_like(rel, math.inf))
+        si, pt, pc, qi = (int(x) for x in torch.unravel_index(torch.argmin(key), key.shape))
+        uniform_best = float(rel[si, pt, pc, qi])
+        m, cm = masses([pt], [pc])
+        out.append((uniform_best, float(score[si, pt, pc, qi]), LayerSetting(
+            mode="adaptive", alpha_s=grid.alpha_s[si], mass=m, context_mass=cm, pseudo_block=grid.pseudo_block[qi],
+            error_target=float(e[0, si, pt, qi]), error_context=float(e[1, si, pc, qi]), relative_cost=uniform_best)))
+    if not (per_head and H > 1):
+        return out
+    S, P, PS = grid.adaptive_shape
+    n_opt = S * P * P
+    for qi, ps in enumerate(grid.pseudo_block):
+        gt = torch.zeros(H, n_opt + 1, dtype=torch.float64)
+        gc = torch.zeros(H, n_opt + 1, dtype=torch.float64)
+        if bool(has[0]):
+            gt[:, :-1] = (num[:, 0, :, :, qi] / float(den[0]))[:, :, :, None].expand(H, S, P, P).reshape(H, -1)
+        if bool(has[1]):
+            gc[:, :-1] = (num[:, 1, :, :, qi] / float(den[1]))[:, :, None, :].expand(H, S, P, P).reshape(H, -1)
+        cost = torch.cat([head_cost[..., qi].reshape(H, -1), torch.full((H, 1), exact_head, dtype=torch.float64)], 1)
+        found = _lagrange(gt, gc, cost, bt, bc)
+        if found is None:
+            continue
+        ch, et, ec = found
+        r = max(cost_model.floor, float(cost.gather(1, ch[:, None]).sum()) + c) / dense_layer
+        if not (per_head == "always" or r < uniform_best * (1 - min_gain)):
+            continue
+        a_s, pts, pcs, eth, ech = [], [], [], [], []
+        for h, o in enumerate(ch.tolist()):
+            if o == n_opt:
+                a_s.append(1.0), pts.append(-1), pcs.append(-1), eth.append(0.0), ech.append(0.0)
+                continue
+            si, rest = divmod(o, P * P)
+            pt, pc = divmod(rest, P)
+            a_s.append(grid.alpha_s[si]), pts.append(pt), pcs.append(pc)
+            d0, d1 = float(ls.ad_den[h, 0]), float(ls.ad_den[h, 1])
+            eth.append(float(num[h, 0, si, pt, qi]) / d0 if d0 > 0 else 0.0)
+            ech.append(float(num[h, 1, si, pc, qi]) / d1 if d1 > 0 else 0.0)
+        m, cm = masses(pts, pcs)
+        out.append((r, et / max(bt, 1e-12) + ec / max(bc, 1e-12), LayerSetting(
+            mode="adaptive", alpha_s=a_s[0] if len(set(a_s)) == 1 else tuple(a_s), mass=m, context_mass=cm,
+            pseudo_block=ps, error_target=et, error_context=ec, relative_cost=r,
+            error_target_per_head=tuple(eth), error_context_per_head=tuple(ech))))
+    return out
 
 
 # ------------------------------------------------------------------------------------ held-out check
@@ -215,6 +315,8 @@ def setting_errors(ls: LayerErrorStats, grid: Grid, setting: LayerSetting) -> Tu
         return 0.0, 0.0
     H = ls.heads
     per_head = lambda v: v if isinstance(v, tuple) else (v,) * H  # noqa: E731
+    if setting.mode == "adaptive":
+        return _adaptive_setting_errors(ls, grid, setting, per_head)
     a_s, a_f, a_ns = per_head(setting.alpha_s), per_head(setting.alpha_f), per_head(setting.alpha_ns)
     mi = grid.metrics.index(setting.sharpness)
     num = torch.zeros(2, dtype=torch.float64)
@@ -230,8 +332,34 @@ def setting_errors(ls: LayerErrorStats, grid: Grid, setting: LayerSetting) -> Tu
     return float(err[0]), float(err[1])
 
 
+def _adaptive_setting_errors(ls: LayerErrorStats, grid: Grid, setting: LayerSetting, per_head) -> Tuple[float, float]:
+    """:func:`setting_errors` of an adaptive-mode setting (target errors follow ``mass``, context ``context_mass``)."""
+    if not ls.has_adaptive:
+        raise ValueError("an adaptive-mode setting needs statistics measured with Grid(mass=...)")
+    H = ls.heads
+    a_s, mt = per_head(setting.alpha_s), per_head(setting.mass)
+    mc = mt if setting.context_mass is None else per_head(setting.context_mass)
+    qi = grid.pseudo_block.index(setting.pseudo_block) if setting.pseudo_block in grid.pseudo_block else None
+    num = torch.zeros(2, dtype=torch.float64)
+    for h in range(H):
+        if (a_s[h], mt[h], mc[h]) == (1.0, 1.0, 1.0) and _grid_index(grid.mass, 1.0) is None:
+            continue  # a head computed exactly
+        si, pt, pc = _grid_index(grid.alpha_s, a_s[h]), _grid_index(grid.mass, mt[h]), _grid_index(grid.mass, mc[h])
+        if None in (si, pt, pc, qi):
+            raise ValueError(f"head {h}: adaptive setting {(a_s[h], mt[h], mc[h], setting.pseudo_block)} is not on the "
+                             f"calibration grid {grid.to_dict()}")
+        num[0] += ls.ad_num[h, 0, si, pt, qi]
+        num[1] += ls.ad_num[h, 1, si, pc, qi]
+    den = ls.ad_den.sum(0)
+    err = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros(()).double())
+    return float(err[0]), float(err[1])
+
+
 def _summed(parts: List[LayerErrorStats]) -> LayerErrorStats:
     out = LayerErrorStats.zeros(parts[0].heads, parts[0].head_dim, _GridShape(parts[0].num), device="cpu")
+    if parts[0].ad_num is not None:
+        for n in LayerErrorStats._ADAPTIVE:
+            setattr(out, n, torch.zeros_like(getattr(parts[0], n), device="cpu"))
     for p in parts:
         out.add_(p)
     return out
@@ -312,6 +440,10 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
     α_s, α_f, α_ns) for the whole layer, and — when ``per_head`` — per-head ratios (a Lagrangian search
     over each head's options, dense included, subject to the *layer's* target-query and context-query
     errors), keeping per-head ratios only when they cut the predicted cost by more than ``min_gain``.
+    When the statistics measured the adaptive mode (``Grid(mass=...)``), its settings (α_s, mass, context
+    mass, pseudo-key size; layer-wide and per head) compete too, each ranked by its own measured pair counts and
+    :meth:`CostModel.adaptive_coefficients`; the cheapest setting of either mode wins the layer. Without
+    adaptive measurements the result is the fixed mode's alone.
     A layer stays dense when no setting meets the budget or none is predicted to be faster.
 
     Args:

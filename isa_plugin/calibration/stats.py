@@ -42,8 +42,9 @@ from ..layout import CONTEXT, TARGET, TEXT, Layout
 from ..kernels.reference import pool_blocks
 from ..kernels.counts import keep_count, topk_count
 from ..timesteps import bucket_index, timestep_scalar
+from .adaptive_stats import measure_adaptive_call
 
-__all__ = ["Grid", "LayerErrorStats", "CalibrationStats", "measure_call", "KINDS", "METRICS"]
+__all__ = ["Grid", "LayerErrorStats", "CalibrationStats", "measure_call", "KINDS", "METRICS", "ADAPTIVE_MASS"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,18 @@ METRICS = SHARPNESS_METRICS
 
 @dataclass(frozen=True)
 class Grid:
-    """The candidate ratios a calibration measures (sorted ascending, each in (0, 1])."""
+    """The candidate settings a calibration measures (ratios sorted ascending, each in (0, 1]).
+
+    ``mass`` and ``pseudo_block`` are the adaptive mode's candidates (``docs/ADAPTIVE.md``; with ``alpha_s``):
+    empty ``mass`` (the default) measures the fixed mode only. :data:`ADAPTIVE_MASS` is a good ``mass``.
+    """
 
     alpha_s: Tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
     alpha_f: Tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 1.0)
     alpha_ns: Tuple[float, ...] = (0.03125, 0.0625, 0.125, 0.25)
     metrics: Tuple[str, ...] = SHARPNESS_METRICS
+    mass: Tuple[float, ...] = ()
+    pseudo_block: Tuple[int, ...] = (16, 64)
 
     def __post_init__(self):
         for name in RATIO_NAMES:
@@ -72,14 +79,38 @@ class Grid:
             if m not in SHARPNESS_METRICS:
                 raise ValueError(f"Grid metric {m!r} is not supported; supported: {list(SHARPNESS_METRICS)}")
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        mass = list(self.mass) if not isinstance(self.mass, torch.Tensor) else self.mass
+        object.__setattr__(self, "mass", tuple(sorted(validate_ratio("Grid.mass", mass))) if len(mass) else ())
+        ps = tuple(self.pseudo_block)
+        if self.mass and (not ps or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1 for x in ps)):
+            raise ValueError(f"Grid.pseudo_block={ps!r} must be a non-empty list of positive integers (tokens per pseudo-key)")
+        object.__setattr__(self, "pseudo_block", tuple(sorted(int(x) for x in ps)))
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
         """(metrics, alpha_s, alpha_f, alpha_ns)."""
         return (len(self.metrics), len(self.alpha_s), len(self.alpha_f), len(self.alpha_ns))
 
+    @property
+    def adaptive_shape(self) -> Tuple[int, int, int]:
+        """(alpha_s, mass, pseudo_block) of the adaptive mode; mass 0 when it is not measured."""
+        return (len(self.alpha_s), len(self.mass), len(self.pseudo_block))
+
     def to_dict(self) -> Dict[str, Any]:
-        return {"alpha_s": list(self.alpha_s), "alpha_f": list(self.alpha_f), "alpha_ns": list(self.alpha_ns), "metrics": list(self.metrics)}
+        d = {"alpha_s": list(self.alpha_s), "alpha_f": list(self.alpha_f), "alpha_ns": list(self.alpha_ns), "metrics": list(self.metrics)}
+        if self.mass:  # a fixed-mode grid's record is what it was before the adaptive mode
+            d.update(mass=list(self.mass), pseudo_block=list(self.pseudo_block))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Grid":
+        """Inverse of :meth:`to_dict`."""
+        return cls(tuple(d["alpha_s"]), tuple(d["alpha_f"]), tuple(d["alpha_ns"]), tuple(d["metrics"]),
+                   mass=tuple(d.get("mass", ())), pseudo_block=tuple(d.get("pseudo_block", (16, 64))))
+
+
+#: candidate pooled-mass thresholds of the adaptive mode for ``Grid(mass=...)``
+ADAPTIVE_MASS = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 
 
 # ------------------------------------------------------------------------------------ per layer
@@ -100,6 +131,10 @@ class LayerErrorStats:
         tokens: {"target", "context", "text"} token counts summed over calls (for the cost model).
         blocks: the same for block counts.
         heads, head_dim: of the layer.
+        ad_num: [H, 2, S, P, PS] float64, the adaptive mode's Σ|o − o*|₁ per α_s, mass and pseudo-key size
+            (None when the grid has no ``mass``); ``ad_den`` [H, 2] its Σ|o*|₁ (own token sample);
+            ``ad_pairs`` [H, S, P, PS, 2, 2] Σ over calls of its (exact, pseudo) pairs, for the rows of
+            non-context and of context query blocks.
     """
 
     num: torch.Tensor
@@ -114,18 +149,32 @@ class LayerErrorStats:
     blocks: Dict[str, int] = field(default_factory=lambda: {"target": 0, "context": 0, "text": 0})
     heads: int = 0
     head_dim: int = 0
+    ad_num: Optional[torch.Tensor] = None
+    ad_den: Optional[torch.Tensor] = None
+    ad_pairs: Optional[torch.Tensor] = None
+
+    _ADAPTIVE = ("ad_num", "ad_den", "ad_pairs")
+
+    @property
+    def has_adaptive(self) -> bool:
+        return self.ad_num is not None and self.ad_num.shape[3] > 0
 
     @classmethod
     def zeros(cls, heads: int, head_dim: int, grid: Grid, device=None) -> "LayerErrorStats":
         M, S, F, NS = grid.shape
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        ad = {}
+        if getattr(grid, "mass", ()):  # (fit._GridShape stands in for a grid and has none)
+            S_, P, PS = grid.adaptive_shape
+            ad = dict(ad_num=z(heads, 2, S_, P, PS), ad_den=z(heads, 2), ad_pairs=z(heads, S_, P, PS, 2, 2))
         return cls(num=z(heads, 2, M, S, F, NS), den=z(heads, 2), prune_num=z(heads, 2, S), taylor_num=z(heads, 2, NS),
-                   corr_sum=z(heads, 2, M, NS), corr_n=z(heads, 2), ctx_mass=z(heads), heads=heads, head_dim=head_dim)
+                   corr_sum=z(heads, 2, M, NS), corr_n=z(heads, 2), ctx_mass=z(heads), heads=heads, head_dim=head_dim, **ad)
 
     _TENSORS = ("num", "den", "prune_num", "taylor_num", "corr_sum", "corr_n", "ctx_mass")
 
     def to(self, device) -> "LayerErrorStats":
         kw = {n: getattr(self, n).to(device) for n in self._TENSORS}
+        kw.update({n: getattr(self, n).to(device) for n in self._ADAPTIVE if getattr(self, n) is not None})
         return LayerErrorStats(**kw, calls=self.calls, tokens=dict(self.tokens), blocks=dict(self.blocks), heads=self.heads, head_dim=self.head_dim)
 
     def add_(self, other: "LayerErrorStats") -> "LayerErrorStats":
@@ -133,6 +182,11 @@ class LayerErrorStats:
             raise ValueError(f"cannot merge statistics of shapes {tuple(other.num.shape)} and {tuple(self.num.shape)} (different heads or grid)")
         for n in self._TENSORS:
             getattr(self, n).add_(getattr(other, n).to(getattr(self, n).device))
+        if (self.ad_num is None) != (other.ad_num is None) or (self.ad_num is not None and self.ad_num.shape != other.ad_num.shape):
+            raise ValueError("cannot merge statistics with and without (or with different) adaptive-mode measurements")
+        for n in self._ADAPTIVE:
+            if getattr(self, n) is not None:
+                getattr(self, n).add_(getattr(other, n).to(getattr(self, n).device))
         self.calls += other.calls
         for k in self.tokens:
             self.tokens[k] += other.tokens[k]
@@ -440,6 +494,12 @@ class CalibrationStats:
         self.blocks_per_kind = int(blocks_per_kind)
         self.tokens_per_block = int(tokens_per_block)
         self.generator = torch.Generator().manual_seed(seed)
+        # the adaptive mode samples with its own generator: the fixed mode's statistics do not depend on it
+        self.adaptive_generator = torch.Generator().manual_seed(seed + 1)
+        if self.grid.mass:
+            bad = [s for s in self.grid.pseudo_block if s > self.block_size or self.block_size % s]
+            if bad:
+                raise ValueError(f"Grid.pseudo_block values {bad} do not divide block_size={self.block_size}")
         self.layers: Dict[Tuple[str, int], LayerErrorStats] = {}
         #: the same statistics per calibration sample (``observe(..., sample=i)``): the held-out check's input
         self.per_sample: Dict[Tuple[str, int], Dict[int, LayerErrorStats]] = {}
@@ -499,6 +559,13 @@ class CalibrationStats:
                 q[b], k[b], v[b], layouts[b], self.grid, block_size=self.block_size, topk_fraction=self.topk_fraction,
                 blocks_per_kind=self.blocks_per_kind, tokens_per_block=self.tokens_per_block, generator=self.generator,
             )
+            if self.grid.mass:
+                r = measure_adaptive_call(
+                    q[b], k[b], v[b], layouts[b], self.grid.alpha_s, self.grid.mass, self.grid.pseudo_block,
+                    block_size=self.block_size, blocks_per_kind=self.blocks_per_kind,
+                    tokens_per_block=self.tokens_per_block, generator=self.adaptive_generator,
+                )
+                st.ad_num, st.ad_den, st.ad_pairs = r["num"], r["den"], r["pairs"]
             key = (layer_name, bucket)
             if sample is not None:
                 per = self.per_sample.setdefault(key, {})
@@ -518,7 +585,7 @@ class CalibrationStats:
         """Plain tensors and Python values (``torch.save``-able with ``weights_only=True``)."""
         def plain(s):
             s = s.to("cpu")
-            return {n: getattr(s, n) for n in LayerErrorStats._TENSORS} | {
+            return {n: getattr(s, n) for n in LayerErrorStats._TENSORS + LayerErrorStats._ADAPTIVE if getattr(s, n) is not None} | {
                 "calls": s.calls, "tokens": dict(s.tokens), "blocks": dict(s.blocks), "heads": s.heads, "head_dim": s.head_dim}
 
         layers = {f"{name}|{b}": plain(s) for (name, b), s in self.layers.items()}
@@ -528,14 +595,14 @@ class CalibrationStats:
 
     @classmethod
     def from_state_dict(cls, sd: Dict[str, Any]) -> "CalibrationStats":
-        g = sd["grid"]
-        out = cls(Grid(tuple(g["alpha_s"]), tuple(g["alpha_f"]), tuple(g["alpha_ns"]), tuple(g["metrics"])),
+        out = cls(Grid.from_dict(sd["grid"]),
                   block_size=sd["block_size"], topk_fraction=sd["topk_fraction"], timestep_edges=sd["timestep_edges"])
         out.meta = dict(sd["meta"])
 
         def build(d):
-            return LayerErrorStats(**{n: d[n] for n in LayerErrorStats._TENSORS}, calls=d["calls"], tokens=dict(d["tokens"]),
-                                   blocks=dict(d["blocks"]), heads=d["heads"], head_dim=d["head_dim"])
+            return LayerErrorStats(**{n: d[n] for n in LayerErrorStats._TENSORS}, **{n: d[n] for n in LayerErrorStats._ADAPTIVE if n in d},
+                                   calls=d["calls"], tokens=dict(d["tokens"]), blocks=dict(d["blocks"]), heads=d["heads"],
+                                   head_dim=d["head_dim"])
 
         for key, d in sd["layers"].items():
             name, b = key.rsplit("|", 1)

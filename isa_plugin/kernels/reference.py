@@ -39,7 +39,31 @@ __all__ = [
     "plan_reference",
     "execute_plan_reference",
     "isa_attention_reference",
+    "plan_pair_counts",
+    "context_selection",
 ]
+
+
+def plan_pair_counts(blocks: BlockLayout, kv_keep: torch.Tensor, exact_kv: torch.Tensor, pseudo_block: int,
+                     per_head: bool = False, query_blocks: Optional[torch.Tensor] = None):
+    """(exact token pairs, (query token, pseudo-key) pairs) of a plan, summed over batch and heads.
+
+    Args:
+        blocks: the plan's blocking; kv_keep [B, H, nb] bool; exact_kv [B, H, nb, nb] bool.
+        pseudo_block: tokens per pseudo-key (the block size for the fixed mode: one pseudo-key per block).
+        per_head: return float64 tensors [H] (summed over the batch) instead of two ints.
+        query_blocks: [nb] bool, count only the rows of these query blocks (default: all).
+    """
+    dev = exact_kv.device
+    cnt = blocks.counts.to(dev, torch.float64)
+    n_pseudo = torch.ceil(cnt / pseudo_block)
+    rows = cnt if query_blocks is None else cnt * query_blocks.to(dev)
+    approx = kv_keep[:, :, None, :] & ~exact_kv
+    exact = torch.einsum("bhij,i,j->h", exact_kv.double(), rows, cnt)
+    pseudo = torch.einsum("bhij,i,j->h", approx.double(), rows, n_pseudo)
+    if per_head:
+        return exact, pseudo
+    return int(round(float(exact.sum()))), int(round(float(pseudo.sum())))
 
 
 @dataclass
@@ -74,6 +98,10 @@ class ISAPlan:
     def kept_context(self) -> torch.Tensor:
         """[B, H, nb] bool, context key blocks kept in KV'."""
         return self.kv_keep & (self.blocks.kinds == CONTEXT).to(self.kv_keep.device)
+
+    def pair_counts(self) -> Tuple[int, int]:
+        """(exact token pairs, (query token, block-mean pseudo-key) pairs), summed over batch and heads."""
+        return plan_pair_counts(self.blocks, self.kv_keep, self.exact_kv, self.blocks.block_size)
 
     def relative_cost(self) -> float:
         """Exactly computed (query token, key token) pairs over those of dense attention."""
@@ -120,14 +148,40 @@ def _top_mask(scores: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) ->
     return (rank < count.unsqueeze(-1)) & valid
 
 
+def context_selection(P: torch.Tensor, blocks: BlockLayout, alpha_s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step 4 of ISA (both selection modes): keep the ⌈α_s·C⌉ context blocks target queries attend to most.
+
+    Args:
+        P: [B, H, nb, nb] pooled attention (softmax of q̄ k̄ᵀ · scale over all key blocks).
+        blocks: the blocking (on P's device); alpha_s: [H] float64.
+
+    Returns:
+        ``(kv_keep, saliency)``: [B, H, nb] bool, key block is in KV'; [B, H, nb] saliency (Σ over target
+        query blocks of P, 0 off context blocks). Ties keep the lower block index.
+    """
+    B, H, nb, _ = P.shape
+    is_t, is_c = blocks.kinds == TARGET, blocks.kinds == CONTEXT
+    saliency = (P * is_t[None, None, :, None]).sum(dim=2) * is_c  # [B, H, nb]
+    n_ctx = int(is_c.sum())
+    keep_ctx = _top_mask(saliency, is_c.expand(B, H, nb), keep_count(alpha_s, n_ctx)[None, :].expand(B, H))
+    return ~is_c | keep_ctx, saliency
+
+
 def plan_from_pooled(
     qbar: torch.Tensor, kbar: torch.Tensor, blocks: BlockLayout, config: ISAConfig, scale: float
 ) -> ISAPlan:
     """Steps 3-7 of ISA from block means q̄, k̄ of shape [B, H, nb, D].
 
+    A ``config`` with ``mode="adaptive"`` gets the adaptive mode's plan
+    (:func:`~isa_plugin.kernels.adaptive_reference.plan_adaptive_from_pooled`, an ``AdaptivePlan``).
+
     With ``config.share_plan`` the plan is computed once from the batch means of q̄ and k̄ and the same
     selections serve every batch entry (``sharpness`` / ``saliency`` are those of the shared plan).
     """
+    if config.mode == "adaptive":
+        from .adaptive_reference import plan_adaptive_from_pooled
+
+        return plan_adaptive_from_pooled(qbar, kbar, blocks, config.adaptive, scale)
     B = qbar.shape[0]
     if config.share_plan and B > 1:
         shared = plan_from_pooled(qbar.mean(0, keepdim=True), kbar.mean(0, keepdim=True), blocks, config.replace(share_plan=False), scale)
@@ -146,10 +200,7 @@ def plan_from_pooled(
     P = torch.softmax(logits, dim=-1)
 
     # step 4: context pre-selection by the pooled attention mass of target query blocks
-    saliency = (P * is_t[None, None, :, None]).sum(dim=2) * is_c  # [B, H, nb]
-    n_ctx = int(is_c.sum())
-    keep_ctx = _top_mask(saliency, is_c.expand(B, H, nb), keep_count(ratios["alpha_s"], n_ctx)[None, :].expand(B, H))
-    kv_keep = ~is_c | keep_ctx  # [B, H, nb]
+    kv_keep, saliency = context_selection(P, blocks, ratios["alpha_s"])  # [B, H, nb]
 
     # step 5: sharpness of each query block
     if config.sharpness == "topk_mass":
@@ -195,11 +246,16 @@ def execute_plan_reference(
 
     Args:
         q, k, v: [B, N, H, D].
-        plan: from :func:`plan_reference` (or a kernel planner with the same fields).
+        plan: from :func:`plan_reference` (or a kernel planner with the same fields), or an adaptive
+            mode's ``AdaptivePlan``.
     Returns:
         [B, N, H, D] in q's dtype. A non-finite value anywhere in k or v of a (batch, head) makes that
         head's output NaN (for v, the affected feature columns), as in dense attention.
     """
+    from .adaptive_reference import AdaptivePlan
+
+    if isinstance(plan, AdaptivePlan):  # its pseudo-keys are sub-block means: the same plan over sub-blocks
+        plan = plan.to_isa_plan()
     ct = _compute_dtype(q)
     sc = _scale(q, scale)
     B, N, H, D = q.shape
@@ -250,7 +306,8 @@ def isa_attention_reference(
     Args:
         q, k, v: [B, N, H, D] (diffusers' layout), same shape and dtype.
         layout: the typed spans of the N tokens.
-        config: ratios and block size (default :class:`ISAConfig`).
+        config: ratios and block size (default :class:`ISAConfig`); with ``mode="adaptive"`` the adaptive
+            mode's reference runs (the plan is then an ``AdaptivePlan``).
         return_plan: also return the :class:`ISAPlan`.
         plan: execute this plan instead of computing one (for testing kernels on the same plan).
         scale: softmax scale, default 1/sqrt(D).
@@ -266,6 +323,10 @@ def isa_attention_reference(
         >>> out = isa_attention_reference(q, k, v, Layout([("target", 100), ("context", 100)]))
     """
     config = config or ISAConfig()
+    if config.mode == "adaptive":
+        from .adaptive_reference import adaptive_attention_reference
+
+        return adaptive_attention_reference(q, k, v, layout, config.adaptive, return_plan, plan=plan, scale=scale)
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [B, N, H, D] shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     layout.check(q.shape[1])

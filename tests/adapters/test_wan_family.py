@@ -177,3 +177,21 @@ def test_compile_after_apply(tiny):
     out = tiny.fwd(compiled, x)
     assert (out - ref).abs().max().item() <= 1e-5
     assert stats(t)["blocks.0.attn1"]["isa_calls"] == 1
+
+
+def test_adaptive_mode_in_a_model(tiny):
+    """The adaptive mode through a Wan processor: mass = 1 equals the stock model, mass < 1 runs ISA."""
+    from isa_plugin import ISAConfig
+
+    t = tiny.wan()
+    x = tiny.wan_inputs(frames=6)
+    ref = tiny.fwd(t, x)
+    apply_isa(t, ISAConfig(mode="adaptive", mass=1.0, alpha_s=1.0, block_size=8, pseudo_block=4),
+              layout=WanICLLayout(context_frames=2))
+    assert (tiny.fwd(t, x) - ref).abs().max().item() <= 1e-5
+    remove_isa(t)
+    apply_isa(t, ISAConfig(mode="adaptive", mass=0.6, alpha_s=0.5, block_size=8, pseudo_block=4),
+              layout=WanICLLayout(context_frames=2))
+    out = tiny.fwd(t, x)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 and s["backends"] == {"reference": 1} for s in stats(t).values())

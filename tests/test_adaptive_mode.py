@@ -1,0 +1,98 @@
+"""The adaptive selection mode through ISAConfig and isa_attention (docs/ADAPTIVE.md)."""
+
+import pytest
+import torch
+
+from isa_plugin.attention import isa_attention, select_backend
+from isa_plugin.config import AdaptiveSettings, ISAConfig
+from isa_plugin.kernels.adaptive_reference import adaptive_attention_reference
+from isa_plugin.kernels.reference import isa_attention_reference, plan_reference
+from isa_plugin.layout import Layout
+
+LAYOUT = Layout([("target", 70), ("context", 58), ("text", 7)])
+
+
+def _qkv(rng, B=2, H=3, D=16, dtype=torch.float64):
+    N = LAYOUT.num_tokens
+    return tuple((2.0 * torch.randn(B, N, H, D, generator=rng, dtype=torch.float64)).to(dtype) for _ in range(3))
+
+
+def test_config_round_trip_and_fixed_dict_unchanged():
+    cfg = ISAConfig(mode="adaptive", mass=(0.8, 0.9, 0.99), min_blocks=(1, 2, 1), max_blocks=3, pseudo_block=16,
+                    alpha_s=(0.5, 1.0, 0.25), context_mass=(0.7, 0.9, 1.0))
+    assert ISAConfig.decode(cfg.encode()) == cfg
+    assert ISAConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.replace(mass=0.5).mass == 0.5 and cfg.replace(mass=0.5).mode == "adaptive"
+    assert cfg.num_heads == 3
+    ph = cfg.per_head(3)
+    assert ph["mass"].tolist() == [0.8, 0.9, 0.99] and ph["min_blocks"].dtype == torch.int64
+    assert cfg.adaptive == AdaptiveSettings(mass=(0.8, 0.9, 0.99), min_blocks=(1, 2, 1), max_blocks=3, pseudo_block=16,
+                                            alpha_s=(0.5, 1.0, 0.25), context_mass=(0.7, 0.9, 1.0))
+    assert ph["context_mass"].tolist() == [0.7, 0.9, 1.0]
+    assert ISAConfig(mode="adaptive", mass=0.8).per_head(2)["context_mass"].tolist() == [0.8, 0.8]
+    # a fixed-mode config lists neither the mode nor the adaptive settings
+    d = ISAConfig().to_dict()
+    assert "mode" not in d and "mass" not in d and "pseudo_block" not in d
+    assert ISAConfig(mode="adaptive").pseudo_block == 64
+    assert ISAConfig(mode="adaptive", mass=1.0, alpha_s=1.0).is_dense
+    assert not ISAConfig(mode="adaptive", mass=0.9, alpha_s=1.0).is_dense
+
+
+@pytest.mark.parametrize("kw, exc, word", [
+    (dict(mode="sparse"), ValueError, "mode"),
+    (dict(mass=0.5), ValueError, "mode='adaptive'"),
+    (dict(mode="adaptive", mass=1.5), ValueError, "mass"),
+    (dict(mode="adaptive", mass="high"), TypeError, "mass"),
+    (dict(mode="adaptive", pseudo_block=24), ValueError, "pseudo_block"),
+    (dict(mode="adaptive", min_blocks=0), ValueError, "min_blocks"),
+    (dict(mode="adaptive", min_blocks=3, max_blocks=2), ValueError, "max_blocks"),
+    (dict(mode="adaptive", max_blocks=2.5), TypeError, "max_blocks"),
+    (dict(context_mass=0.5), ValueError, "mode='adaptive'"),
+    (dict(mode="adaptive", context_mass=0.0), ValueError, "context_mass"),
+])
+def test_config_validation(kw, exc, word):
+    with pytest.raises(exc, match=word):
+        ISAConfig(**kw)
+
+
+def test_per_head_length_checked_at_the_call(rng):
+    q, k, v = _qkv(rng)
+    with pytest.raises(ValueError, match="mass has 2 per-head values"):
+        isa_attention(q, k, v, LAYOUT, ISAConfig(mode="adaptive", mass=(0.5, 0.9), block_size=8))
+
+
+def test_isa_attention_routes_adaptive_to_the_reference_on_cpu(rng):
+    q, k, v = _qkv(rng)
+    cfg = ISAConfig(mode="adaptive", mass=(0.6, 0.8, 0.95), pseudo_block=4, alpha_s=0.5, block_size=8)
+    out, info = isa_attention(q, k, v, LAYOUT, cfg, return_info=True)
+    assert info.used_isa and info.backend == "reference"
+    want = adaptive_attention_reference(q, k, v, LAYOUT, cfg.adaptive)
+    assert (out - want).abs().max().item() <= 1e-12
+    # the fixed-mode entry points accept the adaptive config and give the same
+    assert (isa_attention_reference(q, k, v, LAYOUT, cfg) - want).abs().max().item() <= 1e-12
+    assert select_backend(q, LAYOUT, cfg).backend == "reference"
+    with pytest.raises(RuntimeError, match="FlexAttention"):
+        select_backend(q, LAYOUT, cfg.replace(backend="triton"))
+    # inside a model on the CPU the reference serves it too
+    assert select_backend(q.float(), LAYOUT, cfg, in_model=True).backend == "reference"
+
+
+def test_fixed_plan_pair_counts(rng):
+    q, k, v = _qkv(rng)
+    cfg = ISAConfig(alpha_s=0.5, alpha_f=0.25, alpha_ns=0.25, block_size=8)
+    plan = plan_reference(q, k, v, LAYOUT, cfg)
+    blocks = LAYOUT.blocks(8)
+    cnt = blocks.counts.tolist()
+    B, H, nb = plan.kv_keep.shape
+    exact = approx = 0
+    for b in range(B):
+        for h in range(H):
+            for i in range(nb):
+                for j in range(nb):
+                    if plan.exact_kv[b, h, i, j]:
+                        exact += cnt[i] * cnt[j]
+                    elif plan.kv_keep[b, h, j]:
+                        approx += cnt[i]
+    assert plan.pair_counts() == (exact, approx)
+    N = LAYOUT.num_tokens
+    assert plan.relative_cost() == pytest.approx((exact + approx) / (N * N * B * H), rel=1e-12)
