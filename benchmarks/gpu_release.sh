@@ -28,9 +28,11 @@ a)
   run liveditor 150 python benchmarks/bench_liveditor.py --layers 8 --reps 3 --warmup 1 --record "$OUT/liveditor.md"
   ;;
 b)
-  run context_parallel 120 torchrun --nproc_per_node 1 benchmarks/bench_context_parallel.py --layers 2
-  run calibration_ltx2 170 python benchmarks/bench_calibration_family.py --json "$OUT/calibration_ltx2.json"
-  run pareto 230 python benchmarks/bench_pareto.py --out "$OUT/pareto"
+  run gpu_tests 190 python -m pytest -q -m gpu tests -p no:cacheprovider -n 8
+  run pareto 150 python benchmarks/bench_pareto.py --n 65536 65520 --heads 40 --quick --adaptive-block-sizes 128 --out "$OUT/pareto"
+  run calibration_ltx2 105 python benchmarks/bench_calibration_family.py --json "$OUT/calibration_ltx2.json"
+  run liveditor 75 python benchmarks/bench_liveditor.py --layers 8 --reps 3 --warmup 1 --record "$OUT/liveditor.md"
+  run context_parallel 55 torchrun --nproc_per_node 1 benchmarks/bench_context_parallel.py --layers 2
   ;;
 *) echo "usage: $0 a|b"; exit 2 ;;
 esac
