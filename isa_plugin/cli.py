@@ -344,7 +344,7 @@ def _calibrate(args) -> int:
         raise CLIError(f"--out {args.out} is a folder; give a file name such as profile.yaml")
     grid = None
     if args.adaptive:
-        from .calibration.stats import ADAPTIVE_MASS, Grid
+        from .calibration.measure import ADAPTIVE_MASS, Grid
 
         grid = Grid(mass=ADAPTIVE_MASS, pseudo_block=tuple({s for s in (16, args.block_size) if args.block_size % s == 0}))
     pipe = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype)

@@ -6,7 +6,7 @@ import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -25,6 +25,18 @@ BACKENDS = ("auto", "reference", "triton")
 #: the three ratios of ISA, in the order configs and profiles list them
 RATIO_NAMES = ("alpha_s", "alpha_f", "alpha_ns")
 
+
+
+def _per_head(name: str, value: Any, one: Callable[..., Any]):
+    """``one(value)`` for a single value, or a tuple of ``one(v, "[i]")`` for a per-head sequence (a tensor is
+    read as a list); an empty sequence raises ``ValueError`` naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            raise ValueError(f"{name} is an empty list; give one value per head or a single number")
+        return tuple(one(v, f"[{i}]") for i, v in enumerate(value))
+    return one(value)
 
 def validate_ratio(name: str, value: Any) -> Ratio:
     """Check one ISA ratio (α_s, α_f, α_ns, or a fraction like them): a number in (0, 1], or one per head.
@@ -56,13 +68,7 @@ def validate_ratio(name: str, value: Any) -> Ratio:
             raise ValueError(f"{name}{where}={v!r} is out of range; use a value in (0, 1] (1 = keep everything)")
         return v
 
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        if len(value) == 0:
-            raise ValueError(f"{name} is an empty list; give one value per head or a single number")
-        return tuple(one(v, f"[{i}]") for i, v in enumerate(value))
-    return one(value)
+    return _per_head(name, value, one)
 
 
 def validate_budget(budget: Any, name: str = "budget") -> float:
@@ -105,13 +111,7 @@ def _validate_count(name: str, value: Any, low: int) -> Count:
             raise ValueError(f"{name}{where}={int(v)} must be >= {low}")
         return int(v)
 
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        if len(value) == 0:
-            raise ValueError(f"{name} is an empty list; give one value per head or a single number")
-        return tuple(one(v, f"[{i}]") for i, v in enumerate(value))
-    return one(value)
+    return _per_head(name, value, one)
 
 
 def _heads(value, num_heads: int, name: str, dtype, device) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from isa_plugin import Layout
 from isa_plugin.calibration.recorder import StatsObserver
-from isa_plugin.calibration.stats import CalibrationStats, Grid
+from isa_plugin.calibration.measure import CalibrationStats, Grid
 from isa_plugin.profile import LayerSetting, ThresholdProfile
 from isa_plugin.timesteps import bucket_edges, bucket_index, timestep_scalar
 

@@ -1,6 +1,6 @@
 """Calibration: measure ISA's error against dense attention on a user's model and videos, fit a profile.
 
-- :class:`CalibrationStats` / :func:`measure_call` (``stats``): per layer and head, the relative L1 error of
+- :class:`CalibrationStats` / :func:`measure_call` (``measure``): per layer and head, the relative L1 error of
   every candidate (sharpness metric, α_s, α_f, α_ns) for target-query and context-query outputs.
 - :func:`fit_profile` (``fit``): the cheapest setting per layer (per head where it pays) within a budget,
   checked on held-out samples.
@@ -17,8 +17,8 @@ import importlib
 _LAZY = {
     "CostModel": ".cost", "DEFAULT_COST_MODEL": ".cost", "load_cost_model": ".cost",
     "fit_profile": ".fit", "parse_budget": ".fit",
-    "CalibrationStats": ".stats", "Grid": ".stats", "LayerErrorStats": ".stats", "LayerStats": ".stats",
-    "measure_call": ".stats",
+    "CalibrationStats": ".measure", "Grid": ".measure", "LayerErrorStats": ".measure", "LayerStats": ".measure",
+    "measure_call": ".measure",
     "calibrate": ".recorder", "record": ".recorder",
 }
 

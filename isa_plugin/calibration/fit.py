@@ -11,7 +11,7 @@ import torch
 from ..config import validate_budget
 from ..profile import LayerSetting, ThresholdProfile, library_versions
 from .cost import DEFAULT_COST_MODEL, CostModel, setting_pairs
-from .stats import CalibrationStats, Grid, LayerErrorStats
+from .measure import CalibrationStats, Grid, LayerErrorStats
 
 __all__ = ["fit_profile", "parse_budget", "layer_costs", "setting_errors", "held_out_check"]
 

@@ -12,8 +12,8 @@ layers are keyed ``"transformer_2/blocks.N.attn1"``), and statistics are kept pe
 held-out check.
 
 Memory: the recorder holds, per (layer, timestep bucket), the pooled and the per-sample statistics
-(:class:`~isa_plugin.calibration.stats.LayerErrorStats`, dominated by ``num`` [H, 2, M, S, F, NS] float64)
-and, during one call, the transient buffers of :func:`~isa_plugin.calibration.stats.measure_call`;
+(:class:`~isa_plugin.calibration.measure.LayerErrorStats`, dominated by ``num`` [H, 2, M, S, F, NS] float64)
+and, during one call, the transient buffers of :func:`~isa_plugin.calibration.measure.measure_call`;
 :func:`recorder_peak_bytes` computes both from those shapes.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..timesteps import bucket_edges, timestep_scalar
-from .stats import CalibrationStats, Grid
+from .measure import CalibrationStats, Grid
 
 __all__ = ["record", "calibrate", "StatsObserver", "sampled_steps", "recorder_peak_bytes"]
 
@@ -253,7 +253,7 @@ def recorder_peak_bytes(tokens: int, heads: int, head_dim: int, *, layers: int, 
     Two parts: the accumulated statistics (per transformer, layer and bucket one pooled and one per-sample
     :class:`LayerErrorStats`: ``num`` [H, 2, M, S, F, NS], ``prune_num`` [H, 2, S], ``taylor_num``
     [H, 2, NS], ``corr_sum`` [H, 2, M, NS], ``den``/``corr_n`` [H, 2], ``ctx_mass`` [H], float64), and the
-    largest transient set of one :func:`~isa_plugin.calibration.stats.measure_call` (float32): pooled
+    largest transient set of one :func:`~isa_plugin.calibration.measure.measure_call` (float32): pooled
     q/k/v block means and logits/softmax [H, nb, nb] (x3), the variant weights [H, s, V, nb] (x2,
     V = S·(1 + NS)) with their boolean selection temporaries [S, H, s, NS, nb] (x4), and per head the
     gathered keys/values [nb, b, D] (x2), the score buffer [c·m, nb, b] and per-block numerators

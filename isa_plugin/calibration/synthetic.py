@@ -260,8 +260,8 @@ def synthetic_qkv(frames: int, height: int, width: int, heads: int, head_dim: in
 def calibrate_synthetic(model: SyntheticModel, sample_seeds: Sequence[int], *, grid=None, block_size: int = 64,
                         blocks_per_kind: int = 48, tokens_per_block: int = 16, seed: int = 0, device=None,
                         dtype=torch.float32):
-    """:class:`~isa_plugin.calibration.stats.CalibrationStats` of every layer of ``model`` over ``sample_seeds``."""
-    from .stats import CalibrationStats
+    """:class:`~isa_plugin.calibration.measure.CalibrationStats` of every layer of ``model`` over ``sample_seeds``."""
+    from .measure import CalibrationStats
 
     stats = CalibrationStats(grid, block_size=block_size, blocks_per_kind=blocks_per_kind, tokens_per_block=tokens_per_block, seed=seed)
     for s in sample_seeds:

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from isa_plugin.calibration.adaptive_stats import measure_adaptive_call
+from isa_plugin.calibration.adaptive_measure import measure_adaptive_call
 from isa_plugin.calibration.cost import CostModel
 from isa_plugin.calibration.fit import fit_profile
-from isa_plugin.calibration.stats import CalibrationStats, Grid
+from isa_plugin.calibration.measure import CalibrationStats, Grid
 from isa_plugin.calibration.synthetic import SyntheticModel, SyntheticSpec, calibrate_synthetic
 from isa_plugin.config import ISAConfig
 from isa_plugin.kernels.reference import dense_attention_reference, isa_attention_reference

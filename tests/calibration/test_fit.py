@@ -9,7 +9,7 @@ import torch
 
 from isa_plugin.calibration.cost import DEFAULT_COST_MODEL, CostModel, load_cost_model, setting_pairs
 from isa_plugin.calibration.fit import fit_profile, layer_costs, parse_budget
-from isa_plugin.calibration.stats import CalibrationStats, Grid, LayerErrorStats
+from isa_plugin.calibration.measure import CalibrationStats, Grid, LayerErrorStats
 
 GRID = Grid(alpha_s=(0.125, 0.5, 1.0), alpha_f=(0.25, 0.5, 1.0), alpha_ns=(0.0625, 0.25))
 TOKENS = {"target": 4096, "context": 4096, "text": 0}

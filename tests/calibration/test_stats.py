@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from isa_plugin import ISAConfig, Layout
-from isa_plugin.calibration.stats import CalibrationStats, Grid, measure_call
+from isa_plugin.calibration.measure import CalibrationStats, Grid, measure_call
 from isa_plugin.kernels.reference import dense_attention_reference, isa_attention_reference
 
 GRID = Grid(alpha_s=(0.25, 0.5, 1.0), alpha_f=(0.25, 0.5, 1.0), alpha_ns=(0.2, 0.5))

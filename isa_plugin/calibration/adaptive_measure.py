@@ -3,7 +3,7 @@
 For every grid setting (α_s, mass p, pseudo-key size s) and head, :func:`measure_adaptive_call` estimates the
 relative L1 error of the adaptive mode against dense attention, separately for target-query and
 context-query outputs, and counts the exact and pseudo pairs the mode's plan would compute. As in
-:func:`~isa_plugin.calibration.stats.measure_call`: the plan is computed for real (the adaptive planner on the
+:func:`~isa_plugin.calibration.measure.measure_call`: the plan is computed for real (the adaptive planner on the
 block means, all query blocks), the outputs only on sampled tokens of sampled query blocks, each token
 weighted by (block tokens / sampled tokens of its block). For a sampled token t the exact scores against all
 keys give, per key block j, Y[t, j] = Σ_{r∈j} e^{s_tr−m_t} v_r and Z[t, j]; per pseudo-key σ of size c_σ,
@@ -25,6 +25,20 @@ from ..layout import CONTEXT, TARGET, Layout
 
 __all__ = ["measure_adaptive_call"]
 
+
+
+def single_entry(q, k, v, layout: Layout, scale: Optional[float], caller: str):
+    """The measurement functions' inputs: one batch entry's q, k, v as [N, H, D] (a leading batch of 1 is
+    dropped), checked against ``layout``, with the compute dtype (fp64 for fp64 inputs, else fp32) and the
+    softmax scale (default 1/sqrt(D))."""
+    if q.ndim == 4:
+        if q.shape[0] != 1:
+            raise ValueError(f"{caller} takes one batch entry; got q of shape {tuple(q.shape)}")
+        q, k, v = q[0], k[0], v[0]
+    layout.check(q.shape[0])
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return q, k, v, ct, sc
 
 def _sample_tokens(blocks_cpu, block_size: int, blocks_per_kind: int, tokens_per_block: int, generator):
     """Sampled query tokens [T], their weights [T] (float64) and kinds [T] (0 target, 1 context)."""
@@ -83,15 +97,9 @@ def measure_adaptive_call(
     Example:
         >>> r = measure_adaptive_call(q, k, v, layout, alpha_s=[0.5, 1.0], mass=[0.8, 0.95], pseudo_block=[16, 64])
     """
-    if q.ndim == 4:
-        if q.shape[0] != 1:
-            raise ValueError(f"measure_adaptive_call takes one batch entry; got q of shape {tuple(q.shape)}")
-        q, k, v = q[0], k[0], v[0]
+    q, k, v, ct, sc = single_entry(q, k, v, layout, scale, "measure_adaptive_call")
     N, H, D = q.shape
-    layout.check(N)
     dev = q.device
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     S, P, PS = len(alpha_s), len(mass), len(pseudo_block)
     out = {"num": torch.zeros(H, 2, S, P, PS, dtype=torch.float64, device=dev),
            "den": torch.zeros(H, 2, dtype=torch.float64, device=dev),
