@@ -32,7 +32,7 @@ __all__ = ["main", "command", "register_command", "CLIError", "EXTENSION_MODULES
 logger = logging.getLogger("isa_plugin.cli")
 
 #: modules imported by :func:`main` so their ``@command`` registrations take effect (missing ones are skipped)
-EXTENSION_MODULES: List[str] = ["isa_plugin.demo_cli", "isa_plugin.eval_cli", "isa_plugin.liveditor_cli"]
+EXTENSION_MODULES: List[str] = ["isa_plugin.profile_cli", "isa_plugin.demo_cli", "isa_plugin.eval_cli", "isa_plugin.liveditor_cli"]
 
 
 class CLIError(Exception):
@@ -149,7 +149,7 @@ def _device_dtype(device: Optional[str], dtype: Optional[str]):
     return dev, dt
 
 
-def _resolve_class(name: str):
+def resolve_class(name: str):
     try:
         from . import pipelines as own
 
@@ -192,8 +192,8 @@ def load_pipeline(path_or_id: str, adapter: Optional[str] = None, device: Option
             cls_name = DiffusionPipeline.load_config(path_or_id)["_class_name"]
         except Exception as e:
             raise CLIError(f"--pipeline {path_or_id}: cannot load it from the hub or the local cache ({type(e).__name__})") from None
-    cls = _resolve_class(cls_name)
-    _check_adapter(cls, adapter)
+    cls = resolve_class(cls_name)
+    check_adapter(cls, adapter)
     logger.info("loading %s from %s (%s, %s)", cls_name, path_or_id, dev, dt)
     import warnings
 
@@ -259,7 +259,7 @@ def load_transformer_skeleton(path: str):
         return None
 
 
-def _check_adapter(cls, adapter: Optional[str]) -> None:
+def check_adapter(cls, adapter: Optional[str]) -> None:
     if adapter is None:
         return
     from .adapters import registered_families, registered_pipelines
@@ -275,13 +275,13 @@ def _check_adapter(cls, adapter: Optional[str]) -> None:
             raise CLIError(f"--adapter {adapter} serves {', '.join(pipes[adapter].pipeline_classes)}, but the pipeline is {cls.__name__}")
 
 
-def _fmt_ratio(v) -> str:
+def fmt_ratio(v) -> str:
     if isinstance(v, tuple):
         return f"{sum(v) / len(v):.3g}*"
     return f"{v:.4g}"
 
 
-def _fmt(x, pct=False) -> str:
+def fmt(x, pct=False) -> str:
     if x is None:
         return "-"
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
@@ -376,7 +376,7 @@ def _calibrate(args) -> int:
     s = profile.summary()
     _print_held_out(profile)
     print(f"wrote {out}: {s['layers']} layers, {s['dense_layers']} dense, predicted attention cost "
-          f"{_fmt(s['mean_relative_cost'], True)} of dense, calibrated in {meta['seconds']:.1f} s")
+          f"{fmt(s['mean_relative_cost'], True)} of dense, calibrated in {meta['seconds']:.1f} s")
     return 0
 
 
@@ -385,7 +385,7 @@ def _print_held_out(profile) -> None:
     checks = profile.calibrated_on.get("held_out") or {}
     bt, bc = profile.budget["target"], profile.budget["context"]
     header = f"{'layer':<36} {'bucket':>6} {'pred_tgt':>8} {'held_tgt':>8} {'pred_ctx':>8} {'held_ctx':>8} {'margin':>6}"
-    print(f"held-out check (leave one sample out; budget target {_fmt(bt, True)}, context {_fmt(bc, True)}):")
+    print(f"held-out check (leave one sample out; budget target {fmt(bt, True)}, context {fmt(bc, True)}):")
     print(header)
     misses = []
     for name, per_bucket in checks.items():
@@ -393,150 +393,14 @@ def _print_held_out(profile) -> None:
             if c is None:
                 continue
             ht, hc = c.get("held_out_target"), c.get("held_out_context")
-            print(f"{name:<36} {bi:>6} {_fmt(c.get('predicted_target'), True):>8} {_fmt(ht, True):>8} "
-                  f"{_fmt(c.get('predicted_context'), True):>8} {_fmt(hc, True):>8} {c.get('margin', 0):>6.3f}")
+            print(f"{name:<36} {bi:>6} {fmt(c.get('predicted_target'), True):>8} {fmt(ht, True):>8} "
+                  f"{fmt(c.get('predicted_context'), True):>8} {fmt(hc, True):>8} {c.get('margin', 0):>6.3f}")
             if ht is None:
                 misses.append(f"{name}: one sample only, no held-out check (give two or more --inputs)")
             elif ht > bt or hc > bc:
-                misses.append(f"{name} bucket {bi}: held-out error {_fmt(ht, True)} / {_fmt(hc, True)} exceeds the budget")
+                misses.append(f"{name} bucket {bi}: held-out error {fmt(ht, True)} / {fmt(hc, True)} exceeds the budget")
     for m in dict.fromkeys(misses):
         print(f"isa: warning: {m}", file=sys.stderr)
-
-
-# ================================================================================= inspect
-def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("profile", help="profile YAML")
-    p.add_argument("--plot", metavar="PNG", help="draw ratios, errors and predicted cost per layer to this image")
-    p.add_argument("--diagnostics", action="store_true",
-                   help="also print per layer the context attention mass and the sharpness / Taylor-error rank correlation")
-
-
-def _inspect(args) -> int:
-    from .profile import ThresholdProfile
-
-    prof = ThresholdProfile.load(args.profile)
-    on = prof.calibrated_on
-    b = prof.budget
-    print(f"ISA threshold profile {args.profile} (schema {prof.schema_version})")
-    print(f"  budget: {b['metric']} target {_fmt(b['target'], True)}, context {_fmt(b['context'], True)}; block size {prof.block_size}")
-    if on:
-        res = on.get("resolution")
-        print(f"  calibrated on: {on.get('transformer_class', '?')} (config {on.get('config_hash', '?')}), "
-              f"{res[0]}x{res[1] if res else '?'} px, {on.get('frames', '?')} frames, {on.get('steps', '?')} steps, "
-              f"{on.get('num_samples', '?')} sample(s)" if res else
-              f"  calibrated on: {on.get('transformer_class', '?')} (config {on.get('config_hash', '?')})")
-        if on.get("versions"):
-            print("  versions: " + ", ".join(f"{k} {v}" for k, v in on["versions"].items()))
-    if prof.cost_model:
-        print(f"  cost model: {prof.cost_model.get('source', prof.cost_model)}")
-    header = f"{'layer':<28} {'bucket':>6} {'alpha_s':>8} {'alpha_f':>8} {'alpha_ns':>8} {'metric':>9} {'err_tgt':>8} {'err_ctx':>8} {'cost':>7}"
-    print(header)
-    print("-" * len(header))
-    for name, settings in prof.layers.items():
-        for bi, s in enumerate(settings):
-            bucket = str(bi) if prof.num_buckets > 1 else "-"
-            if s.dense:
-                print(f"{name:<28} {bucket:>6} {'dense':>8} {'':>8} {'':>8} {'':>9} {_fmt(s.error_target, True):>8} {_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")
-            elif s.mode == "adaptive":  # alpha_f / alpha_ns columns show the mass and the pseudo-key size
-                print(f"{name:<28} {bucket:>6} {_fmt_ratio(s.alpha_s):>8} {'p=' + _fmt_ratio(s.mass):>8} "
-                      f"{'s=' + str(s.pseudo_block or prof.block_size):>8} {'adaptive':>9} {_fmt(s.error_target, True):>8} "
-                      f"{_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")
-            else:
-                print(f"{name:<28} {bucket:>6} {_fmt_ratio(s.alpha_s):>8} {_fmt_ratio(s.alpha_f):>8} {_fmt_ratio(s.alpha_ns):>8} "
-                      f"{s.sharpness:>9} {_fmt(s.error_target, True):>8} {_fmt(s.error_context, True):>8} {_fmt(s.relative_cost, True):>7}")
-    s = prof.summary()
-    mc = s["mean_relative_cost"]
-    speed = f", about {1 / mc:.2f}x fewer attention FLOPs" if mc else ""
-    print(f"{s['layers']} layers, {s['dense_layers']} dense; mean predicted cost {_fmt(mc, True)} of dense{speed}"
-          + ("; * = mean of per-head values" if any(isinstance(getattr(x, r), tuple) for ss in prof.layers.values() for x in ss for r in ("alpha_s", "alpha_f", "alpha_ns")) else ""))
-    diag = on.get("diagnostics") or {}
-    if args.diagnostics and diag:
-        metrics = sorted({m for d in diag.values() for m in (d.get("sharpness_rank_corr") or {})})
-        print(f"{'layer':<28} {'ctx mass':>9} " + " ".join(f"{'rho(' + m + ')':>16}" for m in metrics))
-        for name, d in diag.items():
-            rc = d.get("sharpness_rank_corr") or {}
-            cells = [f"{rc[m]:>16.2f}" if m in rc else f"{'-':>16}" for m in metrics]
-            print(f"{name:<28} {d.get('context_mass', float('nan')):>9.3f} " + " ".join(cells))
-    if args.plot:
-        _plot(prof, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def _plot(prof, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = prof.layer_names
-    x = list(range(len(names)))
-    mean = lambda v: sum(v) / len(v) if isinstance(v, tuple) else v  # noqa: E731
-    first = [prof.layers[n][0] for n in names]
-    fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.25 * len(names) + 3), 8), sharex=True)
-    for r, lab in (("alpha_s", "α_s"), ("alpha_f", "α_f"), ("alpha_ns", "α_ns")):
-        axes[0].plot(x, [1.0 if s.dense else mean(getattr(s, r)) for s in first], marker="o", ms=3, label=lab)
-    axes[0].set_ylabel("ratio (dense = 1)")
-    axes[0].set_ylim(0, 1.05)
-    axes[0].legend(loc="upper right", fontsize=8)
-    axes[1].plot(x, [s.error_target or 0 for s in first], marker="o", ms=3, label="target queries")
-    axes[1].plot(x, [s.error_context or 0 for s in first], marker="s", ms=3, label="context queries")
-    axes[1].axhline(prof.budget["target"], color="C0", ls="--", lw=0.8)
-    axes[1].axhline(prof.budget["context"], color="C1", ls=":", lw=0.8)
-    axes[1].set_ylabel("rel. L1 error")
-    axes[1].legend(loc="upper right", fontsize=8)
-    axes[2].bar(x, [s.relative_cost if s.relative_cost is not None else 1.0 for s in first], color=["0.6" if s.dense else "C2" for s in first])
-    axes[2].set_ylabel("predicted cost / dense")
-    axes[2].set_ylim(0, 1.05)
-    axes[2].set_xticks(x)
-    axes[2].set_xticklabels(names, rotation=90, fontsize=6)
-    fig.suptitle(f"ISA profile: {prof.calibrated_on.get('transformer_class', '')} budget {prof.budget['target']:.3g}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ================================================================================= validate
-def _validate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("profile", help="profile YAML")
-    p.add_argument("--pipeline", required=True, help="pipeline folder or hub id whose transformer the profile must fit")
-    p.add_argument("--adapter", help="isa-plugin adapter serving the pipeline")
-    p.add_argument("--height", type=int, help="intended run height (warns when it differs from the calibrated one)")
-    p.add_argument("--width", type=int, help="intended run width")
-    p.add_argument("--frames", type=int, help="intended run frame count")
-    p.add_argument("--device", default="cpu", help="where to load the pipeline when it has to be loaded (default cpu)")
-    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
-
-
-def _validate(args) -> int:
-    import warnings
-
-    from .adapters import family_for
-    from .profile import ThresholdProfile
-
-    prof = ThresholdProfile.load(args.profile)
-    tr = None
-    if Path(args.pipeline).is_dir():
-        tr = load_transformer_skeleton(args.pipeline)  # config only: no weights are read
-        if tr is not None and args.adapter is not None:
-            import json
-
-            _check_adapter(_resolve_class(json.loads((Path(args.pipeline) / "model_index.json").read_text())["_class_name"]), args.adapter)
-    if tr is None:
-        tr = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype).transformer
-    try:
-        names = list(family_for(tr).self_attention_layers(tr))
-    except TypeError as e:
-        raise CLIError(str(e)) from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")  # a size warning shown before in this process still counts here
-        try:
-            prof.check_compatible(tr, layer_names=names, height=args.height, width=args.width, frames=args.frames)
-        except ValueError as e:
-            raise CLIError(f"profile does not fit this model: {e}", code=1) from None
-    s = prof.summary()
-    print(f"OK: {args.profile} fits {type(tr).__name__} ({len(names)} attention layers, {s['dense_layers']} kept dense)")
-    return 0
 
 
 def _calibrate_epilog() -> str:
@@ -550,8 +414,6 @@ register_command("calibrate", _calibrate, help="calibrate ISA ratios on sample v
                  description="Run the pipeline densely on calibration samples, measure ISA's error per layer and head (every "
                              "transformer of the pipeline), and write the cheapest per-layer ratios whose leave-one-sample-out "
                              "error is within the budget.")
-register_command("inspect", _inspect, help="print a profile as a per-layer table (and plot it)", arguments=_inspect_args)
-register_command("validate", _validate, help="check a profile against a model", arguments=_validate_args)
 
 
 # ================================================================================= main

@@ -194,7 +194,7 @@ def plan_from_pooled(
     blocks = blocks.to(dev)
     ratios = config.per_head(H, device=dev)
     kinds = blocks.kinds
-    is_t, is_c, is_x = kinds == TARGET, kinds == CONTEXT, kinds == TEXT
+    is_t, is_x = kinds == TARGET, kinds == TEXT
 
     logits = torch.einsum("bhid,bhjd->bhij", qbar, kbar) * scale  # [B, H, nb, nb]
     P = torch.softmax(logits, dim=-1)
