@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks of a release, in parts that each fit one 10-minute device call.
+# GPU checks and benchmarks, in parts that each fit one 10-minute device call: a and b (the release run:
+# GPU tests, Wan and LIVEditor forwards, Pareto fronts, calibration time, context parallelism), part1 and
+# part2 (the integration run: Wan forward at 20 layers, Wan calibration time, the large demo, CFG plan sharing).
 # Logs and result files go to $OUT (default ./gpu_out). Needs diffusers importable (see the README).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -34,5 +36,16 @@ b)
   run liveditor 75 python benchmarks/bench_liveditor.py --layers 8 --reps 3 --warmup 1 --record "$OUT/liveditor.md"
   run context_parallel 55 torchrun --nproc_per_node 1 benchmarks/bench_context_parallel.py --layers 2
   ;;
-*) echo "usage: $0 a|b"; exit 2 ;;
+part1)
+  run gpu_tests 170 python -m pytest -q -m gpu tests -p no:cacheprovider
+  run wan_forward 230 python benchmarks/bench_wan_forward.py --layers 20 --record "$OUT/wan_forward.md"
+  run calibration 180 python benchmarks/bench_calibration.py --layers 10 --json "$OUT/calibration.json"
+  ;;
+part2)
+  run demo 300 python -m isa_plugin demo --size large --out "$OUT/demo"
+  cp "$OUT/demo/report.json" "$OUT/demo_report.json" 2>/dev/null
+  cp "$OUT/demo/plot.png" "$OUT/demo_plot.png" 2>/dev/null
+  run cfg_share 200 python benchmarks/bench_cfg_share.py --record "$OUT/cfg_share.md"
+  ;;
+*) echo "usage: $0 a|b|part1|part2"; exit 2 ;;
 esac
