@@ -203,7 +203,7 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
         ValueError: an unknown size, or a device this machine does not have (``"gpu"``, ``"cuda"``
             without a GPU); FileNotFoundError: a missing video or model folder.
     """
-    from .profile import ThresholdProfile
+    from .profile import ThresholdProfile, sidecar_path
     from .calibration.recorder import calibrate
     from .calibration.video import read_video, sample_video_path, write_video
     from .evaluate import compare_edit
@@ -306,6 +306,9 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
     _plot(report, out / "plot.png")
     report["files"] = {"profile": str(profile_path), "video": str(video_path), "plot": str(out / "plot.png"),
                        "report": str(out / "report.json")}
+    sidecar = sidecar_path(profile_path)
+    if sidecar.exists():  # per-head values live in the profile's sidecar
+        report["files"]["profile_sidecar"] = str(sidecar)
     report["wall_s"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report

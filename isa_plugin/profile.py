@@ -549,7 +549,7 @@ class ThresholdProfile:
 
         path = Path(path)
         doc, tensors = self.to_yaml_dict()
-        sidecar = _sidecar_path(path)
+        sidecar = sidecar_path(path)
         if tensors:
             blob = st_save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata={"schema_version": str(SCHEMA_VERSION)})
             doc["sidecar"] = {"file": sidecar.name, "sha256": hashlib.sha256(blob).hexdigest()}
@@ -691,7 +691,10 @@ def _check_budget(budget: Any) -> None:
             raise ProfileError(str(e)) from None
 
 
-def _sidecar_path(path: Path) -> Path:
+def sidecar_path(path: Union[str, os.PathLike]) -> Path:
+    """Where :meth:`ThresholdProfile.save` writes the per-head sidecar of the profile at ``path``
+    (``profile.yaml`` -> ``profile.safetensors``)."""
+    path = Path(path)
     return path.with_suffix(".safetensors") if path.suffix else path.with_name(path.name + ".safetensors")
 
 
