@@ -385,8 +385,10 @@ def measure_call(
         err_taylor = torch.zeros(H, n_sel, S, NS, dtype=torch.float64, device=dev)
         ref_norm = torch.zeros(H, n_sel, dtype=torch.float64, device=dev)
         n_var = S * (1 + NS)
-        per_block = max(1, m_tok * nb * max(block_size, D))
-        chunk = max(1, min(n_sel, max_chunk_elems // per_block))
+        per_block = max(1, m_tok * nb * max(block_size, D))  # transient elements per sampled block and head
+        # heads in groups (fewer launches per call), sampled blocks in chunks: both bounded by max_chunk_elems
+        hc = max(1, min(H, max_chunk_elems // (per_block * n_sel)))
+        chunk = max(1, min(n_sel, max_chunk_elems // (per_block * hc)))
 
         # exact / approximated key blocks of every variant, all heads at once: [H, s, V, nb]
         # variants: S exact-branch ones (every KV' block exact), then S·NS Taylor ones (alpha_s-major)
@@ -405,39 +407,42 @@ def measure_call(
                               ap.permute(1, 2, 0, 3, 4).reshape(H, n_sel, S * NS, nb)], dim=2).to(ct)
         del pick_sorted, pick, ex, ap, c_sorted, cum
 
-        for h in range(H):
-            kp = k[:, h][key_idx].to(ct)  # [nb, b, D]
-            vp = v[:, h][key_idx].to(ct)
-            kb, vb = kbar[h], vbar[h]  # [nb, D]
-            wex_h, wap_h = w_ex_all[h], w_ap_all[h]  # [s, V, nb]
+        for h0 in range(0, H, hc):
+            h1 = min(H, h0 + hc)
+            g = h1 - h0
+            kp = k[:, h0:h1][key_idx].permute(2, 0, 1, 3).to(ct)  # [g, nb, b, D]
+            vp = v[:, h0:h1][key_idx].permute(2, 0, 1, 3).to(ct)
+            kb, vb = kbar[h0:h1], vbar[h0:h1]  # [g, nb, D]
+            wex_g, wap_g = w_ex_all[h0:h1], w_ap_all[h0:h1]  # [g, s, V, nb]
             for c0 in range(0, n_sel, chunk):
                 c1 = min(n_sel, c0 + chunk)
                 cs = c1 - c0
-                qs = q[tok_idx_d[c0:c1].flatten(), h].to(ct) * sc  # [cs*m, D], softmax scale folded in
-                s_tok = torch.matmul(qs, kp.reshape(nb * block_size, D).T).view(cs * m_tok, nb, block_size)
+                T = cs * m_tok
+                qs = q[tok_idx_d[c0:c1].flatten(), h0:h1].transpose(0, 1).to(ct) * sc  # [g, T, D], scale folded in
+                s_tok = torch.matmul(qs, kp.reshape(g, nb * block_size, D).transpose(-1, -2)).view(g, T, nb, block_size)
                 s_tok.add_(key_bias)
-                mx = s_tok.amax(dim=(1, 2), keepdim=True)  # [T, 1, 1]
+                mx = s_tok.amax(dim=(2, 3), keepdim=True)  # [g, T, 1, 1]
                 e = s_tok.sub_(mx).exp_()  # in place: the score buffer becomes the softmax numerators
-                Z = e.sum(-1)  # [T, nb]
-                Y = torch.bmm(e.transpose(0, 1), vp)  # [nb, T, D]
+                Z = e.sum(-1)  # [g, T, nb]
+                Y = torch.matmul(e.transpose(1, 2), vp)  # [g, nb, T, D]
                 del e, s_tok
-                o_dense = (Y.sum(0) / Z.sum(-1, keepdim=True)).view(cs, m_tok, D)
-                Yc = Y.view(nb, cs, m_tok * D).transpose(0, 1)  # [cs, nb, m*D] (strided view, no copy)
+                o_dense = (Y.sum(1) / Z.sum(-1, keepdim=True)).view(g, cs, m_tok, D)
+                Yc = Y.view(g, nb, cs, m_tok * D).transpose(1, 2)  # [g, cs, nb, m*D] (strided view, no copy)
                 # approximated blocks: a[t, j] = n_j e^{q_t·k̄_j·sc − m_t}
-                a = counts[None, :] * torch.exp(torch.matmul(qs, kb.T) - mx[:, :, 0])  # [T, nb]
-                a = a.view(cs, m_tok, nb)
-                Zc = Z.view(cs, m_tok, nb)
-                wex, wap = wex_h[c0:c1], wap_h[c0:c1]  # [cs, V, nb]
-                num = torch.bmm(wex, Yc).view(cs, n_var, m_tok, D)
-                num = num + torch.einsum("svj,smj,jd->svmd", wap, a, vb)
-                den = torch.einsum("svj,smj->svm", wex, Zc) + torch.einsum("svj,smj->svm", wap, a)
+                a = counts * torch.exp(torch.matmul(qs, kb.transpose(-1, -2)) - mx[..., 0])  # [g, T, nb]
+                a = a.view(g, cs, m_tok, nb)
+                Zc = Z.view(g, cs, m_tok, nb)
+                wex, wap = wex_g[:, c0:c1], wap_g[:, c0:c1]  # [g, cs, V, nb]
+                num = torch.matmul(wex, Yc).view(g, cs, n_var, m_tok, D)
+                num = num + torch.einsum("gsvj,gsmj,gjd->gsvmd", wap, a, vb)
+                den = torch.einsum("gsvj,gsmj->gsvm", wex, Zc) + torch.einsum("gsvj,gsmj->gsvm", wap, a)
                 o = num / den[..., None]
-                err = (o - o_dense[:, None]).abs().sum(-1).to(torch.float64)  # [cs, V, m]
+                err = (o - o_dense[:, :, None]).abs().sum(-1).to(torch.float64)  # [g, cs, V, m]
                 w = tok_w_d[c0:c1]  # [cs, m]
-                err = (err * w[:, None, :]).sum(-1)  # [cs, V]
-                ref_norm[h, c0:c1] = (o_dense.abs().sum(-1).to(torch.float64) * w).sum(-1)
-                err_exact[h, c0:c1] = err[:, :S]
-                err_taylor[h, c0:c1] = err[:, S:].view(cs, S, NS)
+                err = (err * w[None, :, None, :]).sum(-1)  # [g, cs, V]
+                ref_norm[h0:h1, c0:c1] = (o_dense.abs().sum(-1).to(torch.float64) * w).sum(-1)
+                err_exact[h0:h1, c0:c1] = err[..., :S]
+                err_taylor[h0:h1, c0:c1] = err[..., S:].reshape(g, cs, S, NS)
                 del Y, Yc, num, o
 
         # ---------------------------------------------------------------- mix over alpha_f and accumulate

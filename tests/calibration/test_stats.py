@@ -50,6 +50,19 @@ def test_full_sampling_equals_reference(spans, rng):
     torch.testing.assert_close(st.prune_num, st.num[:, :, 0, :, -1, 0])
 
 
+def test_head_groups_and_chunks_do_not_change_the_statistics(rng):
+    """A tight transient-memory bound splits the work into single heads and small chunks of sampled blocks:
+    the statistics are those of the one-pass computation."""
+    layout = Layout(LAYOUTS[1])
+    N, H, D, bs = layout.num_tokens, 3, 16, 16
+    q, k, v = (torch.randn(1, N, H, D, generator=rng, dtype=torch.float64) for _ in range(3))
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    whole = measure_call(q, k, v, layout, GRID, block_size=bs, generator=torch.Generator().manual_seed(seed))
+    split = measure_call(q, k, v, layout, GRID, block_size=bs, generator=torch.Generator().manual_seed(seed), max_chunk_elems=1)
+    for name in ("num", "den", "prune_num", "taylor_num"):
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), atol=1e-12, rtol=1e-12)
+
+
 def test_sampled_estimate_is_close(rng):
     from isa_plugin.calibration.synthetic import SyntheticModel, SyntheticSpec
 
