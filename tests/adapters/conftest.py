@@ -165,28 +165,9 @@ def ltx_inputs(frames=3, h=4, w=8, prefix_frames=0, batch=1, channels=8, caption
 
 
 def tiny_ltx_condition_pipe():
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXConditionPipeline
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from isa_plugin.pipelines.tiny import build_tiny_pipeline
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLLTXVideo(
-        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
-        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False, False, False, False),
-        upsample_factor=(1, 1, 1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1,
-        encoder_causal=True, decoder_causal=False,
-    ).eval()
-    vae.use_framewise_encoding = False
-    vae.use_framewise_decoding = False
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                 is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
-    ).eval()
-    return LTXConditionPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=ByT5Tokenizer(),
-        transformer=tiny_ltx(in_channels=8, caption_channels=32),
-    )
+    return build_tiny_pipeline("ltx")
 
 
 def tiny_ltx2(num_layers=2, caption_channels=16, rope_type="interleaved", perturbed_attn=False, gated_attn=False):
