@@ -54,6 +54,31 @@ class BlockLayout:
     def to(self, device: torch.device | str) -> "BlockLayout":
         return _blocks_on_device(self, str(device))
 
+    def split(self, size: int) -> Tuple["BlockLayout", torch.Tensor]:
+        """Split every block into sub-blocks of ``size`` tokens (the last one of a block short).
+
+        Returns:
+            ``(sub, parent)``: the sub-block :class:`BlockLayout` (``block_size = size``) and ``parent``
+            [n_sub] int64, the block each sub-block belongs to. Sub-blocks of one block are contiguous and
+            in order. ``size >= block_size`` returns the blocks themselves.
+        """
+        return _split(self, int(size))
+
+
+@functools.lru_cache(maxsize=64)
+def _split(blocks: BlockLayout, s: int) -> Tuple[BlockLayout, torch.Tensor]:
+    cnt = blocks.counts
+    n_sub = (cnt + s - 1) // s  # [nb]
+    parent = torch.repeat_interleave(torch.arange(blocks.num_blocks, device=cnt.device), n_sub)
+    first = torch.cumsum(n_sub, 0) - n_sub
+    local = torch.arange(parent.numel(), device=cnt.device) - first[parent]  # index of the sub-block in its block
+    starts = blocks.starts[parent] + local * s
+    counts = torch.minimum(cnt[parent] - local * s, torch.full_like(local, s))
+    token_block = torch.repeat_interleave(torch.arange(parent.numel(), device=cnt.device), counts)
+    sub = BlockLayout(block_size=s, starts=starts, counts=counts, kinds=blocks.kinds[parent], spans=blocks.spans[parent],
+                      token_block=token_block)
+    return sub, parent
+
 
 @functools.lru_cache(maxsize=64)
 def _blocks_on_device(blocks: BlockLayout, device: str) -> BlockLayout:
