@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ISAConfig
+from .executors import get_executor
 from .kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual, residual_gate_view
-from .kernels.reference import isa_attention_reference
 from .layout import Layout
 
 __all__ = ["isa_attention", "ISAInfo", "dense_attention", "select_backend", "run_isa", "Route"]
@@ -28,8 +28,8 @@ class ISAInfo:
 
     Attributes:
         used_isa: False when the call fell back to dense attention.
-        backend: ``"reference"``, ``"triton"`` (fixed mode's kernels), ``"flex"`` (the adaptive mode's
-            FlexAttention path) or ``"dense"``.
+        backend: the executor that ran (``"reference"``, ``"triton"``: ISA's Triton kernels, ``"flex"``:
+            FlexAttention; :mod:`isa_plugin.executors`) or ``"dense"``.
         reason: why the call fell back to dense attention (None when ISA ran).
     """
 
@@ -42,26 +42,6 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     """Dense softmax attention through torch SDPA, q/k/v/out in [B, N, H, D]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)
-
-
-@torch.library.custom_op("isa_plugin::isa_attention_reference", mutates_args=())
-def _reference_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    span_kinds: List[int],
-    span_lens: List[int],
-    config_json: str,
-    scale: float,
-) -> torch.Tensor:
-    """The PyTorch reference as one opaque op, so ``torch.compile`` does not trace (or break on) it."""
-    layout = Layout.decode(span_kinds, span_lens)
-    return isa_attention_reference(q, k, v, layout, ISAConfig.decode(config_json), scale=scale).contiguous()
-
-
-@_reference_op.register_fake
-def _(q, k, v, span_kinds, span_lens, config_json, scale):
-    return q.new_empty(q.shape)
 
 
 def _check_inputs(q, k, v) -> None:
@@ -92,10 +72,10 @@ class Route:
     """The one backend decision of an ISA call (made by :func:`select_backend`).
 
     Attributes:
-        backend: ``"triton"`` (the fixed mode's kernels), ``"flex"`` (the adaptive mode's FlexAttention
-            path), ``"reference"`` (the PyTorch reference) or ``"dense"``.
-        reason: for ``"dense"``, why ISA cannot serve the call; for ``"reference"``, why the kernels
-            cannot (None when the config asked for the reference); None for ``"triton"``.
+        backend: the executor to run (:mod:`isa_plugin.executors`: ``"reference"``, ``"triton"``,
+            ``"flex"``) or ``"dense"``.
+        reason: for ``"dense"``, why ISA cannot serve the call; for ``"reference"``, why no GPU executor
+            can (None when the config asked for the reference); None otherwise.
     """
 
     backend: str
@@ -131,47 +111,35 @@ def select_backend(q: torch.Tensor, layout: Layout, config: ISAConfig, *, in_mod
         return Route("dense", f"sequence too short: fewer than two blocks ({layout.num_tokens} tokens, block_size={config.block_size})")
     if config.backend == "reference":
         return Route("reference")
-    if config.mode == "adaptive":
-        # config.backend "triton" / "auto" mean the GPU path of the mode: FlexAttention (Triton-generated)
-        from .kernels.adaptive_flex import flex_ineligible
-
-        why_not = "inputs are on cpu, the FlexAttention path needs CUDA" if not q.is_cuda else flex_ineligible(q, config.adaptive)
-        fast = "flex"
-    else:
-        from .kernels.dispatch import triton_ineligible
-
-        why_not = triton_ineligible(q, config)
-        fast = "triton"
-    if why_not is None:
-        return Route(fast)
-    if config.backend == "triton" and not in_model:
-        raise RuntimeError(f"ISAConfig.backend='triton' but the Triton kernels cannot serve this call: {why_not}")
-    if in_model and (config.backend == "triton" or q.device.type != "cpu"):
+    # a named executor, or (auto) the executors the mode prefers, in order
+    names = config.selection.executors if config.backend == "auto" else (config.backend,)
+    why_not = None
+    for name in names:
+        why_not = get_executor(name).ineligible(q, config)
+        if why_not is None:
+            return Route(name)
+    if config.backend != "auto" and not in_model:
+        raise RuntimeError(f"ISAConfig.backend={config.backend!r} but that executor cannot serve this call: {why_not}")
+    if in_model and (config.backend != "auto" or q.device.type != "cpu"):
         return Route("dense", f"ISA kernels unavailable: {why_not}")
     return Route("reference", why_not)
 
 
 def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, config: ISAConfig, route: Route,
             scale: Optional[float] = None) -> torch.Tensor:
-    """Execute an ISA call on the backend ``route`` chose (``"triton"``, ``"flex"`` or ``"reference"``); [B, N, H, D] in, out.
+    """Execute an ISA call on the executor ``route`` chose; [B, N, H, D] in, out.
 
     Callers validate inputs and decide the route first (:func:`isa_attention` does both).
+
+    Raises:
+        ValueError: a ``"dense"`` route (not an executor).
     """
-    if route.backend == "triton":
-        from .kernels.ops import isa_attention_kernels
-
-        return isa_attention_kernels(q, k, v, layout, config, scale=scale)
-    if route.backend == "flex":
-        from .kernels.adaptive_flex import adaptive_attention_flex
-
-        return adaptive_attention_flex(q, k, v, layout, config.adaptive, scale=scale)
-    if route.backend != "reference":
-        raise ValueError(f"run_isa serves the 'triton', 'flex' and 'reference' routes, got {route.backend!r}")
-    if q.is_cuda and route.reason is not None:
+    if route.backend == "dense":
+        raise ValueError("run_isa runs an executor's route; a 'dense' route runs dense_attention")
+    if q.is_cuda and route.backend == "reference" and route.reason is not None:
         logger.debug("ISA kernels unavailable (%s); using the PyTorch reference", route.reason)
-    kinds, lens = layout.encode()
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _reference_op(q, k, v, kinds, lens, config.encode(), sc)
+    return get_executor(route.backend).run(q, k, v, layout, config, sc)
 
 
 def _normalise_layout(layout, batch: int) -> Union[Layout, List[Layout]]:

@@ -1,5 +1,5 @@
-"""ISA kernels: Triton implementations and the pure-PyTorch reference they are tested against."""
+"""ISA executors: Triton kernels, FlexAttention and the pure-PyTorch reference they are tested against.
 
-from .reference import ISAPlan, dense_attention_reference, isa_attention_reference
-
-__all__ = ["ISAPlan", "dense_attention_reference", "isa_attention_reference"]
+Executors run a plan (:class:`~isa_plugin.plan.BlockPlan`, or an executor's own compiled form such as
+:class:`~isa_plugin.kernels.compact.CompactPlan`) and know nothing of the selection modes that made it.
+"""

@@ -1,4 +1,4 @@
-"""Execution of a :class:`~isa_plugin.kernels.plan.CompactPlan`: the exact group and the Taylor group.
+"""Execution of a :class:`~isa_plugin.kernels.compact.CompactPlan`: the exact group and the Taylor group.
 
 Two ways to run the exact group (query blocks that attend over all of KV'):
 
@@ -10,8 +10,8 @@ Two ways to run the exact group (query blocks that attend over all of KV'):
   Heads are chunked so that the gathered copies stay under about one size of k.
 
 The Taylor group always runs in Triton, queued after the exact group. A plan whose Taylor selections
-are deferred (``plan_compact(..., defer_selections=True)``) has them computed between the two groups
-(:meth:`~isa_plugin.kernels.plan.CompactPlan.finish_selections`), so their host work overlaps the
+are deferred (a planner that defers them) has them computed between the two groups
+(:meth:`~isa_plugin.kernels.compact.CompactPlan.finish_selections`), so their host work overlaps the
 exact-attention kernels. (A side stream for the Taylor group measured no gain: cuDNN fills every SM.)
 """
 
@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from .isa_attn import isa_attn_items
-from .plan import CompactPlan, select_blocks as _select_blocks
+from .compact import CompactPlan, select_blocks as _select_blocks
 from .pooling import gather_blocks_triton, pool_blocks_triton
 
 __all__ = ["execute_compact", "sdpa_with_lse"]
@@ -200,7 +200,7 @@ def execute_compact(
 
     Args:
         q, k, v: [B, N, H, D] with a unit stride on D (the plan's inputs).
-        cp: a :class:`~isa_plugin.kernels.plan.CompactPlan` for these inputs; deferred Taylor selections
+        cp: a :class:`~isa_plugin.kernels.compact.CompactPlan` for these inputs; deferred Taylor selections
             are computed here, after the exact group is queued.
         scale: softmax scale (default 1/sqrt(D)).
         exact_backend: ``"sdpa"`` (cuDNN on gathered tensors, CUDA fp16/bf16 only), ``"triton"``, or

@@ -62,7 +62,7 @@ def reference_configs():
 def reference_outputs():
     import torch
 
-    from isa_plugin.kernels.reference import isa_attention_reference
+    from isa_plugin.executors.reference import isa_attention_reference
 
     out = {}
     for ci, (cname, cfg) in enumerate(reference_configs().items()):
@@ -78,8 +78,9 @@ def executor_outputs():
     import torch
 
     from isa_plugin import ISAConfig
-    from isa_plugin.kernels import executor, plan as kplan
-    from isa_plugin.kernels.adaptive_flex import adaptive_attention_flex
+    from isa_plugin.executors.flex import flex_attention_call
+    from isa_plugin.kernels import executor
+    from isa_plugin.selection.fixed_gpu import plan_compact
 
     out = {}
     fixed = {"fixed_default": ISAConfig(), "fixed_per_head": ISAConfig(alpha_s=(0.25, 1.0), alpha_f=0.25, alpha_ns=(0.5, 0.125))}
@@ -87,14 +88,14 @@ def executor_outputs():
         for li, (lname, spans) in enumerate(LAYOUTS.items()):
             for dtype in (torch.float16, torch.float32):
                 q, k, v, layout = _inputs(1000 + 10 * ci + li, spans, B=2, H=2, D=64, dtype=dtype)
-                cp = kplan.plan_compact(q, k, layout, cfg, v=v)
+                cp = plan_compact(q, k, layout, cfg, v=v)
                 out[f"triton/{cname}/{lname}/{str(dtype)[6:]}"] = executor.execute_compact(q, k, v, cp, exact_backend="triton").contiguous()
     ada = {"adaptive": ISAConfig(mode="adaptive", mass=0.8, pseudo_block=16),
            "adaptive_ctx": ISAConfig(mode="adaptive", mass=(0.7, 0.95), context_mass=0.6, alpha_s=0.5, max_blocks=3)}
     for ci, (cname, cfg) in enumerate(ada.items()):
         for li, (lname, spans) in enumerate(LAYOUTS.items()):
             q, k, v, layout = _inputs(2000 + 10 * ci + li, spans, B=2, H=2, D=64, dtype=torch.float32)
-            out[f"flex/{cname}/{lname}/float32"] = adaptive_attention_flex(q, k, v, layout, cfg.adaptive).contiguous()
+            out[f"flex/{cname}/{lname}/float32"] = flex_attention_call(q, k, v, layout, cfg, 64 ** -0.5).contiguous()
     return out
 
 

@@ -1,9 +1,9 @@
-"""GPU execution of ISA's adaptive mode with FlexAttention (``docs/ADAPTIVE.md``, "GPU path").
+"""FlexAttention executor: runs any :class:`~isa_plugin.plan.BlockPlan` in one FlexAttention call.
 
-Layout: q, k, v [B, N, H, D] in, [B, N, H, D] out. Every ISA block (per-span blocking, size b) is copied
-into its own b-token tile of a padded [B, H, nb·b, D] sequence, so ISA blocks are Flex tiles of b × b.
-The keys are the padded tokens followed by the pseudo-keys: the sub-block means (``pseudo_block`` tokens)
-of each head's KV' blocks, compacted per (batch, head) in block order (sub-blocks of one block contiguous),
+Layout: q, k, v [B, N, H, D] in, [B, N, H, D] out. Every block (per-span blocking, size b) is copied into
+its own b-token tile of a padded [B, H, nb·b, D] sequence, so blocks are Flex tiles of b × b. The keys are
+the padded tokens followed by the pseudo-keys: the sub-block means (``plan.pseudo_block`` tokens) of each
+head's KV' blocks, compacted per (batch, head) in block order (sub-blocks of one block contiguous),
 zero-padded to a whole tile. One FlexAttention call then runs the plan:
 
 - token tile (i, j) is listed when block j is exact for query block i: *full* when block j has b tokens,
@@ -12,10 +12,11 @@ zero-padded to a whole tile. One FlexAttention call then runs the plan:
   block that is not exact for i; the ``mask_mod`` keeps exactly those pseudo-keys;
 - the ``score_mod`` adds ln(token count) to pseudo-key scores (the count bias).
 
-Planning is :func:`~isa_plugin.kernels.adaptive_reference.plan_adaptive_from_pooled` on block means pooled
-from the padded copy; the block tables are built from the plan with torch ops on the device (no dense mask
-evaluation, no host synchronisation). On CUDA the attention runs through ``torch.compile(flex_attention)``
-(b = 128: Flex's default 128 × 128 tiles; b = 64: 64 × 64 kernel tiles); on CPU it runs eagerly (tests).
+:func:`flex_prepare` pads the inputs and pools them (block means for a planner, sub-block means for the
+pseudo-keys) in one pass; :func:`execute_flex` builds the block tables from the plan with torch ops on the
+device (no dense mask evaluation, no host synchronisation). On CUDA the attention runs through
+``torch.compile(flex_attention)`` (b = 128: Flex's default 128 × 128 tiles; b = 64: 64 × 64 kernel tiles);
+on CPU it runs eagerly (tests).
 """
 
 from __future__ import annotations
@@ -23,27 +24,27 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
-from ..config import AdaptiveSettings
-from ..layout import BlockLayout, Layout
-from .adaptive_reference import AdaptivePlan, plan_adaptive_from_pooled
+from ..layout import BlockLayout
+from ..plan import BlockPlan
 
-__all__ = ["adaptive_attention_flex", "build_flex_inputs", "FLEX_BLOCK_SIZES", "flex_ineligible"]
+__all__ = ["FlexInputs", "flex_prepare", "execute_flex", "build_flex_inputs", "FLEX_BLOCK_SIZES", "flex_ineligible"]
 
 FLEX_BLOCK_SIZES = (64, 128)  # b values the CUDA path compiles for (CPU: any)
 
 
-def flex_ineligible(q: torch.Tensor, settings: AdaptiveSettings) -> Optional[str]:
-    """Why the FlexAttention path cannot serve this call, or None when it can."""
+def flex_ineligible(q: torch.Tensor, block_size: int) -> Optional[str]:
+    """Why the FlexAttention executor cannot serve this call, or None when it can."""
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:  # pragma: no cover
         return f"torch {torch.__version__} has no FlexAttention"
-    if q.is_cuda and settings.block_size not in FLEX_BLOCK_SIZES:
-        return f"block_size={settings.block_size} (the FlexAttention path supports {list(FLEX_BLOCK_SIZES)} on CUDA)"
+    if q.is_cuda and block_size not in FLEX_BLOCK_SIZES:
+        return f"block_size={block_size} (the FlexAttention executor supports {list(FLEX_BLOCK_SIZES)} on CUDA)"
     if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} (FlexAttention on CUDA takes float16, bfloat16 or float32)"
     return None
@@ -69,42 +70,81 @@ def _pad(x: torch.Tensor, dst: torch.Tensor, n_pad: int) -> torch.Tensor:
     return out
 
 
-def build_flex_inputs(q, k, v, layout: Layout, settings: AdaptiveSettings, scale: Optional[float] = None):
-    """Plan and everything one FlexAttention call needs (see the module docstring).
+@dataclass
+class FlexInputs:
+    """The padded inputs and pooled means of one call (:func:`flex_prepare`).
 
-    Returns:
-        ``(plan, q_pad, kv_k, kv_v, block_mask, score_mod, mask_mod, dst, poison)``: the
-        :class:`AdaptivePlan`; q [B, H, nb·b, D]; keys and values [B, H, nb·b + P, D]; the Flex
-        ``BlockMask``; the two Flex callables; the padded position of each token [N]; and a [B, H, 1, D]
-        zero tensor that is NaN where k or v hold non-finite values (added to the output).
+    ``qbar``, ``kbar`` [B, H, nb, D] (compute dtype) are the block means a planner takes; ``ksub``, ``vsub``
+    [B, H, nb·r, D] the sub-block means (r = block_size / pseudo_block).
     """
-    from torch.nn.attention.flex_attention import BlockMask
 
+    blocks: BlockLayout
+    pseudo_block: int
+    q_pad: torch.Tensor
+    k_pad: torch.Tensor
+    v_pad: torch.Tensor
+    qbar: torch.Tensor
+    kbar: torch.Tensor
+    ksub: torch.Tensor
+    vsub: torch.Tensor
+    slot_cnt: torch.Tensor
+    dst: torch.Tensor
+    key_valid: torch.Tensor
+
+
+def flex_prepare(q, k, v, blocks: BlockLayout, pseudo_block: int) -> FlexInputs:
+    """Pad q, k, v [B, N, H, D] block by block and pool them (block and sub-block means).
+
+    Raises:
+        ValueError: ``pseudo_block`` does not divide the block size.
+    """
     B, N, H, D = q.shape
-    layout.check(N)
     dev = q.device
-    b, s = settings.block_size, settings.pseudo_block
-    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    blocks = layout.blocks(b).to(dev)
+    b, s = blocks.block_size, int(pseudo_block)
+    if s < 1 or b % s:
+        raise ValueError(f"pseudo_block={pseudo_block} must divide block_size={b}")
+    blocks = blocks.to(dev)
     nb = blocks.num_blocks
     n_pad = nb * b
     dst, key_valid = _padding(blocks, str(dev))
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_pad, k_pad, v_pad = (_pad(x, dst, n_pad) for x in (q, k, v))
     cnt = blocks.counts.to(ct)
-
-    # block means for planning, sub-block means for the pseudo-keys
     r = b // s
     slot_cnt = (blocks.counts[:, None] - torch.arange(r, device=dev)[None, :] * s).clamp(0, s).reshape(-1)  # [nb·r]
     ksub = k_pad.view(B, H, nb * r, s, D).to(ct).sum(3)
     vsub = v_pad.view(B, H, nb * r, s, D).to(ct).sum(3)
     qbar = q_pad.view(B, H, nb, b, D).to(ct).sum(3) / cnt[:, None]
     kbar = ksub.view(B, H, nb, r, D).sum(3) / cnt[:, None]
-    plan = plan_adaptive_from_pooled(qbar, kbar, blocks, settings, sc)
     ksub = ksub / slot_cnt.clamp(min=1).to(ct)[:, None]
     vsub = vsub / slot_cnt.clamp(min=1).to(ct)[:, None]
-    poison = (ksub.sum(dim=(2, 3)) * 0)[:, :, None, None] + (vsub.sum(dim=2) * 0)[:, :, None, :]
+    return FlexInputs(blocks, s, q_pad, k_pad, v_pad, qbar, kbar, ksub, vsub, slot_cnt, dst, key_valid)
 
+
+def build_flex_inputs(q, k, v, plan: BlockPlan, prepared: Optional[FlexInputs] = None):
+    """Everything one FlexAttention call needs to run ``plan`` (see the module docstring).
+
+    Returns:
+        ``(q_pad, kv_k, kv_v, block_mask, score_mod, mask_mod, dst, poison)``: q [B, H, nb·b, D]; keys and
+        values [B, H, nb·b + P, D]; the Flex ``BlockMask``; the two Flex callables; the padded position of
+        each token [N]; and a [B, H, 1, D] zero tensor that is NaN where k or v hold non-finite values (added
+        to the output).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, N, H, D = q.shape
+    dev = q.device
+    blocks = plan.blocks.to(dev)
+    if prepared is None or prepared.pseudo_block != plan.pseudo_block:
+        prepared = flex_prepare(q, k, v, blocks, plan.pseudo_block)
+    b, s = blocks.block_size, plan.pseudo_block
+    nb = blocks.num_blocks
+    n_pad = nb * b
+    ct = prepared.ksub.dtype
+    q_pad, k_pad, v_pad = prepared.q_pad, prepared.k_pad, prepared.v_pad
+    ksub, vsub, slot_cnt, dst, key_valid = prepared.ksub, prepared.vsub, prepared.slot_cnt, prepared.dst, prepared.key_valid
+    r = b // s
+    poison = (ksub.sum(dim=(2, 3)) * 0)[:, :, None, None] + (vsub.sum(dim=2) * 0)[:, :, None, :]
     # pseudo-keys: the sub-blocks of each head's KV' blocks, compacted in block order
     slot_parent = torch.arange(nb, device=dev).repeat_interleave(r)  # [nb·r]
     slot_ok = plan.kv_keep[:, :, slot_parent] & (slot_cnt > 0)  # [B, H, nb·r]
@@ -129,7 +169,7 @@ def build_flex_inputs(q, k, v, layout: Layout, settings: AdaptiveSettings, scale
     kv_v = torch.cat([v_pad, pv], dim=2)
 
     # block tables
-    exact = plan.exact_kv  # [B, H, nb, nb]
+    exact = plan.exact_mask()  # [B, H, nb, nb]
     full_blk = blocks.counts == b
     tok_full = exact & full_blk
     tok_part = exact & ~full_blk
@@ -172,7 +212,7 @@ def build_flex_inputs(q, k, v, layout: Layout, settings: AdaptiveSettings, scale
 
     bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=b, mask_mod=mask_mod,
                                   seq_lengths=(n_pad, n_pad + p_len))
-    return plan, q_pad, kv_k, kv_v, bm, score_mod, mask_mod, dst, poison
+    return q_pad, kv_k, kv_v, bm, score_mod, mask_mod, dst, poison
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,47 +233,33 @@ def _run_flex(q_pad, kv_k, kv_v, bm, score_mod, scale: float, block_size: int):
         return flex_attention(q_pad, kv_k, kv_v, score_mod=score_mod, block_mask=bm, scale=scale)
 
 
-def adaptive_attention_flex(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: Layout,
-    settings: Optional[AdaptiveSettings] = None,
-    return_plan: bool = False,
-    *,
-    scale: Optional[float] = None,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, AdaptivePlan]]:
-    """ISA's adaptive mode through one FlexAttention call (compiled on CUDA, eager on CPU).
+def execute_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scale: Optional[float] = None,
+                 prepared: Optional[FlexInputs] = None) -> torch.Tensor:
+    """Run ``plan`` for q, k, v [B, N, H, D] through one FlexAttention call (compiled on CUDA, eager on CPU).
 
     Args:
         q, k, v: [B, N, H, D], same shape and dtype.
-        layout: the typed spans of the N tokens.
-        settings: :class:`AdaptiveSettings` (default values when None).
-        return_plan: also return the :class:`AdaptivePlan` the call executed.
+        plan: any :class:`~isa_plugin.plan.BlockPlan` (of batch B, H heads).
         scale: softmax scale, default 1/sqrt(D).
+        prepared: :func:`flex_prepare`'s result for these inputs (computed when None).
 
     Returns:
-        [B, N, H, D] in q's dtype (or ``(out, plan)``); the semantics of
-        :func:`~isa_plugin.kernels.adaptive_reference.adaptive_attention_reference` up to rounding.
+        [B, N, H, D] in q's dtype: :func:`~isa_plugin.kernels.reference.execute_plan_reference`'s semantics
+        up to rounding.
 
     Raises:
-        ValueError: shapes that differ, a layout that does not cover N tokens, or a call the path cannot
-            serve (:func:`flex_ineligible`).
+        ValueError: shapes that differ, or a call the executor cannot serve (:func:`flex_ineligible`).
 
     Example:
-        >>> q = k = v = torch.randn(1, 512, 2, 64, device="cuda", dtype=torch.bfloat16)
-        >>> out = adaptive_attention_flex(q, k, v, Layout([("target", 256), ("context", 256)]),
-        ...                               AdaptiveSettings(mass=0.9, block_size=128))
+        >>> out = execute_flex(q, k, v, plan)  # doctest: +SKIP
     """
-    settings = settings or AdaptiveSettings()
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape or q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one [B, N, H, D] shape and dtype; got {tuple(q.shape)} {q.dtype}, "
                          f"{tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
-    why = flex_ineligible(q, settings)
+    why = flex_ineligible(q, plan.blocks.block_size)
     if why is not None:
-        raise ValueError(f"the FlexAttention path cannot serve this call: {why}")
+        raise ValueError(f"the FlexAttention executor cannot serve this call: {why}")
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    plan, q_pad, kv_k, kv_v, bm, score_mod, _, dst, poison = build_flex_inputs(q, k, v, layout, settings, sc)
-    o = _run_flex(q_pad, kv_k, kv_v, bm, score_mod, sc, settings.block_size)  # [B, H, nb·b, D]
-    out = (o[:, :, dst] + poison.to(o.dtype)).permute(0, 2, 1, 3).contiguous()
-    return (out, plan) if return_plan else out
+    q_pad, kv_k, kv_v, bm, score_mod, _, dst, poison = build_flex_inputs(q, k, v, plan, prepared)
+    o = _run_flex(q_pad, kv_k, kv_v, bm, score_mod, sc, plan.blocks.block_size)  # [B, H, nb·b, D]
+    return (o[:, :, dst] + poison.to(o.dtype)).permute(0, 2, 1, 3).contiguous()

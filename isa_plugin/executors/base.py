@@ -1,0 +1,67 @@
+"""Executors: what runs an ISA call's plan, and the registry that finds one by name.
+
+An executor runs plans (:class:`~isa_plugin.plan.BlockPlan`, or a compiled form of its own) and knows
+nothing of the selection modes that make them. :class:`Executor` is its interface to routing
+(:func:`isa_plugin.attention.select_backend`): whether it can serve a call (:meth:`Executor.ineligible`)
+and running one (:meth:`Executor.run`: plan with the config's mode, then execute). ``ISAConfig(backend=name)``
+asks for one by name; a mode lists the executors it prefers on a GPU (``SelectionMode.executors``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+__all__ = ["Executor", "register_executor", "get_executor", "registered_executors"]
+
+_EXECUTORS: Dict[str, "Executor"] = {}
+
+
+class Executor:
+    """Base class of an executor. Subclasses set ``name`` and implement :meth:`ineligible` and :meth:`run`."""
+
+    name: str = ""
+
+    def ineligible(self, q: torch.Tensor, config) -> Optional[str]:
+        """Why this executor cannot serve a call with these inputs and config (None when it can): a sentence
+        naming the unsupported value and what is supported. Only device, dtype, shape and strides of ``q``
+        and the config's block size and pseudo-key size are read."""
+        raise NotImplementedError
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, config, scale: float) -> torch.Tensor:
+        """Plan the call with ``config``'s mode and execute it; q, k, v [B, N, H, D] -> [B, N, H, D]."""
+        raise NotImplementedError
+
+
+def register_executor(executor: Executor) -> Executor:
+    """Make ``executor`` available by its name (``ISAConfig(backend=name)``).
+
+    Raises:
+        TypeError: not an :class:`Executor`. ValueError: no name, or the name is taken by another executor.
+    """
+    if not isinstance(executor, Executor):
+        raise TypeError(f"register_executor expects an Executor instance, got {type(executor).__name__}")
+    if not executor.name:
+        raise ValueError(f"{type(executor).__name__}.name must be a non-empty string")
+    old = _EXECUTORS.get(executor.name)
+    if old is not None and type(old) is not type(executor):
+        raise ValueError(f"an executor named {executor.name!r} is already registered ({type(old).__name__})")
+    _EXECUTORS[executor.name] = executor
+    return executor
+
+
+def get_executor(name: str) -> Executor:
+    """The registered executor called ``name``.
+
+    Raises:
+        ValueError: no such executor (the message lists the registered ones).
+    """
+    ex = _EXECUTORS.get(name)
+    if ex is None:
+        raise ValueError(f"executor {name!r} is not registered; registered: {sorted(_EXECUTORS)}")
+    return ex
+
+
+def registered_executors() -> Dict[str, Executor]:
+    return dict(_EXECUTORS)
