@@ -114,7 +114,7 @@ def budget_arg(name: str = "budget") -> Callable[[str], float]:
     """
 
     def parse(text: str) -> float:
-        from .config import validate_budget
+        from .validation import validate_budget
 
         try:
             value = float(text)
@@ -310,8 +310,11 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timestep-buckets", type=int, default=1, help="separate settings per timestep bucket (default 1)")
     p.add_argument("--per-head", choices=("auto", "always", "off"), default="auto", help="per-head ratios (default: where they pay)")
     p.add_argument("--margin", type=float, default=0.85, help="fit to margin x budget (sampling noise; default 0.85)")
-    p.add_argument("--adaptive", action="store_true",
-                   help="also measure the adaptive selection mode (docs/ADAPTIVE.md) and keep it where it is cheaper")
+    p.add_argument("--mode", dest="modes", action="append", metavar="MODE",
+                   help="a selection mode to measure; repeat for several (default: fixed); each layer keeps the cheapest "
+                        "mode within budget. Modes: " + ", ".join(_mode_names()))
+    p.add_argument("--adaptive", dest="modes", action="append_const", const="adaptive",
+                   help="short for --mode fixed --mode adaptive (docs/ADAPTIVE.md)")
     p.add_argument("--cost-model", help="kernel cost model JSON (default: isa_plugin/kernels/cost_model.json if present)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale passed to the pipeline")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -319,6 +322,12 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-stats", help="also save the raw statistics (torch.save) for refitting")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _mode_names():
+    from .selection import registered_modes
+
+    return list(registered_modes())
 
 
 def _calibrate(args) -> int:
@@ -343,10 +352,17 @@ def _calibrate(args) -> int:
     if out.is_dir():
         raise CLIError(f"--out {args.out} is a folder; give a file name such as profile.yaml")
     grid = None
-    if args.adaptive:
-        from .calibration.measure import ADAPTIVE_MASS, Grid
+    if args.modes:
+        from .calibration.statistics import Grid
+        from .selection import DEFAULT_MODE
 
-        grid = Grid(mass=ADAPTIVE_MASS, pseudo_block=tuple({s for s in (16, args.block_size) if args.block_size % s == 0}))
+        modes = list(dict.fromkeys(args.modes))
+        if args.modes == ["adaptive"]:  # --adaptive alone: both modes
+            modes = [DEFAULT_MODE, "adaptive"]
+        try:
+            grid = Grid.defaults(modes, args.block_size)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     pipe = load_pipeline(args.pipeline, args.adapter, args.device, args.dtype)
     extra = {}
     if args.guidance_scale is not None:
@@ -493,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             handler.shown.add(text)
             print(f"isa: warning: {text}", file=sys.stderr)
 
-    from .profile import ProfileError
+    from .layer_setting import ProfileError
 
     try:
         with warnings.catch_warnings():

@@ -32,26 +32,20 @@ def _inspect(args) -> int:
             print("  versions: " + ", ".join(f"{k} {v}" for k, v in on["versions"].items()))
     if prof.cost_model:
         print(f"  cost model: {prof.cost_model.get('source', prof.cost_model)}")
-    header = f"{'layer':<28} {'bucket':>6} {'alpha_s':>8} {'alpha_f':>8} {'alpha_ns':>8} {'metric':>9} {'err_tgt':>8} {'err_ctx':>8} {'cost':>7}"
+    header = f"{'layer':<28} {'bucket':>6} {'mode':>9} {'settings':<44} {'err_tgt':>8} {'err_ctx':>8} {'cost':>7}"
     print(header)
     print("-" * len(header))
     for name, settings in prof.layers.items():
         for bi, s in enumerate(settings):
             bucket = str(bi) if prof.num_buckets > 1 else "-"
-            if s.dense:
-                print(f"{name:<28} {bucket:>6} {'dense':>8} {'':>8} {'':>8} {'':>9} {fmt(s.error_target, True):>8} {fmt(s.error_context, True):>8} {fmt(s.relative_cost, True):>7}")
-            elif s.mode == "adaptive":  # alpha_f / alpha_ns columns show the mass and the pseudo-key size
-                print(f"{name:<28} {bucket:>6} {fmt_ratio(s.alpha_s):>8} {'p=' + fmt_ratio(s.mass):>8} "
-                      f"{'s=' + str(s.pseudo_block or prof.block_size):>8} {'adaptive':>9} {fmt(s.error_target, True):>8} "
-                      f"{fmt(s.error_context, True):>8} {fmt(s.relative_cost, True):>7}")
-            else:
-                print(f"{name:<28} {bucket:>6} {fmt_ratio(s.alpha_s):>8} {fmt_ratio(s.alpha_f):>8} {fmt_ratio(s.alpha_ns):>8} "
-                      f"{s.sharpness:>9} {fmt(s.error_target, True):>8} {fmt(s.error_context, True):>8} {fmt(s.relative_cost, True):>7}")
+            mode, values = ("dense", "") if s.dense else (s.mode, _settings_text(s))
+            print(f"{name:<28} {bucket:>6} {mode:>9} {values:<44} {fmt(s.error_target, True):>8} {fmt(s.error_context, True):>8} "
+                  f"{fmt(s.relative_cost, True):>7}")
     s = prof.summary()
     mc = s["mean_relative_cost"]
     speed = f", about {1 / mc:.2f}x fewer attention FLOPs" if mc else ""
     print(f"{s['layers']} layers, {s['dense_layers']} dense; mean predicted cost {fmt(mc, True)} of dense{speed}"
-          + ("; * = mean of per-head values" if any(isinstance(getattr(x, r), tuple) for ss in prof.layers.values() for x in ss for r in ("alpha_s", "alpha_f", "alpha_ns")) else ""))
+          + ("; * = mean of per-head values" if any(x.num_heads for ss in prof.layers.values() for x in ss if not x.dense) else ""))
     diag = on.get("diagnostics") or {}
     if args.diagnostics and diag:
         metrics = sorted({m for d in diag.values() for m in (d.get("sharpness_rank_corr") or {})})
@@ -144,3 +138,14 @@ def _validate(args) -> int:
 
 register_command("inspect", _inspect, help="print a profile as a per-layer table (and plot it)", arguments=_inspect_args)
 register_command("validate", _validate, help="check a profile against a model", arguments=_validate_args)
+
+
+def _settings_text(s) -> str:
+    """A setting's profile fields as ``name=value`` (per-head values as their mean with ``*``)."""
+    mode = s.config.selection
+    parts = []
+    for k in mode.profile_fields + mode.optional_profile_fields:
+        v = getattr(s.config.settings, k)
+        if v is not None:
+            parts.append(f"{k}={fmt_ratio(v) if not isinstance(v, str) else v}")
+    return " ".join(parts)

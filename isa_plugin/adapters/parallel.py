@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..config import RATIO_NAMES, ISAConfig
+from ..config import ISAConfig
 from ..layout import Layout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,14 +140,13 @@ def unsupported_reason(cp, num_heads: int) -> Optional[str]:
 
 @functools.lru_cache(maxsize=256)
 def heads_config(config: ISAConfig, start: int, stop: int) -> ISAConfig:
-    """``config`` for the heads ``start … stop − 1`` only: per-head ratios sliced, scalars kept.
+    """``config`` for the heads ``start … stop − 1`` only: every per-head setting of its mode sliced, scalars kept.
 
     Example:
         >>> heads_config(ISAConfig(alpha_f=(0.5, 0.25, 1.0, 0.75)), 2, 4).alpha_f
         (1.0, 0.75)
     """
-    changes = {n: list(getattr(config, n)[start:stop]) for n in RATIO_NAMES if isinstance(getattr(config, n), tuple)}
-    return config.replace(**changes) if changes else config
+    return config.select_heads(start, stop)
 
 
 def _split_sizes(n: int, world: int, uneven: bool) -> List[int]:

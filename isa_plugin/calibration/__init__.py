@@ -1,9 +1,10 @@
 """Calibration: measure ISA's error against dense attention on a user's model and videos, fit a profile.
 
-- :class:`CalibrationStats` / :func:`measure_call` (``measure``): per layer and head, the relative L1 error of
-  every candidate (sharpness metric, α_s, α_f, α_ns) for target-query and context-query outputs.
-- :func:`fit_profile` (``fit``): the cheapest setting per layer (per head where it pays) within a budget,
-  checked on held-out samples.
+- :class:`Grid`, :class:`CalibrationStats` (``statistics``): per layer and head, the relative L1 error of
+  every candidate of every measured selection mode for target-query and context-query outputs (each mode
+  measures itself: :meth:`isa_plugin.selection.SelectionMode.measure`).
+- :func:`fit_profile` (``fit``): the cheapest setting per layer (per head where it pays) within a budget
+  (``solver``), checked on held-out samples (``heldout``).
 - :func:`load_cost_model` (``cost``): the kernel-time model the fit ranks settings by.
 - :func:`calibrate` (``recorder``): run a diffusers pipeline densely on samples and collect statistics;
   ``runners``: how each supported pipeline is called on a sample.
@@ -17,8 +18,7 @@ import importlib
 _LAZY = {
     "CostModel": ".cost", "DEFAULT_COST_MODEL": ".cost", "load_cost_model": ".cost",
     "fit_profile": ".fit", "parse_budget": ".fit",
-    "CalibrationStats": ".measure", "Grid": ".measure", "LayerErrorStats": ".measure", "LayerStats": ".measure",
-    "measure_call": ".measure",
+    "CalibrationStats": ".statistics", "Grid": ".statistics", "LayerErrorStats": ".statistics",
     "calibrate": ".recorder", "record": ".recorder",
 }
 
@@ -26,7 +26,6 @@ __all__ = [
     "CalibrationStats",
     "Grid",
     "LayerErrorStats",
-    "measure_call",
     "fit_profile",
     "parse_budget",
     "CostModel",

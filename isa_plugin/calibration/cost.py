@@ -15,7 +15,7 @@ and block-mean pseudo-key, ``c`` a per-call constant (planning, launches). Dense
 ``dense_a·N²·H + dense_c`` (default: ``a`` and 0). Only ratios matter for fitting, so units are free.
 
 Without that file, :data:`DEFAULT_COST_MODEL` counts pairs (a = b = 1, c = 0): the predicted relative cost
-is then :meth:`isa_plugin.kernels.reference.ISAPlan.relative_cost`.
+is then :meth:`isa_plugin.plan.BlockPlan.relative_cost`.
 
 The adaptive mode (``docs/ADAPTIVE.md``) runs another kernel (FlexAttention) and has its own coefficients,
 :meth:`CostModel.adaptive_coefficients`: ``adaptive_a`` per exact pair, ``adaptive_b`` per (query, pseudo-key)
@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-from ..kernels.counts import keep_count
+from ..selection.fixed import setting_pairs
 
-__all__ = ["CostModel", "DEFAULT_COST_MODEL", "load_cost_model", "setting_pairs", "predict_call_ms", "FLEX_DENSE_RATE"]
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "load_cost_model", "predict_call_ms", "FLEX_DENSE_RATE"]
 
 #: FlexAttention's rate on variable per-row block masks relative to cuDNN dense attention (H200, N = 65,536,
 #: H = 40, 128-token blocks), used for the adaptive mode where a cost model has no measured coefficients
@@ -193,34 +193,6 @@ def load_cost_model(path: Union[str, Path, None] = None, device_name: Optional[s
             raise
         logger.warning("ignoring malformed %s; using the pair-count cost model", p)
         return DEFAULT_COST_MODEL
-
-
-def _count(alpha: float, n: float) -> float:
-    """:func:`keep_count` of a mean block count (rounded to whole blocks)."""
-    return float(keep_count(alpha, round(n)))
-
-
-def setting_pairs(alpha_s: float, alpha_f: float, alpha_ns: float, tokens: Mapping[str, float], blocks: Mapping[str, float]):
-    """(exact pairs, approximated pairs) of one head for one setting, from token and block counts.
-
-    Mirrors ISA's counting (``ceil`` per head): ⌈α_s·C⌉ context blocks kept, ⌈α_f·Q⌉ exact query blocks,
-    ⌈α_ns·K'⌉ exact key blocks per Taylor query block; text queries exact, text keys always exact.
-    """
-    tt, tc, tx = tokens.get("target", 0.0), tokens.get("context", 0.0), tokens.get("text", 0.0)
-    bt, bc = blocks.get("target", 0.0), blocks.get("context", 0.0)
-    per_c = tc / bc if bc else 0.0
-    kept = _count(alpha_s, bc)
-    kv_tokens = tt + tx + kept * per_c
-    kprime = bt + kept  # non-text KV' blocks
-    q_blocks = bt + bc
-    q_tokens = tt + tc
-    ex_q = _count(alpha_f, q_blocks) / q_blocks * q_tokens if q_blocks else 0.0
-    tay_q = q_tokens - ex_q
-    n_ex = _count(alpha_ns, kprime)
-    per_kv = (tt + kept * per_c) / kprime if kprime else 0.0
-    exact = (ex_q + tx) * kv_tokens + tay_q * (n_ex * per_kv + tx)
-    approx = tay_q * (kprime - n_ex)
-    return exact, approx
 
 
 def predict_call_ms(cost_model: CostModel, ratios: Optional[Mapping[str, Any]], tokens: Mapping[str, int], *,

@@ -12,8 +12,8 @@ layers are keyed ``"transformer_2/blocks.N.attn1"``), and statistics are kept pe
 held-out check.
 
 Memory: the recorder holds, per (layer, timestep bucket), the pooled and the per-sample statistics
-(:class:`~isa_plugin.calibration.measure.LayerErrorStats`, dominated by ``num`` [H, 2, M, S, F, NS] float64)
-and, during one call, the transient buffers of :func:`~isa_plugin.calibration.measure.measure_call`;
+(:class:`~isa_plugin.calibration.statistics.LayerErrorStats`, dominated by the fixed mode's ``num`` [H, 2, M, S, F, NS] float64)
+and, during one call, the transient buffers of the fixed mode's measurement (:func:`~isa_plugin.selection.fixed_measure.measure_fixed_call`);
 :func:`recorder_peak_bytes` computes both from those shapes.
 """
 
@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..timesteps import bucket_edges, timestep_scalar
-from .measure import CalibrationStats, Grid
+from ..selection import get_mode
+from .statistics import CalibrationStats, Grid
 
 __all__ = ["record", "calibrate", "StatsObserver", "sampled_steps", "recorder_peak_bytes"]
 
@@ -251,9 +252,8 @@ def recorder_peak_bytes(tokens: int, heads: int, head_dim: int, *, layers: int, 
     """The recorder's memory beyond the model's own forward, computed from its data structures' shapes.
 
     Two parts: the accumulated statistics (per transformer, layer and bucket one pooled and one per-sample
-    :class:`LayerErrorStats`: ``num`` [H, 2, M, S, F, NS], ``prune_num`` [H, 2, S], ``taylor_num``
-    [H, 2, NS], ``corr_sum`` [H, 2, M, NS], ``den``/``corr_n`` [H, 2], ``ctx_mass`` [H], float64), and the
-    largest transient set of one :func:`~isa_plugin.calibration.measure.measure_call` (float32): pooled
+    :class:`LayerErrorStats`: every measured mode's ``zero_stats`` tensors, float64), and the largest
+    transient set of the fixed mode's measurement of one call (float32): pooled
     q/k/v block means and logits/softmax [H, nb, nb] (x3), the variant weights [H, s, V, nb] (x2,
     V = S·(1 + NS)) with their boolean selection temporaries [S, H, s, NS, nb] (x4), and per head the
     gathered keys/values [nb, b, D] (x2), the score buffer [c·m, nb, b] and per-block numerators
@@ -267,9 +267,10 @@ def recorder_peak_bytes(tokens: int, heads: int, head_dim: int, *, layers: int, 
         >>> recorder_peak_bytes(65520, 40, 128, layers=40, transformers=2)["total"] / 2**30   # Wan 14B, 480p 81f
     """
     g = grid or Grid()
-    M, S, F, NS = g.shape
     H, D = heads, head_dim
-    per_stats = 8 * H * (2 * M * S * F * NS + 2 * S + 2 * NS + 2 * M * NS + 2 + 2 + 1)
+    per_stats = 8 * sum(t.numel() for n, mg in g.modes.items() for t in get_mode(n).zero_stats(H, mg, "meta").values())
+    fixed = g.modes.get("fixed") or get_mode("fixed").grid_type()
+    M, S, F, NS = fixed.shape
     statistics = per_stats * layers * transformers * buckets * (samples + 1)
     nb = -(-tokens // block_size)
     s = min(2 * blocks_per_kind, nb)

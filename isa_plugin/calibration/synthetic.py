@@ -260,8 +260,8 @@ def synthetic_qkv(frames: int, height: int, width: int, heads: int, head_dim: in
 def calibrate_synthetic(model: SyntheticModel, sample_seeds: Sequence[int], *, grid=None, block_size: int = 64,
                         blocks_per_kind: int = 48, tokens_per_block: int = 16, seed: int = 0, device=None,
                         dtype=torch.float32):
-    """:class:`~isa_plugin.calibration.measure.CalibrationStats` of every layer of ``model`` over ``sample_seeds``."""
-    from .measure import CalibrationStats
+    """:class:`~isa_plugin.calibration.statistics.CalibrationStats` of every layer of ``model`` over ``sample_seeds``."""
+    from .statistics import CalibrationStats
 
     stats = CalibrationStats(grid, block_size=block_size, blocks_per_kind=blocks_per_kind, tokens_per_block=tokens_per_block, seed=seed)
     for s in sample_seeds:
@@ -284,7 +284,8 @@ def evaluate_synthetic(model: SyntheticModel, profile_or_config, sample_seeds: S
         query outputs of all samples, and the mean :meth:`ISAPlan.relative_cost` (1 for dense layers).
     """
     from ..config import ISAConfig
-    from ..kernels.reference import dense_attention_reference, isa_attention_reference
+    from ..executors.reference import isa_attention_reference
+    from ..kernels.reference import dense_attention_reference
 
     out = {}
     for layer, name in enumerate(model.layer_names):

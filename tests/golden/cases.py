@@ -118,11 +118,23 @@ def calibrate_profile(name: str, workdir: Path) -> Path:
 
 
 def profile_content(path: Path):
-    """(YAML document without the run's volatile keys and sidecar file name, sidecar tensors)."""
+    """(YAML document without the run's volatile keys and sidecar file name, sidecar tensors).
+
+    Layer entries of a mode drop the keys that mode declares legacy (``SelectionMode.legacy_profile_fields``:
+    profiles written before the modes were separate listed the fixed mode's unused fields in adaptive
+    entries); everything else compares as recorded.
+    """
     import yaml
     from safetensors.torch import load_file
 
+    from isa_plugin.selection import get_mode
+
     doc = yaml.safe_load(Path(path).read_text())
+    for name, entry in doc["layers"].items():
+        for e in entry["buckets"] if "buckets" in entry else [entry]:
+            if "mode" in e:
+                for k in get_mode(e["mode"]).legacy_profile_fields:
+                    e.pop(k, None)
     for key in VOLATILE:
         doc["calibrated_on"].pop(key, None)
     side = doc.pop("sidecar", None)
