@@ -71,7 +71,7 @@ def mode_candidates(mode, grid, table, heads: int, bt: float, bc: float, dense_l
     """One mode's proposals for a layer as (relative cost, error score, setting).
 
     Layer-wide: per uniform group, the cheapest candidate (then the lowest error score) whose layer errors
-    meet ``(bt, bc)``. Per head (``per_head`` and more than one head): per head group, a :func:`lagrange`
+    meet ``(bt, bc)``. Per head (``per_head``, more than one head, and a mode with per-head settings): per head group, a :func:`lagrange`
     choice over every head's candidates of the group plus exact attention, kept when ``per_head == "always"``
     or it cuts the best layer-wide cost of the mode by more than ``min_gain``.
     """
@@ -97,7 +97,7 @@ def mode_candidates(mode, grid, table, heads: int, bt: float, bc: float, dense_l
                          relative_cost=float(rel[i]))
         out.append((float(rel[i]), float(score[i]), s))
         uniform_best = float(rel[i]) if uniform_best is None else min(uniform_best, float(rel[i]))
-    if not (per_head and H > 1):
+    if not (per_head and H > 1 and mode.per_head_fields):  # a mode without per-head settings gets one per layer
         return out
     uniform_best = 1.0 if uniform_best is None else uniform_best
     den = table.den.sum(0)

@@ -6,7 +6,8 @@ the mode's settings. The package's modes: ``fixed`` (ISA's ratios, :mod:`.fixed`
 """
 
 from . import adaptive, fixed  # noqa: F401  (registers the package's modes)
-from .base import DEFAULT_MODE, CandidateTable, SelectionMode, get_mode, plan_from_pooled, register_mode, registered_modes
+from .base import (DEFAULT_MODE, CandidateTable, SelectionMode, get_mode, plan_from_pooled, register_mode, registered_modes,
+                   unregister_mode)
 
-__all__ = ["SelectionMode", "CandidateTable", "register_mode", "get_mode", "registered_modes", "plan_from_pooled",
+__all__ = ["SelectionMode", "CandidateTable", "register_mode", "unregister_mode", "get_mode", "registered_modes", "plan_from_pooled",
            "DEFAULT_MODE"]

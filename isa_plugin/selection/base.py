@@ -30,7 +30,7 @@ from ..layout import CONTEXT, TARGET, BlockLayout
 from ..plan import BlockPlan
 from ..validation import as_tuple, per_head_tensor
 
-__all__ = ["SelectionMode", "CandidateTable", "register_mode", "get_mode", "registered_modes", "DEFAULT_MODE",
+__all__ = ["SelectionMode", "CandidateTable", "register_mode", "unregister_mode", "get_mode", "registered_modes", "DEFAULT_MODE",
            "context_selection", "top_mask", "plan_from_pooled"]
 
 #: the mode a config or a profile entry without ``mode`` uses (ISA's fixed ratios)
@@ -63,6 +63,17 @@ def register_mode(mode: "SelectionMode") -> "SelectionMode":
         raise ValueError(f"a selection mode named {mode.name!r} is already registered ({type(old).__name__})")
     _MODES[mode.name] = mode
     return mode
+
+
+def unregister_mode(name: str) -> None:
+    """Remove the mode called ``name`` (a no-op when none is registered); the package's modes cannot be removed.
+
+    Raises:
+        ValueError: ``name`` is one of the package's own modes.
+    """
+    if name in ("fixed", "adaptive"):
+        raise ValueError(f"the package's own mode {name!r} cannot be unregistered")
+    _MODES.pop(name, None)
 
 
 def get_mode(name: str) -> "SelectionMode":

@@ -28,6 +28,7 @@ from ..layout import TARGET, TEXT, BlockLayout
 from ..plan import BlockPlan
 from ..validation import Ratio, as_tuple, validate_ratio
 from .base import CandidateTable, SelectionMode, context_selection, register_mode, top_mask
+from .fixed_measure import fixed_zero_stats, measure_fixed_call
 
 __all__ = ["FixedSettings", "FixedGrid", "FixedMode", "SHARPNESS_METRICS", "RATIO_NAMES", "setting_pairs"]
 
@@ -192,15 +193,10 @@ class FixedMode(SelectionMode):
 
     # ------------------------------------------------------------------ calibration
     def measure(self, q, k, v, layout, grid: FixedGrid, *, block_size: int, sampler, scale=None):
-        from .fixed_measure import measure_fixed_call
-
         return measure_fixed_call(q, k, v, layout, grid, block_size=block_size, sampler=sampler, scale=scale)
 
     def zero_stats(self, heads: int, grid: FixedGrid, device=None) -> Dict[str, torch.Tensor]:
-        M, S, F, NS = grid.shape
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
-        return {"num": z(heads, 2, M, S, F, NS), "den": z(heads, 2), "prune_num": z(heads, 2, S), "taylor_num": z(heads, 2, NS),
-                "corr_sum": z(heads, 2, M, NS), "corr_n": z(heads, 2), "ctx_mass": z(heads)}
+        return fixed_zero_stats(heads, grid, device)
 
     def candidates(self, stats, grid: FixedGrid, layer, cost_model) -> CandidateTable:
         tokens, blocks = layer.mean_tokens(), layer.mean_blocks()

@@ -34,12 +34,17 @@ import torch
 from ..kernels.counts import keep_count, topk_count
 from ..kernels.reference import pool_blocks
 from ..layout import CONTEXT, TARGET, TEXT, Layout
-from .fixed import FixedGrid, FixedMode
 from .measure import Sampler, single_entry
 
-__all__ = ["measure_fixed_call"]
+__all__ = ["measure_fixed_call", "fixed_zero_stats"]
 
-FIXED = FixedMode()
+
+def fixed_zero_stats(heads: int, grid, device=None) -> Dict[str, torch.Tensor]:
+    """The fixed mode's statistics of a grid (``grid.shape`` = (M, S, F, NS)), all zero."""
+    M, S, F, NS = grid.shape
+    z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+    return {"num": z(heads, 2, M, S, F, NS), "den": z(heads, 2), "prune_num": z(heads, 2, S), "taylor_num": z(heads, 2, NS),
+            "corr_sum": z(heads, 2, M, NS), "corr_n": z(heads, 2), "ctx_mass": z(heads)}
 
 
 @contextlib.contextmanager
@@ -75,7 +80,7 @@ def measure_fixed_call(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: Layout,
-    grid: FixedGrid,
+    grid,
     *,
     block_size: int = 64,
     sampler: Optional[Sampler] = None,
@@ -88,14 +93,14 @@ def measure_fixed_call(
     Args:
         q, k, v: [N, H, D] or [1, N, H, D] (one batch entry), any float dtype, on any device.
         layout: the call's :class:`Layout` (covers N tokens).
-        grid: the candidate ratios.
+        grid: the candidate ratios (a :class:`~isa_plugin.selection.fixed.FixedGrid`).
         block_size, topk_fraction: as in the fixed mode's settings.
         sampler: query blocks sampled per kind (all when fewer exist), tokens per sampled block (all when
             the block is shorter) and the CPU generator (reproducible calibration).
         max_chunk_elems: bound on the transient [tokens, N] score buffers (elements).
 
     Returns:
-        ``FixedMode.zero_stats``' tensors for this call, on the inputs' device: ``num`` [H, 2, M, S, F, NS]
+        :func:`fixed_zero_stats`' tensors for this call, on the inputs' device: ``num`` [H, 2, M, S, F, NS]
         (Σ|o_ISA − o_dense|₁ per head, query kind, metric, α_s, α_f, α_ns), ``den`` [H, 2], ``prune_num``
         [H, 2, S] (context pruning alone), ``taylor_num`` [H, 2, NS] (the Taylor branch for every query at
         α_s = 1), ``corr_sum`` [H, 2, M, NS] and ``corr_n`` [H, 2] (Spearman correlation of sharpness and
@@ -107,7 +112,7 @@ def measure_fixed_call(
     N, H, D = q.shape
     dev = q.device
     M, S, F, NS = grid.shape
-    out = SimpleNamespace(**FIXED.zero_stats(H, grid, device=dev))
+    out = SimpleNamespace(**fixed_zero_stats(H, grid, device=dev))
 
     blocks_cpu = layout.blocks(block_size)
     kinds_cpu = blocks_cpu.kinds
