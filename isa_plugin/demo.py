@@ -255,10 +255,10 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
         s = settings[0]
         layers[name] = {
             "dense": s.dense,
-            "alpha_s": s.alpha_s, "alpha_f": s.alpha_f, "alpha_ns": s.alpha_ns, "sharpness": s.sharpness,
-            "mean_alpha_s": 1.0 if s.dense else _mean(s.alpha_s),
-            "mean_alpha_f": 1.0 if s.dense else _mean(s.alpha_f),
-            "mean_alpha_ns": 1.0 if s.dense else _mean(s.alpha_ns),
+            "mode": s.mode, "settings": None if s.dense else s.config.selection.to_dict(s.config.settings),
+            "mean_alpha_s": 1.0 if s.dense else _mean(getattr(s, "alpha_s", 1.0)),
+            "mean_alpha_f": 1.0 if s.dense else _mean(getattr(s, "alpha_f", 1.0)),
+            "mean_alpha_ns": 1.0 if s.dense else _mean(getattr(s, "alpha_ns", 1.0)),
             "calibrated_error_target": s.error_target, "calibrated_error_context": s.error_context,
             "predicted_relative_cost": s.relative_cost,
             "measured_error_target": cmp["layer_errors"].get(name, {}).get("target"),

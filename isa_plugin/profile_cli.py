@@ -71,9 +71,13 @@ def _plot(prof, path: str) -> None:
     mean = lambda v: sum(v) / len(v) if isinstance(v, tuple) else v  # noqa: E731
     first = [prof.layers[n][0] for n in names]
     fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.25 * len(names) + 3), 8), sharex=True)
-    for r, lab in (("alpha_s", "α_s"), ("alpha_f", "α_f"), ("alpha_ns", "α_ns")):
-        axes[0].plot(x, [1.0 if s.dense else mean(getattr(s, r)) for s in first], marker="o", ms=3, label=lab)
-    axes[0].set_ylabel("ratio (dense = 1)")
+    fields = list(dict.fromkeys(k for s in first if not s.dense for k in s.config.selection.profile_fields
+                                if isinstance(mean(getattr(s.config.settings, k)), float)))
+    for r in fields:
+        ys = [1.0 if s.dense else (mean(getattr(s.config.settings, r)) if r in s.config.selection.profile_fields else float("nan"))
+              for s in first]
+        axes[0].plot(x, ys, marker="o", ms=3, label=r)
+    axes[0].set_ylabel("setting (dense = 1)")
     axes[0].set_ylim(0, 1.05)
     axes[0].legend(loc="upper right", fontsize=8)
     axes[1].plot(x, [s.error_target or 0 for s in first], marker="o", ms=3, label="target queries")

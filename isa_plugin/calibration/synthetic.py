@@ -281,7 +281,7 @@ def evaluate_synthetic(model: SyntheticModel, profile_or_config, sample_seeds: S
 
     Returns:
         ``{layer: {"error_target", "error_context", "relative_cost"}}``: relative L1 over all target / context
-        query outputs of all samples, and the mean :meth:`ISAPlan.relative_cost` (1 for dense layers).
+        query outputs of all samples, and the mean :meth:`BlockPlan.relative_cost <isa_plugin.plan.BlockPlan.relative_cost>` (1 for dense layers).
     """
     from ..config import ISAConfig
     from ..executors.reference import isa_attention_reference

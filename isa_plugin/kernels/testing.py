@@ -14,17 +14,19 @@ from typing import Optional
 
 import torch
 
-from .reference import ISAPlan, pool_blocks
+from ..plan import BlockPlan
+from .reference import pool_blocks
 
 __all__ = ["plan_rows", "check_close"]
 
 
-def plan_rows(q, k, v, plan: ISAPlan, rows: torch.Tensor, scale: Optional[float] = None, lowp: bool = False, chunk: int = 256):
+def plan_rows(q, k, v, plan: BlockPlan, rows: torch.Tensor, scale: Optional[float] = None, lowp: bool = False, chunk: int = 256):
     """Outputs [B, R, H, D] (float32, float64 for float64 inputs) of ``plan`` at query tokens ``rows`` [R]."""
     B, N, H, D = q.shape
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     wt = q.dtype if lowp else ct
+    plan = plan.at_pseudo_granularity()
     blocks = plan.blocks.to(q.device)
     tb = blocks.token_block
     kbar = pool_blocks(k, blocks).to(wt)  # [B, H, nb, D]
@@ -32,7 +34,7 @@ def plan_rows(q, k, v, plan: ISAPlan, rows: torch.Tensor, scale: Optional[float]
     log_n = torch.log(blocks.counts.to(ct))
     kh = k.to(wt).permute(0, 2, 1, 3)
     vh = v.to(wt).permute(0, 2, 1, 3)
-    approx = plan.approx_kv
+    exact_kv, approx = plan.exact_mask(), plan.approx_mask()
     out = torch.empty(B, rows.numel(), H, D, dtype=ct, device=q.device)
     for b in range(B):
         for r0 in range(0, rows.numel(), chunk):
@@ -40,7 +42,7 @@ def plan_rows(q, k, v, plan: ISAPlan, rows: torch.Tensor, scale: Optional[float]
             qb = tb[rr]
             qc = q[b, rr].to(wt).permute(1, 0, 2)  # [H, T, D]
             s_tok = torch.matmul(qc, kh[b].transpose(-1, -2)).to(ct) * sc
-            s_tok = s_tok.masked_fill(~plan.exact_kv[b][:, qb][:, :, tb], float("-inf"))
+            s_tok = s_tok.masked_fill(~exact_kv[b][:, qb][:, :, tb], float("-inf"))
             s_bar = torch.matmul(qc, kbar[b].transpose(-1, -2)).to(ct) * sc + log_n
             s_bar = s_bar.masked_fill(~approx[b][:, qb], float("-inf"))
             p = torch.softmax(torch.cat([s_tok, s_bar], dim=-1), dim=-1).to(wt)
