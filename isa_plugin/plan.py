@@ -27,7 +27,6 @@ against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -37,7 +36,6 @@ from .layout import BlockLayout
 __all__ = ["BlockPlan"]
 
 
-@dataclass
 class BlockPlan:
     """Kept key blocks, per-query-block exact key-block lists (CSR) and the pseudo-key granularity.
 
@@ -50,7 +48,9 @@ class BlockPlan:
         full_rows: [B, H, nb] bool, the query block's exact list is all of KV'.
         diagnostics: the mode's per-block diagnostics, [B, H, nb] tensors by name.
 
-    Build one from boolean masks with :meth:`from_masks`.
+    Build one from lists (the constructor) or from boolean masks (:meth:`from_masks`); each form is computed
+    from the other on first use, so a plan made from masks on the GPU costs no host synchronisation until
+    its lists are read.
 
     Example:
         >>> from isa_plugin.layout import Layout
@@ -63,19 +63,24 @@ class BlockPlan:
         (16384, 768)
     """
 
-    blocks: BlockLayout
-    kv_keep: torch.Tensor
-    row_ptr: torch.Tensor
-    col_idx: torch.Tensor
-    pseudo_block: int
-    full_rows: torch.Tensor
-    diagnostics: Dict[str, torch.Tensor] = field(default_factory=dict)
-    _mask: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    def __init__(self, blocks: BlockLayout, kv_keep: torch.Tensor, row_ptr: Optional[torch.Tensor], col_idx: Optional[torch.Tensor],
+                 pseudo_block: int, diagnostics: Optional[Dict[str, torch.Tensor]] = None, *, _mask: Optional[torch.Tensor] = None):
+        if (row_ptr is None or col_idx is None) and _mask is None:
+            raise ValueError("a BlockPlan needs its exact lists (row_ptr, col_idx) or an exact mask (BlockPlan.from_masks)")
+        self.blocks = blocks
+        self.kv_keep = kv_keep
+        self._row_ptr, self._col_idx, self._mask = row_ptr, col_idx, _mask
+        self._full = None
+        self.pseudo_block = int(pseudo_block)
+        self.diagnostics = dict(diagnostics or {})
+
+    def __repr__(self) -> str:
+        return f"BlockPlan(shape={self.shape}, block_size={self.blocks.block_size}, pseudo_block={self.pseudo_block})"
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_masks(cls, blocks: BlockLayout, kv_keep: torch.Tensor, exact_kv: torch.Tensor, pseudo_block: int,
-                   diagnostics: Optional[Dict[str, torch.Tensor]] = None) -> "BlockPlan":
+                   diagnostics: Optional[Dict[str, torch.Tensor]] = None, validate: Optional[bool] = None) -> "BlockPlan":
         """A plan from dense masks.
 
         Args:
@@ -84,6 +89,8 @@ class BlockPlan:
             exact_kv: [B, H, nb, nb] bool, key blocks query block i computes exactly (must lie in KV').
             pseudo_block: tokens per pseudo-key.
             diagnostics: the mode's [B, H, nb] diagnostics.
+            validate: check that exact blocks are kept (default: off CUDA only, where it costs no
+                synchronisation).
 
         Raises:
             ValueError: shapes that do not match ``blocks``, or exact key blocks outside KV'.
@@ -92,22 +99,40 @@ class BlockPlan:
         if nb != blocks.num_blocks or tuple(exact_kv.shape) != (B, H, nb, nb):
             raise ValueError(f"plan masks kv_keep {tuple(kv_keep.shape)} / exact_kv {tuple(exact_kv.shape)} do not match "
                              f"{blocks.num_blocks} blocks")
-        if bool((exact_kv & ~kv_keep[:, :, None, :]).any()):
+        if (not exact_kv.is_cuda if validate is None else validate) and bool((exact_kv & ~kv_keep[:, :, None, :]).any()):
             raise ValueError("exact key blocks must be kept key blocks (exact_kv within kv_keep)")
+        return cls(blocks, kv_keep, None, None, pseudo_block, diagnostics, _mask=exact_kv)
+
+    def _lists(self) -> None:
+        exact_kv = self._mask
+        B, H, nb = self.shape
         row_len = exact_kv.sum(-1)  # [B, H, nb]
-        row_ptr = torch.zeros(B, H, nb + 1, dtype=torch.int64, device=kv_keep.device)
+        row_ptr = torch.zeros(B, H, nb + 1, dtype=torch.int64, device=exact_kv.device)
         torch.cumsum(row_len, dim=-1, out=row_ptr[..., 1:])
         flat = exact_kv.reshape(B, H, nb * nb)
         nnz = max(1, int(row_ptr[..., -1].max()) if row_ptr.numel() else 1)
         # True entries first, in ascending (row, column) order: a stable sort on the negated mask
         order = torch.sort((~flat).to(torch.int8), dim=-1, stable=True).indices[..., :nnz]
         valid = torch.arange(nnz, device=flat.device) < row_ptr[..., -1:]
-        col_idx = torch.where(valid, order % nb, torch.full_like(order, -1))
-        full = (exact_kv == kv_keep[:, :, None, :]).all(-1)
-        plan = cls(blocks=blocks, kv_keep=kv_keep, row_ptr=row_ptr, col_idx=col_idx, pseudo_block=int(pseudo_block),
-                   full_rows=full, diagnostics=dict(diagnostics or {}))
-        plan._mask = exact_kv
-        return plan
+        self._row_ptr, self._col_idx = row_ptr, torch.where(valid, order % nb, torch.full_like(order, -1))
+
+    @property
+    def row_ptr(self) -> torch.Tensor:
+        if self._row_ptr is None:
+            self._lists()
+        return self._row_ptr
+
+    @property
+    def col_idx(self) -> torch.Tensor:
+        if self._col_idx is None:
+            self._lists()
+        return self._col_idx
+
+    @property
+    def full_rows(self) -> torch.Tensor:
+        if self._full is None:
+            self._full = (self.exact_mask() == self.kv_keep[:, :, None, :]).all(-1)
+        return self._full
 
     # ------------------------------------------------------------------ views
     @property
@@ -117,7 +142,9 @@ class BlockPlan:
 
     def exact_counts(self) -> torch.Tensor:
         """[B, H, nb] int64, exact key blocks of every query block."""
-        return self.row_ptr[..., 1:] - self.row_ptr[..., :-1]
+        if self._row_ptr is None:
+            return self._mask.sum(-1)
+        return self._row_ptr[..., 1:] - self._row_ptr[..., :-1]
 
     def exact_mask(self) -> torch.Tensor:
         """[B, H, nb, nb] bool, key block j is exact for query block i (computed from the lists once)."""
@@ -181,7 +208,6 @@ class BlockPlan:
         """A plan of batch 1 repeated for ``batch`` entries (one plan shared by a batch, e.g. a CFG pair)."""
         if self.kv_keep.shape[0] != 1:
             raise ValueError(f"expand_batch needs a plan of batch 1, got batch {self.kv_keep.shape[0]}")
-        rep = lambda t: t.expand(batch, *t.shape[1:]).contiguous()  # noqa: E731
-        return replace(self, kv_keep=rep(self.kv_keep), row_ptr=rep(self.row_ptr), col_idx=rep(self.col_idx),
-                       full_rows=rep(self.full_rows), diagnostics={k: rep(v) for k, v in self.diagnostics.items()},
-                       _mask=None if self._mask is None else rep(self._mask))
+        rep = lambda t: None if t is None else t.expand(batch, *t.shape[1:]).contiguous()  # noqa: E731
+        return BlockPlan(self.blocks, rep(self.kv_keep), rep(self._row_ptr), rep(self._col_idx), self.pseudo_block,
+                         {k: rep(v) for k, v in self.diagnostics.items()}, _mask=rep(self._mask))
