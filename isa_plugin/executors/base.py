@@ -13,10 +13,9 @@ from typing import Dict, Optional
 
 import torch
 
+from ..named import NamedRegistry
+
 __all__ = ["Executor", "register_executor", "get_executor", "registered_executors"]
-
-_EXECUTORS: Dict[str, "Executor"] = {}
-
 
 class Executor:
     """Base class of an executor. Subclasses set ``name`` and implement :meth:`ineligible` and :meth:`run`."""
@@ -40,15 +39,7 @@ def register_executor(executor: Executor) -> Executor:
     Raises:
         TypeError: not an :class:`Executor`. ValueError: no name, or the name is taken by another executor.
     """
-    if not isinstance(executor, Executor):
-        raise TypeError(f"register_executor expects an Executor instance, got {type(executor).__name__}")
-    if not executor.name:
-        raise ValueError(f"{type(executor).__name__}.name must be a non-empty string")
-    old = _EXECUTORS.get(executor.name)
-    if old is not None and type(old) is not type(executor):
-        raise ValueError(f"an executor named {executor.name!r} is already registered ({type(old).__name__})")
-    _EXECUTORS[executor.name] = executor
-    return executor
+    return _EXECUTORS.register(executor)
 
 
 def get_executor(name: str) -> Executor:
@@ -57,11 +48,12 @@ def get_executor(name: str) -> Executor:
     Raises:
         ValueError: no such executor (the message lists the registered ones).
     """
-    ex = _EXECUTORS.get(name)
-    if ex is None:
-        raise ValueError(f"executor {name!r} is not registered; registered: {sorted(_EXECUTORS)}")
-    return ex
+    return _EXECUTORS.get(name)
 
 
 def registered_executors() -> Dict[str, Executor]:
-    return dict(_EXECUTORS)
+    """Name -> executor, in registration order."""
+    return _EXECUTORS.all()
+
+
+_EXECUTORS: NamedRegistry[Executor] = NamedRegistry("executor", Executor)

@@ -27,6 +27,7 @@ import torch
 
 from ..kernels.counts import keep_count
 from ..layout import CONTEXT, TARGET, BlockLayout
+from ..named import NamedRegistry
 from ..plan import BlockPlan
 from ..validation import as_tuple, per_head_tensor
 
@@ -36,9 +37,6 @@ __all__ = ["SelectionMode", "CandidateTable", "register_mode", "unregister_mode"
 #: the mode a config or a profile entry without ``mode`` uses (ISA's fixed ratios)
 DEFAULT_MODE = "fixed"
 
-_MODES: Dict[str, "SelectionMode"] = {}
-
-
 def register_mode(mode: "SelectionMode") -> "SelectionMode":
     """Make ``mode`` available by its name (``ISAConfig(mode=name)``, profiles, calibration grids).
 
@@ -46,7 +44,7 @@ def register_mode(mode: "SelectionMode") -> "SelectionMode":
         mode: an instance of a :class:`SelectionMode` subclass with a unique ``name``.
 
     Returns:
-        ``mode`` (so it can be used as a decorator on an instance factory).
+        ``mode``.
 
     Raises:
         TypeError: not a :class:`SelectionMode`. ValueError: no name, or the name is taken by another mode.
@@ -54,15 +52,7 @@ def register_mode(mode: "SelectionMode") -> "SelectionMode":
     Example:
         >>> register_mode(MyTopKMode())   # doctest: +SKIP
     """
-    if not isinstance(mode, SelectionMode):
-        raise TypeError(f"register_mode expects a SelectionMode instance, got {type(mode).__name__}")
-    if not mode.name or not isinstance(mode.name, str):
-        raise ValueError(f"{type(mode).__name__}.name must be a non-empty string")
-    old = _MODES.get(mode.name)
-    if old is not None and type(old) is not type(mode):
-        raise ValueError(f"a selection mode named {mode.name!r} is already registered ({type(old).__name__})")
-    _MODES[mode.name] = mode
-    return mode
+    return _MODES.register(mode)
 
 
 def unregister_mode(name: str) -> None:
@@ -71,9 +61,9 @@ def unregister_mode(name: str) -> None:
     Raises:
         ValueError: ``name`` is one of the package's own modes.
     """
-    if name in ("fixed", "adaptive"):
+    if name in _OWN:
         raise ValueError(f"the package's own mode {name!r} cannot be unregistered")
-    _MODES.pop(name, None)
+    _MODES.remove(name)
 
 
 def get_mode(name: str) -> "SelectionMode":
@@ -82,15 +72,15 @@ def get_mode(name: str) -> "SelectionMode":
     Raises:
         ValueError: no such mode (the message lists the registered ones).
     """
-    mode = _MODES.get(name)
-    if mode is None:
-        raise ValueError(f"mode={name!r} is not supported; supported: {sorted(_MODES)}")
-    return mode
+    try:
+        return _MODES.get(name)
+    except ValueError:
+        raise ValueError(f"mode={name!r} is not supported; supported: {sorted(_MODES.all())}") from None
 
 
 def registered_modes() -> Dict[str, "SelectionMode"]:
     """Name -> mode, in registration order (the package's modes first)."""
-    return dict(_MODES)
+    return _MODES.all()
 
 
 # ------------------------------------------------------------------------------------ shared steps
@@ -199,7 +189,7 @@ class SelectionMode:
         names = [f.name for f in dataclasses.fields(self.settings_type)]
         unknown = [k for k in values if k not in names]
         if unknown:
-            owners = {k: [m.name for m in _MODES.values() if m is not self and k in m.setting_names()] for k in unknown}
+            owners = {k: [m.name for m in _MODES.all().values() if m is not self and k in m.setting_names()] for k in unknown}
             hint = "; ".join(f"{k} is a setting of mode {o[0]!r} (pass mode={o[0]!r})" for k, o in owners.items() if o)
             raise ValueError(f"ISAConfig {unknown} are not settings of mode {self.name!r} (its settings: {names})"
                              + (f"; {hint}" if hint else ""))
@@ -349,3 +339,8 @@ class SelectionMode:
     def diagnostics(self, stats: Dict[str, torch.Tensor], grid: Any, calls: int) -> Dict[str, Any]:
         """What the mode's statistics say about a layer beyond its errors (recorded in profiles)."""
         return {}
+
+
+_MODES: NamedRegistry[SelectionMode] = NamedRegistry("selection mode", SelectionMode)
+#: the package's own modes (registered by :mod:`isa_plugin.selection`), which cannot be unregistered
+_OWN = (DEFAULT_MODE, "adaptive")
