@@ -55,7 +55,7 @@ class FramepackISAAttnProcessor(ISAAttnProcessorBase):
     ``[video; text]`` (or the stock ``dispatch_attention_fn``), and ``to_out`` / ``to_add_out`` where the
     module has them. Returns ``(video, text)``.
 
-    Args: see :class:`~isa_plugin.adapters.base.ISAAttnProcessorBase`.
+    Args: see :class:`~isa_plugin.adapters.processor.ISAAttnProcessorBase`.
 
     Example:
         >>> layout = Layout([("context", 836), ("target", 14040), ("text", 800)])

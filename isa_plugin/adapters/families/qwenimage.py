@@ -54,7 +54,7 @@ class QwenImageISAAttnProcessor(ISAAttnProcessorBase):
     ``encoder_hidden_states_mask`` is handled by :func:`attend_with_key_mask`; an external
     ``attention_mask`` is rejected as the stock processor rejects it.
 
-    Args: see :class:`~isa_plugin.adapters.base.ISAAttnProcessorBase`.
+    Args: see :class:`~isa_plugin.adapters.processor.ISAAttnProcessorBase`.
 
     Example:
         >>> layout = Layout([("text", 200), ("target", 4096), ("context", 4096)])
