@@ -1,9 +1,16 @@
 """The ISA processor base: per-layer counters, eligibility, observation and the attention call.
 
 Family processors (``families/*.py``) subclass :class:`ISAAttnProcessorBase`, reproduce one stock
-diffusers processor exactly and call :meth:`ISAAttnProcessorBase.attend` where the stock code calls
-``dispatch_attention_fn``. The methods documented here are the extension API that family processors and
-the helpers of this package (:mod:`.masking`) use; nothing else reaches into a processor.
+diffusers processor exactly and call :meth:`ISAAttnProcessorBase.attend` (or :func:`attend_with_key_mask`,
+for a call with a key-padding mask) where the stock code calls ``dispatch_attention_fn``. The methods
+documented here are the extension API that family processors and the helpers of this package
+(:mod:`.masking`, :mod:`.parallel`) use; nothing else reaches into a processor.
+
+The attention entry points sit above the helpers: :meth:`ISAAttnProcessorBase.attend` and
+:func:`attend_with_key_mask` send a context-parallel call to :func:`~isa_plugin.adapters.parallel.ulysses_attend`
+and any other call to the whole-sequence paths (:meth:`ISAAttnProcessorBase.attend_local`,
+:func:`~isa_plugin.adapters.masking.attend_key_mask_local`), which the Ulysses exchange also runs between its
+exchanges.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ from ..config import ISAConfig
 from ..kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual
 from ..layout import Layout
 from .context import StepInfo, call_layout
+from .masking import attend_key_mask_local
 from .parallel import carry_settings, context_parallel_config, ulysses_attend
 
 if TYPE_CHECKING:  # pragma: no cover
     from .install import ISAState
 
-__all__ = ["ISAAttnProcessorBase", "LayerCounters", "Observer"]
+__all__ = ["ISAAttnProcessorBase", "LayerCounters", "Observer", "attend_with_key_mask"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,3 +277,49 @@ class ISAAttnProcessorBase:
         out = run_isa(q, k, v, layout, config or self.config, route)
         self.record_isa(route.backend)
         return out
+
+
+def attend_with_key_mask(
+    proc: ISAAttnProcessorBase,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: Optional[torch.Tensor],
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    dense: Optional[Callable[[], torch.Tensor]] = None,
+    mask_source: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """ISA for a call whose stock attention masks some keys (a key-padding mask), or the stock dense path.
+
+    Joint-attention models (QwenImage, HunyuanVideo-Framepack) mask padded text keys; ISA honours such a mask
+    when every masked key is a text token (:mod:`.masking`).
+
+    Args:
+        proc: the calling processor (its config, layout, counters and observer are used).
+        q, k, v: [B, N, H, D] after norms and RoPE.
+        key_valid: [B, N] bool, True for keys every query may attend (None: no mask).
+        attention_mask: the mask the stock attention call gets (its dense path runs with it).
+        dense: zero-argument callable running the model's own masked attention (default
+            ``proc.dense_call(q, k, v, attention_mask)``).
+        mask_source: the transformer-level mask ``key_valid`` derives from (same object for every layer of
+            a call); when given, the mask analysis is cached for the rest of the transformer call.
+
+    Returns:
+        [B, N, H, D]. Without a mask, or with an all-True one, this is ``proc.attend``. Otherwise, when
+        every masked key is a text token, each batch entry runs ISA over its unmasked tokens and its masked
+        queries attend densely to its unmasked keys. Masks on other tokens fall back to ``dense()`` with the
+        reason ``"attention mask on non-text tokens"``. The observer, if any, sees the unmasked q, k, v and
+        the full layout.
+
+        Under context parallelism q, k, v, ``key_valid`` and the result are this rank's sequence shard: the
+        mask is gathered like the tokens (:func:`~isa_plugin.adapters.parallel.ulysses_attend`).
+
+    Example:
+        >>> out = attend_with_key_mask(self, query, key, value, key_valid, attention_mask=mask, mask_source=text_mask)
+    """
+    if context_parallel_config(proc) is not None:
+        if key_valid is not None and attention_mask is None:
+            attention_mask = key_valid[:, None, None, :]
+        return ulysses_attend(proc, q, k, v, attention_mask=attention_mask, dense=dense, key_valid=key_valid)
+    return attend_key_mask_local(proc, q, k, v, key_valid, attention_mask=attention_mask, dense=dense, mask_source=mask_source)

@@ -35,8 +35,7 @@ from typing import Any, List, Mapping, Optional, Tuple
 import torch
 
 from ...layout import Layout
-from ..masking import attend_with_key_mask
-from ..processor import ISAAttnProcessorBase
+from ..processor import ISAAttnProcessorBase, attend_with_key_mask
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
 from ..rope import rope_qwen
 
