@@ -10,7 +10,7 @@ The attention entry points sit above the helpers: :meth:`ISAAttnProcessorBase.at
 :func:`attend_with_key_mask` send a context-parallel call to :func:`~isa_plugin.adapters.parallel.ulysses_attend`
 and any other call to the whole-sequence paths (:meth:`ISAAttnProcessorBase.attend_local`,
 :func:`~isa_plugin.adapters.masking.attend_key_mask_local`), which the Ulysses exchange also runs between its
-exchanges.
+exchanges. The kernels are reached only through :mod:`isa_plugin.attention`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Union
 
 import torch
 
-from ..attention import Route, run_isa, select_backend
+from ..attention import Route, run_route, select_backend
 from ..config import ISAConfig
-from ..kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual
 from ..layout import Layout
 from .context import StepInfo, call_layout
 from .masking import attend_key_mask_local
@@ -81,8 +80,9 @@ class ISAAttnProcessorBase:
     _parallel_config = None
     #: how one rank's attention call is made of the model's split streams (see :mod:`.parallel`)
     cp_streams = "sequence"
-    #: block size of a gated coarse residual (``attend(residual_gate=...)``); LIVEditor's is 64
-    residual_block_size: int = COARSE_BLOCK_SIZE
+    #: block size of a gated coarse residual (``attend(residual_gate=...)``); None: the default of
+    #: :func:`~isa_plugin.attention.run_route` (64, LIVEditor's)
+    residual_block_size: Optional[int] = None
 
     def __init__(
         self,
@@ -229,8 +229,9 @@ class ISAAttnProcessorBase:
             layout: the call's layout when the processor itself knows it (e.g. from a text length it
                 sees); default: :meth:`resolve_layout`. Under context parallelism: the whole sequence's.
             residual_gate: [B, N] or [B, N, 1] for models trained with a gated coarse residual
-                (LIVEditor): ``gate · coarse`` (:func:`~isa_plugin.kernels.coarse.gated_coarse_residual`)
-                is added to the output of either path. None (stock models): nothing is added.
+                (LIVEditor): ``gate · coarse`` (over :attr:`residual_block_size` blocks, through
+                :func:`~isa_plugin.attention.run_route`) is added to the output of either path. None (stock
+                models): nothing is added.
 
         Under context parallelism (``_parallel_config`` set by ``enable_parallelism``) q, k, v and the result
         are this rank's sequence shard and the call goes through
@@ -247,10 +248,8 @@ class ISAAttnProcessorBase:
                     "cannot run on a sequence shard; context parallelism is not supported for this model"
                 )
             return ulysses_attend(self, q, k, v, attention_mask=attention_mask, dense=dense, layout=layout)
-        out = self.attend_local(q, k, v, attention_mask=attention_mask, dense=dense, layout=layout)
-        if residual_gate is not None:
-            out = gated_coarse_residual(out, q, k, v, residual_gate, self.residual_block_size, inplace=True)
-        return out
+        return self.attend_local(q, k, v, attention_mask=attention_mask, dense=dense, layout=layout,
+                                 residual_gate=residual_gate)
 
     def attend_local(
         self,
@@ -261,9 +260,11 @@ class ISAAttnProcessorBase:
         attention_mask: Optional[torch.Tensor] = None,
         dense: Optional[Callable[[], torch.Tensor]] = None,
         layout: Optional[Layout] = None,
+        residual_gate: Optional[torch.Tensor] = None,
         config: Optional[ISAConfig] = None,
     ) -> torch.Tensor:
-        """:meth:`attend` on tensors that hold the whole sequence (no exchange): observe, route, run.
+        """:meth:`attend` on tensors that hold the whole sequence (no exchange): observe, route, run
+        (:func:`~isa_plugin.attention.run_route`, which also adds the ``residual_gate`` residual).
 
         ``config``: the config of the heads in q (default ``self.config``; the rank's slice under Ulysses).
         """
@@ -273,9 +274,11 @@ class ISAAttnProcessorBase:
         route = self.route(q, layout, attention_mask, config)
         if route.backend == "dense":
             self.record_fallback(route.reason)
-            return (dense or self.dense_call(q, k, v, attention_mask))()
-        out = run_isa(q, k, v, layout, config or self.config, route)
-        self.record_isa(route.backend)
+            dense = dense or self.dense_call(q, k, v, attention_mask)
+        out = run_route(q, k, v, layout, config or self.config, route, dense=dense, residual_gate=residual_gate,
+                        residual_block_size=self.residual_block_size)
+        if route.backend != "dense":
+            self.record_isa(route.backend)
         return out
 
 
