@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from wan_model import build_ltx2_transformer, build_wan_transformer  # noqa: E402
 import isa_plugin  # noqa: E402
 from isa_plugin.adapters import observe_attention  # noqa: E402
-from isa_plugin.adapters.wan import WanICLLayout  # noqa: E402
+from isa_plugin.adapters.families.wan import WanICLLayout  # noqa: E402
 from isa_plugin.calibration import CalibrationStats, fit_profile, load_cost_model  # noqa: E402
 from isa_plugin.calibration.recorder import StatsObserver  # noqa: E402
 

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "paral
 from wan_model import build_wan_transformer  # noqa: E402
 from isa_plugin import ISAConfig  # noqa: E402
 from isa_plugin.adapters import apply_isa, remove_isa, stats  # noqa: E402
-from isa_plugin.adapters.wan import WanICLLayout  # noqa: E402
+from isa_plugin.adapters.families.wan import WanICLLayout  # noqa: E402
 
 
 def log(*args):

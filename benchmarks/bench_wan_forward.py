@@ -46,7 +46,7 @@ from wan_model import build_wan_transformer  # noqa: E402
 import isa_plugin  # noqa: E402
 from isa_plugin import ISAConfig  # noqa: E402
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats  # noqa: E402
-from isa_plugin.adapters.wan import WanICLLayout  # noqa: E402
+from isa_plugin.adapters.families.wan import WanICLLayout  # noqa: E402
 
 
 def build_model(a, device):

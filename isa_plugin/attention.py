@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from .executors import get_executor
 from .kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual, residual_gate_view
 from .layout import Layout
 
-__all__ = ["isa_attention", "ISAInfo", "dense_attention", "select_backend", "run_isa", "Route"]
+__all__ = ["isa_attention", "ISAInfo", "dense_attention", "select_backend", "run_isa", "run_route", "Route"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,58 @@ def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, c
     return get_executor(route.backend).run(q, k, v, layout, config, sc)
 
 
+def run_route(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    config: ISAConfig,
+    route: Route,
+    *,
+    dense: Optional[Callable[[], torch.Tensor]] = None,
+    scale: Optional[float] = None,
+    residual_gate: Optional[torch.Tensor] = None,
+    residual_block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Serve one attention call on the route :func:`select_backend` chose, then add the gated coarse residual.
+
+    The one execution path of :func:`isa_attention` and of the ISA processors: ISA through :func:`run_isa`,
+    or dense attention on the ``"dense"`` route; with ``residual_gate``, ``gate · coarse(q, k, v)`` is added
+    to the output of either.
+
+    Args:
+        q, k, v: [B, N, H, D], one shape and dtype (callers validate them).
+        layout: the call's :class:`Layout` (covering N tokens; unused on the ``"dense"`` route).
+        config: the call's :class:`ISAConfig` (unused on the ``"dense"`` route).
+        route: the call's :class:`Route`.
+        dense: zero-argument callable returning the dense output [B, N, H, D] on the ``"dense"`` route (an ISA
+            processor passes the model's own attention call); default :func:`dense_attention` (torch SDPA).
+        scale: softmax scale of ISA, of the default dense path and of the residual; default 1/sqrt(D).
+        residual_gate: [B, N] or [B, N, 1] per-token gate of a coarse attention residual (as in
+            :func:`isa_attention`), or None (stock models): nothing is added.
+        residual_block_size: block size of that residual; default 64 (LIVEditor's).
+
+    Returns:
+        [B, N, H, D].
+
+    Raises:
+        ValueError: a ``residual_gate`` whose shape is not [B, N] or [B, N, 1]; a route :func:`run_isa`
+            does not serve.
+
+    Example:
+        >>> route = select_backend(q, layout, config, in_model=True)
+        >>> out = run_route(q, k, v, layout, config, route, dense=model_attention, residual_gate=gate)
+    """
+    if route.backend == "dense":
+        out = dense() if dense is not None else dense_attention(q, k, v, scale)
+    else:
+        out = run_isa(q, k, v, layout, config, route, scale)
+    if residual_gate is not None:
+        block_size = COARSE_BLOCK_SIZE if residual_block_size is None else residual_block_size
+        out = gated_coarse_residual(out, q, k, v, residual_gate, block_size, scale, inplace=True)
+    return out
+
+
 def _normalise_layout(layout, batch: int) -> Union[Layout, List[Layout]]:
     """The one place a layout argument is accepted: a Layout, ``(kind, length)`` pairs, or one of those per entry.
 
@@ -240,10 +292,7 @@ def isa_attention(
     layout.check(N)
 
     route = select_backend(q, layout, config)
-    if route.backend == "dense":
-        out, info = dense_attention(q, k, v, scale), ISAInfo(False, "dense", route.reason)
-    else:
-        out, info = run_isa(q, k, v, layout, config, route, scale), ISAInfo(True, route.backend)
-    if residual_gate is not None:
-        out = gated_coarse_residual(out, q, k, v, residual_gate, residual_block_size, scale, inplace=True)
+    out = run_route(q, k, v, layout, config, route, scale=scale, residual_gate=residual_gate,
+                    residual_block_size=residual_block_size)
+    info = ISAInfo(False, "dense", route.reason) if route.backend == "dense" else ISAInfo(True, route.backend)
     return (out, info) if return_info else out

@@ -8,8 +8,7 @@ Modules (each one job):
 - :mod:`.registry` — :class:`FamilyAdapter`, :class:`PipelineAdapter` and their registry;
 - :mod:`.install` — :func:`apply_isa`, :func:`remove_isa`, :func:`stats`, :func:`observe_attention`;
 - :mod:`.families` — one module per model family, discovered on first use of the registry (diffusers is
-  imported only then). ``isa_plugin.adapters.wan`` and the other family names are aliases of
-  ``isa_plugin.adapters.families.<name>``, and ``isa_plugin.adapters.base`` of the modules above.
+  imported only then); a family's names are imported from ``isa_plugin.adapters.families.<name>``.
 """
 
 from .context import CallContext, LayoutProvider, StepInfo

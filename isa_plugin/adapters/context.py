@@ -89,7 +89,7 @@ class LayoutProvider:
     """Computes the layout of one transformer call from its forward arguments.
 
     Subclass and implement :meth:`__call__`. Instances can be passed as ``layout=`` to
-    :func:`isa_plugin.apply_isa` (for example :class:`isa_plugin.adapters.wan.WanICLLayout`), and pipeline
+    :func:`isa_plugin.apply_isa` (for example :class:`isa_plugin.adapters.families.wan.WanICLLayout`), and pipeline
     adapters return them.
     """
 

@@ -5,21 +5,28 @@ when every masked key is a text token: each batch entry runs ISA over its unmask
 text spans shrink by the masked tokens), and the masked queries attend densely to the entry's unmasked
 keys, which is exactly the stock masked attention when all ratios are 1. Masks on other tokens run the
 stock dense path, counted with the reason ``"attention mask on non-text tokens"``.
+
+This module serves a call whose tensors hold the whole sequence (:func:`attend_key_mask_local`). The
+processors' entry point is :func:`isa_plugin.adapters.processor.attend_with_key_mask`, which sends a
+context-parallel call through the Ulysses exchange (:mod:`.parallel`), which in turn runs
+:func:`attend_key_mask_local` on the gathered sequence. This module imports neither (the processor
+type only for annotations).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 import torch
 
 from ..attention import dense_attention, run_isa
 from ..config import ISAConfig
 from ..layout import Layout
-from .parallel import context_parallel_config, ulysses_attend
-from .processor import ISAAttnProcessorBase
 
-__all__ = ["attend_with_key_mask", "attend_key_mask_local"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .processor import ISAAttnProcessorBase
+
+__all__ = ["attend_key_mask_local"]
 
 #: one entry's plan: (indices of unmasked tokens, indices of masked tokens, layout of the unmasked tokens)
 EntryPlan = Tuple[torch.Tensor, torch.Tensor, Layout]
@@ -73,49 +80,6 @@ def _cached_mask_plan(proc: ISAAttnProcessorBase, key_valid: torch.Tensor, layou
     return result
 
 
-def attend_with_key_mask(
-    proc: ISAAttnProcessorBase,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_valid: Optional[torch.Tensor],
-    *,
-    attention_mask: Optional[torch.Tensor] = None,
-    dense: Optional[Callable[[], torch.Tensor]] = None,
-    mask_source: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """ISA for a call whose stock attention masks some keys (a key-padding mask), or the stock dense path.
-
-    Args:
-        proc: the calling processor (its config, layout, counters and observer are used).
-        q, k, v: [B, N, H, D] after norms and RoPE.
-        key_valid: [B, N] bool, True for keys every query may attend (None: no mask).
-        attention_mask: the mask the stock attention call gets (its dense path runs with it).
-        dense: zero-argument callable running the model's own masked attention (default
-            ``proc.dense_call(q, k, v, attention_mask)``).
-        mask_source: the transformer-level mask ``key_valid`` derives from (same object for every layer of
-            a call); when given, the mask analysis is cached for the rest of the transformer call.
-
-    Returns:
-        [B, N, H, D]. Without a mask, or with an all-True one, this is ``proc.attend``. Otherwise, when
-        every masked key is a text token, each batch entry runs ISA over its unmasked tokens and its masked
-        queries attend densely to its unmasked keys. Masks on other tokens fall back to ``dense()`` with the
-        reason ``"attention mask on non-text tokens"``. The observer, if any, sees the unmasked q, k, v and
-        the full layout.
-
-        Under context parallelism q, k, v, ``key_valid`` and the result are this rank's sequence shard: the
-        mask is gathered like the tokens (:func:`~isa_plugin.adapters.parallel.ulysses_attend`).
-
-    Example:
-        >>> out = attend_with_key_mask(self, query, key, value, key_valid, attention_mask=mask, mask_source=text_mask)
-    """
-    if context_parallel_config(proc) is not None:
-        if key_valid is not None and attention_mask is None:
-            attention_mask = key_valid[:, None, None, :]
-        return ulysses_attend(proc, q, k, v, attention_mask=attention_mask, dense=dense, key_valid=key_valid)
-    return attend_key_mask_local(proc, q, k, v, key_valid, attention_mask=attention_mask, dense=dense, mask_source=mask_source)
-
-
 def attend_key_mask_local(
     proc: ISAAttnProcessorBase,
     q: torch.Tensor,
@@ -129,7 +93,8 @@ def attend_key_mask_local(
     layout: Optional[Layout] = None,
     config: Optional[ISAConfig] = None,
 ) -> torch.Tensor:
-    """:func:`attend_with_key_mask` on tensors that hold the whole sequence (no exchange).
+    """:func:`~isa_plugin.adapters.processor.attend_with_key_mask` on tensors that hold the whole sequence
+    (no exchange).
 
     ``layout``: the call's layout (default: the processor's); ``config``: the config of the heads in q
     (default ``proc.config``; the rank's slice under Ulysses).

@@ -60,6 +60,7 @@ import torch
 
 from ..config import ISAConfig
 from ..layout import Layout
+from .masking import attend_key_mask_local
 
 if TYPE_CHECKING:  # pragma: no cover
     from .processor import ISAAttnProcessorBase
@@ -314,8 +315,6 @@ def ulysses_attend(
     Example:
         >>> out = ulysses_attend(self, query, key, value)   # inside a processor whose _parallel_config is set
     """
-    from .masking import attend_key_mask_local
-
     cp = context_parallel_config(proc)
     H = q.shape[2]
     masked = key_valid is not None and key_valid.dtype == torch.bool and tuple(key_valid.shape) == tuple(q.shape[:2])

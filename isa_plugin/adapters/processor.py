@@ -1,9 +1,16 @@
 """The ISA processor base: per-layer counters, eligibility, observation and the attention call.
 
 Family processors (``families/*.py``) subclass :class:`ISAAttnProcessorBase`, reproduce one stock
-diffusers processor exactly and call :meth:`ISAAttnProcessorBase.attend` where the stock code calls
-``dispatch_attention_fn``. The methods documented here are the extension API that family processors and
-the helpers of this package (:mod:`.masking`) use; nothing else reaches into a processor.
+diffusers processor exactly and call :meth:`ISAAttnProcessorBase.attend` (or :func:`attend_with_key_mask`,
+for a call with a key-padding mask) where the stock code calls ``dispatch_attention_fn``. The methods
+documented here are the extension API that family processors and the helpers of this package
+(:mod:`.masking`, :mod:`.parallel`) use; nothing else reaches into a processor.
+
+The attention entry points sit above the helpers: :meth:`ISAAttnProcessorBase.attend` and
+:func:`attend_with_key_mask` send a context-parallel call to :func:`~isa_plugin.adapters.parallel.ulysses_attend`
+and any other call to the whole-sequence paths (:meth:`ISAAttnProcessorBase.attend_local`,
+:func:`~isa_plugin.adapters.masking.attend_key_mask_local`), which the Ulysses exchange also runs between its
+exchanges. The kernels are reached only through :mod:`isa_plugin.attention`.
 """
 
 from __future__ import annotations
@@ -15,17 +22,17 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Union
 
 import torch
 
-from ..attention import Route, run_isa, select_backend
+from ..attention import Route, run_route, select_backend
 from ..config import ISAConfig
-from ..kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual
 from ..layout import Layout
 from .context import StepInfo, call_layout
+from .masking import attend_key_mask_local
 from .parallel import carry_settings, context_parallel_config, ulysses_attend
 
 if TYPE_CHECKING:  # pragma: no cover
     from .install import ISAState
 
-__all__ = ["ISAAttnProcessorBase", "LayerCounters", "Observer"]
+__all__ = ["ISAAttnProcessorBase", "LayerCounters", "Observer", "attend_with_key_mask"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +80,9 @@ class ISAAttnProcessorBase:
     _parallel_config = None
     #: how one rank's attention call is made of the model's split streams (see :mod:`.parallel`)
     cp_streams = "sequence"
-    #: block size of a gated coarse residual (``attend(residual_gate=...)``); LIVEditor's is 64
-    residual_block_size: int = COARSE_BLOCK_SIZE
+    #: block size of a gated coarse residual (``attend(residual_gate=...)``); None: the default of
+    #: :func:`~isa_plugin.attention.run_route` (64, LIVEditor's)
+    residual_block_size: Optional[int] = None
 
     def __init__(
         self,
@@ -221,8 +229,9 @@ class ISAAttnProcessorBase:
             layout: the call's layout when the processor itself knows it (e.g. from a text length it
                 sees); default: :meth:`resolve_layout`. Under context parallelism: the whole sequence's.
             residual_gate: [B, N] or [B, N, 1] for models trained with a gated coarse residual
-                (LIVEditor): ``gate · coarse`` (:func:`~isa_plugin.kernels.coarse.gated_coarse_residual`)
-                is added to the output of either path. None (stock models): nothing is added.
+                (LIVEditor): ``gate · coarse`` (over :attr:`residual_block_size` blocks, through
+                :func:`~isa_plugin.attention.run_route`) is added to the output of either path. None (stock
+                models): nothing is added.
 
         Under context parallelism (``_parallel_config`` set by ``enable_parallelism``) q, k, v and the result
         are this rank's sequence shard and the call goes through
@@ -239,10 +248,8 @@ class ISAAttnProcessorBase:
                     "cannot run on a sequence shard; context parallelism is not supported for this model"
                 )
             return ulysses_attend(self, q, k, v, attention_mask=attention_mask, dense=dense, layout=layout)
-        out = self.attend_local(q, k, v, attention_mask=attention_mask, dense=dense, layout=layout)
-        if residual_gate is not None:
-            out = gated_coarse_residual(out, q, k, v, residual_gate, self.residual_block_size, inplace=True)
-        return out
+        return self.attend_local(q, k, v, attention_mask=attention_mask, dense=dense, layout=layout,
+                                 residual_gate=residual_gate)
 
     def attend_local(
         self,
@@ -253,9 +260,11 @@ class ISAAttnProcessorBase:
         attention_mask: Optional[torch.Tensor] = None,
         dense: Optional[Callable[[], torch.Tensor]] = None,
         layout: Optional[Layout] = None,
+        residual_gate: Optional[torch.Tensor] = None,
         config: Optional[ISAConfig] = None,
     ) -> torch.Tensor:
-        """:meth:`attend` on tensors that hold the whole sequence (no exchange): observe, route, run.
+        """:meth:`attend` on tensors that hold the whole sequence (no exchange): observe, route, run
+        (:func:`~isa_plugin.attention.run_route`, which also adds the ``residual_gate`` residual).
 
         ``config``: the config of the heads in q (default ``self.config``; the rank's slice under Ulysses).
         """
@@ -265,7 +274,55 @@ class ISAAttnProcessorBase:
         route = self.route(q, layout, attention_mask, config)
         if route.backend == "dense":
             self.record_fallback(route.reason)
-            return (dense or self.dense_call(q, k, v, attention_mask))()
-        out = run_isa(q, k, v, layout, config or self.config, route)
-        self.record_isa(route.backend)
+            dense = dense or self.dense_call(q, k, v, attention_mask)
+        out = run_route(q, k, v, layout, config or self.config, route, dense=dense, residual_gate=residual_gate,
+                        residual_block_size=self.residual_block_size)
+        if route.backend != "dense":
+            self.record_isa(route.backend)
         return out
+
+
+def attend_with_key_mask(
+    proc: ISAAttnProcessorBase,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: Optional[torch.Tensor],
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    dense: Optional[Callable[[], torch.Tensor]] = None,
+    mask_source: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """ISA for a call whose stock attention masks some keys (a key-padding mask), or the stock dense path.
+
+    Joint-attention models (QwenImage, HunyuanVideo-Framepack) mask padded text keys; ISA honours such a mask
+    when every masked key is a text token (:mod:`.masking`).
+
+    Args:
+        proc: the calling processor (its config, layout, counters and observer are used).
+        q, k, v: [B, N, H, D] after norms and RoPE.
+        key_valid: [B, N] bool, True for keys every query may attend (None: no mask).
+        attention_mask: the mask the stock attention call gets (its dense path runs with it).
+        dense: zero-argument callable running the model's own masked attention (default
+            ``proc.dense_call(q, k, v, attention_mask)``).
+        mask_source: the transformer-level mask ``key_valid`` derives from (same object for every layer of
+            a call); when given, the mask analysis is cached for the rest of the transformer call.
+
+    Returns:
+        [B, N, H, D]. Without a mask, or with an all-True one, this is ``proc.attend``. Otherwise, when
+        every masked key is a text token, each batch entry runs ISA over its unmasked tokens and its masked
+        queries attend densely to its unmasked keys. Masks on other tokens fall back to ``dense()`` with the
+        reason ``"attention mask on non-text tokens"``. The observer, if any, sees the unmasked q, k, v and
+        the full layout.
+
+        Under context parallelism q, k, v, ``key_valid`` and the result are this rank's sequence shard: the
+        mask is gathered like the tokens (:func:`~isa_plugin.adapters.parallel.ulysses_attend`).
+
+    Example:
+        >>> out = attend_with_key_mask(self, query, key, value, key_valid, attention_mask=mask, mask_source=text_mask)
+    """
+    if context_parallel_config(proc) is not None:
+        if key_valid is not None and attention_mask is None:
+            attention_mask = key_valid[:, None, None, :]
+        return ulysses_attend(proc, q, k, v, attention_mask=attention_mask, dense=dense, key_valid=key_valid)
+    return attend_key_mask_local(proc, q, k, v, key_valid, attention_mask=attention_mask, dense=dense, mask_source=mask_source)

@@ -20,7 +20,7 @@ from isa_plugin.adapters import (
     reset_stats,
     stats,
 )
-from isa_plugin.adapters.wan import WanICLLayout, WanISAAttnProcessor
+from isa_plugin.adapters.families.wan import WanICLLayout, WanISAAttnProcessor
 
 
 # ----------------------------------------------------------------------------- registry

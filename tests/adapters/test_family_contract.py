@@ -28,7 +28,7 @@ EXACT_ATOL = 1e-5
 
 def _wan_layout(context_frames, position="after"):
     def make():
-        from isa_plugin.adapters.wan import WanICLLayout
+        from isa_plugin.adapters.families.wan import WanICLLayout
 
         return WanICLLayout(context_frames=context_frames, position=position)
 

@@ -9,7 +9,7 @@ import torch
 
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, isa_processors, remove_isa, stats
-from isa_plugin.adapters.flux import flux_layout, image_id_spans
+from isa_plugin.adapters.families.flux import flux_layout, image_id_spans
 from isa_plugin.pipelines.tiny import build_tiny_pipeline
 
 diffusers = pytest.importorskip("diffusers")

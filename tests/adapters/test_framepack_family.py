@@ -10,7 +10,7 @@ import torch
 
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, isa_processors, remove_isa, stats
-from isa_plugin.adapters.framepack import FramepackLayout, framepack_video_spans
+from isa_plugin.adapters.families.framepack import FramepackLayout, framepack_video_spans
 from isa_plugin.pipelines.tiny import build_tiny_pipeline
 
 diffusers = pytest.importorskip("diffusers")

@@ -9,7 +9,7 @@ import torch
 
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats
-from isa_plugin.adapters.ltx2 import ltx2_appended_layout
+from isa_plugin.adapters.families.ltx2 import ltx2_appended_layout
 
 
 def test_perturbed_stg(tiny):

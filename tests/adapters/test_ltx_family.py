@@ -9,7 +9,7 @@ import torch
 
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats
-from isa_plugin.adapters.ltx import ltx_prefix_layout
+from isa_plugin.adapters.families.ltx import ltx_prefix_layout
 
 
 def test_layout_inference():

@@ -12,7 +12,8 @@ import torch
 
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, isa_processors, remove_isa, stats
-from isa_plugin.adapters.qwenimage import QwenImageISAAttnProcessor, attend_with_key_mask, qwen_image_layout
+from isa_plugin.adapters.families.qwenimage import QwenImageISAAttnProcessor, qwen_image_layout
+from isa_plugin.adapters.processor import attend_with_key_mask
 
 diffusers = pytest.importorskip("diffusers")
 

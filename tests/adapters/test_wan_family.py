@@ -9,7 +9,7 @@ import torch
 
 from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats
-from isa_plugin.adapters.wan import WanICLLayout
+from isa_plugin.adapters.families.wan import WanICLLayout
 
 
 def test_layout_provider_counts(tiny):

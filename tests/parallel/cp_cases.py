@@ -98,7 +98,7 @@ def _wan_inputs(frames: int = 6, size: int = 16):
 
 
 def _wan_layout(context_frames: int = 3):
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     return WanICLLayout(context_frames=context_frames)
 

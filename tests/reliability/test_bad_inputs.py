@@ -31,7 +31,7 @@ def _wan_profile(t, **on):
 
 def _apply(t, cfg, frames_ctx=2):
     from isa_plugin import apply_isa
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     return apply_isa(t, cfg, layout=WanICLLayout(frames_ctx))
 
@@ -354,7 +354,7 @@ def test_kernel_eligibility_cpu():
 
 def test_processor_on_cuda_with_unsupported_head_dim_counts_kernel_reason():
     """What a processor does on a CUDA call the kernels cannot take: dense, with the kernels' reason."""
-    from isa_plugin.adapters.base import ISAAttnProcessorBase
+    from isa_plugin.adapters.processor import ISAAttnProcessorBase
 
     p = ISAAttnProcessorBase(ISAConfig())
     layout = Layout([("target", 128), ("context", 128)])
@@ -597,7 +597,7 @@ def test_two_transformers_with_different_profiles_in_one_process(tiny):
     each gives alone; a profile cannot be applied to the other model."""
     from isa_plugin import apply_isa, remove_isa, stats
     from isa_plugin.adapters import isa_processors
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     a, b = tiny.wan(heads=2, seed=0), tiny.wan(heads=4, head_dim=16, seed=1)
     pa = ThresholdProfile.uniform(NAMES, ISAConfig(alpha_s=0.25, alpha_f=0.25, alpha_ns=0.125, block_size=8),
@@ -658,7 +658,7 @@ def test_two_pipelines_with_different_profiles_in_one_process(calibrated, tiny):
 
 def test_profile_without_recorded_size_does_not_warn(tiny):
     from isa_plugin import apply_isa, stats
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     t = tiny.wan()
     apply_isa(t, _wan_profile(t), layout=WanICLLayout(2))
@@ -687,7 +687,7 @@ class _GarbageProvider:
 def test_broken_layout_callables_and_providers_run_dense_counted(tiny, spec, caplog):
     """A user's layout callable or provider that fails never breaks generation: dense, counted, logged."""
     from isa_plugin import apply_isa, stats
-    from isa_plugin.adapters.base import LayoutProvider
+    from isa_plugin.adapters.context import LayoutProvider
 
     if spec == "raising-provider":
         spec = type("P", (_RaisingProvider, LayoutProvider), {})()

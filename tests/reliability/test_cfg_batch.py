@@ -121,7 +121,7 @@ def _entry(inputs, i):
 @pytest.mark.parametrize("cfg", [SPARSE, EXACT], ids=["sparse", "exact"])
 def test_transformer_cfg_batch_equals_separate_entries(tiny, cfg):
     from isa_plugin import apply_isa, stats
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     t = tiny.wan(num_layers=2)
     pair = _cond_uncond(tiny)
@@ -139,7 +139,7 @@ def test_transformer_cfg_batch_equals_separate_entries(tiny, cfg):
 
 def test_transformer_share_plan(tiny):
     from isa_plugin import apply_isa, stats
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     t = tiny.wan(num_layers=2)
     pair = _cond_uncond(tiny)

@@ -16,7 +16,7 @@ from isa_plugin.profile import LayerSetting
 
 pytest.importorskip("diffusers")
 
-from isa_plugin.adapters.wan import WanICLLayout  # noqa: E402
+from isa_plugin.adapters.families.wan import WanICLLayout  # noqa: E402
 
 NAMES = ["blocks.0.attn1"]  # one-block models: compile time dominates these tests
 #: code that is "inside the attention": a break with one of these frames in its user stack fails the test

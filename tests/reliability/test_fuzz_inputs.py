@@ -146,7 +146,7 @@ def test_config_from_junk(d):
 def test_apply_with_junk_provenance(tiny, key, value):
     """Junk in ``calibrated_on``: apply_isa applies (and the run works) or raises ValueError / TypeError."""
     from isa_plugin import apply_isa, remove_isa
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     t = _model(tiny)
     on = {"transformer_class": "WanTransformer3DModel", "resolution": [64, 64], "frames": 9,

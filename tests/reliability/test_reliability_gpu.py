@@ -153,7 +153,7 @@ def _run(m, x):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_processor_served_by_kernels(dtype):
     from isa_plugin import apply_isa, stats
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     t = _wan_cuda(dtype=dtype)
     x = _inputs(dtype, frames=4, size=32)  # 2 x 512 tokens
@@ -167,7 +167,7 @@ def test_processor_served_by_kernels(dtype):
 
 def test_processor_head_dim_the_kernels_do_not_take_falls_back_counted():
     from isa_plugin import apply_isa, stats
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     t = _wan_cuda(head_dim=32)
     x = _inputs(torch.bfloat16)
@@ -180,7 +180,7 @@ def test_processor_head_dim_the_kernels_do_not_take_falls_back_counted():
 
 def test_compile_with_kernels_no_graph_break_inside_attention():
     from isa_plugin import apply_isa, stats
-    from isa_plugin.adapters.wan import WanICLLayout
+    from isa_plugin.adapters.families.wan import WanICLLayout
 
     t = _wan_cuda(head_dim=64, layers=1)
     x = _inputs(torch.bfloat16, frames=4, size=32, batch=2)

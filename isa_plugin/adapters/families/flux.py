@@ -51,7 +51,7 @@ class FluxISAAttnProcessor(ISAAttnProcessorBase):
     ``to_add_out`` in double blocks, none in single blocks. Returns ``(image, text)`` in double blocks and
     the joint tensor in single blocks, as the stock processor does.
 
-    Args: see :class:`~isa_plugin.adapters.base.ISAAttnProcessorBase`.
+    Args: see :class:`~isa_plugin.adapters.processor.ISAAttnProcessorBase`.
 
     Example:
         >>> layout = Layout([("text", 512), ("target", 4096), ("context", 4096)])

@@ -20,7 +20,7 @@ are given too, as the transformer does. History and clean tokens are ``"context"
 video tokens: with batch 1 the transformer trims padded text, so its length varies per prompt.
 
 Text mask: with batch > 1 the transformer passes a ``[B, 1, 1, N]`` key mask hiding padded text. It is
-honoured as for QwenImage (:func:`isa_plugin.adapters.masking.attend_with_key_mask`): per batch entry,
+honoured as for QwenImage (:func:`isa_plugin.adapters.processor.attend_with_key_mask`): per batch entry,
 ISA over its unmasked tokens, dense attention of its padded text queries over its unmasked keys. Masks
 of another shape or on video tokens run the stock dense path and are counted.
 
@@ -37,8 +37,7 @@ from typing import Any, Callable, List, Mapping, Optional, Tuple
 import torch
 
 from ...layout import Layout
-from ..masking import attend_with_key_mask
-from ..processor import ISAAttnProcessorBase
+from ..processor import ISAAttnProcessorBase, attend_with_key_mask
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
 from ..rope import rope_diffusers
 
@@ -55,7 +54,7 @@ class FramepackISAAttnProcessor(ISAAttnProcessorBase):
     ``[video; text]`` (or the stock ``dispatch_attention_fn``), and ``to_out`` / ``to_add_out`` where the
     module has them. Returns ``(video, text)``.
 
-    Args: see :class:`~isa_plugin.adapters.base.ISAAttnProcessorBase`.
+    Args: see :class:`~isa_plugin.adapters.processor.ISAAttnProcessorBase`.
 
     Example:
         >>> layout = Layout([("context", 836), ("target", 14040), ("text", 800)])

@@ -67,7 +67,7 @@ class LTXISAAttnProcessor(ISAAttnProcessorBase):
     heads, RoPE on [B, S, C] before splitting heads, then ISA (or the stock ``dispatch_attention_fn``),
     output projection. Cross-attention calls are handed to the stock processor.
 
-    Args: see :class:`~isa_plugin.adapters.base.ISAAttnProcessorBase`.
+    Args: see :class:`~isa_plugin.adapters.processor.ISAAttnProcessorBase`.
     """
 
     def __call__(

@@ -47,7 +47,7 @@ class LTX2ISAAttnProcessor(ISAAttnProcessorBase):
     the stock ``dispatch_attention_fn``), gates, output projection. Cross-attention calls are handed to the
     stock processor.
 
-    Args: see :class:`~isa_plugin.adapters.base.ISAAttnProcessorBase`.
+    Args: see :class:`~isa_plugin.adapters.processor.ISAAttnProcessorBase`.
     """
 
     def _self_attention(self, attn, hidden_states, attention_mask, query_rotary_emb, key_rotary_emb, value=None):

@@ -35,8 +35,7 @@ from typing import Any, List, Mapping, Optional, Tuple
 import torch
 
 from ...layout import Layout
-from ..masking import attend_with_key_mask
-from ..processor import ISAAttnProcessorBase
+from ..processor import ISAAttnProcessorBase, attend_with_key_mask
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
 from ..rope import rope_qwen
 
@@ -54,7 +53,7 @@ class QwenImageISAAttnProcessor(ISAAttnProcessorBase):
     ``encoder_hidden_states_mask`` is handled by :func:`attend_with_key_mask`; an external
     ``attention_mask`` is rejected as the stock processor rejects it.
 
-    Args: see :class:`~isa_plugin.adapters.base.ISAAttnProcessorBase`.
+    Args: see :class:`~isa_plugin.adapters.processor.ISAAttnProcessorBase`.
 
     Example:
         >>> layout = Layout([("text", 200), ("target", 4096), ("context", 4096)])

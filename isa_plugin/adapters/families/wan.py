@@ -90,7 +90,7 @@ class WanISAAttnProcessor(ISAAttnProcessorBase):
     Subclasses for Wan-derived models whose self-attention adds a gated coarse residual (LIVEditor)
     override :meth:`residual_gate`.
 
-    Args: see :class:`~isa_plugin.adapters.base.ISAAttnProcessorBase`.
+    Args: see :class:`~isa_plugin.adapters.processor.ISAAttnProcessorBase`.
 
     Example:
         >>> proc = WanISAAttnProcessor(ISAConfig(), layout=Layout([("target", 1560), ("context", 1560)]))
