@@ -291,7 +291,7 @@ class SelectionMode:
 
     def candidates(self, stats: Dict[str, torch.Tensor], grid: Any, layer, cost_model) -> CandidateTable:
         """The candidate table of one layer's accumulated statistics (``layer``: a
-        :class:`~isa_plugin.calibration.stats.LayerErrorStats` for token counts, heads and calls)."""
+        :class:`~isa_plugin.calibration.statistics.LayerErrorStats` for token counts, heads and calls)."""
         a, b, c = self.cost_coefficients(cost_model)
         scale = cost_model.dim_scale(layer.head_dim)
         pairs = stats["pairs"] / max(layer.calls, 1)  # [H, C, rows, (exact, pseudo)]
