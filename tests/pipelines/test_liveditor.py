@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from isa_plugin.kernels.coarse import coarse_attention, gated_coarse_residual
 from isa_plugin.pipelines import LIVEditorPipeline, LIVEditorTransformer3DModel
-from isa_plugin.pipelines.liveditor_checkpoint import convert_liveditor_checkpoint, map_liveditor_keys
+from isa_plugin.pipelines.liveditor_convert import convert_liveditor_checkpoint
 from isa_plugin.pipelines.liveditor_pipeline import liveditor_scheduler
+from isa_plugin.pipelines.liveditor_weights import map_liveditor_keys
 
 HEADS, HEAD_DIM, LAYERS, FFN, TEXT_DIM, FREQ_DIM, CH = 2, 32, 2, 128, 32, 32, 16
 DIM = HEADS * HEAD_DIM
