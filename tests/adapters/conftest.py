@@ -2,7 +2,8 @@
 
 Tests reach everything here through the ``tiny`` fixture: ``tiny.<family>(...)`` builds a tiny transformer,
 ``tiny.<family>_inputs(...)`` its forward arguments, ``tiny.fwd`` runs a forward, ``tiny.processors`` lists
-the attention processors.
+the attention processors. Whole pipelines (``tiny.wan_icl_pipe``, ``tiny.ltx_condition_pipe``,
+``tiny.ltx2_ic_pipe``) come from :mod:`isa_plugin.pipelines.tiny`, the one builder of tiny pipelines.
 """
 
 import pytest
