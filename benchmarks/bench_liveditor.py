@@ -52,7 +52,8 @@ from isa_plugin.adapters import apply_isa, remove_isa, reset_stats, stats  # noq
 from isa_plugin.attention import dense_attention  # noqa: E402
 from isa_plugin.kernels.coarse import coarse_kernels_serve, gated_coarse_residual  # noqa: E402
 from isa_plugin.pipelines import LIVEditorTransformer3DModel  # noqa: E402
-from isa_plugin.adapters.families.liveditor import liveditor_gate, liveditor_layout  # noqa: E402
+from isa_plugin.pipelines.wan_attention import liveditor_gate  # noqa: E402
+from isa_plugin.adapters.families.liveditor import liveditor_layout  # noqa: E402
 
 TINY = dict(layers=1, heads=2, head_dim=32, ffn=64, text_dim=32, text=8, frames=3, source_frames=3, height=8,
             width=14, block_size=16, reps=1, warmup=0, device="cpu", dtype="float32")

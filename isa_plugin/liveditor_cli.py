@@ -29,7 +29,7 @@ def convert(args) -> int:
     import torch
 
     from .cli import CLIError
-    from .pipelines.liveditor_checkpoint import convert_liveditor_checkpoint
+    from .pipelines.liveditor_convert import convert_liveditor_checkpoint
 
     config = {}
     if args.config:

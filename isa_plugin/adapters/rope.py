@@ -2,25 +2,16 @@
 
 Each ISA processor must reproduce its stock processor exactly, RoPE included; the conventions differ by
 family (which channels rotate together, before or after splitting heads). The ones diffusers exposes as
-functions are called through thin wrappers so that diffusers is imported only when a processor runs.
+functions are called through thin wrappers so that diffusers is imported only when a processor runs. Wan's
+convention (consecutive channel pairs) is the model's own math, shared with the package's Wan-based models:
+:func:`isa_plugin.pipelines.wan_attention.rope_interleaved_pairs`.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["rope_interleaved_pairs", "rope_interleaved_channels", "rope_split_halves", "rope_diffusers", "rope_qwen"]
-
-
-def rope_interleaved_pairs(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's RoPE on [B, S, H, D]: rotate consecutive (even, odd) channel pairs."""
-    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
-    return out.type_as(x)
+__all__ = ["rope_interleaved_channels", "rope_split_halves", "rope_diffusers", "rope_qwen"]
 
 
 def rope_interleaved_channels(x: torch.Tensor, freqs) -> torch.Tensor:

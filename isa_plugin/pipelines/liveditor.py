@@ -21,7 +21,9 @@ LIVEditor is a Wan 14B text-to-video transformer fine-tuned for in-context video
 Without :func:`isa_plugin.apply_isa` the self-attention layers run :class:`LIVEditorAttnProcessor`: dense
 attention plus the gated residual, which is the model's dense output. The checkpoint the authors
 publish is read by :meth:`LIVEditorTransformer3DModel.from_liveditor_checkpoint` (key names and wrappers:
-:mod:`isa_plugin.pipelines.liveditor_checkpoint`).
+:mod:`isa_plugin.pipelines.liveditor_weights`); :mod:`isa_plugin.pipelines.liveditor_convert` turns it into a
+pipeline folder. The gate and the q/k/v of the self-attention are :mod:`isa_plugin.pipelines.wan_attention`'s,
+shared with the ISA adapter of this model.
 
 Example:
     >>> model = LIVEditorTransformer3DModel.from_liveditor_checkpoint("liveditor_ckpt.bin", torch_dtype=torch.bfloat16)
@@ -41,14 +43,14 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 
-from ..adapters.families.liveditor import liveditor_gate
-from ..adapters.families.wan import wan_self_attention_qkv
 from ..kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual
+from .liveditor_weights import load_liveditor_transformer
+from .wan_attention import liveditor_gate, wan_self_attention_qkv
 
 # DiffusionPipeline.from_pretrained finds a component's loading method by looking up its base classes
 # (``ModelMixin``) by name in the component's module, so this module must expose ModelMixin.
 
-__all__ = ["LIVEditorTransformer3DModel", "LIVEditorAttnProcessor", "liveditor_gate"]
+__all__ = ["LIVEditorTransformer3DModel", "LIVEditorAttnProcessor"]
 
 
 class LIVEditorAttnProcessor:
@@ -56,7 +58,7 @@ class LIVEditorAttnProcessor:
 
     Same signature as diffusers' ``WanAttnProcessor``; honours ``set_attention_backend`` for the dense
     part (``dispatch_attention_fn``). The residual is :func:`~isa_plugin.kernels.coarse.gated_coarse_residual`
-    with the gate of :func:`liveditor_gate`.
+    with the gate of :func:`~isa_plugin.pipelines.wan_attention.liveditor_gate`.
 
     Args:
         block_size: coarse-residual block size (the model's ``coarse_block_size``, 64).
@@ -278,7 +280,7 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
         Args:
             path_or_state_dict: ``liveditor_ckpt.bin`` (read with ``torch.load(weights_only=True, mmap=True)``),
                 a ``.safetensors`` file, or an in-memory state dict; the wrappers and key prefixes of
-                :mod:`~isa_plugin.pipelines.liveditor_checkpoint` are removed.
+                :mod:`~isa_plugin.pipelines.liveditor_weights` are removed.
             torch_dtype: cast floating tensors to this dtype (default: keep the checkpoint's).
             prefix: keep only keys under this prefix (e.g. ``"model_ema."``) when the file holds several
                 copies of the weights.
@@ -299,6 +301,4 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
             >>> tiny = LIVEditorTransformer3DModel.from_liveditor_checkpoint(sd, num_layers=2, num_attention_heads=2,
             ...     attention_head_dim=32, ffn_dim=64, text_dim=32)
         """
-        from .liveditor_checkpoint import load_liveditor_transformer
-
         return load_liveditor_transformer(cls, path_or_state_dict, torch_dtype=torch_dtype, prefix=prefix, **config)

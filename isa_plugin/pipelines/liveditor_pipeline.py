@@ -2,7 +2,7 @@
 
 Components: ``tokenizer`` + ``text_encoder`` (umT5-XXL of the base Wan model), ``vae`` (Wan 2.1 VAE),
 ``scheduler`` and ``transformer`` (:class:`~isa_plugin.pipelines.LIVEditorTransformer3DModel`). The folder
-:func:`~isa_plugin.pipelines.liveditor_checkpoint.convert_liveditor_checkpoint` writes loads with
+:func:`~isa_plugin.pipelines.liveditor_convert.convert_liveditor_checkpoint` writes loads with
 ``LIVEditorPipeline.from_pretrained``.
 
 Defaults follow the authors' sampling recipe: flow-matching UniPC (multistep, 1000 training timesteps,

@@ -163,7 +163,11 @@ def _tiny_ltx_condition(seed: int):
                                 tokenizer=tokenizer, transformer=transformer)
 
 
-def _tiny_ltx2_in_context(seed: int):
+#: downsampling of each level of the tiny LTX-2 VAE, by its compression factor (spatial and temporal alike)
+_LTX2_VAE_LEVELS = {8: ("spatiotemporal", "spatiotemporal", "spatial"), 2: ("spatial",)}
+
+
+def _tiny_ltx2_in_context(seed: int, vae_compression: int = 8):
     from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2InContextPipeline,
                            LTX2VideoTransformer3DModel)
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
@@ -183,12 +187,15 @@ def _tiny_ltx2_in_context(seed: int):
         audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
         rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
     ).eval()
+    if vae_compression not in _LTX2_VAE_LEVELS:
+        raise ValueError(f"vae_compression={vae_compression!r} is not supported for ltx2; supported: {sorted(_LTX2_VAE_LEVELS)}")
+    levels = len(_LTX2_VAE_LEVELS[vae_compression])
     vae = AutoencoderKLLTX2Video(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
-        layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), spatio_temporal_scaling=(True, True, True),
-        decoder_spatio_temporal_scaling=(True, True, True), decoder_inject_noise=(False,) * 4,
-        downsample_type=("spatiotemporal", "spatiotemporal", "spatial"), upsample_residual=(False,) * 3,
-        upsample_factor=(1,) * 3, timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * levels, decoder_block_out_channels=(8,) * levels,
+        layers_per_block=(1,) * levels, decoder_layers_per_block=(1,) * (levels + 1), spatio_temporal_scaling=(True,) * levels,
+        decoder_spatio_temporal_scaling=(True,) * levels, decoder_inject_noise=(False,) * (levels + 1),
+        downsample_type=_LTX2_VAE_LEVELS[vae_compression], upsample_residual=(False,) * levels,
+        upsample_factor=(1,) * levels, timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
         decoder_causal=False,
     ).eval()
     vae.use_framewise_encoding = False
@@ -250,9 +257,15 @@ def _tiny_flux_kontext(seed: int, layers: int = 1, single_layers: int = 1):
                                text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 
 
-def _tiny_qwen_image_edit(seed: int):
+#: the QwenImage edit pipelines the tiny builder makes (the same components)
+_QWEN_EDIT_PIPELINES = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+
+
+def _tiny_qwen_image_edit(seed: int, pipeline: str = "QwenImageEditPipeline"):
     import diffusers as d
 
+    if pipeline not in _QWEN_EDIT_PIPELINES:
+        raise ValueError(f"pipeline={pipeline!r} is not supported for qwenimage; supported: {', '.join(_QWEN_EDIT_PIPELINES)}")
     torch.manual_seed(seed)
     # 16x spatial: the ~1024^2 condition image becomes 64x64 latents (32x32 tokens); two channels keep its
     # full-resolution encode (every run resizes the condition image to ~1024^2) near one second on a CPU
@@ -264,8 +277,8 @@ def _tiny_qwen_image_edit(seed: int):
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32, num_attention_heads=2,
         joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
     ).eval()
-    return d.QwenImageEditPipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                                   processor=None, transformer=transformer)
+    return getattr(d, pipeline)(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                                processor=None, transformer=transformer)
 
 
 #: family adapter name -> builder of its tiny pipeline (``isa_plugin.adapters.registered_families`` names)
@@ -294,13 +307,16 @@ def build_tiny_pipeline(family: str, *, seed: int = 0, **options):
             ``liveditor`` (LIVEditorPipeline).
         seed: weight initialisation seed.
         **options: family options: ``wan``: ``two_experts=True`` adds Wan 2.2's ``transformer_2``; ``flux`` and
-            ``framepack``: ``layers`` and ``single_layers`` (dual- and single-stream blocks, default 1 each).
+            ``framepack``: ``layers`` and ``single_layers`` (dual- and single-stream blocks, default 1 each);
+            ``ltx2``: ``vae_compression`` 8 (default, spatial and temporal) or 2 (a one-level VAE, for short
+            small videos); ``qwenimage``: ``pipeline`` ``"QwenImageEditPipeline"`` (default) or
+            ``"QwenImageEditPlusPipeline"``.
 
     Returns:
         the pipeline on the CPU, float32; ``save_pretrained`` writes it.
 
     Raises:
-        ValueError: an unknown family (lists the known ones).
+        ValueError: an unknown family (lists the known ones), or an unsupported option value (lists the supported ones).
 
     Example:
         >>> build_tiny_pipeline("ltx2").save_pretrained("tiny-ltx2")   # then: isa calibrate --pipeline tiny-ltx2 --out p.yaml

@@ -33,7 +33,7 @@ import torch
 from diffusers import WanPipeline
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from ..adapters.families.wan import CONTEXT_FRAMES_KEY, CONTEXT_POSITION_KEY
+from .wan_attention import CONTEXT_FRAMES_KEY, CONTEXT_POSITION_KEY
 
 __all__ = ["WanInContextEditPipeline"]
 

@@ -2,7 +2,8 @@
 
 Tests reach everything here through the ``tiny`` fixture: ``tiny.<family>(...)`` builds a tiny transformer,
 ``tiny.<family>_inputs(...)`` its forward arguments, ``tiny.fwd`` runs a forward, ``tiny.processors`` lists
-the attention processors.
+the attention processors. Whole pipelines (``tiny.wan_icl_pipe``, ``tiny.ltx_condition_pipe``,
+``tiny.ltx2_ic_pipe``) come from :mod:`isa_plugin.pipelines.tiny`, the one builder of tiny pipelines.
 """
 
 import pytest
@@ -99,32 +100,10 @@ def tiny():
 
 
 def tiny_wan_icl_pipe(two_experts=False):
-    """A tiny WanInContextEditPipeline: random UMT5 + byte tokenizer, tiny VAE, head_dim 32 transformer."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
-    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+    """A tiny WanInContextEditPipeline (``isa_plugin.pipelines.tiny``): random UMT5 + byte tokenizer, tiny VAE, head_dim 32."""
+    from isa_plugin.pipelines.tiny import build_tiny_pipeline
 
-    from isa_plugin.pipelines import WanInContextEditPipeline
-
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-            use_cache=False, tie_word_embeddings=False,
-        )
-    ).eval()
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
-    transformer = tiny_wan(in_channels=16, out_channels=16, text_dim=32)
-    transformer_2 = tiny_wan(in_channels=16, out_channels=16, text_dim=32) if two_experts else None
-    return WanInContextEditPipeline(
-        tokenizer=ByT5Tokenizer(),
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        transformer=transformer,
-        transformer_2=transformer_2,
-        boundary_ratio=0.5 if two_experts else None,
-    )
+    return build_tiny_pipeline("wan", two_experts=two_experts)
 
 
 def source_video(frames=9, size=64, seed=2):
@@ -215,44 +194,10 @@ def _ltx2_coords(frames, h, w, extra, batch):
 
 
 def tiny_ltx2_ic_pipe():
-    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2InContextPipeline
-    from diffusers.pipelines.ltx2 import LTX2TextConnectors
-    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    """A tiny LTX2InContextPipeline (``isa_plugin.pipelines.tiny``): no text encoder, head_dim 32, a 2x VAE."""
+    from isa_plugin.pipelines.tiny import build_tiny_pipeline
 
-    transformer = tiny_ltx2(caption_channels=32, rope_type="split")
-    torch.manual_seed(0)
-    connectors = LTX2TextConnectors(
-        caption_channels=32, text_proj_in_factor=3, video_connector_num_attention_heads=4,
-        video_connector_attention_head_dim=8, video_connector_num_layers=1, video_connector_num_learnable_registers=None,
-        audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
-        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
-        rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
-    ).eval()
-    torch.manual_seed(0)
-    vae = AutoencoderKLLTX2Video(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
-        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
-        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
-        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
-        encoder_causal=True, decoder_causal=False,
-    ).eval()
-    vae.use_framewise_encoding = False
-    vae.use_framewise_decoding = False
-    torch.manual_seed(0)
-    audio_vae = AutoencoderKLLTX2Audio(
-        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
-        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
-        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
-    ).eval()
-    torch.manual_seed(0)
-    vocoder = LTX2Vocoder(
-        in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
-        resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
-    ).eval()
-    return LTX2InContextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=None, tokenizer=None,
-        connectors=connectors, transformer=transformer, vocoder=vocoder,
-    )
+    return build_tiny_pipeline("ltx2", vae_compression=2)
 
 
 # ----------------------------------------------------------------------------- Flux (Kontext)

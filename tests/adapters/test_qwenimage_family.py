@@ -14,6 +14,7 @@ from isa_plugin import Layout
 from isa_plugin.adapters import apply_isa, isa_processors, remove_isa, stats
 from isa_plugin.adapters.families.qwenimage import QwenImageISAAttnProcessor, qwen_image_layout
 from isa_plugin.adapters.processor import attend_with_key_mask
+from isa_plugin.pipelines.tiny import build_tiny_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -80,28 +81,13 @@ def test_layout_from_img_shapes(tiny):
     assert "no context tokens (not an in-context call)" in stats(t)["transformer_blocks.0.attn"]["reasons"]
 
 
-def tiny_edit_pipe(tiny, cls_name):
-    import diffusers as d
-
-    torch.manual_seed(0)
-    vae = d.AutoencoderKLQwenImage(
-        base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, False, False, False, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-    )  # 32x spatial: the ~1024^2 condition images become 32x32 latents (16x16 tokens)
-    cls = getattr(d, cls_name)
-    return cls(
-        scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, processor=None,
-        transformer=tiny.qwen(),
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("cls_name", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
 def test_edit_pipelines_end_to_end(tiny, cls_name):
     from PIL import Image
 
     module = inspect.getmodule(getattr(diffusers, cls_name))
-    pipe = tiny_edit_pipe(tiny, cls_name)
+    pipe = build_tiny_pipeline("qwenimage", pipeline=cls_name)
     rng = np.random.default_rng(0)
     sizes = [(48, 32)] if cls_name == "QwenImageEditPipeline" else [(48, 32), (40, 40)]  # (width, height)
     images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for w, h in sizes]

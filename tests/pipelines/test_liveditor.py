@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from isa_plugin.kernels.coarse import coarse_attention, gated_coarse_residual
 from isa_plugin.pipelines import LIVEditorPipeline, LIVEditorTransformer3DModel
-from isa_plugin.pipelines.liveditor_checkpoint import convert_liveditor_checkpoint, map_liveditor_keys
+from isa_plugin.pipelines.liveditor_convert import convert_liveditor_checkpoint
 from isa_plugin.pipelines.liveditor_pipeline import liveditor_scheduler
+from isa_plugin.pipelines.liveditor_weights import map_liveditor_keys
 
 HEADS, HEAD_DIM, LAYERS, FFN, TEXT_DIM, FREQ_DIM, CH = 2, 32, 2, 128, 32, 32, 16
 DIM = HEADS * HEAD_DIM
@@ -341,21 +342,11 @@ def test_pickle_carrying_and_foreign_checkpoints_are_refused(sd, tmp_path):
 # ------------------------------------------------------------------------------------------ pipeline
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    """A tiny Wan diffusers pipeline folder (the converter's base): umT5, byte tokenizer, Wan VAE."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+    """A tiny Wan diffusers pipeline folder (the converter's base): umT5 of width 32 (= TEXT_DIM), byte tokenizer, Wan VAE."""
+    from isa_plugin.pipelines.tiny import build_tiny_pipeline
 
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                               relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-                                               is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)).eval()
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
-    transformer = WanTransformer3DModel(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=1, ffn_dim=FFN,
-                                        text_dim=TEXT_DIM, freq_dim=FREQ_DIM)
-    pipe = WanPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
     path = tmp_path_factory.mktemp("wan_base")
-    pipe.save_pretrained(path)
+    build_tiny_pipeline("wan").save_pretrained(path)
     return path
 
 

@@ -5,9 +5,9 @@ Layers: the self-attention ``blocks.N.attn1`` of every block (the model's own pr
 diffusers' ``WanAttnProcessor``.
 
 Processor: :class:`LIVEditorISAAttnProcessor` is the Wan ISA processor plus the model's gate
-(:func:`liveditor_gate`): every call, ISA or dense fallback, returns ``attention + gate · coarse``
-(``isa_attention(..., residual_gate=gate)``), so ISA replaces only the attention the model was trained
-with ISA in the loop.
+(:func:`~isa_plugin.pipelines.wan_attention.liveditor_gate`): every call, ISA or dense fallback, returns
+``attention + gate · coarse`` (``isa_attention(..., residual_gate=gate)``), so ISA replaces only the
+attention the model was trained with ISA in the loop.
 
 Layout: the token sequence is ``[target; source]`` (noisy target tokens, then the clean source's), read
 from each call's ``hidden_states`` and ``source_latents`` shapes: ``Layout([("target", n_t), ("context",
@@ -32,35 +32,14 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ...layout import Layout
+from ...pipelines.wan_attention import liveditor_gate
 from ..context import LayoutProvider
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
 from .wan import WanISAAttnProcessor
 
-__all__ = ["LIVEditorISAAttnProcessor", "LIVEditorLayout", "LIVEditorAdapter", "liveditor_gate", "liveditor_layout"]
+__all__ = ["LIVEditorISAAttnProcessor", "LIVEditorLayout", "LIVEditorAdapter", "liveditor_layout"]
 
 _BLOCKINGS = ("span", "sequence")
-
-
-def liveditor_gate(attn, hidden_states: torch.Tensor) -> torch.Tensor:
-    """LIVEditor's per-token residual gate of one self-attention layer.
-
-    Args:
-        attn: the layer's ``WanAttention`` carrying ``alpha_1`` (``Linear(dim, 1, bias=False)``).
-        hidden_states: [B, N, dim], the self-attention's input (normed, modulated hidden states).
-
-    Returns:
-        [B, N, 1] float32, ``(sigmoid(alpha_1(hidden_states)) - 0.5) * 0.5``, in [-0.25, 0.25].
-
-    Raises:
-        TypeError: ``attn`` has no ``alpha_1`` (not a LIVEditor self-attention layer).
-
-    Example:
-        >>> g = liveditor_gate(model.blocks[0].attn1, x)   # x: [1, 65520, 5120] -> [1, 65520, 1]
-    """
-    alpha = getattr(attn, "alpha_1", None)
-    if not isinstance(alpha, torch.nn.Module):
-        raise TypeError(f"{type(attn).__name__} has no alpha_1 gate: not a LIVEditor self-attention layer")
-    return (torch.sigmoid(alpha(hidden_states).float()) - 0.5) * 0.5
 
 
 def liveditor_layout(n_target: int, n_source: int, block_size: int = 64, *, blocking: str = "span") -> Layout:

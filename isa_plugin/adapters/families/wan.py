@@ -29,53 +29,12 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ...layout import Layout
+from ...pipelines.wan_attention import CONTEXT_FRAMES_KEY, CONTEXT_POSITION_KEY, wan_self_attention_qkv
 from ..context import LayoutProvider
 from ..processor import ISAAttnProcessorBase
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
-from ..rope import rope_interleaved_pairs
 
-__all__ = ["WanISAAttnProcessor", "wan_self_attention_qkv", "WanICLLayout", "WanAdapter", "WanICLPipelineAdapter", "wan_icl_layout", "CONTEXT_FRAMES_KEY", "CONTEXT_POSITION_KEY"]
-
-#: ``attention_kwargs`` keys read by the Wan adapter (number / position of context latent frames)
-CONTEXT_FRAMES_KEY = "isa_context_frames"
-CONTEXT_POSITION_KEY = "isa_context_position"
-
-
-def wan_self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb: Optional[tuple]):
-    """q, k, v [B, N, H, D] of a Wan self-attention layer, exactly as diffusers' ``WanAttnProcessor`` makes them.
-
-    Projections (fused ``to_qkv`` when ``attn.fuse_projections()`` ran), RMSNorm of q and k across heads,
-    split into heads, Wan's interleaved-pair RoPE on q and k (skipped when ``rotary_emb`` is None).
-
-    Args:
-        attn: a diffusers ``WanAttention`` used as self-attention.
-        hidden_states: [B, N, dim].
-        rotary_emb: ``(cos, sin)``, each [1, N, 1, head_dim], or None.
-
-    Returns:
-        ``(query, key, value)``, each [B, N, H, head_dim].
-
-    Example:
-        >>> q, k, v = wan_self_attention_qkv(transformer.blocks[0].attn1, x, rotary_emb)
-    """
-    if attn.fused_projections:
-        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    else:
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-    query = attn.norm_q(query)
-    key = attn.norm_k(key)
-
-    query = query.unflatten(2, (attn.heads, -1))
-    key = key.unflatten(2, (attn.heads, -1))
-    value = value.unflatten(2, (attn.heads, -1))
-
-    if rotary_emb is not None:
-        query = rope_interleaved_pairs(query, *rotary_emb)
-        key = rope_interleaved_pairs(key, *rotary_emb)
-    return query, key, value
+__all__ = ["WanISAAttnProcessor", "WanICLLayout", "WanAdapter", "WanICLPipelineAdapter", "wan_icl_layout"]
 
 
 class WanISAAttnProcessor(ISAAttnProcessorBase):

@@ -1,4 +1,4 @@
-"""Reading the authors' LIVEditor checkpoint and converting it to a diffusers pipeline folder.
+"""Reading the authors' LIVEditor checkpoint and mapping its keys onto ``LIVEditorTransformer3DModel``.
 
 The released checkpoint (``liveditor_ckpt.bin``, about 28 GB) is a ``torch.save`` state dict in the
 original Wan key naming. Reading it:
@@ -19,19 +19,22 @@ original Wan key naming. Reading it:
 Anything else is an error that names the keys: missing keys, unexpected keys, shapes that do not match
 the model config, two entries that map to one key (pass ``prefix=`` to pick a copy).
 
+This module takes the model class as an argument and imports nothing of the package's pipelines: the
+model (:meth:`LIVEditorTransformer3DModel.from_liveditor_checkpoint`) and the converter to a pipeline
+folder (:mod:`isa_plugin.pipelines.liveditor_convert`) both build on it.
+
 Example:
-    >>> convert_liveditor_checkpoint("liveditor_ckpt.bin", base="Wan2.2-T2V-A14B-Diffusers", out="liveditor-14b")
-    >>> pipe = LIVEditorPipeline.from_pretrained("liveditor-14b", torch_dtype=torch.bfloat16)
+    >>> source = read_liveditor_checkpoint("liveditor_ckpt.bin")
+    >>> model, mapping = validate_liveditor_checkpoint(LIVEditorTransformer3DModel, source)   # 14B config
+    >>> model = LIVEditorTransformer3DModel.from_liveditor_checkpoint("liveditor_ckpt.bin", torch_dtype=torch.bfloat16)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -44,8 +47,10 @@ __all__ = [
     "SKIPPED_ENTRIES",
     "read_liveditor_checkpoint",
     "map_liveditor_keys",
+    "validate_liveditor_checkpoint",
+    "liveditor_tensor_dtype",
+    "cast_liveditor_tensor",
     "load_liveditor_transformer",
-    "convert_liveditor_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -387,18 +392,71 @@ def _validated_mapping(source: _TensorSource, expected: Dict[str, Tuple[int, ...
     return mapping
 
 
+def validate_liveditor_checkpoint(cls, source: _TensorSource, *, prefix: Optional[str] = None, **config: Any) -> Tuple[Any, Dict[str, str]]:
+    """Check a checkpoint against a model config completely, before any tensor data is read.
+
+    Args:
+        cls: the model class (:class:`~isa_plugin.pipelines.LIVEditorTransformer3DModel`).
+        source: the checkpoint, as :func:`read_liveditor_checkpoint` opens it.
+        prefix: keep only keys under this prefix (e.g. ``"model_ema."``).
+        **config: model config with :class:`WanTransformer3DModel`'s names; default: ``cls``'s defaults.
+
+    Returns:
+        ``(model, mapping)``: an empty-weight model of ``config`` (parameters on the meta device, real
+        buffers) and ``mapping`` diffusers key → checkpoint key, in the model's state-dict order, complete
+        and shape-exact.
+
+    Raises:
+        ValueError: an unknown config key; a checkpoint with no transformer weights; missing or unexpected
+            keys (named, with the checkpoint's block count); shapes that do not match the config; two
+            copies of the weights without ``prefix``.
+
+    Example:
+        >>> model, mapping = validate_liveditor_checkpoint(LIVEditorTransformer3DModel, read_liveditor_checkpoint(sd),
+        ...                                                num_layers=2, num_attention_heads=2, attention_head_dim=32)
+    """
+    model, expected = _expected_shapes(cls, config)
+    mapping = _validated_mapping(source, expected, prefix, _config_text(cls, model))
+    return model, {k: mapping[k] for k in expected}
+
+
 def _keep_fp32(cls, name: str) -> bool:
     """diffusers' rule for ``_keep_in_fp32_modules``: a module name among the key's dotted parts."""
     parts = name.split(".")
     return any(m in parts for m in (getattr(cls, "_keep_in_fp32_modules", None) or ()))
 
 
-def _cast(cls, name: str, tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    if dtype is None or not tensor.is_floating_point():
-        return tensor
-    if dtype in (torch.float16, torch.bfloat16) and _keep_fp32(cls, name):
-        return tensor.to(torch.float32)
-    return tensor.to(dtype)
+def liveditor_tensor_dtype(cls, key: str, dtype: torch.dtype, torch_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a checkpoint tensor is loaded or stored in.
+
+    Args:
+        cls: the model class (its ``_keep_in_fp32_modules`` apply).
+        key: the tensor's diffusers key.
+        dtype: the tensor's dtype in the checkpoint.
+        torch_dtype: the requested dtype, or None to keep the checkpoint's.
+
+    Returns:
+        ``dtype`` when ``torch_dtype`` is None or the tensor is not floating point; float32 for modules
+        diffusers keeps in float32 when ``torch_dtype`` is fp16/bf16; ``torch_dtype`` otherwise.
+
+    Example:
+        >>> liveditor_tensor_dtype(LIVEditorTransformer3DModel, "blocks.0.attn1.to_q.weight", torch.float32, torch.bfloat16)
+        torch.bfloat16
+    """
+    if torch_dtype is None or not dtype.is_floating_point:
+        return dtype
+    if torch_dtype in (torch.float16, torch.bfloat16) and _keep_fp32(cls, key):
+        return torch.float32
+    return torch_dtype
+
+
+def cast_liveditor_tensor(cls, key: str, tensor: torch.Tensor, torch_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``tensor`` in :func:`liveditor_tensor_dtype`'s dtype (the tensor itself when that is its own).
+
+    Example:
+        >>> w = cast_liveditor_tensor(LIVEditorTransformer3DModel, key, source.get(mapping[key]), torch.bfloat16)
+    """
+    return tensor.to(liveditor_tensor_dtype(cls, key, tensor.dtype, torch_dtype))
 
 
 def _config_text(cls, model) -> str:
@@ -413,169 +471,8 @@ def _config_text(cls, model) -> str:
 def load_liveditor_transformer(cls, path_or_state_dict, *, torch_dtype: Optional[torch.dtype] = None, prefix: Optional[str] = None, **config):
     """Implementation of :meth:`LIVEditorTransformer3DModel.from_liveditor_checkpoint` (see there)."""
     source = read_liveditor_checkpoint(path_or_state_dict)
-    model, expected = _expected_shapes(cls, config)
-    mapping = _validated_mapping(source, expected, prefix, _config_text(cls, model))
-    state = {k: _cast(cls, k, source.get(mapping[k]), torch_dtype) for k in expected}
+    model, mapping = validate_liveditor_checkpoint(cls, source, prefix=prefix, **config)
+    state = {k: cast_liveditor_tensor(cls, k, source.get(mapping[k]), torch_dtype) for k in mapping}
     model.load_state_dict(state, strict=True, assign=True)
     logger.info("loaded %d tensors from %s", len(state), source.name)
     return model.eval()
-
-
-# ---------------------------------------------------------------------------------------------- conversion
-_BASE_COMPONENTS = ("text_encoder", "tokenizer", "vae")
-
-
-def _parse_size(size: Union[int, str]) -> int:
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size={size!r} is not a size; use bytes (int) or e.g. '5GB'")
-    unit = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[(m.group(2) or "B").upper()]
-    value = int(float(m.group(1)) * unit)
-    if value <= 0:
-        raise ValueError(f"max_shard_size={size!r} must be positive")
-    return value
-
-
-def _shard_plan(keys: List[str], nbytes: Dict[str, int], limit: int) -> List[List[str]]:
-    shards: List[List[str]] = [[]]
-    used = 0
-    for k in keys:
-        if shards[-1] and used + nbytes[k] > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(k)
-        used += nbytes[k]
-    return shards
-
-
-def convert_liveditor_checkpoint(
-    checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
-    base: Union[str, os.PathLike],
-    out: Union[str, os.PathLike],
-    *,
-    torch_dtype: Optional[torch.dtype] = None,
-    prefix: Optional[str] = None,
-    max_shard_size: Union[int, str] = "5GB",
-    link_base: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    **config: Any,
-) -> Path:
-    """Write a ``LIVEditorPipeline`` folder: the base Wan pipeline's text encoder, tokenizer and VAE, the
-    authors' sampler (:func:`~isa_plugin.pipelines.liveditor_pipeline.liveditor_scheduler`) and the converted
-    transformer as safetensors shards.
-
-    The checkpoint is validated completely before anything is written, then streamed: tensors are read
-    one at a time (memory-mapped for ``torch.save`` zips and safetensors) and written shard by shard, so
-    the peak extra memory is about one shard, never a second copy of the checkpoint.
-
-    Args:
-        checkpoint: ``liveditor_ckpt.bin`` (or safetensors, or a state dict), as
-            :meth:`LIVEditorTransformer3DModel.from_liveditor_checkpoint` reads it.
-        base: a Wan diffusers folder (e.g. ``Wan2.2-T2V-A14B-Diffusers`` or ``Wan2.1-T2V-14B-Diffusers``) with
-            ``model_index.json``, ``text_encoder/``, ``tokenizer/`` and ``vae/``.
-        out: the folder to write (created; must be empty unless ``overwrite``).
-        torch_dtype: store floating tensors in this dtype (default: as in the checkpoint); modules diffusers
-            keeps in float32 (``_keep_in_fp32_modules``) stay float32 when it is fp16/bf16.
-        prefix: as ``from_liveditor_checkpoint``.
-        max_shard_size: bytes per shard (int or ``"5GB"``).
-        link_base: hard-link the base's files instead of copying them (same file system only; falls back to
-            copying).
-        overwrite: replace an existing non-empty ``out``.
-        progress: show a progress bar while writing shards.
-        **config: transformer config (``WanTransformer3DModel`` names; default the 14B config).
-
-    Returns:
-        ``out`` as a Path; load it with ``LIVEditorPipeline.from_pretrained(out)``.
-
-    Raises:
-        FileNotFoundError: no checkpoint, or ``base`` lacks a component.
-        ValueError: a checkpoint that cannot be read or does not match the config (as
-            ``from_liveditor_checkpoint``); a non-empty ``out`` without ``overwrite``; a bad ``max_shard_size``.
-
-    Example:
-        >>> convert_liveditor_checkpoint("liveditor_ckpt.bin", "Wan2.2-T2V-A14B-Diffusers", "liveditor-14b")
-    """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from .liveditor import LIVEditorTransformer3DModel
-    from .liveditor_pipeline import LIVEditorPipeline, liveditor_scheduler
-
-    cls = LIVEditorTransformer3DModel
-    base, out = Path(base), Path(out)
-    limit = _parse_size(max_shard_size)
-    index_path = base / "model_index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{base} is not a diffusers pipeline folder (no model_index.json); pass a Wan diffusers folder as base")
-    base_index = json.loads(index_path.read_text())
-    absent = [c for c in _BASE_COMPONENTS if not (base / c).is_dir() or c not in base_index]
-    if absent:
-        raise FileNotFoundError(f"{base} lacks {absent}; the base must be a Wan diffusers pipeline with {list(_BASE_COMPONENTS)}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} exists and is not empty; choose a new folder or pass overwrite=True")
-
-    source = read_liveditor_checkpoint(checkpoint)
-    model, expected = _expected_shapes(cls, config)
-    mapping = _validated_mapping(source, expected, prefix, _config_text(cls, model))
-
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tdir = out / "transformer"
-    tdir.mkdir()
-    model.save_config(tdir)
-
-    def stored_dtype(k: str) -> torch.dtype:
-        src = source.dtypes[mapping[k]]
-        if torch_dtype is None or not src.is_floating_point:
-            return src
-        return torch.float32 if torch_dtype in (torch.float16, torch.bfloat16) and _keep_fp32(cls, k) else torch_dtype
-
-    keys = list(expected)
-    nbytes = {k: int(torch.Size(expected[k]).numel()) * torch.empty((), dtype=stored_dtype(k)).element_size() for k in keys}
-    shards = _shard_plan(keys, nbytes, limit)
-    weight_map: Dict[str, str] = {}
-    bar = tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc="transformer", disable=not progress)
-    for i, shard_keys in enumerate(shards, start=1):
-        name = "diffusion_pytorch_model.safetensors" if len(shards) == 1 else f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: _cast(cls, k, source.get(mapping[k]), torch_dtype).contiguous() for k in shard_keys}
-        save_file(tensors, str(tdir / name), metadata={"format": "pt"})
-        del tensors
-        weight_map.update({k: name for k in shard_keys})
-        bar.update(sum(nbytes[k] for k in shard_keys))
-    bar.close()
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
-        (tdir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-
-    copy = _link_or_copy if link_base else shutil.copy2
-    for component in _BASE_COMPONENTS:
-        logger.info("copying %s from %s", component, base)
-        shutil.copytree(base / component, out / component, copy_function=copy)
-    liveditor_scheduler().save_pretrained(out / "scheduler")
-
-    index = {"_class_name": LIVEditorPipeline.__name__, "_diffusers_version": _diffusers_version()}
-    for component in _BASE_COMPONENTS:
-        index[component] = base_index[component]
-    index["scheduler"] = ["diffusers", "UniPCMultistepScheduler"]
-    index["transformer"] = [cls.__module__, cls.__name__]
-    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-    logger.info("wrote %s (%d tensors in %d shard(s))", out, len(keys), len(shards))
-    return out
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-        return dst
-    except OSError:
-        return shutil.copy2(src, dst)
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__
