@@ -1,0 +1,471 @@
+"""Block-sparse attention executor for a :class:`~isa_plugin.plan.BlockPlan`: exact key blocks from CSR
+lists plus one block-mean pseudo-key per remaining KV' block, in one online softmax (forward only).
+
+Semantics (:func:`~isa_plugin.kernels.reference.execute_plan_reference` is the specification), per batch
+entry b, head h and query block i of the plan's per-span blocking:
+
+    o_t = [Σ_{j exact} Σ_{r in j} e^{s_tr} v_r + Σ_{j in KV', not exact} n_j e^{q_t·k̄_j·scale} v̄_j]
+          / [Σ_{j exact} Σ_{r in j} e^{s_tr}   + Σ_{j in KV', not exact} n_j e^{q_t·k̄_j·scale}]
+
+with s_tr = q_t·k_r·scale, k̄_j / v̄_j the block means (true counts n_j, short last blocks of a span
+included) and the exact list of row i being ``col_idx[b, h, row_ptr[b, h, i] : row_ptr[b, h, i + 1]]``.
+A non-finite value anywhere in k (v) of a (b, h) makes that head's output (those feature columns) NaN,
+as dense attention would; a (b, h) with no kept key block gives NaN rows (softmax over nothing).
+
+Layout:
+    q, k, v, out: [B, N, H, D] (diffusers' layout; read and written through strides, D contiguous),
+        fp16 / bf16, or fp32 (IEEE dots: for tests and fp32 callers, slow).
+    kbar, vbar: [B*H, nb, D] block means in the input dtype (:mod:`~isa_plugin.kernels.pooling`);
+        log2n: [nb] float32, log2 of the true counts (the pseudo-key bias ln n_j in base 2);
+        poison: [B*H, D] float32, 0 or NaN (non-finite k / v of the head).
+    starts, counts: [nb] int32 block starts and true token counts.
+    row_ptr: [B*H, nb + 1], col_idx: [B*H, nnz] (int64 or int32, the plan's CSR lists, ascending).
+    kv_list: [B*H, nb] int32, the kept blocks of every (b, h) in ascending order (first kv_len [B*H]).
+    order: [B*H*nb] int32 work items (b*H + h)*nb + i, by exact-list length descending.
+
+Grid: (B*H*nb,). Program w runs item ``order[w]``: its [BLOCK, D] query tile walks the exact list in
+tiles of KB key blocks (cp.async-pipelined gathered loads, one (m, l, acc) state in float32 in the log2
+domain), then the (b, h)'s KV' list in tiles of BP pseudo-keys, dropping the row's exact blocks by
+merging the two ascending lists (a window of BP list entries compared with the BP candidates); rows
+whose list is all of KV' skip the tail. Items are issued longest list first (a stable sort on the
+device keeps (b, h)-major order among equal lengths, so co-resident programs share K/V in L2), which
+lets the hardware scheduler balance uneven rows without a persistent loop. Nothing in the launch path
+reads device values on the host, so a call can be captured in a CUDA graph (after a first, autotuning
+call).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..plan import BlockPlan
+from .pooling import pool_blocks_triton
+
+__all__ = ["execute_block_plan", "sparse_ineligible", "sparse_attn_op", "sparse_attn_fwd", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 64 and 128 are the tuned ones; 16 / 32 serve fine pseudo-keys
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def _configs():
+    if _interpreting():
+        # one config: the interpreter cannot time configs (tests pick others through ``config=``)
+        return [triton.Config({"KB": 1, "BP": 64}, num_warps=4, num_stages=1)]
+    cfgs = []
+    # 128-row blocks: one block per key tile (128 keys), two warpgroups (wgmma m64 each) per program
+    for st in (2, 3):
+        cfgs.append(triton.Config({"KB": 1, "BP": 64}, num_warps=8, num_stages=st))
+    # 64-row blocks: one warpgroup; key tiles of one or two blocks (64 or 128 keys: two halve the softmax
+    # rescales and give wgmma an N of 128)
+    for kb, w, st in ((1, 4, 2), (1, 4, 3), (2, 4, 2), (2, 4, 3), (2, 8, 2)):
+        cfgs.append(triton.Config({"KB": kb, "BP": 64}, num_warps=w, num_stages=st))
+    # 16 / 32-row blocks (fine pseudo-key plans): up to four blocks per key tile
+    for kb in (2, 4):
+        cfgs.append(triton.Config({"KB": kb, "BP": 64}, num_warps=4, num_stages=2))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    block = kwargs.get("BLOCK", named_args.get("BLOCK", 64))
+    if block >= 128:
+        keep = [c for c in configs if c.kwargs["KB"] == 1 and c.num_warps == 8]
+    elif block == 64:
+        keep = [c for c in configs if c.kwargs["KB"] <= 2 and not (c.kwargs["KB"] == 1 and c.num_warps == 8)]
+    else:
+        keep = [c for c in configs if c.kwargs["KB"] * block <= 128 and c.num_warps == 4]
+    return keep or configs[:1]
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _sparse_attn_fwd_kernel(
+    Q, K, V, O,
+    KBAR, VBAR, LOG2N, POISON,
+    STARTS, COUNTS,
+    ROW_PTR, COL_IDX,
+    KV_LIST, KV_LEN,
+    ORDER,
+    sq_b, sq_n, sq_h,
+    sk_b, sk_n, sk_h,
+    sv_b, sv_n, sv_h,
+    so_b, so_n, so_h,
+    H, nb, nnz, scale_log2,
+    D: tl.constexpr,  # head dim: width of every tile and dot, must be static
+    BLOCK: tl.constexpr,  # padded block size (power of two >= every count): query tile height, key rows per block
+    KB: tl.constexpr,  # key blocks per exact tile (tile = KB * BLOCK keys): static dot shape
+    BP: tl.constexpr,  # pseudo-keys per tail tile (and the width of the list window merged against them)
+    IEEE: tl.constexpr,  # fp32 inputs: full-precision dots instead of tf32
+):
+    tl.static_assert(BLOCK >= 16)
+    tl.static_assert(BP >= 16)
+    tl.static_assert(KB * BLOCK <= 256)
+    i_w = tl.program_id(0)
+    i_item = tl.load(ORDER + i_w)
+    i_bh = i_item // nb
+    i_qb = i_item % nb
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_bh64 = i_bh.to(tl.int64)
+
+    # the row's exact list: COL_IDX[bh, r0 : r0 + l_len]
+    p_rp = ROW_PTR + i_bh64 * (nb + 1) + i_qb
+    r0 = tl.load(p_rp)
+    l_len = (tl.load(p_rp + 1) - r0).to(tl.int32)
+    p_col = COL_IDX + i_bh64 * nnz + r0
+
+    q_start = tl.load(STARTS + i_qb).to(tl.int64)
+    q_cnt = tl.load(COUNTS + i_qb)
+    o_m = tl.arange(0, BLOCK)
+    o_d = tl.arange(0, D)
+    m_m = o_m < q_cnt
+    p_q = Q + i_b * sq_b + i_h * sq_h + (q_start + o_m)[:, None] * sq_n + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)  # [BLOCK, D]
+
+    b_acc = tl.zeros([BLOCK, D], dtype=tl.float32)
+    b_m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK], dtype=tl.float32)
+
+    p_k0 = K + i_b * sk_b + i_h * sk_h + o_d[None, :]
+    p_v0 = V + i_b * sv_b + i_h * sv_h + o_d[None, :]
+    o_t = tl.arange(0, KB * BLOCK)
+    # ---- exact key blocks: KB list entries per tile
+    for j in range(0, l_len, KB):
+        if KB == 1:
+            i_kb = tl.load(p_col + j)
+            k_start = tl.load(STARTS + i_kb).to(tl.int64)
+            k_cnt = tl.load(COUNTS + i_kb)
+            m_n = o_t < k_cnt  # [BLOCK]
+            o_row = k_start + o_t
+        else:
+            o_sub = o_t // BLOCK  # which of the tile's KB blocks a key row belongs to
+            o_r = o_t % BLOCK
+            m_blk = (j + o_sub) < l_len
+            i_kb = tl.load(p_col + j + o_sub, mask=m_blk, other=0)  # [KB*BLOCK]
+            k_start = tl.load(STARTS + i_kb).to(tl.int64)
+            k_cnt = tl.load(COUNTS + i_kb)
+            m_n = m_blk & (o_r < k_cnt)  # [KB*BLOCK]
+            o_row = k_start + o_r
+        b_k = tl.load(p_k0 + o_row[:, None] * sk_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
+        b_v = tl.load(p_v0 + o_row[:, None] * sv_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
+        if IEEE:
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BLOCK, KB*BLOCK]
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_k))  # [BLOCK, KB*BLOCK]
+        # scale and key mask in one FMA; every exact tile holds at least one valid key, so b_mn is finite
+        b_s = b_s * scale_log2 + tl.where(m_n, 0.0, float("-inf"))[None, :]
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.math.exp2(b_s - b_mn[:, None])  # [BLOCK, KB*BLOCK]
+        b_alpha = tl.math.exp2(b_m - b_mn)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        if IEEE:
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")  # [BLOCK, D]
+        else:
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)  # [BLOCK, D]
+        b_m = b_mn
+
+    # ---- pseudo-keys: every KV' block not in the exact list, bias log2(n_j)
+    kv_len = tl.load(KV_LEN + i_bh)
+    n_tail = tl.where(kv_len > l_len, kv_len, 0)  # full rows (list == KV') skip the tail
+    o_p = tl.arange(0, BP)
+    p_kvl = KV_LIST + i_bh64 * nb
+    p_bar = i_bh64 * nb * D + o_d[None, :]
+    i_cur = l_len * 0  # list entries below the current tile (all matched by earlier tiles)
+    for p0 in range(0, n_tail, BP):
+        m_p = (p0 + o_p) < kv_len
+        i_cand = tl.load(p_kvl + p0 + o_p, mask=m_p, other=-1)  # [BP] ascending KV' blocks
+        m_win = (i_cur + o_p) < l_len
+        i_win = tl.load(p_col + i_cur + o_p, mask=m_win, other=-2).to(tl.int32)  # [BP] next list entries
+        m_hit = i_cand[:, None] == i_win[None, :]  # [BP, BP]
+        m_exact = tl.max(m_hit.to(tl.int32), 1) > 0  # [BP]
+        i_last = tl.max(i_cand, 0)
+        i_cur += tl.sum((m_win & (i_win <= i_last)).to(tl.int32), 0)
+        m_a = m_p & (m_exact == 0)  # [BP] pseudo-keys of this tile
+        o_bar = tl.where(m_p, i_cand, 0).to(tl.int64)
+        b_kb = tl.load(KBAR + p_bar + o_bar[:, None] * D, mask=m_a[:, None], other=0.0)  # [BP, D]
+        b_vb = tl.load(VBAR + p_bar + o_bar[:, None] * D, mask=m_a[:, None], other=0.0)  # [BP, D]
+        b_lg = tl.load(LOG2N + o_bar, mask=m_a, other=0.0)  # [BP]
+        if IEEE:
+            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision="ieee")  # [BLOCK, BP]
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_kb))  # [BLOCK, BP]
+        b_s = b_s * scale_log2 + tl.where(m_a, b_lg, float("-inf"))[None, :]
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # a tile of exact blocks only, before any key
+        b_p = tl.math.exp2(b_s - b_ms[:, None])  # [BLOCK, BP]
+        b_alpha = tl.math.exp2(b_m - b_ms)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        if IEEE:
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_vb.dtype), b_vb, input_precision="ieee")  # [BLOCK, D]
+        else:
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_vb.dtype), b_vb)  # [BLOCK, D]
+        b_m = b_mn
+
+    b_poison = tl.load(POISON + i_bh64 * D + o_d)  # [D] 0, or NaN for a non-finite k / v of the head
+    b_o = b_acc / b_l[:, None] + b_poison[None, :]  # l = 0 (no key at all) gives NaN, as the reference
+    p_o = O + i_b * so_b + i_h * so_h + (q_start + o_m)[:, None] * so_n + o_d[None, :]
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
+
+
+_sparse_attn_fwd_tuned = triton.autotune(
+    configs=_configs(), key=["D", "BLOCK", "IEEE"], prune_configs_by={"early_config_prune": _prune}
+)(_sparse_attn_fwd_kernel)
+
+
+# ---------------------------------------------------------------------------------------------- host
+def _ineligible(q: torch.Tensor, block_size: int) -> Optional[Tuple[type, str]]:
+    """(exception type, reason) when the executor cannot run, else None."""
+    if not q.is_cuda and not _interpreting():
+        return RuntimeError, (f"inputs are on {q.device.type}; the Triton executor needs CUDA "
+                              "(or TRITON_INTERPRET=1, which runs it on the CPU for tests)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        return ValueError, f"dtype {q.dtype} is not supported; supported: float16, bfloat16, float32"
+    if q.ndim != 4:
+        return ValueError, f"q must be [B, N, H, D], got shape {tuple(q.shape)}"
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        return ValueError, f"head_dim={D} is not supported; supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        return ValueError, (f"block size {block_size} (the plan's pseudo-key granularity) is not supported; "
+                            f"supported: {', '.join(map(str, SUPPORTED_BLOCK_SIZES))}")
+    if q.stride(-1) != 1:
+        return ValueError, f"q has stride {q.stride(-1)} on the head dimension; it needs 1 (call q.contiguous())"
+    if q.is_cuda:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            return RuntimeError, (f"compute capability {major}.{minor} is too old; the Triton executor needs 8.0 "
+                                  "or newer (Ampere, Ada, Hopper)")
+    return None
+
+
+def sparse_ineligible(q: torch.Tensor, plan: BlockPlan) -> Optional[str]:
+    """Why :func:`execute_block_plan` cannot run a call with this q and plan (None when it can).
+
+    Args:
+        q: [B, N, H, D] query tensor (device, dtype, head_dim and stride on D are checked).
+        plan: the :class:`~isa_plugin.plan.BlockPlan` to execute; its pseudo-key granularity
+            ``pseudo_block`` is the block size the kernel runs at (``blocks.block_size`` for one
+            block-mean pseudo-key per block).
+
+    Returns:
+        A sentence naming the unsupported value and what is supported, or None.
+
+    Example:
+        >>> sparse_ineligible(torch.zeros(1, 128, 2, 80), plan)  # doctest: +SKIP
+        'head_dim=80 is not supported; supported: 64, 128'
+    """
+    r = _ineligible(q, int(plan.pseudo_block))
+    return None if r is None else r[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _block_meta(blocks, device: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(starts int32, counts int32, log2(counts) float32) of a blocking on ``device``, built once."""
+    b = blocks.to(device)
+    return (b.starts.to(torch.int32).contiguous(), b.counts.to(torch.int32).contiguous(),
+            torch.log2(b.counts.to(torch.float32)).contiguous())
+
+
+def sparse_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_keep: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    starts: torch.Tensor, counts: torch.Tensor, log2n: torch.Tensor,
+    block_size: int, scale: float,
+    out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+) -> torch.Tensor:
+    """Host launcher: pool k̄ / v̄, build the KV' lists and the work order on the device, launch the kernel.
+
+    The caller (:func:`execute_block_plan`) has validated the arguments; no device value is read here.
+
+    Args:
+        q, k, v: [B, N, H, D], unit stride on D. kv_keep: [B, H, nb] bool. row_ptr: [B, H, nb + 1],
+            col_idx: [B, H, nnz] (int64 or int32). starts, counts: [nb] int32; log2n: [nb] float32.
+        block_size: the blocking's nominal block size (every count <= block_size).
+        scale: softmax scale.
+        out: optional [B, N, H, D] buffer in q's dtype (every element is written).
+        config: launch these meta-parameters (``{"KB", "BP", "num_warps", "num_stages"}``) instead of the
+            autotuned ones (tests use it to cover every tile shape under the interpreter).
+
+    Returns:
+        ``out`` ([B, N, H, D] in q's dtype).
+    """
+    B, N, H, D = q.shape
+    nb = int(starts.shape[0])
+    if out is None:
+        out = torch.empty_like(q)
+    if B * H * nb == 0 or N == 0:
+        return out
+    bs = int(block_size)
+    if k.stride() == v.stride():
+        kbar, vbar = pool_blocks_triton(k, v, starts=starts, counts=counts, block_size=bs)
+    else:
+        kbar = pool_blocks_triton(k, starts=starts, counts=counts, block_size=bs)[0]
+        vbar = pool_blocks_triton(v, starts=starts, counts=counts, block_size=bs)[0]
+    # dense attention turns a non-finite k anywhere in a head (v: in a feature column) into NaN: keep that
+    poison = (kbar.sum(dim=(2, 3))[..., None] + vbar.sum(dim=2)) * 0  # [B, H, D] float32
+    kbar = kbar.to(q.dtype).reshape(B * H, nb, D)
+    vbar = vbar.to(q.dtype).reshape(B * H, nb, D)
+    keep = kv_keep.reshape(B * H, nb)
+    # kept blocks first, ascending (stable sort on the dropped flag)
+    kv_list = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    kv_len = keep.sum(-1, dtype=torch.int32)
+    rp = row_ptr.reshape(B * H, nb + 1)
+    ci = col_idx.reshape(B * H, -1)
+    if not ci.is_contiguous():
+        ci = ci.contiguous()
+    nnz = int(ci.shape[-1])
+    # longest lists first; the stable sort keeps (b, h)-major order among equal lengths (L2 locality)
+    order = torch.sort((rp[:, 1:] - rp[:, :-1]).reshape(-1), descending=True, stable=True).indices.to(torch.int32)
+    BLOCK = max(16, triton.next_power_of_2(bs))
+    args = (
+        q, k, v, out, kbar, vbar, log2n, poison, starts, counts, rp, ci, kv_list, kv_len, order,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, nb, nnz, float(scale) * _LOG2E,
+    )
+    grid = (B * H * nb,)
+    ieee = q.dtype == torch.float32
+    if config is None:
+        _sparse_attn_fwd_tuned[grid](*args, D=D, BLOCK=BLOCK, IEEE=ieee)
+    else:
+        meta = dict(config)
+        _sparse_attn_fwd_kernel[grid](
+            *args, D=D, BLOCK=BLOCK, IEEE=ieee, KB=meta.pop("KB", 1), BP=meta.pop("BP", 64),
+            num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 1),
+        )
+        if meta:
+            raise ValueError(f"unknown launch parameters {sorted(meta)}; known: KB, BP, num_warps, num_stages")
+    return out
+
+
+@torch.library.custom_op("isa_plugin::sparse_attn", mutates_args=())
+def sparse_attn_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_keep: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    starts: torch.Tensor, counts: torch.Tensor, log2n: torch.Tensor,
+    block_size: int, scale: float,
+) -> torch.Tensor:
+    """``isa_plugin::sparse_attn``: :func:`sparse_attn_fwd` as one opaque node for ``torch.compile``."""
+    return sparse_attn_fwd(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale)
+
+
+@sparse_attn_op.register_fake
+def _(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale):
+    return torch.empty_like(q)
+
+
+def _check_inputs(q, k, v, plan: BlockPlan) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(plan, BlockPlan):
+        raise TypeError(f"plan must be an isa_plugin.plan.BlockPlan, got {type(plan).__name__}")
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one [B, N, H, D] shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype} (cast them to one)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    B, N, H, _ = q.shape
+    pB, pH, nb = plan.shape
+    if (pB, pH) != (B, H):
+        raise ValueError(f"the plan is for batch {pB} and {pH} heads but q has batch {B} and {H} heads "
+                         "(plan the call with these inputs; BlockPlan.expand_batch shares a batch-1 plan)")
+    if plan.blocks.num_tokens != N or plan.blocks.num_blocks != nb:
+        raise ValueError(f"the plan's blocking covers {plan.blocks.num_tokens} tokens in {plan.blocks.num_blocks} blocks "
+                         f"but q has N={N} tokens (and kv_keep {nb} blocks); plan the call with this layout")
+    for name in ("kv_keep", "row_ptr", "col_idx"):
+        t = getattr(plan, name)
+        if t.device != q.device:
+            raise ValueError(f"plan.{name} is on {t.device} but q is on {q.device}; build the plan on q's device")
+    if plan.row_ptr.shape != (B, H, nb + 1) or plan.col_idx.ndim != 3 or plan.col_idx.shape[:2] != (B, H):
+        raise ValueError(f"plan.row_ptr {tuple(plan.row_ptr.shape)} / col_idx {tuple(plan.col_idx.shape)} do not match "
+                         f"[B, H, nb + 1] = {(B, H, nb + 1)} / [B, H, nnz]")
+    for name in ("row_ptr", "col_idx"):
+        if getattr(plan, name).dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"plan.{name} has dtype {getattr(plan, name).dtype}; it must be int64 (or int32)")
+    if plan.kv_keep.dtype != torch.bool:
+        raise ValueError(f"plan.kv_keep has dtype {plan.kv_keep.dtype}; it must be bool")
+
+
+def execute_block_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
+                       scale: Optional[float] = None) -> torch.Tensor:
+    """Run ``plan`` on q, k, v with the Triton block-sparse executor: exact key blocks plus block-mean
+    pseudo-keys (bias ln n_j) in one softmax, the semantics of
+    :func:`~isa_plugin.kernels.reference.execute_plan_reference`.
+
+    Query block i of head (b, h) attends to every token of the key blocks in its exact list
+    ``plan.col_idx[b, h, plan.row_ptr[b, h, i] : plan.row_ptr[b, h, i + 1]]`` and to one pseudo-key per
+    other kept block j (``plan.kv_keep``): key k̄_j, value v̄_j (block means over the true count n_j),
+    logit bias ln(n_j). Dropped blocks take no part. A row whose exact list is empty attends to
+    pseudo-keys only; a head with no kept block gives NaN rows, and a non-finite value anywhere in a
+    head's k (v) gives NaN outputs for that head (those feature columns), as dense attention would.
+
+    A plan whose ``pseudo_block`` is finer than its blocks is first converted with
+    :meth:`~isa_plugin.plan.BlockPlan.at_pseudo_granularity` (blocks of ``pseudo_block`` tokens: more
+    work items and longer lists; that conversion reads the plan on the host, so only plans with
+    ``pseudo_block == blocks.block_size`` run without a host synchronisation). Otherwise the call reads
+    no device value on the host and can be captured in a CUDA graph once a first call has autotuned the
+    kernel for its (head_dim, block size, dtype).
+
+    Args:
+        q, k, v: [B, N, H, D] (diffusers' layout), one dtype (float16, bfloat16 or float32) and device,
+            unit stride on D for q (k and v are copied when they lack one). D = 64 or 128.
+        plan: a :class:`~isa_plugin.plan.BlockPlan` for this call (batch B, H heads, a blocking of N
+            tokens), its tensors on q's device. Exact lists must lie in KV' (``BlockPlan.from_masks``
+            checks this).
+        scale: softmax scale, default 1/sqrt(D).
+
+    Returns:
+        [B, N, H, D] in q's dtype.
+
+    Raises:
+        TypeError: q, k, v that are not tensors, or a plan that is not a ``BlockPlan``.
+        ValueError: shapes, dtypes or devices that differ, a plan for another shape or device, an
+            unsupported dtype / head_dim / block size, a non-unit stride on q's head dimension, or a
+            non-finite scale.
+        RuntimeError: no CUDA device (and no TRITON_INTERPRET=1), or a GPU older than compute
+            capability 8.0.
+
+    Example:
+        >>> blocks = Layout([("target", 4096), ("context", 4096)]).blocks(128)
+        >>> keep = torch.ones(1, 8, blocks.num_blocks, dtype=torch.bool, device="cuda")
+        >>> exact = torch.rand(1, 8, blocks.num_blocks, blocks.num_blocks, device="cuda") < 0.25
+        >>> plan = BlockPlan.from_masks(blocks.to("cuda"), keep, exact, pseudo_block=128)
+        >>> out = execute_block_plan(q, k, v, plan)  # doctest: +SKIP
+    """
+    _check_inputs(q, k, v, plan)
+    bad = _ineligible(q, int(plan.pseudo_block))
+    if bad is not None:
+        raise bad[0](bad[1])
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale={scale} must be finite (default 1/sqrt(head_dim))")
+    bs = plan.blocks.block_size
+    if plan.pseudo_block != bs:
+        if bs % plan.pseudo_block:
+            raise ValueError(f"plan.pseudo_block={plan.pseudo_block} must divide the block size {bs}")
+        plan = plan.at_pseudo_granularity()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    starts, counts, log2n = _block_meta(plan.blocks, str(q.device))
+    return sparse_attn_op(q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n,
+                          int(plan.blocks.block_size), scale)
