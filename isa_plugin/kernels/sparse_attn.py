@@ -67,53 +67,98 @@ def _configs():
         # one config: the interpreter cannot time configs (tests pick others through ``config=``)
         return [triton.Config({"KB": 1, "BP": 64}, num_warps=4, num_stages=1)]
     cfgs = []
-    # 128-row blocks: one block per key tile (128 keys), two warpgroups (wgmma m64 each) per program
+    # 128-row blocks: one block per key tile (128 keys), two warpgroups (wgmma m64 each) per program.
+    # num_stages 3 keeps two K / V tiles in flight (224 KiB of shared memory on sm_90; pruned elsewhere
+    # by the autotuner when it does not fit)
     for st in (2, 3):
         cfgs.append(triton.Config({"KB": 1, "BP": 64}, num_warps=8, num_stages=st))
-    # 64-row blocks: one warpgroup; key tiles of one or two blocks (64 or 128 keys: two halve the softmax
-    # rescales and give wgmma an N of 128)
-    for kb, w, st in ((1, 4, 2), (1, 4, 3), (2, 4, 2), (2, 4, 3), (2, 8, 2)):
+    # 64-row blocks: key tiles of one or two blocks (64 or 128 keys: two halve the softmax rescales and
+    # give wgmma an N of 128)
+    for kb, w, st in ((1, 4, 2), (1, 4, 3), (2, 4, 2), (2, 4, 3), (2, 8, 2), (2, 8, 3)):
         cfgs.append(triton.Config({"KB": kb, "BP": 64}, num_warps=w, num_stages=st))
-    # 16 / 32-row blocks (fine pseudo-key plans): up to four blocks per key tile
-    for kb in (2, 4):
-        cfgs.append(triton.Config({"KB": kb, "BP": 64}, num_warps=4, num_stages=2))
+    # 16 / 32-row blocks (plans with fine pseudo-keys)
+    cfgs.append(triton.Config({"KB": 2, "BP": 64}, num_warps=4, num_stages=2))
+    # float32 (IEEE dots without tensor cores): no pipelining, the tiles alone take the shared memory
+    for w in (4, 8):
+        cfgs.append(triton.Config({"KB": 1, "BP": 32}, num_warps=w, num_stages=1))
     return cfgs
 
 
 def _prune(configs, named_args, **kwargs):
-    block = kwargs.get("BLOCK", named_args.get("BLOCK", 64))
-    if block >= 128:
-        keep = [c for c in configs if c.kwargs["KB"] == 1 and c.num_warps == 8]
+    meta = dict(named_args, **kwargs)
+    block, ieee, d = meta.get("BLOCK", 64), meta.get("IEEE", False), meta.get("D", 128)
+    if ieee:
+        keep = [c for c in configs if c.num_stages == 1 and c.num_warps == (8 if block * d >= 8192 else 4)]
+    elif block >= 128:
+        keep = [c for c in configs if c.num_stages > 1 and c.kwargs["KB"] == 1 and c.num_warps == 8]
     elif block == 64:
-        keep = [c for c in configs if c.kwargs["KB"] <= 2 and not (c.kwargs["KB"] == 1 and c.num_warps == 8)]
+        keep = [c for c in configs if c.num_stages > 1 and not (c.kwargs["KB"] == 1 and c.num_warps == 8)]
     else:
-        keep = [c for c in configs if c.kwargs["KB"] * block <= 128 and c.num_warps == 4]
+        keep = [c for c in configs if c.num_stages > 1 and c.kwargs["KB"] == 2 and c.num_warps == 4][:1]
     return keep or configs[:1]
 
 
 # ---------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _key_block(p_col, STARTS, COUNTS, j, l_len):
+    """Token start and count of the key block at position j of the exact list (count 0 past its end)."""
+    m = j < l_len
+    i_kb = tl.load(p_col + j, mask=m, other=0)
+    return tl.load(STARTS + i_kb, mask=m, other=0), tl.load(COUNTS + i_kb, mask=m, other=0)
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _exact_bits_kernel(
+    ROW_PTR, COL_IDX, BITS,  # [B*H, nb + 1], [B*H, nnz] CSR lists; out [B*H*nb, n_words] int32
+    nb, nnz, n_words,
+    CH: tl.constexpr,  # list entries per step: static tile height
+    WP: tl.constexpr,  # n_words padded to a power of two: static tile width
+):
+    i_row = tl.program_id(0)
+    i_bh = (i_row // nb).to(tl.int64)
+    i_qb = i_row % nb
+    r0 = tl.load(ROW_PTR + i_bh * (nb + 1) + i_qb)
+    r1 = tl.load(ROW_PTR + i_bh * (nb + 1) + i_qb + 1)
+    o_w = tl.arange(0, WP)
+    o_e = tl.arange(0, CH)
+    b_w = tl.zeros([WP], dtype=tl.int32)
+    for c0 in range(r0, r1, CH):
+        m_e = (c0 + o_e) < r1
+        i_col = tl.load(COL_IDX + i_bh * nnz + c0 + o_e, mask=m_e, other=0).to(tl.int32)  # [CH]
+        i_w = tl.where(m_e, i_col >> 5, -1)
+        b_bit = tl.full([CH], 1, tl.int32) << (i_col & 31)
+        b_hit = tl.where(i_w[:, None] == o_w[None, :], b_bit[:, None], 0)  # [CH, WP]
+        b_w = b_w | tl.reduce(b_hit, 0, _or)
+    tl.store(BITS + i_row.to(tl.int64) * n_words + o_w, b_w, mask=o_w < n_words)
+
+
 @triton.jit
 def _sparse_attn_fwd_kernel(
     Q, K, V, O,
     KBAR, VBAR, LOG2N, POISON,
     STARTS, COUNTS,
     ROW_PTR, COL_IDX,
-    KV_LIST, KV_LEN,
+    KV_LIST, KV_LEN, EXACT_BITS,
     ORDER,
     sq_b, sq_n, sq_h,
     sk_b, sk_n, sk_h,
     sv_b, sv_n, sv_h,
     so_b, so_n, so_h,
-    H, nb, nnz, scale_log2,
+    H, nb, nnz, n_words, scale_log2,
     D: tl.constexpr,  # head dim: width of every tile and dot, must be static
     BLOCK: tl.constexpr,  # padded block size (power of two >= every count): query tile height, key rows per block
-    KB: tl.constexpr,  # key blocks per exact tile (tile = KB * BLOCK keys): static dot shape
-    BP: tl.constexpr,  # pseudo-keys per tail tile (and the width of the list window merged against them)
+    KB: tl.constexpr,  # key blocks per exact tile, 1 or 2 (tile = KB * BLOCK keys): static dot shape
+    BP: tl.constexpr,  # pseudo-keys per tail tile
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots instead of tf32
 ):
     tl.static_assert(BLOCK >= 16)
     tl.static_assert(BP >= 16)
-    tl.static_assert(KB * BLOCK <= 256)
+    tl.static_assert(KB == 1 or KB == 2)
     i_w = tl.program_id(0)
     i_item = tl.load(ORDER + i_w)
     i_bh = i_item // nb
@@ -140,33 +185,75 @@ def _sparse_attn_fwd_kernel(
     b_m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK], dtype=tl.float32)
 
+    # ---- pseudo-keys: every KV' block not in the exact list, bias log2(n_j). (This loop runs before the
+    # exact one: in the other order ptxas serialises the exact loop's wgmma (C7515) on sm_90.)
+    kv_len = tl.load(KV_LEN + i_bh)
+    n_tail = tl.where(kv_len > l_len, kv_len, 0)  # full rows (list == KV') skip the tail
+    o_p = tl.arange(0, BP)
+    p_kvl = KV_LIST + i_bh64 * nb
+    p_bar = i_bh64 * nb * D + o_d[None, :]
+    p_bits = EXACT_BITS + (i_bh64 * nb + i_qb) * n_words  # the row's exact blocks as a bit set
+    # candidates one tile ahead (loop-carried), so the k̄ / v̄ loads depend on no load of their iteration;
+    # every candidate is loaded, the exact ones are masked out of the scores only
+    i_cand_nx = tl.load(p_kvl + o_p, mask=o_p < n_tail, other=-1)  # [BP]
+    for p0 in range(0, n_tail, BP):
+        i_cand = i_cand_nx  # [BP] ascending KV' blocks, -1 past the end
+        i_cand_nx = tl.load(p_kvl + p0 + BP + o_p, mask=(p0 + BP + o_p) < n_tail, other=-1)
+        m_p = i_cand >= 0
+        o_bar = tl.where(m_p, i_cand, 0)
+        b_kb = tl.load(KBAR + p_bar + o_bar.to(tl.int64)[:, None] * D, mask=m_p[:, None], other=0.0)  # [BP, D]
+        b_vb = tl.load(VBAR + p_bar + o_bar.to(tl.int64)[:, None] * D, mask=m_p[:, None], other=0.0)  # [BP, D]
+        b_lg = tl.load(LOG2N + o_bar, mask=m_p, other=0.0)  # [BP]
+        i_word = tl.load(p_bits + (o_bar >> 5), mask=m_p, other=0)  # [BP]
+        m_a = m_p & (((i_word >> (o_bar & 31)) & 1) == 0)  # [BP] pseudo-keys of this tile
+        if IEEE:
+            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision="ieee")  # [BLOCK, BP]
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_kb))  # [BLOCK, BP]
+        b_s = b_s * scale_log2 + tl.where(m_a, b_lg, float("-inf"))[None, :]
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # no pseudo-key yet (tiles of exact blocks only)
+        b_p = tl.math.exp2(b_s - b_ms[:, None])  # [BLOCK, BP]
+        b_alpha = tl.math.exp2(b_m - b_ms)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        if IEEE:
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_vb.dtype), b_vb, input_precision="ieee")  # [BLOCK, D]
+        else:
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_vb.dtype), b_vb)  # [BLOCK, D]
+        b_m = b_mn
+
+    # ---- exact key blocks, KB (1 or 2) list entries per tile. The next tile's block starts and counts are
+    # loaded one iteration ahead (loop-carried scalars), so the K / V addresses of an iteration depend on no
+    # load of that iteration and the pipeliner keeps num_stages - 1 tiles in flight, as for dense attention.
     p_k0 = K + i_b * sk_b + i_h * sk_h + o_d[None, :]
     p_v0 = V + i_b * sv_b + i_h * sv_h + o_d[None, :]
     o_t = tl.arange(0, KB * BLOCK)
-    # ---- exact key blocks: KB list entries per tile
+    o_r = o_t % BLOCK  # row of a key inside its block
+    s0_nx, c0_nx = _key_block(p_col, STARTS, COUNTS, 0, l_len)
+    s1_nx = s0_nx * 0
+    c1_nx = c0_nx * 0
+    if KB == 2:
+        s1_nx, c1_nx = _key_block(p_col, STARTS, COUNTS, 1, l_len)
     for j in range(0, l_len, KB):
-        if KB == 1:
-            i_kb = tl.load(p_col + j)
-            k_start = tl.load(STARTS + i_kb).to(tl.int64)
-            k_cnt = tl.load(COUNTS + i_kb)
-            m_n = o_t < k_cnt  # [BLOCK]
-            o_row = k_start + o_t
+        s0 = s0_nx
+        c0 = c0_nx
+        s1 = s1_nx
+        c1 = c1_nx
+        s0_nx, c0_nx = _key_block(p_col, STARTS, COUNTS, j + KB, l_len)
+        if KB == 2:
+            s1_nx, c1_nx = _key_block(p_col, STARTS, COUNTS, j + KB + 1, l_len)
+            m_n = o_r < tl.where(o_t < BLOCK, c0, c1)  # [2*BLOCK] (count 0 past the end of the list)
+            o_row = tl.where(o_t < BLOCK, s0, s1).to(tl.int64) + o_r
         else:
-            o_sub = o_t // BLOCK  # which of the tile's KB blocks a key row belongs to
-            o_r = o_t % BLOCK
-            m_blk = (j + o_sub) < l_len
-            i_kb = tl.load(p_col + j + o_sub, mask=m_blk, other=0)  # [KB*BLOCK]
-            k_start = tl.load(STARTS + i_kb).to(tl.int64)
-            k_cnt = tl.load(COUNTS + i_kb)
-            m_n = m_blk & (o_r < k_cnt)  # [KB*BLOCK]
-            o_row = k_start + o_r
+            m_n = o_t < c0  # [BLOCK]
+            o_row = s0.to(tl.int64) + o_t
         b_k = tl.load(p_k0 + o_row[:, None] * sk_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
         b_v = tl.load(p_v0 + o_row[:, None] * sv_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
         if IEEE:
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BLOCK, KB*BLOCK]
         else:
             b_s = tl.dot(b_q, tl.trans(b_k))  # [BLOCK, KB*BLOCK]
-        # scale and key mask in one FMA; every exact tile holds at least one valid key, so b_mn is finite
+        # scale and key mask in one FMA; every exact tile holds a valid key, so b_mn is finite (no guard)
         b_s = b_s * scale_log2 + tl.where(m_n, 0.0, float("-inf"))[None, :]
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_p = tl.math.exp2(b_s - b_mn[:, None])  # [BLOCK, KB*BLOCK]
@@ -176,43 +263,6 @@ def _sparse_attn_fwd_kernel(
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")  # [BLOCK, D]
         else:
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)  # [BLOCK, D]
-        b_m = b_mn
-
-    # ---- pseudo-keys: every KV' block not in the exact list, bias log2(n_j)
-    kv_len = tl.load(KV_LEN + i_bh)
-    n_tail = tl.where(kv_len > l_len, kv_len, 0)  # full rows (list == KV') skip the tail
-    o_p = tl.arange(0, BP)
-    p_kvl = KV_LIST + i_bh64 * nb
-    p_bar = i_bh64 * nb * D + o_d[None, :]
-    i_cur = l_len * 0  # list entries below the current tile (all matched by earlier tiles)
-    for p0 in range(0, n_tail, BP):
-        m_p = (p0 + o_p) < kv_len
-        i_cand = tl.load(p_kvl + p0 + o_p, mask=m_p, other=-1)  # [BP] ascending KV' blocks
-        m_win = (i_cur + o_p) < l_len
-        i_win = tl.load(p_col + i_cur + o_p, mask=m_win, other=-2).to(tl.int32)  # [BP] next list entries
-        m_hit = i_cand[:, None] == i_win[None, :]  # [BP, BP]
-        m_exact = tl.max(m_hit.to(tl.int32), 1) > 0  # [BP]
-        i_last = tl.max(i_cand, 0)
-        i_cur += tl.sum((m_win & (i_win <= i_last)).to(tl.int32), 0)
-        m_a = m_p & (m_exact == 0)  # [BP] pseudo-keys of this tile
-        o_bar = tl.where(m_p, i_cand, 0).to(tl.int64)
-        b_kb = tl.load(KBAR + p_bar + o_bar[:, None] * D, mask=m_a[:, None], other=0.0)  # [BP, D]
-        b_vb = tl.load(VBAR + p_bar + o_bar[:, None] * D, mask=m_a[:, None], other=0.0)  # [BP, D]
-        b_lg = tl.load(LOG2N + o_bar, mask=m_a, other=0.0)  # [BP]
-        if IEEE:
-            b_s = tl.dot(b_q, tl.trans(b_kb), input_precision="ieee")  # [BLOCK, BP]
-        else:
-            b_s = tl.dot(b_q, tl.trans(b_kb))  # [BLOCK, BP]
-        b_s = b_s * scale_log2 + tl.where(m_a, b_lg, float("-inf"))[None, :]
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # a tile of exact blocks only, before any key
-        b_p = tl.math.exp2(b_s - b_ms[:, None])  # [BLOCK, BP]
-        b_alpha = tl.math.exp2(b_m - b_ms)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        if IEEE:
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_vb.dtype), b_vb, input_precision="ieee")  # [BLOCK, D]
-        else:
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_vb.dtype), b_vb)  # [BLOCK, D]
         b_m = b_mn
 
     b_poison = tl.load(POISON + i_bh64 * D + o_d)  # [D] 0, or NaN for a non-finite k / v of the head
@@ -244,6 +294,10 @@ def _ineligible(q: torch.Tensor, block_size: int) -> Optional[Tuple[type, str]]:
                             f"supported: {', '.join(map(str, SUPPORTED_BLOCK_SIZES))}")
     if q.stride(-1) != 1:
         return ValueError, f"q has stride {q.stride(-1)} on the head dimension; it needs 1 (call q.contiguous())"
+    if q.is_cuda and q.dtype == torch.float32 and block_size > 64:
+        return ValueError, (f"float32 inputs on CUDA support block sizes up to 64 (block size {block_size} does not fit "
+                            "in shared memory without tensor cores); use float16 / bfloat16 inputs or a plan with "
+                            "pseudo_block <= 64")
     if q.is_cuda:
         major, minor = torch.cuda.get_device_capability(q.device)
         if major < 8:
@@ -323,21 +377,25 @@ def sparse_attn_fwd(
     # kept blocks first, ascending (stable sort on the dropped flag)
     kv_list = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
     kv_len = keep.sum(-1, dtype=torch.int32)
-    rp = row_ptr.reshape(B * H, nb + 1)
+    rp = row_ptr.reshape(B * H, nb + 1).contiguous()
     ci = col_idx.reshape(B * H, -1)
     if not ci.is_contiguous():
         ci = ci.contiguous()
     nnz = int(ci.shape[-1])
     # longest lists first; the stable sort keeps (b, h)-major order among equal lengths (L2 locality)
     order = torch.sort((rp[:, 1:] - rp[:, :-1]).reshape(-1), descending=True, stable=True).indices.to(torch.int32)
+    # every row's exact blocks as a bit set (the tail's membership test: one gathered word per candidate)
+    n_words = (nb + 31) // 32
+    bits = torch.empty(B * H * nb, n_words, device=q.device, dtype=torch.int32)
+    _exact_bits_kernel[(B * H * nb,)](rp, ci, bits, nb, nnz, n_words, CH=64, WP=max(2, triton.next_power_of_2(n_words)), num_warps=4)
     BLOCK = max(16, triton.next_power_of_2(bs))
     args = (
-        q, k, v, out, kbar, vbar, log2n, poison, starts, counts, rp, ci, kv_list, kv_len, order,
+        q, k, v, out, kbar, vbar, log2n, poison, starts, counts, rp, ci, kv_list, kv_len, bits, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        H, nb, nnz, float(scale) * _LOG2E,
+        H, nb, nnz, n_words, float(scale) * _LOG2E,
     )
     grid = (B * H * nb,)
     ieee = q.dtype == torch.float32
