@@ -1,15 +1,12 @@
 """Shared by the tests of the block-sparse plan executor (interpreter and GPU) and its benchmark:
 random plans, inputs, and the reference on the same plan with FlashAttention's tolerance rule.
 
-Only :func:`~isa_plugin.kernels.reference.execute_plan_reference`, ``pool_blocks`` and
-``dense_attention_reference`` of the reference module are used (their names are stable across the
-plan-form refactor); :func:`reference_plan` hands the reference a plan it can read whether it takes a
-``BlockPlan`` or the older ``ISAPlan`` fields (``exact_kv`` / ``approx_kv``).
+The reference is :func:`~isa_plugin.kernels.reference.execute_plan_reference` on the same
+:class:`~isa_plugin.plan.BlockPlan`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 
@@ -18,7 +15,7 @@ import torch
 from isa_plugin.kernels.reference import execute_plan_reference, pool_blocks
 from isa_plugin.plan import BlockPlan
 
-__all__ = ["LAYOUTS", "qkv", "random_plan", "sparsity_plan", "reference_plan", "plan_rows_ref", "reference_out", "check_close"]
+__all__ = ["LAYOUTS", "qkv", "random_plan", "sparsity_plan", "plan_rows_ref", "reference_out", "check_close"]
 
 LAYOUTS = [
     [("target", 150), ("context", 130)],
@@ -65,22 +62,6 @@ def sparsity_plan(blocks, B, H, sparsity: float, seed: int = 0, device="cuda") -
             idx = torch.rand(nb, nb, generator=g, device=device).argsort(-1)[:, :n_exact]
             exact[b, h].scatter_(-1, idx, True)
     return BlockPlan.from_masks(blocks.to(device), keep, exact, pseudo_block=blocks.block_size)
-
-
-class _RefPlan(BlockPlan):
-    """A BlockPlan that also answers the older reference's field names."""
-
-    @property
-    def exact_kv(self):
-        return self.exact_mask()
-
-    @property
-    def approx_kv(self):
-        return self.approx_mask()
-
-
-def reference_plan(plan: BlockPlan) -> BlockPlan:
-    return _RefPlan(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)})
 
 
 def plan_rows_ref(q, k, v, plan: BlockPlan, rows: torch.Tensor, scale: Optional[float] = None, lowp: bool = False, chunk: int = 64):
@@ -131,9 +112,9 @@ def reference_out(out, q, k, v, plan: BlockPlan, scale: Optional[float] = None, 
     ``rows`` [R] (large problems): those query rows only, reference in float32.
     """
     if rows is None:
-        ref = execute_plan_reference(q.double(), k.double(), v.double(), reference_plan(plan), scale)
+        ref = execute_plan_reference(q.double(), k.double(), v.double(), plan, scale)
         if q.dtype == torch.float32:
-            base = execute_plan_reference(q, k, v, reference_plan(plan), scale)
+            base = execute_plan_reference(q, k, v, plan, scale)
             atol = 1e-5
         else:
             base = plan_rows_ref(q, k, v, plan, torch.arange(q.shape[1], device=q.device), scale, lowp=True)
