@@ -8,13 +8,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .executors.base import registered_executors
 from .selection import DEFAULT_MODE, SelectionMode, get_mode
 
 __all__ = ["ISAConfig", "BACKENDS"]
 
-#: ``ISAConfig.backend`` values: ``"auto"`` and ``"reference"``; any registered executor's name is accepted
-#: too (:mod:`isa_plugin.executors`: ``"triton"``, ``"flex"``)
-BACKENDS = ("auto", "reference", "triton", "flex")
+#: ``ISAConfig.backend`` values of the package (``"auto"`` and its executors, :mod:`isa_plugin.executors`); an
+#: executor registered elsewhere (``register_executor``) is accepted by its name too
+BACKENDS = ("auto", "reference", "triton", "sparse", "flex")
 
 _COMMON = ("block_size", "backend", "share_plan")
 
@@ -27,8 +28,8 @@ class ISAConfig:
             default), ``"adaptive"`` (``docs/ADAPTIVE.md``) or any registered mode.
         block_size: tokens per block (each span is blocked separately). Default 64.
         backend: ``"auto"`` (a GPU executor on CUDA when one can serve the call, else the PyTorch reference),
-            ``"reference"``, or an executor's name (``"triton"``: ISA's Triton kernels; ``"flex"``:
-            FlexAttention).
+            ``"reference"``, or an executor's name (``"triton"``: ISA's Triton kernels; ``"sparse"``: the
+            block-sparse Triton executor of any plan; ``"flex"``: FlexAttention).
         share_plan: compute one plan for the whole batch, from the batch mean of the block means q̄, k̄,
             and use it for every batch entry (e.g. the cond/uncond pair of classifier-free guidance).
             Default False: every batch entry gets its own selections. The pseudo-keys stay per entry.
@@ -64,8 +65,9 @@ class ISAConfig:
         selection = get_mode(mode)
         if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
             raise ValueError(f"ISAConfig.block_size={block_size!r} must be a positive integer (default 64)")
-        if backend not in BACKENDS:
-            raise ValueError(f"ISAConfig.backend={backend!r} is not supported; supported: {list(BACKENDS)}")
+        if backend not in BACKENDS and backend not in registered_executors():
+            raise ValueError(f"ISAConfig.backend={backend!r} is not supported; supported: "
+                             f"{list(dict.fromkeys(BACKENDS + tuple(registered_executors())))}")
         if not isinstance(share_plan, bool):
             raise TypeError(f"ISAConfig.share_plan={share_plan!r} must be True or False")
         values = selection.settings(int(block_size), **settings)

@@ -110,7 +110,8 @@ class BlockPlan:
         row_ptr = torch.zeros(B, H, nb + 1, dtype=torch.int64, device=exact_kv.device)
         torch.cumsum(row_len, dim=-1, out=row_ptr[..., 1:])
         flat = exact_kv.reshape(B, H, nb * nb)
-        nnz = max(1, int(row_ptr[..., -1].max()) if row_ptr.numel() else 1)
+        # on CUDA the lists keep room for every pair (no host synchronisation for their length)
+        nnz = nb * nb if flat.is_cuda else max(1, int(row_ptr[..., -1].max()) if row_ptr.numel() else 1)
         # True entries first, in ascending (row, column) order: a stable sort on the negated mask
         order = torch.sort((~flat).to(torch.int8), dim=-1, stable=True).indices[..., :nnz]
         valid = torch.arange(nnz, device=flat.device) < row_ptr[..., -1:]

@@ -48,7 +48,7 @@ import triton.language as tl
 from ..plan import BlockPlan
 from .pooling import pool_blocks_triton
 
-__all__ = ["execute_block_plan", "sparse_ineligible", "sparse_attn_op", "sparse_attn_fwd", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
+__all__ = ["execute_block_plan", "sparse_ineligible", "sparse_ineligible_for", "sparse_attn_op", "sparse_attn_fwd", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 64 and 128 are the tuned ones; 16 / 32 serve fine pseudo-keys
@@ -322,7 +322,12 @@ def sparse_ineligible(q: torch.Tensor, plan: BlockPlan) -> Optional[str]:
         >>> sparse_ineligible(torch.zeros(1, 128, 2, 80), plan)  # doctest: +SKIP
         'head_dim=80 is not supported; supported: 64, 128'
     """
-    r = _ineligible(q, int(plan.pseudo_block))
+    return sparse_ineligible_for(q, int(plan.pseudo_block))
+
+
+def sparse_ineligible_for(q: torch.Tensor, pseudo_block: int) -> Optional[str]:
+    """:func:`sparse_ineligible` for a plan of this pseudo-key granularity (before the plan is made)."""
+    r = _ineligible(q, int(pseudo_block))
     return None if r is None else r[1]
 
 

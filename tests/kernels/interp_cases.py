@@ -17,23 +17,23 @@ import torch
 if torch.cuda.is_available():
     pytest.skip("interpreter tests run where there is no GPU", allow_module_level=True)
 
-os.environ["TRITON_INTERPRET"] = "1"
-_MODS = ["pooling", "coarse_triton", "isa_attn", "plan", "executor", "ops"]
-for _m in _MODS:
-    _name = f"isa_plugin.kernels.{_m}"
-    if _name in sys.modules:
-        importlib.reload(sys.modules[_name])
+# the modules that define Triton kernels or import them, in dependency order; modules imported before
+# TRITON_INTERPRET=1 was set are reloaded (when it was set for the whole session they already interpret, and
+# reloading would register the executors a second time)
+_MODS = [f"isa_plugin.kernels.{m}" for m in ("pooling", "coarse_triton", "isa_attn", "compact", "executor", "select", "flex")]
+_MODS += ["isa_plugin.selection.fixed_gpu", "isa_plugin.executors.triton"]
+if os.environ.get("TRITON_INTERPRET") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+    for _name in _MODS:
+        if _name in sys.modules:
+            importlib.reload(sys.modules[_name])
 
 from isa_plugin import ISAConfig, Layout  # noqa: E402
-from isa_plugin.kernels import executor, plan as kplan, pooling  # noqa: E402
-from isa_plugin.kernels.reference import (  # noqa: E402
-    dense_attention_reference,
-    execute_plan_reference,
-    plan_from_pooled,
-    plan_reference,
-    pool_blocks,
-)
+from isa_plugin.executors.reference import plan_reference  # noqa: E402
+from isa_plugin.kernels import compact, executor, pooling  # noqa: E402
+from isa_plugin.kernels.reference import dense_attention_reference, execute_plan_reference, pool_blocks  # noqa: E402
 from isa_plugin.kernels.testing import check_close, plan_rows  # noqa: E402
+from isa_plugin.selection import fixed_gpu, plan_from_pooled  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -90,12 +90,13 @@ def test_planner_matches_reference(rng, spans, per_head):
                     alpha_ns=(0.2, 0.5, 1.0) if per_head else 0.3)
     blocks = layout.blocks(64)
     qbar, kbar = pool_blocks(q, blocks), pool_blocks(k, blocks)
-    ref = plan_from_pooled(qbar, kbar, blocks, cfg, 32 ** -0.5)
-    got = kplan.compact_to_reference(kplan.plan_compact_from_pooled(qbar, kbar, blocks, cfg, 32 ** -0.5))
-    for f in ("kv_keep", "exact_query", "exact_kv"):
-        assert torch.equal(getattr(ref, f), getattr(got, f)), f
-    rt = kplan.compact_to_reference(kplan.compact_from_reference(ref))
-    assert torch.equal(rt.exact_kv, ref.exact_kv) and torch.equal(rt.exact_query, ref.exact_query)
+    ref = plan_from_pooled(cfg.selection, qbar, kbar, blocks, cfg.settings, 32 ** -0.5)
+    got = compact.compact_to_block_plan(fixed_gpu.plan_compact_from_pooled(qbar, kbar, blocks, cfg, 32 ** -0.5))
+    for f in ("kv_keep", "full_rows", "exact_mask"):
+        a, b = getattr(ref, f), getattr(got, f)
+        assert torch.equal(a() if callable(a) else a, b() if callable(b) else b), f
+    rt = compact.compact_to_block_plan(compact.compact_from_block_plan(ref))
+    assert torch.equal(rt.exact_mask(), ref.exact_mask()) and torch.equal(rt.full_rows, ref.full_rows)
 
 
 @pytest.mark.parametrize(
@@ -110,8 +111,8 @@ def test_planner_matches_reference(rng, spans, per_head):
 def test_kernel_matches_reference_same_plan(rng, spans, B, H, D, dtype, cfg):
     layout = Layout(spans)
     q, k, v = _qkv(rng, B, layout.num_tokens, H, D, dtype)
-    plan = plan_reference(q, k, v, layout, cfg)  # the reference's plan, executed by both
-    cp = kplan.compact_from_reference(plan)
+    plan = plan_reference(q, k, layout, cfg)  # the reference's plan, executed by both
+    cp = compact.compact_from_block_plan(plan)
     out = torch.full_like(q, float("nan"))
     executor.execute_compact(q, k, v, cp, exact_backend="triton", out=out)
     assert not out.isnan().any(), "unwritten output elements"
@@ -127,9 +128,9 @@ def test_batch_entries_get_different_selections(rng):
     q, k, v = _qkv(rng, 2, layout.num_tokens, 2, 64, torch.float32)
     k[1] = -k[1]
     cfg = ISAConfig(alpha_s=0.5, alpha_f=0.5, alpha_ns=0.3)
-    cp = kplan.plan_compact(q, k, layout, cfg, v=v)
+    cp = fixed_gpu.plan_compact(q, k, layout, cfg, v=v)
     out = executor.execute_compact(q, k, v, cp, exact_backend="triton")
-    ref = execute_plan_reference(q.double(), k.double(), v.double(), kplan.compact_to_reference(cp))
+    ref = execute_plan_reference(q.double(), k.double(), v.double(), compact.compact_to_block_plan(cp))
     assert (out.double() - ref).abs().max().item() < 1e-4
 
 
@@ -138,7 +139,7 @@ def test_all_ratios_one_is_dense(rng, D):
     layout = Layout([("target", 90), ("context", 77), ("text", 3)])
     q, k, v = _qkv(rng, 1, layout.num_tokens, 2, D, torch.float32)
     cfg = ISAConfig(alpha_s=1, alpha_f=1, alpha_ns=1)
-    cp = kplan.plan_compact(q, k, layout, cfg, v=v, defer_selections=True)
+    cp = fixed_gpu.plan_compact(q, k, layout, cfg, v=v, defer_selections=True)
     out = torch.full_like(q, float("nan"))
     executor.execute_compact(q, k, v, cp, exact_backend="triton", out=out)
     ref = dense_attention_reference(q.double(), k.double(), v.double())
@@ -149,9 +150,9 @@ def test_alpha_ns_one_is_attention_over_kv_prime(rng):
     layout = Layout([("target", 130), ("context", 150)])
     q, k, v = _qkv(rng, 1, layout.num_tokens, 2, 64, torch.float32)
     cfg = ISAConfig(alpha_s=0.5, alpha_f=0.25, alpha_ns=1)
-    cp = kplan.plan_compact(q, k, layout, cfg, v=v)
+    cp = fixed_gpu.plan_compact(q, k, layout, cfg, v=v)
     out = executor.execute_compact(q, k, v, cp, exact_backend="triton")
-    keep = kplan.compact_to_reference(cp).kv_keep[0]  # [H, nb]
+    keep = compact.compact_to_block_plan(cp).kv_keep[0]  # [H, nb]
     tb = layout.blocks(64).token_block
     for h in range(2):
         cols = keep[h][tb]
@@ -160,7 +161,7 @@ def test_alpha_ns_one_is_attention_over_kv_prime(rng):
 
 
 def test_custom_op_compiles_without_graph_breaks(rng):
-    from isa_plugin.kernels.ops import isa_attention_kernels
+    from isa_plugin.executors.triton import isa_attention_kernels
 
     layout = Layout([("target", 70), ("context", 64)])
     q, k, v = _qkv(rng, 1, layout.num_tokens, 2, 64, torch.float32)
@@ -168,7 +169,7 @@ def test_custom_op_compiles_without_graph_breaks(rng):
     eager = isa_attention_kernels(q, k, v, layout, cfg)
     f = torch.compile(lambda q, k, v: isa_attention_kernels(q, k, v, layout, cfg) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(f(q, k, v), eager * 2)
-    ref = execute_plan_reference(q.double(), k.double(), v.double(), plan_reference(q.double(), k.double(), v.double(), layout, cfg))
+    ref = execute_plan_reference(q.double(), k.double(), v.double(), plan_reference(q.double(), k.double(), layout, cfg))
     assert (eager.double() - ref).abs().max().item() < 1e-5
 
 
@@ -177,8 +178,8 @@ def test_deferred_selections_equal_direct_plan(rng):
     layout = Layout(LAYOUTS[1])
     q, k, v = _qkv(rng, 2, layout.num_tokens, 2, 32, torch.float32)
     cfg = ISAConfig(alpha_s=0.5, alpha_f=0.4, alpha_ns=0.3)
-    direct = kplan.plan_compact(q, k, layout, cfg, v=v)
-    deferred = kplan.plan_compact(q, k, layout, cfg, v=v, defer_selections=True)
+    direct = fixed_gpu.plan_compact(q, k, layout, cfg, v=v)
+    deferred = fixed_gpu.plan_compact(q, k, layout, cfg, v=v, defer_selections=True)
     assert direct.pending is None and deferred.pending is not None and deferred.tsel is None
     assert deferred.finish_selections() is deferred and deferred.pending is None
     tsel = deferred.tsel
@@ -186,12 +187,12 @@ def test_deferred_selections_equal_direct_plan(rng):
     assert deferred.tsel is tsel
     for f in ("kv_list", "kv_len", "exact_q", "tsel_len", "approx"):
         assert torch.equal(getattr(direct, f), getattr(deferred, f)), f
-    ra, rb = kplan.compact_to_reference(direct), kplan.compact_to_reference(deferred)
-    assert torch.equal(ra.exact_kv, rb.exact_kv)
+    ra, rb = compact.compact_to_block_plan(direct), compact.compact_to_block_plan(deferred)
+    assert torch.equal(ra.exact_mask(), rb.exact_mask())
 
 
 def test_entry_point_rejects_unknown_exact_backend(rng):
-    from isa_plugin.kernels.ops import isa_attention_kernels
+    from isa_plugin.executors.triton import isa_attention_kernels
 
     layout = Layout([("target", 70), ("context", 64)])
     q, k, v = _qkv(rng, 1, layout.num_tokens, 1, 32, torch.float32)
@@ -217,10 +218,10 @@ def test_taylor_select_kernel_matches_torch_path(rng, spans, per_head):
     cfg = ISAConfig(alpha_s=(0.4, 1.0) if per_head else 0.5, alpha_f=0.5, alpha_ns=(0.2, 0.6) if per_head else 0.3)
     blocks = layout.blocks(64)
     qbar, kbar = pool_blocks(q, blocks), pool_blocks(k, blocks)
-    a = kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5).finish_selections(use_kernel=True)
-    b = kplan._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5).finish_selections(use_kernel=False)
-    ra, rb = kplan.compact_to_reference(a), kplan.compact_to_reference(b)
-    assert torch.equal(ra.exact_kv, rb.exact_kv)
+    a = fixed_gpu._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5).finish_selections(use_kernel=True)
+    b = fixed_gpu._plan_stage1(qbar, kbar, blocks, cfg, 32 ** -0.5).finish_selections(use_kernel=False)
+    ra, rb = compact.compact_to_block_plan(a), compact.compact_to_block_plan(b)
+    assert torch.equal(ra.exact_mask(), rb.exact_mask())
     tay = ~a.exact_q
     assert torch.equal(a.approx[tay], b.approx[tay])
     assert torch.equal(a.tsel_len[tay], b.tsel_len[tay])

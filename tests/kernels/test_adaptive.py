@@ -6,16 +6,23 @@ import math
 import pytest
 import torch
 
-from isa_plugin.config import AdaptiveSettings
 from isa_plugin.config import ISAConfig
-from isa_plugin.kernels.adaptive_flex import adaptive_attention_flex, build_flex_inputs
-from isa_plugin.kernels.adaptive_reference import (
-    adaptive_attention_reference,
-    execute_adaptive_reference,
-    plan_adaptive,
-)
-from isa_plugin.kernels.reference import dense_attention_reference, isa_attention_reference
+from isa_plugin.executors.flex import flex_attention_call
+from isa_plugin.executors.reference import isa_attention_reference, plan_reference
+from isa_plugin.kernels.flex import build_flex_inputs
+from isa_plugin.kernels.reference import dense_attention_reference, execute_plan_reference
 from isa_plugin.layout import Layout
+from isa_plugin.plan import BlockPlan
+from isa_plugin.selection.adaptive import AdaptiveSettings
+
+
+def AdaptiveConfig(alpha_s=1.0, **kw):
+    """An adaptive-mode config with the defaults the adaptive tests were written for (no context pruning)."""
+    return ISAConfig(mode="adaptive", alpha_s=alpha_s, **kw)
+
+
+def adaptive_attention_flex(q, k, v, layout, config, return_plan=False):
+    return flex_attention_call(q, k, v, layout, config, 1 / math.sqrt(q.shape[-1]), return_plan=return_plan)
 
 LAYOUTS = [
     Layout([("target", 70), ("context", 58)]),
@@ -42,7 +49,7 @@ def _spans_blocks(layout, b):
     return out
 
 
-def _loop_adaptive(q, k, v, layout, st: AdaptiveSettings):
+def _loop_adaptive(q, k, v, layout, st: ISAConfig):
     """docs/ADAPTIVE.md restated with Python loops over batch, head and blocks (float64)."""
     B, N, H, D = q.shape
     sc = 1 / math.sqrt(D)
@@ -110,12 +117,12 @@ def _loop_adaptive(q, k, v, layout, st: AdaptiveSettings):
 
 
 SETTINGS = [
-    AdaptiveSettings(mass=0.6, block_size=8, pseudo_block=2),
-    AdaptiveSettings(mass=(0.3, 0.8, 0.95), min_blocks=(1, 2, 1), max_blocks=(3, 0, 2), block_size=8, pseudo_block=4,
-                     alpha_s=(0.5, 1.0, 0.25)),
-    AdaptiveSettings(mass=0.9, block_size=16, pseudo_block=16, alpha_s=0.34),
-    AdaptiveSettings(mass=0.75, block_size=6, pseudo_block=3, min_blocks=2),
-    AdaptiveSettings(mass=(0.9, 0.7, 1.0), context_mass=(0.5, 1.0, 0.8), block_size=8, pseudo_block=4, alpha_s=0.5),
+    AdaptiveConfig(mass=0.6, block_size=8, pseudo_block=2),
+    AdaptiveConfig(mass=(0.3, 0.8, 0.95), min_blocks=(1, 2, 1), max_blocks=(3, 0, 2), block_size=8, pseudo_block=4,
+                   alpha_s=(0.5, 1.0, 0.25)),
+    AdaptiveConfig(mass=0.9, block_size=16, pseudo_block=16, alpha_s=0.34),
+    AdaptiveConfig(mass=0.75, block_size=6, pseudo_block=3, min_blocks=2),
+    AdaptiveConfig(mass=(0.9, 0.7, 1.0), context_mass=(0.5, 1.0, 0.8), block_size=8, pseudo_block=4, alpha_s=0.5),
 ]
 
 # every layout and every setting at least once, without the full product (test time)
@@ -126,7 +133,7 @@ CASES = [(0, 0), (1, 1), (2, 2), (1, 3), (0, 1), (1, 4)]
 def test_reference_matches_loop_restatement(li, si, rng):
     layout, st = LAYOUTS[li], SETTINGS[si]
     q, k, v = _qkv(layout, rng)
-    out = adaptive_attention_reference(q, k, v, layout, st)
+    out = isa_attention_reference(q, k, v, layout, st)
     want = _loop_adaptive(q, k, v, layout, st)
     assert (out - want).abs().max().item() <= 1e-10
 
@@ -136,15 +143,15 @@ def test_anchors_dense_and_kv_prime(li, rng):
     layout = LAYOUTS[li]
     q, k, v = _qkv(layout, rng)
     dense = dense_attention_reference(q, k, v)
-    for st in (AdaptiveSettings(mass=1.0, block_size=8, pseudo_block=4),
-               AdaptiveSettings(mass=0.2, min_blocks=10_000, block_size=8, pseudo_block=4),
-               AdaptiveSettings(mass=0.2, block_size=8, pseudo_block=1)):
-        assert (adaptive_attention_reference(q, k, v, layout, st) - dense).abs().max().item() <= 1e-12
+    for st in (AdaptiveConfig(mass=1.0, block_size=8, pseudo_block=4),
+               AdaptiveConfig(mass=0.2, min_blocks=10_000, block_size=8, pseudo_block=4),
+               AdaptiveConfig(mass=0.2, block_size=8, pseudo_block=1)):
+        assert (isa_attention_reference(q, k, v, layout, st) - dense).abs().max().item() <= 1e-12
     # with context pruning: attention over KV', which is the fixed mode with alpha_f = alpha_ns = 1
     kv_prime = isa_attention_reference(q, k, v, layout, ISAConfig(alpha_s=0.5, alpha_f=1.0, alpha_ns=1.0, block_size=8))
-    for st in (AdaptiveSettings(mass=1.0, alpha_s=0.5, block_size=8, pseudo_block=2),
-               AdaptiveSettings(mass=0.3, alpha_s=0.5, block_size=8, pseudo_block=1)):
-        assert (adaptive_attention_reference(q, k, v, layout, st) - kv_prime).abs().max().item() <= 1e-12
+    for st in (AdaptiveConfig(mass=1.0, alpha_s=0.5, block_size=8, pseudo_block=2),
+               AdaptiveConfig(mass=0.3, alpha_s=0.5, block_size=8, pseudo_block=1)):
+        assert (isa_attention_reference(q, k, v, layout, st) - kv_prime).abs().max().item() <= 1e-12
 
 
 def test_pseudo_block_equal_to_block_is_the_fixed_taylor_term(rng):
@@ -153,10 +160,10 @@ def test_pseudo_block_equal_to_block_is_the_fixed_taylor_term(rng):
     q, k, v = _qkv(layout, rng)
     cfg = ISAConfig(alpha_s=0.5, alpha_f=0.25, alpha_ns=0.25, block_size=8)
     fixed_out, fixed_plan = isa_attention_reference(q, k, v, layout, cfg, return_plan=True)
-    plan = plan_adaptive(q, k, layout, AdaptiveSettings(block_size=8, pseudo_block=8, alpha_s=0.5))
-    plan.exact_kv = fixed_plan.exact_kv.clone()
+    plan = plan_reference(q, k, layout, AdaptiveConfig(block_size=8, pseudo_block=8, alpha_s=0.5))
+    plan = BlockPlan.from_masks(plan.blocks, plan.kv_keep, fixed_plan.exact_mask().clone(), plan.pseudo_block)
     assert torch.equal(plan.kv_keep, fixed_plan.kv_keep)
-    assert (execute_adaptive_reference(q, k, v, plan) - fixed_out).abs().max().item() <= 1e-12
+    assert (execute_plan_reference(q, k, v, plan) - fixed_out).abs().max().item() <= 1e-12
 
 
 def test_mass_monotone_and_bounds(rng):
@@ -164,20 +171,20 @@ def test_mass_monotone_and_bounds(rng):
     q, k, v = _qkv(layout, rng, sharp=3.0)
     prev = None
     for p in (0.2, 0.5, 0.8, 0.95, 1.0):
-        plan = plan_adaptive(q, k, layout, AdaptiveSettings(mass=p, block_size=8))
-        assert bool((plan.covered >= p - 1e-12).all())
+        plan = plan_reference(q, k, layout, AdaptiveConfig(mass=p, block_size=8))
+        assert bool((plan.diagnostics["covered"] >= p - 1e-12).all())
         if prev is not None:
-            assert bool((plan.n_exact >= prev).all())
-        prev = plan.n_exact
-    plan = plan_adaptive(q, k, layout, AdaptiveSettings(mass=0.99, min_blocks=2, max_blocks=3, block_size=8))
-    assert int(plan.n_exact.min()) >= 2 and int(plan.n_exact.max()) <= 3
+            assert bool((plan.diagnostics["n_exact"] >= prev).all())
+        prev = plan.diagnostics["n_exact"]
+    plan = plan_reference(q, k, layout, AdaptiveConfig(mass=0.99, min_blocks=2, max_blocks=3, block_size=8))
+    assert int(plan.diagnostics["n_exact"].min()) >= 2 and int(plan.diagnostics["n_exact"].max()) <= 3
 
 
 def test_pair_counts_brute_force(rng):
     layout = LAYOUTS[1]
     q, k, v = _qkv(layout, rng)
-    st = AdaptiveSettings(mass=0.7, block_size=8, pseudo_block=4, alpha_s=0.5)
-    plan = plan_adaptive(q, k, layout, st)
+    st = AdaptiveConfig(mass=0.7, block_size=8, pseudo_block=4, alpha_s=0.5)
+    plan = plan_reference(q, k, layout, st)
     bl = _spans_blocks(layout, 8)
     B, H, nb = plan.kv_keep.shape
     exact = pseudo = 0
@@ -185,7 +192,7 @@ def test_pair_counts_brute_force(rng):
         for h in range(H):
             for i in range(nb):
                 for j in range(nb):
-                    if plan.exact_kv[b, h, i, j]:
+                    if plan.exact_mask()[b, h, i, j]:
                         exact += bl[i][2] * bl[j][2]
                     elif plan.kv_keep[b, h, j]:
                         pseudo += bl[i][2] * len(range(0, bl[j][2], 4))
@@ -197,19 +204,19 @@ def test_pair_counts_brute_force(rng):
 def test_share_plan_serves_every_entry(rng):
     layout = LAYOUTS[0]
     q, k, v = _qkv(layout, rng, B=3)
-    st = AdaptiveSettings(mass=0.7, block_size=8, alpha_s=0.5, share_plan=True)
-    plan = plan_adaptive(q, k, layout, st)
-    assert all(torch.equal(plan.exact_kv[0], plan.exact_kv[b]) for b in range(3))
-    one = plan_adaptive(q.mean(0, keepdim=True), k.mean(0, keepdim=True), layout,
-                        AdaptiveSettings(mass=0.7, block_size=8, alpha_s=0.5))
-    assert torch.equal(plan.exact_kv[:1], one.exact_kv)
+    st = AdaptiveConfig(mass=0.7, block_size=8, alpha_s=0.5, share_plan=True)
+    plan = plan_reference(q, k, layout, st)
+    assert all(torch.equal(plan.exact_mask()[0], plan.exact_mask()[b]) for b in range(3))
+    one = plan_reference(q.mean(0, keepdim=True), k.mean(0, keepdim=True), layout,
+                         AdaptiveConfig(mass=0.7, block_size=8, alpha_s=0.5))
+    assert torch.equal(plan.exact_mask()[:1], one.exact_mask())
 
 
 def test_settings_validation():
     with pytest.raises(ValueError, match="mass"):
         AdaptiveSettings(mass=0.0)
     with pytest.raises(ValueError, match="pseudo_block"):
-        AdaptiveSettings(block_size=64, pseudo_block=24)
+        AdaptiveConfig(block_size=64, pseudo_block=24)
     with pytest.raises(ValueError, match="max_blocks"):
         AdaptiveSettings(min_blocks=4, max_blocks=2)
     with pytest.raises(ValueError, match="min_blocks"):
@@ -217,15 +224,15 @@ def test_settings_validation():
     with pytest.raises(TypeError, match="mass"):
         AdaptiveSettings(mass="0.9")
     with pytest.raises(ValueError, match="3 heads"):
-        AdaptiveSettings(mass=(0.5, 0.9)).per_head(3)
+        AdaptiveConfig(mass=(0.5, 0.9)).per_head(3)
 
 
 def test_non_finite_key_poisons_the_head(rng):
     layout = LAYOUTS[0]
     q, k, v = _qkv(layout, rng)
     k[0, 5, 1, 0] = float("nan")
-    st = AdaptiveSettings(mass=0.5, block_size=8, alpha_s=0.5)
-    for fn in (adaptive_attention_reference, adaptive_attention_flex):
+    st = AdaptiveConfig(mass=0.5, block_size=8, alpha_s=0.5)
+    for fn in (isa_attention_reference, adaptive_attention_flex):
         out = fn(q, k, v, layout, st)
         assert bool(out[0, :, 1].isnan().all()) and bool(out[0, :, 0].isfinite().all()) and bool(out[1].isfinite().all())
 
@@ -236,12 +243,12 @@ def test_flex_matches_reference(li, si, rng):
     layout, st = LAYOUTS[li], SETTINGS[si]
     q, k, v = _qkv(layout, rng)
     out, plan = adaptive_attention_flex(q, k, v, layout, st, return_plan=True)
-    ref, ref_plan = adaptive_attention_reference(q, k, v, layout, st, return_plan=True)
-    assert torch.equal(plan.exact_kv, ref_plan.exact_kv)
+    ref, ref_plan = isa_attention_reference(q, k, v, layout, st, return_plan=True)
+    assert torch.equal(plan.exact_mask(), ref_plan.exact_mask())
     assert (out - ref).abs().max().item() <= 1e-10
     q32, k32, v32 = q.float(), k.float(), v.float()
     out32 = adaptive_attention_flex(q32, k32, v32, layout, st)
-    ref32 = execute_adaptive_reference(q32.double(), k32.double(), v32.double(), plan)
+    ref32 = execute_plan_reference(q32.double(), k32.double(), v32.double(), plan)
     assert (out32.double() - ref32).abs().max().item() <= 1e-4
 
 
@@ -251,7 +258,7 @@ def test_flex_block_tables_cover_exactly_the_mask(li, si, rng):
     unlisted tiles off. That must equal mask_mod everywhere (eager Flex on CPU only applies mask_mod)."""
     layout, st = LAYOUTS[li], SETTINGS[si]
     q, k, v = _qkv(layout, rng)
-    _, q_pad, kv_k, _, bm, _, mask_mod, _, _ = build_flex_inputs(q, k, v, layout, st)
+    q_pad, kv_k, _, bm, _, mask_mod, _, _ = build_flex_inputs(q, k, v, plan_reference(q, k, layout, st))
     B, H, Nq, _ = q_pad.shape
     Nk = kv_k.shape[2]
     b = st.block_size
@@ -284,10 +291,10 @@ def test_flex_gpu_matches_reference(block_size, pseudo_block, rng):
 
     layout = Layout([("target", 1000), ("context", 1000), ("text", 77)])
     q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv(layout, rng, B=2, H=4, D=128, sharp=0.5))
-    st = AdaptiveSettings(mass=0.85, pseudo_block=pseudo_block, alpha_s=0.5, block_size=block_size)
+    st = AdaptiveConfig(mass=0.85, pseudo_block=pseudo_block, alpha_s=0.5, block_size=block_size)
     out, plan = adaptive_attention_flex(q, k, v, layout, st, return_plan=True)
     rows = torch.arange(0, layout.num_tokens, 7, device="cuda")
-    isa_plan = plan.to_isa_plan()
+    isa_plan = plan.at_pseudo_granularity()
     ref = plan_rows(q, k, v, isa_plan, rows)
     base = plan_rows(q, k, v, isa_plan, rows, lowp=True)
     ok, err, berr = check_close(out[:, rows].float(), ref, base, atol=1e-3)

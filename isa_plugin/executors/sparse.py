@@ -1,0 +1,47 @@
+"""The block-sparse executor (:mod:`isa_plugin.kernels.sparse_attn`): any mode's plan, walked as CSR lists.
+
+Per query block one Triton program walks the row's exact key blocks and then the pseudo-key tail (one
+block mean per other kept block, count-biased), in one online softmax. The config's mode plans from block
+means pooled on the device (with ``share_plan``, one plan from the batch means); a plan with finer
+pseudo-keys runs at its pseudo-key granularity.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..kernels.pooling import pool_blocks_triton
+from ..kernels.sparse_attn import execute_block_plan, sparse_ineligible_for
+from ..selection import plan_from_pooled
+from .base import Executor, register_executor
+
+__all__ = ["SparseExecutor"]
+
+
+def sparse_plan(q, k, layout, config, scale: float):
+    """The plan of ``config``'s mode for q, k [B, N, H, D] from block means pooled by the Triton kernel."""
+    blocks = layout.blocks(config.block_size).to(q.device)
+    starts, counts = blocks.starts.to("cpu").int().to(q.device), blocks.counts.to("cpu").int().to(q.device)
+    if q.stride() == k.stride():
+        qbar, kbar = pool_blocks_triton(q, k, starts=starts, counts=counts, block_size=config.block_size)
+    else:
+        (qbar,) = pool_blocks_triton(q, starts=starts, counts=counts, block_size=config.block_size)
+        (kbar,) = pool_blocks_triton(k, starts=starts, counts=counts, block_size=config.block_size)
+    return plan_from_pooled(config.selection, qbar, kbar, blocks, config.settings, scale, config.share_plan)
+
+
+class SparseExecutor(Executor):
+    """The Triton block-sparse executor (see the module docstring)."""
+
+    name = "sparse"
+
+    def ineligible(self, q, config) -> Optional[str]:
+        if not q.is_cuda:
+            return f"inputs are on {q.device.type}, the block-sparse executor needs CUDA"
+        return sparse_ineligible_for(q, config.pseudo_block_size)
+
+    def run(self, q, k, v, layout, config, scale):
+        return execute_block_plan(q, k, v, sparse_plan(q, k, layout, config, scale), scale)
+
+
+register_executor(SparseExecutor())
