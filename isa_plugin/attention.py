@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ISAConfig
-from .executors import get_executor
+from . import executors  # noqa: F401  (registers the package's executors)
+from .execution import get_executor
 from .kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual, residual_gate_view
 from .layout import Layout
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .executors.base import registered_executors
+from .execution import registered_executors
 from .selection import DEFAULT_MODE, SelectionMode, get_mode
 
 __all__ = ["ISAConfig", "BACKENDS"]

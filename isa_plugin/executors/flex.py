@@ -13,7 +13,7 @@ import torch
 
 from ..kernels.flex import execute_flex, flex_ineligible, flex_prepare
 from ..selection import plan_from_pooled
-from .base import Executor, register_executor
+from ..execution import Executor, register_executor
 
 __all__ = ["FlexExecutor", "flex_attention_call"]
 

@@ -18,7 +18,7 @@ from ..kernels.reference import execute_plan_reference, pool_blocks
 from ..layout import Layout
 from ..plan import BlockPlan
 from ..selection import plan_from_pooled
-from .base import Executor, register_executor
+from ..execution import Executor, register_executor
 
 __all__ = ["ReferenceExecutor", "plan_reference", "isa_attention_reference"]
 

@@ -13,7 +13,7 @@ from typing import Optional
 from ..kernels.pooling import pool_blocks_triton
 from ..kernels.sparse_attn import execute_block_plan, sparse_ineligible_for
 from ..selection import plan_from_pooled
-from .base import Executor, register_executor
+from ..execution import Executor, register_executor
 
 __all__ = ["SparseExecutor"]
 

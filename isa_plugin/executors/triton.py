@@ -26,7 +26,7 @@ from ..kernels.executor import execute_compact
 from ..kernels.reference import pool_blocks
 from ..layout import Layout
 from ..selection import plan_from_pooled
-from .base import Executor, register_executor
+from ..execution import Executor, register_executor
 
 __all__ = ["TritonExecutor", "triton_ineligible", "isa_attention_kernels", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
 

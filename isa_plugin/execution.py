@@ -1,4 +1,5 @@
-"""Executors: what runs an ISA call's plan, and the registry that finds one by name.
+"""Executors: what runs an ISA call's plan, and the registry that finds one by name (the executors are in
+:mod:`isa_plugin.executors`).
 
 An executor runs plans (:class:`~isa_plugin.plan.BlockPlan`, or a compiled form of its own) and knows
 nothing of the selection modes that make them. :class:`Executor` is its interface to routing
@@ -13,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..named import NamedRegistry
+from .named import NamedRegistry
 
 __all__ = ["Executor", "register_executor", "get_executor", "registered_executors"]
 
