@@ -146,7 +146,8 @@ def _exact_bits_kernel(
     tl.store(BITS + i_row.to(tl.int64) * n_words + o_w, b_w, mask=o_w < n_words)
 
 
-@triton.jit
+# sizes are not specialised (no recompilation per problem size; strides still are: 16-byte vector loads)
+@triton.jit(do_not_specialize=["H", "nb", "nnz", "n_words"])
 def _sparse_attn_fwd_kernel(
     Q, K, V, O,
     KBAR, VBAR, LOG2N, POISON,
