@@ -14,24 +14,30 @@ as dense attention would; a (b, h) with no kept key block gives NaN rows (softma
 
 Layout:
     q, k, v, out: [B, N, H, D] (diffusers' layout; read and written through strides, D contiguous),
-        fp16 / bf16, or fp32 (IEEE dots: for tests and fp32 callers, slow).
+        fp16 / bf16, or fp32 (IEEE dots without tensor cores: for tests and fp32 callers, slow).
     kbar, vbar: [B*H, nb, D] block means in the input dtype (:mod:`~isa_plugin.kernels.pooling`);
         log2n: [nb] float32, log2 of the true counts (the pseudo-key bias ln n_j in base 2);
         poison: [B*H, D] float32, 0 or NaN (non-finite k / v of the head).
     starts, counts: [nb] int32 block starts and true token counts.
     row_ptr: [B*H, nb + 1], col_idx: [B*H, nnz] (int64 or int32, the plan's CSR lists, ascending).
     kv_list: [B*H, nb] int32, the kept blocks of every (b, h) in ascending order (first kv_len [B*H]).
+    bits: [B*H*nb, ceil(nb / 32)] int32, every row's exact blocks as a bit set (``_exact_bits_kernel``).
     order: [B*H*nb] int32 work items (b*H + h)*nb + i, by exact-list length descending.
 
-Grid: (B*H*nb,). Program w runs item ``order[w]``: its [BLOCK, D] query tile walks the exact list in
-tiles of KB key blocks (cp.async-pipelined gathered loads, one (m, l, acc) state in float32 in the log2
-domain), then the (b, h)'s KV' list in tiles of BP pseudo-keys, dropping the row's exact blocks by
-merging the two ascending lists (a window of BP list entries compared with the BP candidates); rows
-whose list is all of KV' skip the tail. Items are issued longest list first (a stable sort on the
-device keeps (b, h)-major order among equal lengths, so co-resident programs share K/V in L2), which
-lets the hardware scheduler balance uneven rows without a persistent loop. Nothing in the launch path
-reads device values on the host, so a call can be captured in a CUDA graph (after a first, autotuning
-call).
+Grid: (B*H*nb,). Program w runs item ``order[w]`` with its [BLOCK, D] query tile (BLOCK = the block size
+rounded up to a power of two) and one (m, l, acc) softmax state in float32, log2 domain:
+
+1. the tail: the (b, h)'s KV' list in tiles of BP pseudo-keys (gathered k̄ / v̄ rows, bias log2 n_j),
+   the row's exact blocks masked out by one gathered bit-set word per candidate; rows whose list is all
+   of KV' skip it;
+2. the exact list in tiles of KB key blocks (KB * BLOCK keys): gathered K / V rows, cp.async-pipelined.
+   The next tile's block start and count are loaded one iteration ahead, so the tile addresses of an
+   iteration depend on no load of that iteration and num_stages - 1 tiles stay in flight.
+
+Items are issued longest list first (a stable sort on the device keeps (b, h)-major order among equal
+lengths, so co-resident programs share K / V in L2), which lets the hardware scheduler balance uneven
+rows without a persistent loop. Nothing in the launch path reads a device value on the host, so a call
+can be captured in a CUDA graph (after a first call has autotuned the kernel for the shape).
 """
 
 from __future__ import annotations
@@ -62,39 +68,42 @@ def _interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- configs
+# (KB, BP, num_warps, num_stages) per kind of call; the autotuner times the group of the call's kind
+_CONFIG_GROUPS = {
+    # 128-row blocks: one block per key tile (128 keys), two warpgroups (wgmma m64 each) per program,
+    # 64 pseudo-keys per tail tile (128 spill). num_stages 3 keeps two K / V tiles in flight (224 KiB of
+    # shared memory on sm_90; the autotuner drops it where it does not fit)
+    "b128": [(1, 64, 8, 2), (1, 64, 8, 3)],
+    # 64-row blocks: key tiles of one or two blocks (64 or 128 keys: two halve the softmax rescales and
+    # give wgmma an N of 128). One warpgroup with 128 pseudo-keys per tail tile compiles to about a quarter
+    # of the instructions per pseudo-key of two warpgroups with 64 (sm_90 SASS, triton 3.6)
+    "b64": [(1, 64, 4, 2), (1, 128, 4, 2), (1, 128, 4, 3), (2, 128, 4, 2), (2, 128, 4, 3), (2, 64, 8, 2), (2, 64, 8, 3)],
+    # 16 / 32-row blocks (plans with fine pseudo-keys)
+    "small": [(2, 64, 4, 2)],
+    # float32 (IEEE dots, no tensor cores): no pipelining, the tiles alone fill the shared memory
+    "ieee4": [(1, 32, 4, 1)],
+    "ieee8": [(1, 32, 8, 1)],
+}
+
+
+def _group(block: int, ieee: bool, d: int) -> str:
+    if ieee:
+        return "ieee8" if block * d >= 8192 else "ieee4"
+    return "b128" if block >= 128 else "b64" if block == 64 else "small"
+
+
 def _configs():
     if _interpreting():
         # one config: the interpreter cannot time configs (tests pick others through ``config=``)
         return [triton.Config({"KB": 1, "BP": 64}, num_warps=4, num_stages=1)]
-    cfgs = []
-    # 128-row blocks: one block per key tile (128 keys), two warpgroups (wgmma m64 each) per program.
-    # num_stages 3 keeps two K / V tiles in flight (224 KiB of shared memory on sm_90; pruned elsewhere
-    # by the autotuner when it does not fit)
-    for st in (2, 3):
-        cfgs.append(triton.Config({"KB": 1, "BP": 64}, num_warps=8, num_stages=st))
-    # 64-row blocks: key tiles of one or two blocks (64 or 128 keys: two halve the softmax rescales and
-    # give wgmma an N of 128)
-    for kb, w, st in ((1, 4, 2), (1, 4, 3), (2, 4, 2), (2, 4, 3), (2, 8, 2), (2, 8, 3)):
-        cfgs.append(triton.Config({"KB": kb, "BP": 64}, num_warps=w, num_stages=st))
-    # 16 / 32-row blocks (plans with fine pseudo-keys)
-    cfgs.append(triton.Config({"KB": 2, "BP": 64}, num_warps=4, num_stages=2))
-    # float32 (IEEE dots without tensor cores): no pipelining, the tiles alone take the shared memory
-    for w in (4, 8):
-        cfgs.append(triton.Config({"KB": 1, "BP": 32}, num_warps=w, num_stages=1))
-    return cfgs
+    return [triton.Config({"KB": kb, "BP": bp}, num_warps=w, num_stages=st)
+            for group in _CONFIG_GROUPS.values() for kb, bp, w, st in group]
 
 
 def _prune(configs, named_args, **kwargs):
     meta = dict(named_args, **kwargs)
-    block, ieee, d = meta.get("BLOCK", 64), meta.get("IEEE", False), meta.get("D", 128)
-    if ieee:
-        keep = [c for c in configs if c.num_stages == 1 and c.num_warps == (8 if block * d >= 8192 else 4)]
-    elif block >= 128:
-        keep = [c for c in configs if c.num_stages > 1 and c.kwargs["KB"] == 1 and c.num_warps == 8]
-    elif block == 64:
-        keep = [c for c in configs if c.num_stages > 1 and not (c.kwargs["KB"] == 1 and c.num_warps == 8)]
-    else:
-        keep = [c for c in configs if c.num_stages > 1 and c.kwargs["KB"] == 2 and c.num_warps == 4][:1]
+    want = set(_CONFIG_GROUPS[_group(meta.get("BLOCK", 64), bool(meta.get("IEEE", False)), meta.get("D", 128))])
+    keep = [c for c in configs if (c.kwargs["KB"], c.kwargs["BP"], c.num_warps, c.num_stages) in want]
     return keep or configs[:1]
 
 
@@ -137,7 +146,8 @@ def _exact_bits_kernel(
     tl.store(BITS + i_row.to(tl.int64) * n_words + o_w, b_w, mask=o_w < n_words)
 
 
-@triton.jit
+# sizes are not specialised (no recompilation per problem size; strides still are: 16-byte vector loads)
+@triton.jit(do_not_specialize=["H", "nb", "nnz", "n_words"])
 def _sparse_attn_fwd_kernel(
     Q, K, V, O,
     KBAR, VBAR, LOG2N, POISON,
@@ -272,7 +282,8 @@ def _sparse_attn_fwd_kernel(
 
 
 _sparse_attn_fwd_tuned = triton.autotune(
-    configs=_configs(), key=["D", "BLOCK", "IEEE"], prune_configs_by={"early_config_prune": _prune}
+    # nb in the key: a problem of another size is tuned again (a pipeline repeats a few shapes)
+    configs=_configs(), key=["D", "BLOCK", "IEEE", "nb"], prune_configs_by={"early_config_prune": _prune}
 )(_sparse_attn_fwd_kernel)
 
 
@@ -346,7 +357,7 @@ def sparse_attn_fwd(
     block_size: int, scale: float,
     out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
 ) -> torch.Tensor:
-    """Host launcher: pool k̄ / v̄, build the KV' lists and the work order on the device, launch the kernel.
+    """Host launcher: pool k̄ / v̄, build the KV' lists, bit sets and work order on the device, launch.
 
     The caller (:func:`execute_block_plan`) has validated the arguments; no device value is read here.
 
@@ -361,13 +372,27 @@ def sparse_attn_fwd(
 
     Returns:
         ``out`` ([B, N, H, D] in q's dtype).
+
+    Raises:
+        ValueError: unknown keys in ``config``.
     """
+    if config is not None and set(config) - {"KB", "BP", "num_warps", "num_stages"}:
+        raise ValueError(f"unknown launch parameters {sorted(set(config) - {'KB', 'BP', 'num_warps', 'num_stages'})}; "
+                         "known: KB, BP, num_warps, num_stages")
+    prepared = _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale, out)
+    _launch(prepared, config)
+    return prepared["out"]
+
+
+def _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale, out=None) -> dict:
+    """Everything before the attention kernel (device work only): pooled k̄ / v̄ and the poison row, the
+    KV' lists, the exact-block bit sets and the work order. Returns the kernel's arguments."""
     B, N, H, D = q.shape
     nb = int(starts.shape[0])
     if out is None:
         out = torch.empty_like(q)
     if B * H * nb == 0 or N == 0:
-        return out
+        return {"out": out, "grid": None}
     bs = int(block_size)
     if k.stride() == v.stride():
         kbar, vbar = pool_blocks_triton(k, v, starts=starts, counts=counts, block_size=bs)
@@ -383,9 +408,7 @@ def sparse_attn_fwd(
     kv_list = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
     kv_len = keep.sum(-1, dtype=torch.int32)
     rp = row_ptr.reshape(B * H, nb + 1).contiguous()
-    ci = col_idx.reshape(B * H, -1)
-    if not ci.is_contiguous():
-        ci = ci.contiguous()
+    ci = col_idx.reshape(B * H, -1).contiguous()
     nnz = int(ci.shape[-1])
     # longest lists first; the stable sort keeps (b, h)-major order among equal lengths (L2 locality)
     order = torch.sort((rp[:, 1:] - rp[:, :-1]).reshape(-1), descending=True, stable=True).indices.to(torch.int32)
@@ -393,7 +416,6 @@ def sparse_attn_fwd(
     n_words = (nb + 31) // 32
     bits = torch.empty(B * H * nb, n_words, device=q.device, dtype=torch.int32)
     _exact_bits_kernel[(B * H * nb,)](rp, ci, bits, nb, nnz, n_words, CH=64, WP=max(2, triton.next_power_of_2(n_words)), num_warps=4)
-    BLOCK = max(16, triton.next_power_of_2(bs))
     args = (
         q, k, v, out, kbar, vbar, log2n, poison, starts, counts, rp, ci, kv_list, kv_len, bits, order,
         q.stride(0), q.stride(1), q.stride(2),
@@ -402,19 +424,22 @@ def sparse_attn_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         H, nb, nnz, n_words, float(scale) * _LOG2E,
     )
-    grid = (B * H * nb,)
-    ieee = q.dtype == torch.float32
+    consts = {"D": D, "BLOCK": max(16, triton.next_power_of_2(bs)), "IEEE": q.dtype == torch.float32}
+    return {"out": out, "grid": (B * H * nb,), "args": args, "consts": consts}
+
+
+def _launch(prepared: dict, config: Optional[dict] = None) -> None:
+    """The attention kernel on :func:`_prepare`'s arguments (autotuned, or with ``config``)."""
+    if prepared["grid"] is None:
+        return
+    grid, args, consts = prepared["grid"], prepared["args"], prepared["consts"]
     if config is None:
-        _sparse_attn_fwd_tuned[grid](*args, D=D, BLOCK=BLOCK, IEEE=ieee)
+        _sparse_attn_fwd_tuned[grid](*args, **consts)
     else:
-        meta = dict(config)
         _sparse_attn_fwd_kernel[grid](
-            *args, D=D, BLOCK=BLOCK, IEEE=ieee, KB=meta.pop("KB", 1), BP=meta.pop("BP", 64),
-            num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 1),
+            *args, **consts, KB=config.get("KB", 1), BP=config.get("BP", 64),
+            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
         )
-        if meta:
-            raise ValueError(f"unknown launch parameters {sorted(meta)}; known: KB, BP, num_warps, num_stages")
-    return out
 
 
 @torch.library.custom_op("isa_plugin::sparse_attn", mutates_args=())
@@ -491,8 +516,9 @@ def execute_block_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
         q, k, v: [B, N, H, D] (diffusers' layout), one dtype (float16, bfloat16 or float32) and device,
             unit stride on D for q (k and v are copied when they lack one). D = 64 or 128.
         plan: a :class:`~isa_plugin.plan.BlockPlan` for this call (batch B, H heads, a blocking of N
-            tokens), its tensors on q's device. Exact lists must lie in KV' (``BlockPlan.from_masks``
-            checks this).
+            tokens), its tensors on q's device. Its lists are trusted, not checked (that would read them
+            on the host): block ids in [0, nb), ascending, within KV' (``BlockPlan.from_masks`` ensures
+            this); anything else is undefined behaviour.
         scale: softmax scale, default 1/sqrt(D).
 
     Returns:
@@ -508,9 +534,9 @@ def execute_block_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
 
     Example:
         >>> blocks = Layout([("target", 4096), ("context", 4096)]).blocks(128)
-        >>> keep = torch.ones(1, 8, blocks.num_blocks, dtype=torch.bool, device="cuda")
-        >>> exact = torch.rand(1, 8, blocks.num_blocks, blocks.num_blocks, device="cuda") < 0.25
-        >>> plan = BlockPlan.from_masks(blocks.to("cuda"), keep, exact, pseudo_block=128)
+        >>> keep = torch.ones(1, 8, blocks.num_blocks, dtype=torch.bool, device="cuda")  # doctest: +SKIP
+        >>> exact = torch.rand(1, 8, blocks.num_blocks, blocks.num_blocks, device="cuda") < 0.25  # doctest: +SKIP
+        >>> plan = BlockPlan.from_masks(blocks.to("cuda"), keep, exact, pseudo_block=128)  # doctest: +SKIP
         >>> out = execute_block_plan(q, k, v, plan)  # doctest: +SKIP
     """
     _check_inputs(q, k, v, plan)
