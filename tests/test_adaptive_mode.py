@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from isa_plugin.attention import isa_attention, select_backend
-from isa_plugin.config import AdaptiveSettings, ISAConfig
-from isa_plugin.kernels.adaptive_reference import adaptive_attention_reference
-from isa_plugin.kernels.reference import isa_attention_reference, plan_reference
+from isa_plugin.config import ISAConfig
+from isa_plugin.executors.reference import isa_attention_reference, plan_reference
+from isa_plugin.kernels.reference import execute_plan_reference
+from isa_plugin.selection.adaptive import AdaptiveSettings
 from isa_plugin.layout import Layout
 
 LAYOUT = Layout([("target", 70), ("context", 58), ("text", 7)])
@@ -26,7 +27,7 @@ def test_config_round_trip_and_fixed_dict_unchanged():
     assert cfg.num_heads == 3
     ph = cfg.per_head(3)
     assert ph["mass"].tolist() == [0.8, 0.9, 0.99] and ph["min_blocks"].dtype == torch.int64
-    assert cfg.adaptive == AdaptiveSettings(mass=(0.8, 0.9, 0.99), min_blocks=(1, 2, 1), max_blocks=3, pseudo_block=16,
+    assert cfg.settings == AdaptiveSettings(mass=(0.8, 0.9, 0.99), min_blocks=(1, 2, 1), max_blocks=3, pseudo_block=16,
                                             alpha_s=(0.5, 1.0, 0.25), context_mass=(0.7, 0.9, 1.0))
     assert ph["context_mass"].tolist() == [0.7, 0.9, 1.0]
     assert ISAConfig(mode="adaptive", mass=0.8).per_head(2)["context_mass"].tolist() == [0.8, 0.8]
@@ -66,13 +67,13 @@ def test_isa_attention_routes_adaptive_to_the_reference_on_cpu(rng):
     cfg = ISAConfig(mode="adaptive", mass=(0.6, 0.8, 0.95), pseudo_block=4, alpha_s=0.5, block_size=8)
     out, info = isa_attention(q, k, v, LAYOUT, cfg, return_info=True)
     assert info.used_isa and info.backend == "reference"
-    want = adaptive_attention_reference(q, k, v, LAYOUT, cfg.adaptive)
+    want = execute_plan_reference(q, k, v, plan_reference(q, k, LAYOUT, cfg))
     assert (out - want).abs().max().item() <= 1e-12
-    # the fixed-mode entry points accept the adaptive config and give the same
+    # the reference entry point plans with the config's mode and gives the same
     assert (isa_attention_reference(q, k, v, LAYOUT, cfg) - want).abs().max().item() <= 1e-12
     assert select_backend(q, LAYOUT, cfg).backend == "reference"
     with pytest.raises(RuntimeError, match="FlexAttention"):
-        select_backend(q, LAYOUT, cfg.replace(backend="triton"))
+        select_backend(q, LAYOUT, cfg.replace(backend="flex"))
     # inside a model on the CPU the reference serves it too
     assert select_backend(q.float(), LAYOUT, cfg, in_model=True).backend == "reference"
 
@@ -80,7 +81,7 @@ def test_isa_attention_routes_adaptive_to_the_reference_on_cpu(rng):
 def test_fixed_plan_pair_counts(rng):
     q, k, v = _qkv(rng)
     cfg = ISAConfig(alpha_s=0.5, alpha_f=0.25, alpha_ns=0.25, block_size=8)
-    plan = plan_reference(q, k, v, LAYOUT, cfg)
+    plan = plan_reference(q, k, LAYOUT, cfg)
     blocks = LAYOUT.blocks(8)
     cnt = blocks.counts.tolist()
     B, H, nb = plan.kv_keep.shape
@@ -89,7 +90,7 @@ def test_fixed_plan_pair_counts(rng):
         for h in range(H):
             for i in range(nb):
                 for j in range(nb):
-                    if plan.exact_kv[b, h, i, j]:
+                    if plan.exact_mask()[b, h, i, j]:
                         exact += cnt[i] * cnt[j]
                     elif plan.kv_keep[b, h, j]:
                         approx += cnt[i]

@@ -169,7 +169,7 @@ def test_budget_arg_message_is_the_validators():
     import argparse
 
     from isa_plugin.cli import budget_arg
-    from isa_plugin.config import validate_budget
+    from isa_plugin.validation import validate_budget
 
     assert budget_arg()("0.1") == 0.1
     with pytest.raises(argparse.ArgumentTypeError) as e:

@@ -37,7 +37,9 @@ def test_demo_outputs(demo_dir):
     assert report["isa_calls"] > 0
     assert report["ssim"] <= 1.0 and report["psnr"] > 0
     layers = report["layers"]
-    assert layers and all({"alpha_s", "alpha_f", "alpha_ns", "measured_error_target"} <= set(l) for l in layers.values())
+    assert layers and all({"mode", "settings", "measured_error_target"} <= set(l) for l in layers.values())
+    # the settings of a layer are its mode's (the fixed mode: the three ratios)
+    assert all({"alpha_s", "alpha_f", "alpha_ns"} <= set(l["settings"]) for l in layers.values() if l["mode"] == "fixed")
     # the video decodes: input | dense | ISA side by side
     frames = iio.imread(demo_dir / "side_by_side.mp4", index=None)
     assert frames.ndim == 4 and frames.shape[0] == report["preset"]["frames"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from isa_plugin import ISAConfig, Layout, isa_attention
-from isa_plugin.kernels.reference import dense_attention_reference, isa_attention_reference
+from isa_plugin.executors.reference import isa_attention_reference
+from isa_plugin.kernels.reference import dense_attention_reference
 
 
 @pytest.mark.parametrize(
@@ -44,7 +45,7 @@ def test_config_validation_and_round_trip():
     per_head = ISAConfig(alpha_s=[0.1, 0.2], alpha_f=0.5, sharpness="l2")
     assert per_head.alpha_s == (0.1, 0.2)
     assert ISAConfig.from_dict(per_head.to_dict()) == per_head
-    assert ISAConfig(1, 1, 1).is_dense and not cfg.is_dense
+    assert ISAConfig(alpha_s=1, alpha_f=1, alpha_ns=1).is_dense and not cfg.is_dense
     for bad, exc, match in [
         (dict(alpha_s=0.0), ValueError, r"alpha_s=0.0 is out of range"),
         (dict(alpha_f=1.5), ValueError, r"alpha_f=1.5 is out of range"),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from isa_plugin import ISAConfig
-from isa_plugin.profile import LayerSetting, ProfileError, ThresholdProfile, config_hash
+from isa_plugin.layer_setting import LayerSetting, ProfileError
+from isa_plugin.profile import ThresholdProfile, config_hash
 
 
 def _profile(per_head=True, buckets=False):

@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from isa_plugin import ISAConfig, Layout
-from isa_plugin.kernels.reference import (
-    dense_attention_reference,
-    execute_plan_reference,
-    isa_attention_reference,
-    plan_reference,
-    pool_blocks,
-)
+from isa_plugin.executors.reference import isa_attention_reference, plan_reference
+from isa_plugin.kernels.reference import dense_attention_reference, execute_plan_reference, pool_blocks
 from naive_isa import naive_isa
 
 LAYOUTS = [
@@ -33,7 +28,7 @@ def _qkv(rng, B, N, H, D, dtype=torch.float64, scale=1.0):
 def test_all_ones_is_dense(rng, spans):
     layout = Layout(spans)
     q, k, v = _qkv(rng, 2, layout.num_tokens, 3, 16, scale=2.0)
-    out = isa_attention_reference(q, k, v, layout, ISAConfig(1, 1, 1, block_size=16))
+    out = isa_attention_reference(q, k, v, layout, ISAConfig(alpha_s=1, alpha_f=1, alpha_ns=1, block_size=16))
     dense = dense_attention_reference(q, k, v)
     assert (out - dense).abs().max().item() <= 1e-10
 
@@ -75,7 +70,7 @@ def test_alpha_ns_one_is_masked_dense_over_kv_prime(rng, spans):
     kinds = plan.blocks.kinds
     assert plan.kv_keep[..., kinds != 1].all()
     n_ctx = int((kinds == 1).sum())
-    assert (plan.kept_context.sum(-1) == math.ceil(0.25 * n_ctx)).all()
+    assert ((plan.kv_keep & (kinds == 1)).sum(-1) == math.ceil(0.25 * n_ctx)).all()
 
 
 def test_counts_follow_the_rules(rng):
@@ -86,17 +81,17 @@ def test_counts_follow_the_rules(rng):
     kinds = plan.blocks.kinds
     n_t, n_c, n_x = (int((kinds == i).sum()) for i in range(3))
     assert (n_t, n_c, n_x) == (10, 10, 2)
-    assert (plan.kept_context.sum(-1) == 2).all()
+    assert ((plan.kv_keep & (kinds == 1)).sum(-1) == 2).all()
     # text query blocks always exact; ceil(0.5 * 20) of the non-text ones
-    assert plan.exact_query[..., kinds == 2].all()
-    assert (plan.exact_query[..., kinds != 2].sum(-1) == 10).all()
-    taylor = ~plan.exact_query
+    assert plan.full_rows[..., kinds == 2].all()
+    assert (plan.full_rows[..., kinds != 2].sum(-1) == 10).all()
+    taylor = ~plan.full_rows
     kprime = 10 + 2  # target blocks + kept context blocks (non-text)
-    n_sel = (plan.exact_kv & (kinds != 2)).sum(-1)
+    n_sel = (plan.exact_mask() & (kinds != 2)).sum(-1)
     assert (n_sel[taylor] == math.ceil(0.25 * kprime)).all()
     # text key blocks never dropped and never approximated
-    assert plan.exact_kv[..., kinds == 2].all()
-    assert not plan.approx_kv[..., kinds == 2].any()
+    assert plan.exact_mask()[..., kinds == 2].all()
+    assert not plan.approx_mask()[..., kinds == 2].any()
 
 
 def test_sharp_query_block_goes_exact(rng):
@@ -111,8 +106,8 @@ def test_sharp_query_block_goes_exact(rng):
     for metric in ("topk_mass", "l2"):
         cfg = ISAConfig(alpha_s=0.5, alpha_f=1 / 16, alpha_ns=0.25, block_size=16, sharpness=metric)
         _, plan = isa_attention_reference(q, k, v, layout, cfg, return_plan=True)
-        assert plan.exact_query[0, 0].nonzero().flatten().tolist() == [5]
-        assert plan.sharpness[0, 0].argmax().item() == 5
+        assert plan.full_rows[0, 0].nonzero().flatten().tolist() == [5]
+        assert plan.diagnostics["sharpness"][0, 0].argmax().item() == 5
 
 
 def test_ragged_blocks_never_straddle_spans():
@@ -146,10 +141,10 @@ def test_true_counts_weight_means(rng):
     q, k, v = _qkv(rng, 1, 28, 1, 4)
     cfg = ISAConfig(alpha_s=1.0, alpha_f=0.2, alpha_ns=0.2, block_size=8)
     out, plan = isa_attention_reference(q, k, v, layout, cfg, return_plan=True)
-    i = int((~plan.exact_query[0, 0]).nonzero()[0])
+    i = int((~plan.full_rows[0, 0]).nonzero()[0])
     t = int(plan.blocks.starts[i])
-    ex = plan.exact_kv[0, 0, i]
-    ap = plan.approx_kv[0, 0, i]
+    ex = plan.exact_mask()[0, 0, i]
+    ap = plan.approx_mask()[0, 0, i]
     tok = ex[plan.blocks.token_block]
     kb, vb = pool_blocks(k, plan.blocks)[0, 0], pool_blocks(v, plan.blocks)[0, 0]
     w_ex = torch.exp(k[0, tok, 0] @ q[0, t, 0] / 2)
@@ -173,13 +168,13 @@ def test_batch_and_heads_independent(rng):
     out, plan = isa_attention_reference(q, k, v, layout, cfg, return_plan=True)
     for b in range(3):
         ob, pb = isa_attention_reference(q[b : b + 1], k[b : b + 1], v[b : b + 1], layout, cfg, return_plan=True)
-        assert torch.equal(pb.exact_kv[0], plan.exact_kv[b])
+        assert torch.equal(pb.exact_mask()[0], plan.exact_mask()[b])
         assert (ob[0] - out[b]).abs().max().item() <= 1e-12
         for h in range(4):
             oh = isa_attention_reference(q[b : b + 1, :, h : h + 1], k[b : b + 1, :, h : h + 1], v[b : b + 1, :, h : h + 1], layout, cfg)
             assert (oh[0, :, 0] - out[b, :, h]).abs().max().item() <= 1e-12
     # selections really differ across batch entries and heads on random data
-    flat = plan.exact_kv.flatten(2)
+    flat = plan.exact_mask().flatten(2)
     assert len({tuple(x.tolist()) for x in flat.reshape(-1, flat.shape[-1])}) > 1
 
 
@@ -198,7 +193,7 @@ def test_execute_given_plan_and_dtypes(rng):
 def test_relative_cost(rng):
     layout = Layout([("target", 256), ("context", 256)])
     q, k, v = _qkv(rng, 1, 512, 2, 8)
-    _, dense_plan = isa_attention_reference(q, k, v, layout, ISAConfig(1, 1, 1, block_size=16), return_plan=True)
+    _, dense_plan = isa_attention_reference(q, k, v, layout, ISAConfig(alpha_s=1, alpha_f=1, alpha_ns=1, block_size=16), return_plan=True)
     assert dense_plan.relative_cost() == pytest.approx(1.0)
     _, plan = isa_attention_reference(q, k, v, layout, ISAConfig(block_size=16), return_plan=True)
     # ISA.md §2 estimate (α_f + (1-α_f)(α_ns + 1/b))·(0.5 + 0.5 α_s) with b = #blocks granularity

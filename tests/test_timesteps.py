@@ -7,8 +7,9 @@ import torch
 
 from isa_plugin import Layout
 from isa_plugin.calibration.recorder import StatsObserver
-from isa_plugin.calibration.measure import CalibrationStats, Grid
-from isa_plugin.profile import LayerSetting, ThresholdProfile
+from isa_plugin.calibration.statistics import CalibrationStats, Grid
+from isa_plugin.layer_setting import LayerSetting
+from isa_plugin.profile import ThresholdProfile
 from isa_plugin.timesteps import bucket_edges, bucket_index, timestep_scalar
 
 EDGES = (300.0, 700.0)

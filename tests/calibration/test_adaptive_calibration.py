@@ -3,14 +3,18 @@
 import pytest
 import torch
 
-from isa_plugin.calibration.adaptive_measure import measure_adaptive_call
 from isa_plugin.calibration.cost import CostModel
 from isa_plugin.calibration.fit import fit_profile
-from isa_plugin.calibration.measure import CalibrationStats, Grid
+from isa_plugin.calibration.statistics import CalibrationStats, Grid
 from isa_plugin.calibration.synthetic import SyntheticModel, SyntheticSpec, calibrate_synthetic
 from isa_plugin.config import ISAConfig
-from isa_plugin.kernels.reference import dense_attention_reference, isa_attention_reference
-from isa_plugin.profile import LayerSetting, ThresholdProfile
+from isa_plugin.executors.reference import isa_attention_reference
+from isa_plugin.kernels.reference import dense_attention_reference
+from isa_plugin.layer_setting import LayerSetting
+from isa_plugin.profile import ThresholdProfile
+from isa_plugin.selection import get_mode
+from isa_plugin.selection.adaptive import AdaptiveGrid
+from isa_plugin.selection.measure import Sampler
 
 SPEC = SyntheticSpec(frames=2, height=8, width=8, heads=3, head_dim=32, layers=2)
 
@@ -19,7 +23,8 @@ def test_statistics_with_every_token_equal_the_reference_error():
     model = SyntheticModel(SPEC, seed=3)
     q, k, v, layout = model.sample(1, 5, dtype=torch.float64)
     a_s, mass, ps = (0.5, 1.0), (0.6, 0.9), (4, 16)
-    r = measure_adaptive_call(q, k, v, layout, a_s, mass, ps, block_size=16, blocks_per_kind=10_000, tokens_per_block=16)
+    r = get_mode("adaptive").measure(q, k, v, layout, AdaptiveGrid(alpha_s=a_s, mass=mass, pseudo_block=ps), block_size=16,
+                                     sampler=Sampler(blocks_per_kind=10_000, tokens_per_block=16))
     dense = dense_attention_reference(q, k, v)
     blocks = layout.blocks(16)
     kinds = blocks.kinds[blocks.token_block]
@@ -32,13 +37,13 @@ def test_statistics_with_every_token_equal_the_reference_error():
                     for kid in range(2):
                         sel = kinds == kid
                         want = float((out - dense)[0, sel, h].abs().sum() / dense[0, sel, h].abs().sum())
-                        got = float(r["num"][h, kid, si, pi, qi] / r["den"][h, kid])
+                        got = float(r["ad_num"][h, kid, si, pi, qi] / r["ad_den"][h, kid])
                         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-                assert tuple(round(float(x)) for x in r["pairs"][:, si, pi, qi].sum((0, 1))) == plan.pair_counts()
+                assert tuple(round(float(x)) for x in r["ad_pairs"][:, si, pi, qi].sum((0, 1))) == plan.pair_counts()
     # a (mass, context_mass) pair costs the non-context rows of one entry and the context rows of another
     cfg = ISAConfig(mode="adaptive", alpha_s=1.0, mass=0.6, context_mass=0.9, pseudo_block=4, block_size=16)
     _, plan = isa_attention_reference(q, k, v, layout, cfg, return_plan=True)
-    mixed = r["pairs"][:, 1, 0, 0, 0].sum(0) + r["pairs"][:, 1, 1, 0, 1].sum(0)
+    mixed = r["ad_pairs"][:, 1, 0, 0, 0].sum(0) + r["ad_pairs"][:, 1, 1, 0, 1].sum(0)
     assert tuple(round(float(x)) for x in mixed) == plan.pair_counts()
 
 
@@ -49,8 +54,8 @@ def test_fit_searches_both_modes_and_keeps_fixed_results_without_adaptive():
                                blocks_per_kind=8, tokens_per_block=4)
     # the fixed mode's statistics do not depend on whether the adaptive mode is measured
     for name in model.layer_names:
-        assert torch.equal(fixed_only.get(name).num, both.get(name).num)
-    assert fixed_only.get(model.layer_names[0]).ad_num is None
+        assert torch.equal(fixed_only.get(name).modes["fixed"]["num"], both.get(name).modes["fixed"]["num"])
+    assert "adaptive" not in fixed_only.get(model.layer_names[0]).modes
     for per_head in (False, "auto"):
         p_fixed = fit_profile(fixed_only, 0.1, per_head=per_head)
         p_both = fit_profile(both, 0.1, per_head=per_head)
@@ -75,8 +80,8 @@ def test_state_dict_round_trip_with_adaptive_statistics():
     assert back.grid == st.grid
     for name in model.layer_names:
         a, b = st.get(name), back.get(name)
-        for f in ("ad_num", "ad_den", "ad_pairs", "num"):
-            assert torch.equal(getattr(a, f), getattr(b, f))
+        for mode, f in (("adaptive", "ad_num"), ("adaptive", "ad_den"), ("adaptive", "ad_pairs"), ("fixed", "num")):
+            assert torch.equal(a.modes[mode][f], b.modes[mode][f])
     with pytest.raises(ValueError, match="pseudo_block"):
         CalibrationStats(Grid(mass=(0.9,), pseudo_block=(24,)), block_size=64)
 
@@ -123,12 +128,12 @@ def test_inspect_shows_adaptive_layers(tmp_path, capsys):
     path = prof.save(tmp_path / "p.yaml")
     assert main(["inspect", str(path)]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:2] in ("a ", "b ")}
-    assert rows["a"][2:6] == ["0.5", "p=0.947*", "s=16", "adaptive"]
-    assert rows["b"][5] == "topk_mass"
+    assert rows["a"][2:6] == ["adaptive", "alpha_s=0.5", "mass=0.947*", "pseudo_block=16"]
+    assert rows["b"][2] == "fixed" and rows["b"][6] == "sharpness=topk_mass"
 
 
 def test_held_out_check_covers_adaptive_settings():
-    from isa_plugin.calibration.fit import setting_errors
+    from isa_plugin.calibration.heldout import setting_errors
 
     model = SyntheticModel(SPEC, seed=2)
     st = calibrate_synthetic(model, [0, 1], grid=Grid(mass=(0.8, 0.95), pseudo_block=(16,)), block_size=16,
@@ -140,6 +145,6 @@ def test_held_out_check_covers_adaptive_settings():
         et, ec = setting_errors(st.get(name), st.grid, s)
         assert et == pytest.approx(s.error_target, abs=1e-12) and ec == pytest.approx(s.error_context, abs=1e-12)
         for i in st.sample_ids(name):  # the per-sample statistics hold the adaptive measurements too
-            assert st.get(name, sample=i).has_adaptive
+            assert "adaptive" in st.get(name, sample=i).modes
     with pytest.raises(ValueError, match="not on the calibration grid"):
         setting_errors(st.get(adaptive[0][0]), st.grid, LayerSetting(mode="adaptive", alpha_s=1.0, mass=0.5, pseudo_block=16))

@@ -7,13 +7,26 @@ import re
 import pytest
 import torch
 
-from isa_plugin.calibration.cost import DEFAULT_COST_MODEL, CostModel, load_cost_model, setting_pairs
-from isa_plugin.calibration.fit import fit_profile, layer_costs, parse_budget
-from isa_plugin.calibration.measure import CalibrationStats, Grid, LayerErrorStats
+from isa_plugin.calibration.cost import DEFAULT_COST_MODEL, CostModel, load_cost_model
+from isa_plugin.calibration.fit import fit_profile, parse_budget
+from isa_plugin.calibration.statistics import CalibrationStats, Grid, LayerErrorStats
+from isa_plugin.selection import get_mode
+from isa_plugin.selection.fixed import setting_pairs
 
 GRID = Grid(alpha_s=(0.125, 0.5, 1.0), alpha_f=(0.25, 0.5, 1.0), alpha_ns=(0.0625, 0.25))
+FIXED = GRID.modes["fixed"]
 TOKENS = {"target": 4096, "context": 4096, "text": 0}
 BLOCKS = {"target": 64, "context": 64, "text": 0}
+
+
+def layer_costs(ls, grid, cost_model):
+    """Per-head time of every fixed grid setting [S, F, NS], the per-head time of a dense head, and the dense
+    layer time (from the fixed mode's candidate table)."""
+    fixed = grid.modes["fixed"]
+    table = get_mode("fixed").candidates(ls.modes["fixed"], fixed, ls, cost_model)
+    S, F, NS = fixed.shape[1:]
+    costs = table.cost[: S * F * NS].view(S, F, NS)
+    return costs, table.dense_head, cost_model.dense_time(sum(ls.mean_tokens().values()), ls.heads, ls.head_dim)
 
 
 def _stats(err_fn, heads=4, layers=("blocks.0.attn1",)):
@@ -21,14 +34,15 @@ def _stats(err_fn, heads=4, layers=("blocks.0.attn1",)):
     st = CalibrationStats(GRID)
     for name in layers:
         ls = LayerErrorStats.zeros(heads, 64, GRID)
+        fx = ls.modes["fixed"]
         for h in range(heads):
             for kind in range(2):
-                ls.den[h, kind] = 100.0
-                for mi in range(len(GRID.metrics)):
-                    for si, a_s in enumerate(GRID.alpha_s):
-                        for fi, a_f in enumerate(GRID.alpha_f):
-                            for ni, a_ns in enumerate(GRID.alpha_ns):
-                                ls.num[h, kind, mi, si, fi, ni] = 100.0 * err_fn(h, kind, mi, a_s, a_f, a_ns)
+                fx["den"][h, kind] = 100.0
+                for mi in range(len(FIXED.metrics)):
+                    for si, a_s in enumerate(FIXED.alpha_s):
+                        for fi, a_f in enumerate(FIXED.alpha_f):
+                            for ni, a_ns in enumerate(FIXED.alpha_ns):
+                                fx["num"][h, kind, mi, si, fi, ni] = 100.0 * err_fn(h, kind, mi, a_s, a_f, a_ns)
         ls.calls = 1
         ls.tokens, ls.blocks = dict(TOKENS), dict(BLOCKS)
         st.layers[(name, 0)] = ls
@@ -55,9 +69,9 @@ def test_respects_budget_and_is_cheapest_feasible():
         # brute force: no feasible grid setting is cheaper
         costs, _, dense = layer_costs(st.get("blocks.0.attn1"), GRID, DEFAULT_COST_MODEL)
         best = math.inf
-        for si, a_s in enumerate(GRID.alpha_s):
-            for fi, a_f in enumerate(GRID.alpha_f):
-                for ni, a_ns in enumerate(GRID.alpha_ns):
+        for si, a_s in enumerate(FIXED.alpha_s):
+            for fi, a_f in enumerate(FIXED.alpha_f):
+                for ni, a_ns in enumerate(FIXED.alpha_ns):
                     if max(_smooth(0, 0, 0, a_s, a_f, a_ns), _smooth(0, 1, 0, a_s, a_f, a_ns)) <= budget + 1e-12:
                         best = min(best, float(costs[si, fi, ni]) * 4 / dense)
         assert s.relative_cost == pytest.approx(best)
@@ -137,12 +151,12 @@ def test_profile_metadata_and_errors():
 
 def test_setting_pairs_matches_plan_relative_cost():
     from isa_plugin import ISAConfig, Layout
-    from isa_plugin.kernels.reference import plan_reference
+    from isa_plugin.executors.reference import plan_reference
 
     layout = Layout([("target", 1024), ("context", 1024)])
     q = k = torch.randn(1, 2048, 1, 32)
     for a in [(0.125, 0.5, 0.0625), (0.5, 0.25, 0.25), (1.0, 1.0, 1.0)]:
-        plan = plan_reference(q, k, k, layout, ISAConfig(*a))
+        plan = plan_reference(q, k, layout, ISAConfig(alpha_s=a[0], alpha_f=a[1], alpha_ns=a[2]))
         e, ap = setting_pairs(*a, {"target": 1024, "context": 1024}, {"target": 16, "context": 16})
         assert (e + ap) / 2048**2 == pytest.approx(plan.relative_cost(), rel=1e-9)
 

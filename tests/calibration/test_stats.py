@@ -4,10 +4,25 @@ import pytest
 import torch
 
 from isa_plugin import ISAConfig, Layout
-from isa_plugin.calibration.measure import CalibrationStats, Grid, measure_call
-from isa_plugin.kernels.reference import dense_attention_reference, isa_attention_reference
+from isa_plugin.calibration.statistics import CalibrationStats, Grid
+from isa_plugin.executors.reference import isa_attention_reference
+from isa_plugin.kernels.reference import dense_attention_reference
+from isa_plugin.selection.fixed_measure import measure_fixed_call
+from isa_plugin.selection.measure import Sampler
 
 GRID = Grid(alpha_s=(0.25, 0.5, 1.0), alpha_f=(0.25, 0.5, 1.0), alpha_ns=(0.2, 0.5))
+FIXED = GRID.modes["fixed"]
+
+
+def measure_call(q, k, v, layout, grid, *, blocks_per_kind=48, tokens_per_block=16, generator=None, **kw):
+    """The fixed mode's statistics of one call (a dict of tensors)."""
+    return measure_fixed_call(q, k, v, layout, grid.modes["fixed"], sampler=Sampler(blocks_per_kind, tokens_per_block, generator),
+                              **kw)
+
+
+def errors(stats):
+    """[2, M, S, F, NS] layer-level relative L1 (summed over heads) per query kind, from the fixed mode's tensors."""
+    return stats["num"].sum(0) / stats["den"].sum(0).view(2, 1, 1, 1, 1)
 
 LAYOUTS = [
     [("target", 200), ("context", 190)],
@@ -37,17 +52,17 @@ def test_full_sampling_equals_reference(spans, rng):
     k = torch.randn(1, N, H, D, generator=rng, dtype=torch.float64) * 1.5
     v = torch.randn(1, N, H, D, generator=rng, dtype=torch.float64)
     st = measure_call(q, k, v, layout, GRID, block_size=bs, blocks_per_kind=10_000, tokens_per_block=bs, generator=rng)
-    for mi, metric in enumerate(GRID.metrics):
-        for si, a_s in enumerate(GRID.alpha_s):
-            for fi, a_f in enumerate(GRID.alpha_f):
-                for ni, a_ns in enumerate(GRID.alpha_ns):
+    for mi, metric in enumerate(FIXED.metrics):
+        for si, a_s in enumerate(FIXED.alpha_s):
+            for fi, a_f in enumerate(FIXED.alpha_f):
+                for ni, a_ns in enumerate(FIXED.alpha_ns):
                     cfg = ISAConfig(alpha_s=a_s, alpha_f=a_f, alpha_ns=a_ns, block_size=bs, sharpness=metric, backend="reference")
                     ref = _errors(q, k, v, layout, cfg, bs)
                     for kind in (0, 1):
-                        est = st.num[:, kind, mi, si, fi, ni] / st.den[:, kind]
+                        est = st["num"][:, kind, mi, si, fi, ni] / st["den"][:, kind]
                         torch.testing.assert_close(est, ref[kind], atol=1e-9, rtol=1e-9)
     # pruning-only errors are the alpha_f = 1 column; Taylor-only at the largest alpha_s
-    torch.testing.assert_close(st.prune_num, st.num[:, :, 0, :, -1, 0])
+    torch.testing.assert_close(st["prune_num"], st["num"][:, :, 0, :, -1, 0])
 
 
 def test_head_groups_and_chunks_do_not_change_the_statistics(rng):
@@ -60,7 +75,7 @@ def test_head_groups_and_chunks_do_not_change_the_statistics(rng):
     whole = measure_call(q, k, v, layout, GRID, block_size=bs, generator=torch.Generator().manual_seed(seed))
     split = measure_call(q, k, v, layout, GRID, block_size=bs, generator=torch.Generator().manual_seed(seed), max_chunk_elems=1)
     for name in ("num", "den", "prune_num", "taylor_num"):
-        torch.testing.assert_close(getattr(split, name), getattr(whole, name), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(split[name], whole[name], atol=1e-12, rtol=1e-12)
 
 
 def test_sampled_estimate_is_close(rng):
@@ -72,7 +87,7 @@ def test_sampled_estimate_is_close(rng):
     part = CalibrationStats(GRID, blocks_per_kind=6, tokens_per_block=16, seed=0)
     for _ in range(6):
         part.observe("l", q, k, v, layout)
-    e_full, e_part = full.errors(), part.get("l").errors()
+    e_full, e_part = errors(full), errors(part.get("l").modes["fixed"])
     # ratio estimates from ~1/3 of the blocks and 1/4 of their tokens: within 25% (relative) or 0.01
     assert ((e_full - e_part).abs() <= 0.25 * e_full + 0.01).all()
 
@@ -88,7 +103,7 @@ def test_observe_batches_buckets_and_state_dict(rng):
     assert st.meta["calls"] == 4 and st.meta["timesteps"] == [900.0, 100.0]
     again = CalibrationStats.from_state_dict(st.state_dict())
     assert again.layer_names() == ["blocks.0.attn1"]
-    torch.testing.assert_close(again.get("blocks.0.attn1", 1).num, st.get("blocks.0.attn1", 1).num)
+    torch.testing.assert_close(again.get("blocks.0.attn1", 1).modes["fixed"]["num"], st.get("blocks.0.attn1", 1).modes["fixed"]["num"])
     assert st.get("blocks.0.attn1", 0).mean_tokens() == {"target": 96, "context": 96, "text": 0}
 
 
@@ -96,7 +111,7 @@ def test_no_context_span():
     layout = Layout([("target", 128)])
     q = k = v = torch.randn(1, 128, 2, 16)
     st = measure_call(q, k, v, layout, GRID, block_size=32)
-    assert st.den[:, 1].sum() == 0 and st.den[:, 0].sum() > 0
+    assert st["den"][:, 1].sum() == 0 and st["den"][:, 0].sum() > 0
 
 
 def test_grid_validation():
@@ -113,7 +128,8 @@ def test_cuda_matches_cpu():
 
     q, k, v, layout = synthetic_qkv(4, 16, 24, 8, 128, dtype=torch.bfloat16)
     cpu = measure_call(q.float(), k.float(), v.float(), layout, Grid(), generator=torch.Generator().manual_seed(0))
-    gpu = measure_call(q.cuda(), k.cuda(), v.cuda(), layout, Grid(), generator=torch.Generator().manual_seed(0)).to("cpu")
-    torch.testing.assert_close(gpu.den, cpu.den, rtol=1e-3, atol=0)
-    e_cpu, e_gpu = cpu.errors(), gpu.errors()
+    gpu = measure_call(q.cuda(), k.cuda(), v.cuda(), layout, Grid(), generator=torch.Generator().manual_seed(0))
+    gpu = {name: t.to("cpu") for name, t in gpu.items()}
+    torch.testing.assert_close(gpu["den"], cpu["den"], rtol=1e-3, atol=0)
+    e_cpu, e_gpu = errors(cpu), errors(gpu)
     assert ((e_cpu - e_gpu).abs() <= 0.02 * e_cpu + 2e-3).all()

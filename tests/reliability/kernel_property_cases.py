@@ -22,15 +22,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from isa_plugin import ISAConfig, Layout  # noqa: E402
-from isa_plugin.kernels import executor, plan as kplan, pooling  # noqa: E402
-from isa_plugin.kernels.reference import (  # noqa: E402
-    dense_attention_reference,
-    execute_plan_reference,
-    plan_from_pooled,
-    plan_reference,
-    pool_blocks,
-)
+from isa_plugin.executors.reference import plan_reference  # noqa: E402
+from isa_plugin.kernels import compact, executor, pooling  # noqa: E402
+from isa_plugin.kernels.reference import dense_attention_reference, execute_plan_reference, pool_blocks  # noqa: E402
 from isa_plugin.kernels.testing import check_close, plan_rows  # noqa: E402
+from isa_plugin.selection import fixed_gpu, plan_from_pooled  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -62,8 +58,8 @@ def problems(draw, dtypes=(torch.float16, torch.float32), max_len=90, heads=(1, 
 @given(problems())
 def test_executor_matches_reference_on_the_same_plan(p):
     q, k, v, layout, cfg = p
-    plan = plan_reference(q, k, v, layout, cfg)
-    cp = kplan.compact_from_reference(plan)
+    plan = plan_reference(q, k, layout, cfg)
+    cp = compact.compact_from_block_plan(plan)
     out = torch.full_like(q, float("nan"))
     executor.execute_compact(q, k, v, cp, exact_backend="triton", out=out)
     assert not out.isnan().any(), "unwritten output elements"
@@ -82,10 +78,11 @@ def test_planner_matches_reference_on_the_same_block_means(p):
     blocks = layout.blocks(cfg.block_size)
     qbar, kbar = pool_blocks(q.double(), blocks), pool_blocks(k.double(), blocks)
     scale = 64 ** -0.5
-    ref = plan_from_pooled(qbar, kbar, blocks, cfg, scale)
-    got = kplan.compact_to_reference(kplan.plan_compact_from_pooled(qbar, kbar, blocks, cfg, scale))
-    for f in ("kv_keep", "exact_query", "exact_kv"):
-        assert torch.equal(getattr(ref, f), getattr(got, f)), f
+    ref = plan_from_pooled(cfg.selection, qbar, kbar, blocks, cfg.settings, scale, cfg.share_plan)
+    got = compact.compact_to_block_plan(fixed_gpu.plan_compact_from_pooled(qbar, kbar, blocks, cfg, scale))
+    for f in ("kv_keep", "full_rows", "exact_mask"):
+        a, b = getattr(ref, f), getattr(got, f)
+        assert torch.equal(a() if callable(a) else a, b() if callable(b) else b), f
 
 
 def test_planner_float64_means_with_split_context():
@@ -95,9 +92,9 @@ def test_planner_float64_means_with_split_context():
     q, k = (torch.randn(1, 80, 2, 64, generator=g, dtype=torch.float64) for _ in range(2))
     blocks = layout.blocks(16)
     qbar, kbar = pool_blocks(q, blocks), pool_blocks(k, blocks)
-    ref = plan_from_pooled(qbar, kbar, blocks, cfg, 0.125)
-    got = kplan.compact_to_reference(kplan.plan_compact_from_pooled(qbar, kbar, blocks, cfg, 0.125))
-    assert torch.equal(ref.exact_kv, got.exact_kv)
+    ref = plan_from_pooled(cfg.selection, qbar, kbar, blocks, cfg.settings, 0.125, cfg.share_plan)
+    got = compact.compact_to_block_plan(fixed_gpu.plan_compact_from_pooled(qbar, kbar, blocks, cfg, 0.125))
+    assert torch.equal(ref.exact_mask(), got.exact_mask())
 
 
 @SETTINGS
@@ -115,7 +112,7 @@ def test_pooling_matches_reference(p):
 def test_kernels_all_ones_are_dense(p):
     q, k, v, layout, cfg = p
     cfg = cfg.replace(alpha_s=1.0, alpha_f=1.0, alpha_ns=1.0)
-    cp = kplan.plan_compact(q, k, layout, cfg, v=v)
+    cp = fixed_gpu.plan_compact(q, k, layout, cfg, v=v)
     out = torch.full_like(q, float("nan"))
     executor.execute_compact(q, k, v, cp, exact_backend="triton", out=out)
     assert (out.double() - dense_attention_reference(q.double(), k.double(), v.double())).abs().max().item() < 1e-4
@@ -129,11 +126,13 @@ def test_kernel_planner_share_plan_matches_reference(p):
     cfg = cfg.replace(share_plan=True)
     blocks = layout.blocks(cfg.block_size)
     qbar, kbar = pool_blocks(q.double(), blocks), pool_blocks(k.double(), blocks)
-    ref = plan_from_pooled(qbar, kbar, blocks, cfg, 64 ** -0.5)
-    got = kplan.compact_to_reference(kplan.plan_compact_from_pooled(qbar, kbar, blocks, cfg, 64 ** -0.5))
-    for f in ("kv_keep", "exact_query", "exact_kv"):
-        assert torch.equal(getattr(ref, f), getattr(got, f)), f
-        assert all(torch.equal(getattr(got, f)[0], getattr(got, f)[i]) for i in range(q.shape[0])), f
+    ref = plan_from_pooled(cfg.selection, qbar, kbar, blocks, cfg.settings, 64 ** -0.5, cfg.share_plan)
+    got = compact.compact_to_block_plan(fixed_gpu.plan_compact_from_pooled(qbar, kbar, blocks, cfg, 64 ** -0.5))
+    for f in ("kv_keep", "full_rows", "exact_mask"):
+        a, b = getattr(ref, f), getattr(got, f)
+        a, b = (a(), b()) if callable(a) else (a, b)
+        assert torch.equal(a, b), f
+        assert all(torch.equal(b[0], b[i]) for i in range(q.shape[0])), f
 
 
 @SETTINGS
@@ -141,14 +140,14 @@ def test_kernel_planner_share_plan_matches_reference(p):
 def test_kernel_op_share_plan_executes_its_plan(p):
     """The custom op with share_plan: one plan for all entries (from the kernels' planner), each entry
     executed with its own tokens and pseudo-keys, as the reference semantics of that plan."""
-    from isa_plugin.kernels.ops import isa_attention_kernels
+    from isa_plugin.executors.triton import isa_attention_kernels
 
     q, k, v, layout, cfg = p
     cfg = cfg.replace(share_plan=True)
     out = isa_attention_kernels(q, k, v, layout, cfg, exact_backend="triton")
-    cp = kplan.plan_compact(q, k, layout, cfg, v=v)
-    plan = kplan.compact_to_reference(cp)
-    assert all(torch.equal(plan.exact_kv[0], plan.exact_kv[i]) for i in range(q.shape[0]))
+    cp = fixed_gpu.plan_compact(q, k, layout, cfg, v=v)
+    plan = compact.compact_to_block_plan(cp)
+    assert all(torch.equal(plan.exact_mask()[0], plan.exact_mask()[i]) for i in range(q.shape[0]))
     rows = torch.arange(layout.num_tokens)
     ref = plan_rows(q.double(), k.double(), v.double(), plan, rows)
     base = plan_rows(q, k, v, plan, rows, lowp=True) if q.dtype != torch.float32 else execute_plan_reference(q, k, v, plan).double()
@@ -167,7 +166,7 @@ def test_kernel_op_non_finite_inputs_like_dense(which, value):
     """NaN/Inf in a context token: every output dense attention makes non-finite is non-finite, and the
     other batch entries and heads are untouched."""
     from isa_plugin.attention import dense_attention
-    from isa_plugin.kernels.ops import isa_attention_kernels
+    from isa_plugin.executors.triton import isa_attention_kernels
 
     layout = Layout([("text", 8), ("target", 64), ("context", 48), ("context", 32)])
     cfg = ISAConfig(alpha_s=0.25, alpha_f=0.5, alpha_ns=0.25, block_size=16)

@@ -17,8 +17,10 @@ import torch
 from rel_helpers import EXACT, SPARSE, qkv
 from isa_plugin import ISAConfig, Layout, isa_attention
 from isa_plugin.attention import dense_attention
-from isa_plugin.kernels.reference import dense_attention_reference, isa_attention_reference
-from isa_plugin.profile import LayerSetting, ProfileError, ThresholdProfile, config_hash
+from isa_plugin.executors.reference import isa_attention_reference
+from isa_plugin.kernels.reference import dense_attention_reference
+from isa_plugin.layer_setting import LayerSetting, ProfileError
+from isa_plugin.profile import ThresholdProfile, config_hash
 
 NAMES = ["blocks.0.attn1", "blocks.1.attn1"]
 
@@ -334,20 +336,20 @@ class _FakeCuda:
     ],
 )
 def test_kernel_eligibility_names_the_value(shape, dtype, cfg, match):
-    from isa_plugin.kernels.dispatch import triton_ineligible
+    from isa_plugin.executors.triton import triton_ineligible
 
     assert triton_ineligible(_FakeCuda(shape, dtype), cfg) is not None
     assert __import__("re").search(match, triton_ineligible(_FakeCuda(shape, dtype), cfg))
 
 
 def test_kernel_eligibility_strided_head_dim():
-    from isa_plugin.kernels.dispatch import triton_ineligible
+    from isa_plugin.executors.triton import triton_ineligible
 
     assert "unit stride" in triton_ineligible(_FakeCuda((1, 256, 2, 128), unit_stride=False), ISAConfig())
 
 
 def test_kernel_eligibility_cpu():
-    from isa_plugin.kernels.dispatch import triton_ineligible
+    from isa_plugin.executors.triton import triton_ineligible
 
     assert "cpu" in triton_ineligible(torch.zeros(1, 4, 1, 64), ISAConfig())
 
@@ -368,7 +370,7 @@ def test_processor_on_cuda_with_unsupported_head_dim_counts_kernel_reason():
 def test_backend_triton_on_cpu_raises_with_reason():
     layout = Layout([("target", 64), ("context", 64)])
     q, k, v = qkv(1, 128, 2, 64)
-    with pytest.raises(RuntimeError, match=r"backend='triton' but the Triton kernels cannot serve this call: inputs are on cpu"):
+    with pytest.raises(RuntimeError, match=r"backend='triton' but that executor cannot serve this call: inputs are on cpu"):
         isa_attention(q, k, v, layout, ISAConfig(backend="triton"))
 
 

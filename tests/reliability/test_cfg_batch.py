@@ -7,14 +7,9 @@ import torch
 
 from rel_helpers import EXACT, SPARSE, qkv
 from isa_plugin import ISAConfig, Layout, isa_attention
-from isa_plugin.kernels.reference import (
-    dense_attention_reference,
-    execute_plan_reference,
-    isa_attention_reference,
-    plan_from_pooled,
-    plan_reference,
-    pool_blocks,
-)
+from isa_plugin.executors.reference import isa_attention_reference, plan_reference
+from isa_plugin.kernels.reference import dense_attention_reference, execute_plan_reference, pool_blocks
+from isa_plugin.selection import plan_from_pooled
 
 LAYOUT = Layout([("target", 150), ("text", 9), ("context", 130)])
 CFG = ISAConfig(alpha_s=0.4, alpha_f=0.4, alpha_ns=0.2, block_size=16)
@@ -32,11 +27,11 @@ def test_batch_entries_planned_independently_equal_separate_runs():
     out, plan = isa_attention_reference(q, k, v, LAYOUT, CFG, return_plan=True)
     for i in range(2):
         sep, plan_i = isa_attention_reference(q[i : i + 1], k[i : i + 1], v[i : i + 1], LAYOUT, CFG, return_plan=True)
-        assert torch.equal(plan.exact_kv[i : i + 1], plan_i.exact_kv)
+        assert torch.equal(plan.exact_mask()[i : i + 1], plan_i.exact_mask())
         assert torch.equal(plan.kv_keep[i : i + 1], plan_i.kv_keep)
         assert (out[i : i + 1] - sep).abs().max().item() <= 1e-12
     # the two entries really differ (otherwise the test proves nothing)
-    assert not torch.equal(plan.exact_kv[0], plan.exact_kv[1])
+    assert not torch.equal(plan.exact_mask()[0], plan.exact_mask()[1])
 
 
 def test_public_entry_point_batch_two_equals_separate_calls():
@@ -63,27 +58,28 @@ def test_share_plan_batch_one_equals_no_sharing():
     q, k, v = q[:1], k[:1], v[:1]
     a, pa = isa_attention_reference(q, k, v, LAYOUT, CFG, return_plan=True)
     b, pb = isa_attention_reference(q, k, v, LAYOUT, CFG.replace(share_plan=True), return_plan=True)
-    assert torch.equal(pa.exact_kv, pb.exact_kv) and torch.equal(a, b)
+    assert torch.equal(pa.exact_mask(), pb.exact_mask()) and torch.equal(a, b)
 
 
 def test_share_plan_batch_two_uses_one_plan_from_batch_means():
     q, k, v = _cfg_pair(seed=7)
     cfg = CFG.replace(share_plan=True)
     out, plan = isa_attention_reference(q, k, v, LAYOUT, cfg, return_plan=True)
-    for f in ("kv_keep", "exact_query", "exact_kv"):
+    for f in ("kv_keep", "full_rows", "exact_mask"):
         t = getattr(plan, f)
+        t = t() if callable(t) else t
         assert t.shape[0] == 2 and torch.equal(t[0], t[1]), f
     # the shared plan is the plan of the batch-mean block means
     blocks = LAYOUT.blocks(cfg.block_size)
-    mean_plan = plan_from_pooled(pool_blocks(q, blocks).mean(0, keepdim=True), pool_blocks(k, blocks).mean(0, keepdim=True),
-                                 blocks, CFG, q.shape[-1] ** -0.5)
-    assert torch.equal(plan.exact_kv[:1], mean_plan.exact_kv) and torch.equal(plan.kv_keep[:1], mean_plan.kv_keep)
+    mean_plan = plan_from_pooled(CFG.selection, pool_blocks(q, blocks).mean(0, keepdim=True),
+                                 pool_blocks(k, blocks).mean(0, keepdim=True), blocks, CFG.settings, q.shape[-1] ** -0.5)
+    assert torch.equal(plan.exact_mask()[:1], mean_plan.exact_mask()) and torch.equal(plan.kv_keep[:1], mean_plan.kv_keep)
     # each entry is executed with its own tokens and pseudo-keys on that plan
     for i in range(2):
         single = execute_plan_reference(q[i : i + 1], k[i : i + 1], v[i : i + 1], mean_plan)
         assert (out[i : i + 1] - single).abs().max().item() <= 1e-12
     # and it differs from independent planning here
-    assert not torch.equal(plan.exact_kv, plan_reference(q, k, v, LAYOUT, CFG).exact_kv)
+    assert not torch.equal(plan.exact_mask(), plan_reference(q, k, LAYOUT, CFG).exact_mask())
 
 
 def test_share_plan_all_ones_is_dense():

@@ -12,7 +12,7 @@ import torch
 
 from rel_helpers import SPARSE
 from isa_plugin import ThresholdProfile, apply_isa, remove_isa, stats
-from isa_plugin.profile import LayerSetting
+from isa_plugin.layer_setting import LayerSetting
 
 pytest.importorskip("diffusers")
 

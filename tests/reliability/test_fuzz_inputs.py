@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from isa_plugin import ISAConfig, Layout
-from isa_plugin.profile import LayerSetting, ProfileError, ThresholdProfile
+from isa_plugin.layer_setting import LayerSetting, ProfileError
+from isa_plugin.profile import ThresholdProfile
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

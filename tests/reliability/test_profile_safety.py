@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from isa_plugin.profile import LayerSetting, ProfileError, ThresholdProfile
+from isa_plugin.layer_setting import LayerSetting, ProfileError
+from isa_plugin.profile import ThresholdProfile
 
 PKG = Path(__file__).resolve().parents[2] / "isa_plugin"
 

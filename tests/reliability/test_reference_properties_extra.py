@@ -7,7 +7,9 @@ from hypothesis import strategies as st
 
 from isa_plugin import isa_attention
 from isa_plugin.attention import dense_attention
-from isa_plugin.kernels.reference import dense_attention_reference, isa_attention_reference, plan_from_pooled, pool_blocks
+from isa_plugin.executors.reference import isa_attention_reference
+from isa_plugin.kernels.reference import dense_attention_reference, pool_blocks
+from isa_plugin.selection import plan_from_pooled
 from test_properties import problems
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -20,7 +22,7 @@ def test_batch_equals_separate_entries(p):
     out, plan = isa_attention_reference(q, k, v, layout, cfg, return_plan=True)
     for i in range(q.shape[0]):
         o, pl = isa_attention_reference(q[i : i + 1], k[i : i + 1], v[i : i + 1], layout, cfg, return_plan=True)
-        assert torch.equal(pl.exact_kv, plan.exact_kv[i : i + 1])
+        assert torch.equal(pl.exact_mask(), plan.exact_mask()[i : i + 1])
         assert (o - out[i : i + 1]).abs().max().item() <= 1e-12
 
 
@@ -33,9 +35,10 @@ def test_share_plan_is_the_plan_of_the_batch_mean(p):
     assert torch.isfinite(out).all()
     blocks = layout.blocks(cfg.block_size)
     scale = q.shape[-1] ** -0.5
-    mean = plan_from_pooled(pool_blocks(q, blocks).mean(0, keepdim=True), pool_blocks(k, blocks).mean(0, keepdim=True), blocks, cfg, scale)
+    mean = plan_from_pooled(cfg.selection, pool_blocks(q, blocks).mean(0, keepdim=True), pool_blocks(k, blocks).mean(0, keepdim=True),
+                            blocks, cfg.settings, scale, cfg.share_plan)
     for i in range(q.shape[0]):
-        assert torch.equal(plan.exact_kv[i], mean.exact_kv[0]) and torch.equal(plan.kv_keep[i], mean.kv_keep[0])
+        assert torch.equal(plan.exact_mask()[i], mean.exact_mask()[0]) and torch.equal(plan.kv_keep[i], mean.kv_keep[0])
     if q.shape[0] == 1:
         assert torch.equal(out, isa_attention_reference(q, k, v, layout, cfg))
     ones = shared.replace(alpha_s=1.0, alpha_f=1.0, alpha_ns=1.0)

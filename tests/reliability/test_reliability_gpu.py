@@ -15,7 +15,8 @@ import torch
 from rel_helpers import SPARSE
 from isa_plugin import ISAConfig, Layout, isa_attention
 from isa_plugin.attention import dense_attention
-from isa_plugin.kernels.reference import dense_attention_reference, isa_attention_reference
+from isa_plugin.executors.reference import isa_attention_reference
+from isa_plugin.kernels.reference import dense_attention_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -30,10 +31,11 @@ def _qkv(B, N, H, D, dtype, seed=0):
 
 def _check_same_plan(q, k, v, layout, cfg, out):
     """``out`` against the reference semantics of the kernels' own plan (FlashAttention's tolerance rule)."""
-    from isa_plugin.kernels.plan import compact_to_reference, plan_compact
+    from isa_plugin.kernels.compact import compact_to_block_plan
     from isa_plugin.kernels.testing import check_close, plan_rows
+    from isa_plugin.selection.fixed_gpu import plan_compact
 
-    plan = compact_to_reference(plan_compact(q, k, layout, cfg, v=v))
+    plan = compact_to_block_plan(plan_compact(q, k, layout, cfg, v=v))
     rows = torch.arange(q.shape[1], device="cuda")
     ref = plan_rows(q.double(), k.double(), v.double(), plan, rows, chunk=128)
     base = plan_rows(q, k, v, plan, rows, lowp=True, chunk=128) if q.dtype != torch.float32 else plan_rows(q, k, v, plan, rows, chunk=128)
@@ -55,7 +57,7 @@ def test_fp32_inputs_served_by_kernels_in_fp32(D):
 
 @pytest.mark.parametrize("D", [32, 96, 80])
 def test_head_dim_the_kernels_do_not_take_runs_the_reference(D):
-    from isa_plugin.kernels.dispatch import triton_ineligible
+    from isa_plugin.executors.triton import triton_ineligible
 
     q, k, v = _qkv(1, LAYOUT.num_tokens, 2, D, torch.bfloat16)
     assert f"head_dim={D} is not supported" in triton_ineligible(q, CFG)
