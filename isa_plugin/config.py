@@ -81,6 +81,8 @@ class ISAConfig:
         raise AttributeError(f"ISAConfig is immutable; use config.replace({name}=...)")
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # protocol lookups (torch.compile's guards ask for __dict__) are not settings
+            raise AttributeError(name)
         settings = object.__getattribute__(self, "settings")
         try:
             return getattr(settings, name)

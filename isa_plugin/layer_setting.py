@@ -90,7 +90,7 @@ class LayerSetting:
 
     def __getattr__(self, name: str) -> Any:
         config = object.__getattribute__(self, "config")
-        if config is None or name.startswith("_"):
+        if name.startswith("_") or config is None:
             raise AttributeError(f"a dense LayerSetting has no setting {name!r}")
         return getattr(config, name)
 

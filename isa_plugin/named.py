@@ -36,7 +36,8 @@ class NamedRegistry(Generic[T]):
         if not name or not isinstance(name, str):
             raise ValueError(f"{type(item).__name__}.name must be a non-empty string")
         old = self._items.get(name)
-        if old is not None and type(old) is not type(item):
+        same = old is not None and (type(old).__module__, type(old).__qualname__) == (type(item).__module__, type(item).__qualname__)
+        if old is not None and not same:  # a reloaded module registers its (new) class again
             raise ValueError(f"a {self.kind} named {name!r} is already registered ({type(old).__name__})")
         self._items[name] = item
         return item

@@ -190,8 +190,8 @@ class CalibrationStats:
         block_size: the ISA block size the measurement assumes.
         timestep_edges: ascending timestep boundaries splitting calls into buckets (empty: one bucket).
         blocks_per_kind, tokens_per_block: query blocks sampled per kind and call, tokens per sampled block.
-        seed: sampling seed; the i-th mode of the grid samples with its own generator (seed + i), so one
-            mode's statistics do not depend on the others being measured.
+        seed: sampling seed; every mode samples with its own generator (seed + the mode's position among the
+            registered modes), so one mode's statistics do not depend on which others are measured.
 
     Use :meth:`observe` per attention call (the recorder does), then :func:`fit_profile`.
     """
@@ -203,8 +203,11 @@ class CalibrationStats:
         self.timestep_edges = tuple(float(e) for e in timestep_edges)
         self.blocks_per_kind = int(blocks_per_kind)
         self.tokens_per_block = int(tokens_per_block)
-        self.samplers = {n: Sampler(self.blocks_per_kind, self.tokens_per_block, torch.Generator().manual_seed(seed + i))
-                         for i, n in enumerate(self.grid.modes)}
+        order = list(registered_modes())
+        for n, g in self.grid.modes.items():
+            get_mode(n).check_grid(g, self.block_size)
+        self.samplers = {n: Sampler(self.blocks_per_kind, self.tokens_per_block,
+                                    torch.Generator().manual_seed(seed + order.index(n))) for n in self.grid.modes}
         self.layers: Dict[Tuple[str, int], LayerErrorStats] = {}
         #: the same statistics per calibration sample (``observe(..., sample=i)``): the held-out check's input
         self.per_sample: Dict[Tuple[str, int], Dict[int, LayerErrorStats]] = {}

@@ -5,7 +5,7 @@ the mode's settings. The package's modes: ``fixed`` (ISA's ratios, :mod:`.fixed`
 (per-query-block pooled mass, :mod:`.adaptive`).
 """
 
-from . import adaptive, fixed  # noqa: F401  (registers the package's modes)
+from . import fixed, adaptive  # noqa: F401  (registers the package's modes, the default first)
 from .base import (DEFAULT_MODE, CandidateTable, SelectionMode, get_mode, plan_from_pooled, register_mode, registered_modes,
                    unregister_mode)
 

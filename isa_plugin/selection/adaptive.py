@@ -192,13 +192,16 @@ class AdaptiveMode(SelectionMode):
     def default_grid(self, block_size: int) -> AdaptiveGrid:
         return AdaptiveGrid(pseudo_block=tuple({s for s in (16, block_size) if block_size % s == 0}))
 
+    def check_grid(self, grid: AdaptiveGrid, block_size: int) -> None:
+        bad = [s for s in grid.pseudo_block if s > block_size or block_size % s]
+        if bad:
+            raise ValueError(f"Grid.pseudo_block values {bad} do not divide block_size={block_size}")
+
     def measure(self, q, k, v, layout, grid: AdaptiveGrid, *, block_size: int, sampler, scale=None):
         """Errors per (α_s, mass, pseudo_block) and the pair counts of target and context rows: a query
         block's selection depends on its own threshold only, so any (mass, context_mass) pair is a sum of
         two measured entries."""
-        bad = [s for s in grid.pseudo_block if s > block_size or block_size % s]
-        if bad:
-            raise ValueError(f"Grid.pseudo_block values {bad} do not divide block_size={block_size}")
+        self.check_grid(grid, block_size)
         S, P, PS = grid.shape
         call = sampled_call(q, k, v, layout, block_size, sampler, scale)
         if call is None:

@@ -247,6 +247,10 @@ class SelectionMode:
         """The grid ``isa calibrate`` measures for this mode."""
         return self.grid_type()
 
+    def check_grid(self, grid: Any, block_size: int) -> None:
+        """Raise ``ValueError`` for candidates that cannot run at ``block_size`` (checked before a calibration
+        runs; default: none)."""
+
     def grid_to_dict(self, grid: Any) -> Dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(grid).items()}
 
