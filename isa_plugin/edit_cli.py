@@ -19,9 +19,9 @@ from .cli import CLIError, command
 
 logger = logging.getLogger(__name__)
 
-#: suffixes ``--out`` takes: a video pipeline writes a video, an image pipeline an image
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# the suffixes --out takes: a video pipeline writes a video, an image pipeline an image
+_VIDEO_OUT = (".mp4", ".webm", ".mov", ".gif")
+_IMAGE_OUT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _size(text: str):
@@ -43,8 +43,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                         "the first frame")
     p.add_argument("--prompt", required=True, help="the edit instruction")
     p.add_argument("--out", "--output", dest="out", required=True, metavar="OUT",
-                   help=f"file to write: {'/'.join(s[1:] for s in VIDEO_SUFFIXES)} for video pipelines (a gif beside it "
-                        f"when mp4 cannot be written), {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} for image pipelines")
+                   help=f"file to write: {'/'.join(s[1:] for s in _VIDEO_OUT)} for video pipelines (a gif beside it "
+                        f"when mp4 cannot be written), {'/'.join(s[1:] for s in _IMAGE_OUT)} for image pipelines")
     isa = p.add_mutually_exclusive_group()
     isa.add_argument("--profile", metavar="YAML", help="ISA with this threshold profile (from isa calibrate on this model)")
     isa.add_argument("--config", choices=["defaults"],
@@ -95,8 +95,8 @@ def edit(args) -> int:
         known = sorted({c for r in registered_runners().values() for c in r.pipeline_classes})
         raise CLIError(f"--pipeline {args.pipeline}: isa edit cannot run a {name}; it runs {', '.join(known)}") from None
     makes_video = _call_takes(pipe, "num_frames")
-    if makes_video != (out.suffix.lower() in VIDEO_SUFFIXES):
-        kind, suffixes = ("a video", VIDEO_SUFFIXES) if makes_video else ("an image", IMAGE_SUFFIXES)
+    if makes_video != (out.suffix.lower() in _VIDEO_OUT):
+        kind, suffixes = ("a video", _VIDEO_OUT) if makes_video else ("an image", _IMAGE_OUT)
         raise CLIError(f"--out {args.out}: {name} makes {kind}; give a file name ending {', '.join(suffixes[:-1])} or {suffixes[-1]}")
     sample, height, width, frames = _prepare(runner, pipe, source, args, makes_video)
     if setting is not None:
@@ -128,8 +128,8 @@ def _check_out(text: str) -> Path:
     out = Path(text)
     if out.is_dir():
         raise CLIError(f"--out {text} is a folder; give a file name such as edited.mp4 (or edited.png for an image pipeline)")
-    if out.suffix.lower() not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
-        raise CLIError(f"--out {text}: unknown file type {out.suffix or '(none)'}; use {', '.join(VIDEO_SUFFIXES + IMAGE_SUFFIXES)}")
+    if out.suffix.lower() not in _VIDEO_OUT + _IMAGE_OUT:
+        raise CLIError(f"--out {text}: unknown file type {out.suffix or '(none)'}; use {', '.join(_VIDEO_OUT + _IMAGE_OUT)}")
     if not out.parent.is_dir():
         raise CLIError(f"--out {text}: folder {out.parent} does not exist; create it first")
     return out
@@ -203,7 +203,7 @@ def _write(out: Path, result, fps: int) -> Path:
     """Write [F, 3, H, W] in [0, 1]: an image file, or a video (a gif beside it when the video cannot be written)."""
     from .calibration.video import write_video
 
-    if out.suffix.lower() in IMAGE_SUFFIXES:
+    if out.suffix.lower() in _IMAGE_OUT:
         import imageio.v3 as iio
 
         iio.imwrite(out, (result[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())

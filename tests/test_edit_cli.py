@@ -50,8 +50,9 @@ def test_edit_every_family(family, saved, tmp_path, capsys):
     folder = saved(family)
     makes_video, frames = saved.options(family)
     out = tmp_path / ("edited.mp4" if makes_video else "edited.png")
-    # image pipelines through the LIVEditor script's spellings, video pipelines through isa's own
-    io = ["--input", str(sample_media_paths()[1]), "--output", str(out)] if not makes_video else \
+    # image pipelines through the LIVEditor script's spellings and an explicit --config defaults, video
+    # pipelines through isa's own spellings and the default ISA setting
+    io = ["--input", str(sample_media_paths()[1]), "--output", str(out), "--config", "defaults"] if not makes_video else \
         ["--video", str(sample_video_path()), "--out", str(out)]
     rc = main(["edit", "--pipeline", folder, *io, "--prompt", "make it winter", "--steps", "2", *frames, "--no-progress"])
     printed = capsys.readouterr()
