@@ -33,8 +33,9 @@ def evaluate(args) -> int:
     """Run each video with dense attention and with ISA (same seed); print a table and write JSON."""
     from .calibration.runners import runner_for
     from .calibration.video import read_video
-    from .cli import CLIError, load_pipeline
+    from .cli import CLIError
     from .evaluate import compare_edit
+    from .pipeline_loading import load_pipeline
     from .profile import ThresholdProfile
 
     if args.steps < 1:

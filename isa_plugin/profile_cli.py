@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import CLIError, check_adapter, fmt, fmt_ratio, load_pipeline, load_transformer_skeleton, register_command, resolve_class
+from .cli import CLIError, fmt, fmt_ratio, register_command
+from .pipeline_loading import check_adapter, load_pipeline, load_transformer_skeleton, resolve_class
+
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", help="profile YAML")

@@ -157,7 +157,7 @@ def test_calibrate_adaptive(pipes, tmp_path, capsys):
 ])
 def test_budget_checked_at_parse_time(argv, capsys, monkeypatch):
     """Every command checks its budget with config.validate_budget before it runs (nothing is loaded)."""
-    from isa_plugin import cli
+    from isa_plugin import calibrate_cli as cli
 
     monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
     assert main(argv) == 2

@@ -4,7 +4,8 @@ One :class:`CalibrationRunner` per pipeline adapter (``isa calibrate --adapter N
 :func:`register_runner` and looked up by the pipeline's class (:func:`runner_for`). A runner says what one
 sample is for the pipeline (a source video, reference frames, a keyframe video, a conditioning image), how
 to round its size to what the model takes, and makes the pipeline call (prompt, steps, size) that the
-recorder observes. ``tests/calibration/test_runners.py`` fails when a registered pipeline adapter has no
+recorder observes; :meth:`CalibrationRunner.generate` makes the same call and returns the decoded result
+(``isa edit``). ``tests/calibration/test_runners.py`` fails when a registered pipeline adapter has no
 runner here.
 
 A sample is always read as frames ``[F, 3, H, W]`` in [0, 1] (a video file, an image, or a folder of
@@ -36,8 +37,9 @@ class CalibrationRunner:
         pipeline_classes: pipeline class names served (matched along the MRO).
         inputs: what one sample is for these pipelines (shown by ``isa calibrate --help``).
         media: ``"video"`` (the frames are used) or ``"image"`` (the first frame is used).
-        call: ``call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, **extra)``
-            runs the pipeline once (``sample`` [F, 3, H, W] in [0, 1]); its output is ignored.
+        call: ``call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, output_type="latent",
+            **extra)`` runs the pipeline once (``sample`` [F, 3, H, W] in [0, 1]) and returns the pipeline's
+            output (calibration ignores it; :meth:`generate` asks for ``output_type="np"``).
         spatial_multiple: ``pipe -> int``, the pixel multiple height and width are rounded down to.
         temporal_factor: ``pipe -> int``; video frame counts are trimmed to 1 + k·factor.
     """
@@ -84,6 +86,49 @@ class CalibrationRunner:
             frames = torch.nn.functional.interpolate(frames, size=(h, w), mode="bilinear", antialias=True,
                                                      align_corners=False).clamp(0, 1)
         return frames, int(h), int(w), int(frames.shape[0])
+
+    def generate(self, pipe, sample, prompt, *, height: int, width: int, num_frames: int, steps: int, generator=None,
+                 **extra):
+        """Run the pipeline once on ``sample`` and return its result decoded to pixels.
+
+        The call calibration makes (:attr:`call`), with ``output_type="np"``.
+
+        Args:
+            pipe: a pipeline this runner serves.
+            sample: [F, 3, H, W] in [0, 1], as :meth:`prepare` returns it.
+            prompt: the edit instruction.
+            height, width, num_frames: the output size (from :meth:`prepare`; ``num_frames`` is the output
+                length of an image-to-video pipeline).
+            steps: denoising steps.
+            generator: a ``torch.Generator`` (None: unseeded).
+            **extra: further pipeline keywords (e.g. ``guidance_scale``).
+
+        Returns:
+            [F, 3, H', W'] float32 in [0, 1] on the CPU: the frames of a video pipeline, or one frame (F = 1)
+            for an image pipeline.
+
+        Raises:
+            TypeError: the pipeline's output holds neither ``frames`` nor ``images``.
+
+        Example:
+            >>> sample, h, w, f = runner.prepare(pipe, read_video("in.mp4"))
+            >>> frames = runner.generate(pipe, sample, "make it winter", height=h, width=w, num_frames=f, steps=30)
+        """
+        import numpy as np
+        import torch
+
+        out = self.call(pipe, sample, prompt, height=height, width=width, num_frames=num_frames, steps=steps,
+                        generator=generator, output_type="np", **extra)
+        frames = getattr(out, "frames", None)
+        if frames is None and getattr(out, "images", None) is not None:
+            frames = np.asarray(out.images[0])[None]  # [1, H, W, C]
+        elif frames is not None:
+            frames = np.asarray(frames[0])  # [F, H, W, C]
+        else:
+            raise TypeError(f"{type(pipe).__name__} returned {type(out).__name__}, which holds neither frames nor images")
+        if frames.ndim != 4:
+            raise TypeError(f"{type(pipe).__name__} returned frames of shape {frames.shape}; expected [F, H, W, C]")
+        return torch.from_numpy(frames.astype(np.float32)).permute(0, 3, 1, 2)[:, :3].clamp(0, 1).contiguous()
 
 
 RUNNERS: Dict[str, CalibrationRunner] = {}
@@ -156,7 +201,8 @@ def _embeddings(prompt: str, *shapes, tokens: int = 8):
     """Deterministic stand-in prompt embeddings (seeded by the prompt): one tensor per width in ``shapes``."""
     import torch
 
-    logger.warning("the pipeline has no text encoder: calibrating with stand-in prompt embeddings drawn from the prompt's hash")
+    logger.warning("the pipeline has no text encoder: using stand-in prompt embeddings drawn from the prompt's hash "
+                   "(the prompt's words have no effect)")
     g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
     return [torch.randn(1, tokens, d, generator=g) if tok else torch.randn(1, d, generator=g) for d, tok in shapes]
 
@@ -171,9 +217,9 @@ def _patch(pipe) -> int:
 
 
 # ------------------------------------------------------------------------------------ wan
-def _wan_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, **extra):
+def _wan_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, output_type="latent", **extra):
     return pipe(prompt=prompt, video=sample, height=height, width=width, num_frames=num_frames,
-                num_inference_steps=steps, generator=generator, output_type="latent", **extra)
+                num_inference_steps=steps, generator=generator, output_type=output_type, **extra)
 
 
 def _wan_spatial(pipe) -> int:
@@ -199,14 +245,14 @@ register_runner(CalibrationRunner(
 
 
 # ------------------------------------------------------------------------------------ ltx
-def _ltx_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, **extra):
+def _ltx_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, output_type="latent", **extra):
     from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 
     t = _vae_ratio(pipe, "vae_temporal_compression_ratio", 8)
     # the sample is a keyframe video conditioning the clip from latent frame 1 on: its tokens are prepended
     cond = LTXVideoCondition(video=[_pil(f) for f in sample[: max(1, num_frames - t)]], frame_index=t)
     return pipe(conditions=[cond], prompt=prompt, negative_prompt="", height=height, width=width, num_frames=num_frames,
-                num_inference_steps=steps, generator=generator, output_type="latent", **extra)
+                num_inference_steps=steps, generator=generator, output_type=output_type, **extra)
 
 
 register_runner(CalibrationRunner(
@@ -233,9 +279,9 @@ def torch_ones_like_tokens(embeds):
     return torch.ones(embeds.shape[:2], dtype=torch.long)
 
 
-def _ltx2_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, **extra):
+def _ltx2_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, output_type="latent", **extra):
     kw = dict(height=height, width=width, num_frames=num_frames, num_inference_steps=steps, generator=generator,
-              output_type="latent", **_ltx2_text(pipe, prompt))
+              output_type=output_type, **_ltx2_text(pipe, prompt))
     kw.update(extra)
     if any(c.__name__ == "LTX2InContextPipeline" for c in type(pipe).__mro__):
         from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
@@ -257,7 +303,7 @@ register_runner(CalibrationRunner(
 
 
 # ------------------------------------------------------------------------------------ framepack
-def _framepack_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, **extra):
+def _framepack_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, output_type="latent", **extra):
     kw = {}
     if _has_text_encoder(pipe):
         kw["prompt"] = prompt
@@ -268,7 +314,7 @@ def _framepack_call(pipe, sample, prompt, *, height, width, num_frames, steps, g
     kw.setdefault("latent_window_size", 3)
     kw.update(extra)
     return pipe(image=_pil(sample[0]), height=height, width=width, num_frames=max(num_frames, 5),
-                num_inference_steps=steps, generator=generator, output_type="latent", **kw)
+                num_inference_steps=steps, generator=generator, output_type=output_type, **kw)
 
 
 register_runner(CalibrationRunner(
@@ -289,7 +335,7 @@ def _inpaint_mask(pipe, image) -> Dict[str, Any]:
     return {"mask_image": Image.new("L", image.size, 255)}
 
 
-def _flux_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, **extra):
+def _flux_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, output_type="latent", **extra):
     kw = {}
     if getattr(pipe, "text_encoder_2", None) is not None:
         kw["prompt"] = prompt
@@ -301,7 +347,7 @@ def _flux_call(pipe, sample, prompt, *, height, width, num_frames, steps, genera
     image = _pil(sample[0])
     kw.update(_inpaint_mask(pipe, image))
     return pipe(image=image, height=height, width=width, max_area=height * width, _auto_resize=False,
-                num_inference_steps=steps, generator=generator, output_type="latent", **kw)
+                num_inference_steps=steps, generator=generator, output_type=output_type, **kw)
 
 
 register_runner(CalibrationRunner(
@@ -312,7 +358,7 @@ register_runner(CalibrationRunner(
 
 
 # ------------------------------------------------------------------------------------ qwen-image
-def _qwen_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, **extra):
+def _qwen_call(pipe, sample, prompt, *, height, width, num_frames, steps, generator, output_type="latent", **extra):
     kw = {}
     if _has_text_encoder(pipe):
         kw["prompt"] = prompt
@@ -325,7 +371,7 @@ def _qwen_call(pipe, sample, prompt, *, height, width, num_frames, steps, genera
     if any(c.__name__ == "QwenImageEditPlusPipeline" for c in type(pipe).__mro__):
         image = [image]
     return pipe(image=image, height=height, width=width, num_inference_steps=steps, generator=generator,
-                output_type="latent", **kw)
+                output_type=output_type, **kw)
 
 
 register_runner(CalibrationRunner(
