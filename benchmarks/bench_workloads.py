@@ -11,12 +11,13 @@ For each workload of :data:`~isa_plugin.calibration.synthetic.WORKLOADS` at one 
 4. ``evaluate_synthetic`` on held-out samples (default 100, 101): relative L1 error of all target-query and
    context-query outputs against dense attention, and the plans' relative cost ((exact + pseudo pairs) / N²).
 
-Prints one table row per (workload, layer) and the means, and writes ``workloads.json`` and ``workloads.md``
-to ``--out``.
+Prints one table row per (workload, layer), the means and the settings chosen, and writes
+``workloads_<frames>x<height>x<width>[_seed<seed>].json`` and ``.md`` to ``--out``.
 
 Example:
-    python benchmarks/bench_workloads.py                    # ~3 minutes on 2 CPU cores
-    python benchmarks/bench_workloads.py --frames 4 --height 16 --width 32 --layers 4   # N = 4,096, other shape
+    python benchmarks/bench_workloads.py                    # 1-3 minutes on 2 CPU cores
+    python benchmarks/bench_workloads.py --width 32         # N = 8,192 (~3 minutes)
+    python benchmarks/bench_workloads.py --seed 1           # another model
 """
 
 from __future__ import annotations
@@ -67,13 +68,29 @@ def diffuseness(model: SyntheticModel, sample: int, block_size: int = 64):
     return out
 
 
+def _fmt(value) -> str:
+    if isinstance(value, (tuple, list)):  # per head
+        return f"{min(value):g}–{max(value):g}/head" if len(set(value)) > 1 else f"{value[0]:g}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def profile_modes(model: SyntheticModel, profile):
-    """Per layer: the mode of its configuration ("dense" for a layer left dense)."""
-    modes = {}
+    """Per layer: the mode of its configuration ("dense" for a layer left dense) and its settings, as text."""
+    modes, settings = {}, {}
     for name in model.layer_names:
         cfg = profile.config_for(name)
-        modes[name] = "dense" if cfg is None else cfg.mode
-    return modes
+        if cfg is None:
+            modes[name], settings[name] = "dense", ""
+            continue
+        mode = getattr(cfg, "mode", "fixed")
+        keys = ("alpha_s", "mass", "context_mass", "pseudo_block") if mode == "adaptive" else ("alpha_s", "alpha_f", "alpha_ns")
+        parts = []
+        for key in keys:
+            value = getattr(cfg, key, getattr(getattr(cfg, "settings", None), key, None))
+            if value is not None:
+                parts.append(f"{key} {_fmt(value)}")
+        modes[name], settings[name] = mode, ", ".join(parts)
+    return modes, settings
 
 
 def run_workload(name: str, a) -> dict:
@@ -95,14 +112,15 @@ def run_workload(name: str, a) -> dict:
         t = time.perf_counter()
         held = evaluate_synthetic(model, profile, a.held_out)
         t_eval = time.perf_counter() - t
-        result["modes"][mode] = {"summary": profile.summary(), "layer_modes": profile_modes(model, profile),
+        layer_modes, layer_settings = profile_modes(model, profile)
+        result["modes"][mode] = {"summary": profile.summary(), "layer_modes": layer_modes, "layer_settings": layer_settings,
                                  "held_out": held, "seconds": {"calibrate": t_cal, "fit": t_fit, "evaluate": t_eval}}
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
 def table(results) -> str:
-    lines = ["| workload | layer | entropy t/c | top-10% mass t/c | fixed cost | fixed err t/c | adaptive-grid mode | "
+    lines = ["| workload | layer | entropy t/c | top-10% mass t/c | fixed cost | fixed err t/c | both modes: layer's mode | "
              "cost | err t/c |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         fx, ad = r["modes"]["fixed"], r["modes"]["adaptive"]
@@ -118,6 +136,13 @@ def table(results) -> str:
         pf, pa = fx["summary"]["mean_relative_cost"], ad["summary"]["mean_relative_cost"]
         lines.append(f"| {r['workload']} | mean | | | {mf:.3f} (profile {pf:.3f}) | | | {ma:.3f} (profile {pa:.3f}) | "
                      f"{ma / mf:.2f}× fixed |")
+    lines += ["", "Settings chosen per layer (fixed-mode profile; profile with both modes offered):", ""]
+    for r in results:
+        fx, ad = r["modes"]["fixed"], r["modes"]["adaptive"]
+        for i, name in enumerate(fx["held_out"]):
+            desc = [f"{x['layer_modes'][name]}" + (f" ({x['layer_settings'][name]})" if x["layer_settings"][name] else "")
+                    for x in (fx, ad)]
+            lines.append(f"- {r['workload']} layer {i}: {desc[0]}; {desc[1]}")
     return "\n".join(lines)
 
 
@@ -154,9 +179,10 @@ def main(argv=None):
     print(head)
     print(md)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "workloads.md"), "w") as f:
+    stem = os.path.join(a.out, f"workloads_{a.frames}x{a.height}x{a.width}" + (f"_seed{a.seed}" if a.seed else ""))
+    with open(stem + ".md", "w") as f:
         f.write(head + "\n\n" + md + "\n")
-    with open(os.path.join(a.out, "workloads.json"), "w") as f:
+    with open(stem + ".json", "w") as f:
         json.dump({"command": cmd.strip(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "seconds": total, "args": vars(a), "results": results}, f, indent=1)
 
