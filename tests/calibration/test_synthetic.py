@@ -1,4 +1,4 @@
-"""The synthetic workloads (structured, diffuse), and the held-out check of calibration on them."""
+"""The structured synthetic workload, and the held-out check of calibration on it."""
 
 import math
 
@@ -7,8 +7,9 @@ import torch
 
 from isa_plugin import ISAConfig
 from isa_plugin.calibration.fit import fit_profile
-from isa_plugin.calibration.synthetic import (WORKLOADS, SyntheticModel, SyntheticSpec, calibrate_synthetic,
-                                              evaluate_synthetic, pooled_attention, synthetic_qkv)
+from isa_plugin.calibration.synthetic import (SyntheticModel, SyntheticSpec, calibrate_synthetic, evaluate_synthetic,
+                                              synthetic_qkv)
+from isa_plugin.calibration.synthetic import WORKLOADS, pooled_attention
 
 SPEC = SyntheticSpec(frames=4, height=16, width=16, heads=6, layers=3)
 
@@ -84,6 +85,7 @@ def test_heldout_profile_meets_budget_and_beats_defaults(capsys):
 
 
 # ---------------------------------------------------------------------------------------- the diffuse workload
+# (WORKLOADS["diffuse"]: flat heads, broad context queries, motion between target and source)
 DIFFUSE = SyntheticSpec.preset("diffuse", frames=SPEC.frames, height=SPEC.height, width=SPEC.width, heads=SPEC.heads,
                                layers=SPEC.layers)
 
