@@ -203,7 +203,8 @@ def run_demo(out_dir: Union[str, Path] = "isa_demo", *, size: str = "tiny", mode
         ValueError: an unknown size, or a device this machine does not have (``"gpu"``, ``"cuda"``
             without a GPU); FileNotFoundError: a missing video or model folder.
     """
-    from .profile import ThresholdProfile, sidecar_path
+    from .profile import ThresholdProfile
+    from .profile_io import sidecar_path
     from .calibration.recorder import calibrate
     from .calibration.video import read_video, sample_video_path, write_video
     from .evaluate import compare_edit
