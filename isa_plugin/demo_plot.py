@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
-__all__ = ["plot_report"]
+__all__ = ["build_figure", "plot_report"]
 
 #: colours of the plan panel: a dropped context block, a kept block entering as pseudo-keys, an exact block
 PLAN_COLOURS = ("#f4f4f4", "#9ecae1", "#08519c")
@@ -133,13 +133,20 @@ def _gpu_panel(ax, g: Dict[str, Any]) -> None:
     table.scale(1, 1.6)
     v = shown.get("versions", {})
     how = "measured on this machine" if g["shown"] == "measured" else f"recorded ({shown['source']})"
+    rec = g["recorded"]
+    same = [r for r in rec["rows"] if g["shown"] == "measured" and (r["heads"], r["tokens"]) ==
+            (shown["rows"][0]["heads"], shown["rows"][0]["tokens"])]
+    if same:
+        ax.text(0.5, 0.12, f"recorded on {rec['card']}, {rec['date']} ({rec['source']}) at this size: "
+                f"{same[0]['speedup']:.2f}x", ha="center", fontsize=8, transform=ax.transAxes)
     ax.set_title(f"GPU speed of one ISA attention call, {how}:\n{shown['card']}, {shown['date']}\n"
                  f"torch {v.get('torch', '?')}, triton {v.get('triton', '?')}, bf16, head_dim {shown['head_dim']}, "
                  f"default ratios", fontsize=9)
 
 
-def plot_report(report: Dict[str, Any], path: Path) -> None:
-    """Write the demo's figure for ``report`` (what :func:`isa_plugin.demo.run_demo` returns) to ``path``."""
+def build_figure(report: Dict[str, Any]):
+    """The demo's figure for ``report`` (what :func:`isa_plugin.demo.run_demo` returns): a matplotlib ``Figure``
+    of six panels in two rows (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,5 +167,13 @@ def plot_report(report: Dict[str, Any], path: Path) -> None:
         fig.text(0.5, 0.01, "On a CPU ISA runs its exact PyTorch reference (no Triton kernels), which is slower than dense "
                  "attention: the times above are no measure of ISA's speed. The speed-up needs the GPU kernels (bottom right).",
                  ha="center", va="bottom", fontsize=10, color="darkred")
+    return fig
+
+
+def plot_report(report: Dict[str, Any], path: Path) -> None:
+    """Write :func:`build_figure` of ``report`` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(report)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
