@@ -158,3 +158,23 @@ def test_figure_has_no_prediction_panel_and_labels_the_gpu_table(small_call):
         assert "slower than dense" in texts
     finally:
         plt.close(fig)
+
+
+def test_figure_labels_a_live_gpu_measurement_as_measured(small_call):
+    import matplotlib.pyplot as plt
+
+    report = _report(small_call)
+    # what gpu_speed returned on an NVIDIA H200 (torch 2.11, triton 3.6)
+    report["gpu_speed"].update(shown="measured", measured={
+        "card": "NVIDIA H200", "date": "2026-12-05", "source": "measured", "versions": {"torch": "2.11.0+cu130", "triton": "3.6.0"},
+        "head_dim": 128, "baseline": "torch SDPA, default backend", "backend": "triton",
+        "rows": [{"heads": 40, "tokens": 32768, "dense_ms": 34.52, "isa_ms": 12.89, "speedup": 2.678}]})
+    fig = build_figure(report)
+    try:
+        gpu_ax = next(ax for ax in fig.axes if ax.get_title().startswith("GPU speed"))
+        title = gpu_ax.get_title()
+        assert "measured on this machine" in title and "NVIDIA H200, 2026-12-05" in title
+        notes = " ".join(t.get_text() for t in gpu_ax.texts)
+        assert "recorded on NVIDIA H200, 2026-12-02" in notes and "2.67x" in notes
+    finally:
+        plt.close(fig)
