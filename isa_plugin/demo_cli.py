@@ -39,13 +39,42 @@ def demo(args) -> int:
         print(f"{name:<22} {l['mean_alpha_s']:6.3f} {l['mean_alpha_f']:6.3f} {l['mean_alpha_ns']:6.3f} "
               f"{fmt(l['measured_error_target'])} {fmt(l['measured_error_context'])} "
               f"{(f'{cost:6.3f}' if cost is not None else '     -')} {l['isa_calls']:>4} {l['fallbacks'] or ''}")
-    d, i = r["dense"], r["isa"]
-    print(f"attention: dense {d['attention_ms']:.1f} ms, ISA {i['attention_ms']:.1f} ms ({r['attention_speedup']:.2f}x)")
-    print(f"end to end: dense {d['total_ms']:.1f} ms, ISA {i['total_ms']:.1f} ms ({r['total_speedup']:.2f}x)")
+    t = r["timing"]
+    d, i = t["dense"], t["isa"]
+    span = lambda xs: f"{min(xs):.0f}-{max(xs):.0f}"  # noqa: E731
+    print(f"warm times, median of {t['repeats']} runs each, alternated dense/ISA after a warm-up of both "
+          f"(range in brackets):")
+    print(f"  self-attention: dense {d['median_attention_ms']:.1f} ms ({span(d['attention_ms'])}), "
+          f"ISA {i['median_attention_ms']:.1f} ms ({span(i['attention_ms'])}): {t['attention_speedup']:.2f}x")
+    e2e = (f"{t['total_speedup']:.2f}x" if t["total_consistent"] else
+           "the difference is run-to-run noise (the rest of the pipeline is the same work in both runs)")
+    print(f"  end to end:     dense {d['median_total_ms']:.0f} ms ({span(d['total_ms'])}), "
+          f"ISA {i['median_total_ms']:.0f} ms ({span(i['total_ms'])}): {e2e}")
+    print(f"  {t['summary']}")
     print(f"fidelity of ISA vs dense: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}; "
           f"ISA calls {r['isa_calls']}, dense fallbacks {r['fallback_calls']}")
-    if r["kernel_path"] == "reference":
-        print("note: without a CUDA GPU, ISA runs its exact PyTorch reference, which is slower than dense attention; "
-              "the speed-up needs the Triton kernels (run on a GPU)")
+    s = r["structured_call"]
+    sp, plan = s["spec"], s["plan"]
+    print(f"one ICL attention call at a realistic grid ({sp['tokens_per_call']:,} tokens: {sp['frames']} frames of "
+          f"{sp['height']}x{sp['width']} per video, {sp['heads']} heads of {sp['head_dim']}; synthetic, structured):")
+    print(f"  default ratios' plan ({s['layer']}): {sum(plan['per_head']['kept_context_blocks'])}/"
+          f"{plan['blocks']['context'] * sp['heads']} context blocks kept, "
+          f"{sum(plan['per_head']['full_rows_target']) + sum(plan['per_head']['full_rows_context'])}/"
+          f"{(plan['blocks']['target'] + plan['blocks']['context']) * sp['heads']} query blocks exact (all heads)")
+    print(f"  held-out error (worst layer, rel. L1) and FLOPs; calibrated for budget {s['budget']} on "
+          f"{len(s['calibration_samples'])} samples, evaluated on {len(s['held_out_samples'])} other:")
+    w = max(len(x["label"]) for x in s["settings"].values())
+    print(f"  {'setting':<{w}} {'err tgt':>8} {'err ctx':>8} {'FLOPs vs dense':>15} {'GFLOP':>6}")
+    for x in s["settings"].values():
+        print(f"  {x['label']:<{w}} {x['error_target']:8.4f} {x['error_context']:8.4f} {x['relative_cost']:15.1%} "
+              f"{x['gflop_per_call']:6.2f}")
+    g = r["gpu_speed"]
+    shown = g[g["shown"]]
+    how = "measured here" if g["shown"] == "measured" else f"recorded in {shown['source']}"
+    print(f"GPU speed of one ISA attention call ({how}: {shown['card']}, {shown['date']}, torch "
+          f"{shown['versions'].get('torch', '?')}, bf16, head_dim {shown['head_dim']}, default ratios):")
+    for row in shown["rows"]:
+        print(f"  {row['heads']} heads, {row['tokens']:>6,} tokens: SDPA {row['dense_ms']:7.2f} ms, ISA {row['isa_ms']:6.2f} ms, "
+              f"{row['speedup']:.2f}x")
     print("wrote " + ", ".join(r["files"].values()))
     return 0

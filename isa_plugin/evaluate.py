@@ -9,6 +9,7 @@ error of each ISA layer, and how many calls fell back to dense attention and why
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -133,46 +134,64 @@ def compare_edit(pipe, profile_or_config, video: torch.Tensor, prompt: str, *, h
         profile_or_config: what :func:`isa_plugin.apply_isa` takes.
         video: [F, 3, H, W] in [0, 1]; height/width/frames: the edit's size; steps: denoising steps.
         measure_calls: transformer calls on which per-layer attention errors are measured.
-        warmup: run each configuration once (1 step) before timing (kernel compilation, caches).
-        repeats: timed runs of each configuration, interleaved dense/ISA so that a busy machine slows
-            both alike; the fastest of each is reported.
+        warmup: run each configuration once (1 step) before the first timed run (kernel compilation,
+            caches, allocator), so that neither is timed cold.
+        repeats: timed runs of each configuration, alternated dense, ISA, dense, ISA, ... so that a busy
+            machine slows both alike; the median of each is reported.
         label: prefix of the progress-bar labels (each run is named: ``"<label> dense, run 1/2"``, ...).
 
     Returns:
         ``{"dense": EditRun, "isa": EditRun, "psnr": dB, "ssim": ..., "layer_errors": {...},
-        "fallbacks": {layer: {reason: count}}, "isa_calls": n, "fallback_calls": n}``.
+        "fallbacks": {layer: {reason: count}}, "isa_calls": n, "fallback_calls": n, "repeats": n,
+        "timings": {...}}``. The two runs' ``total_ms`` and ``attention_ms`` are the medians over the repeats;
+        ``timings`` lists every timed run: ``{"order": ["dense", "isa", ...], "warmup": bool, "statistic":
+        "median", "dense": {"total_ms": [...], "attention_ms": [...]}, "isa": {...}}``.
 
     Raises:
         ValueError: ``repeats`` < 1.
     """
+    import statistics
+
     from .adapters import apply_isa, remove_isa, reset_stats, stats
 
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be at least 1")
     kw = dict(height=height, width=width, frames=frames, steps=steps, seed=seed, **pipeline_kwargs)
-    dense_runs, isa_runs = [], []
+    runs: Dict[str, list] = {"dense": [], "isa": []}
+    order = []
     name = (lambda what: f"{label} {what}") if label else (lambda what: what)
+
+    def with_isa(fn):
+        apply_isa(pipe, profile_or_config)
+        try:
+            return fn()
+        finally:
+            remove_isa(pipe)
+
+    def timed_isa(r):
+        reset_stats(pipe)
+        run = run_edit(pipe, video, prompt, **kw, label=name(f"ISA, run {r + 1}/{repeats}"))
+        run.stats = stats(pipe)
+        return run
+
     with torch.no_grad():
+        if warmup:
+            run_edit(pipe, video, prompt, **{**kw, "steps": 1}, label=name("dense warm-up"))
+            with_isa(lambda: run_edit(pipe, video, prompt, **{**kw, "steps": 1}, label=name("ISA warm-up")))
         for r in range(repeats):
-            if warmup and r == 0:
-                run_edit(pipe, video, prompt, **{**kw, "steps": 1}, label=name("dense warm-up"))
-            dense_runs.append(run_edit(pipe, video, prompt, **kw, label=name(f"dense, run {r + 1}/{repeats}")))
-            apply_isa(pipe, profile_or_config)
-            try:
-                if warmup and r == 0:
-                    run_edit(pipe, video, prompt, **{**kw, "steps": 1}, label=name("ISA warm-up"))
-                reset_stats(pipe)
-                run = run_edit(pipe, video, prompt, **kw, label=name(f"ISA, run {r + 1}/{repeats}"))
-                run.stats = stats(pipe)
-                isa_runs.append(run)
-                if r == repeats - 1:
-                    errors = _layer_errors(pipe, video, prompt, height=height, width=width, frames=frames, steps=steps,
-                                           seed=seed, measure_calls=measure_calls, pipeline_kwargs=pipeline_kwargs,
-                                           label=name("ISA, per-layer errors"))
-            finally:
-                remove_isa(pipe)
-    dense = min(dense_runs, key=lambda x: x.total_ms)
-    isa = min(isa_runs, key=lambda x: x.total_ms)
+            runs["dense"].append(run_edit(pipe, video, prompt, **kw, label=name(f"dense, run {r + 1}/{repeats}")))
+            order.append("dense")
+            runs["isa"].append(with_isa(lambda: timed_isa(r)))
+            order.append("isa")
+        errors = with_isa(lambda: _layer_errors(pipe, video, prompt, height=height, width=width, frames=frames, steps=steps,
+                                                seed=seed, measure_calls=measure_calls, pipeline_kwargs=pipeline_kwargs,
+                                                label=name("ISA, per-layer errors")))
+
+    def median_run(rs):
+        return dataclasses.replace(rs[-1], total_ms=statistics.median(r.total_ms for r in rs),
+                                   attention_ms=statistics.median(r.attention_ms for r in rs))
+
+    dense, isa = median_run(runs["dense"]), median_run(runs["isa"])
     fallbacks = {name: s.get("reasons", {}) for name, s in isa.stats.items() if s.get("fallbacks")}
     return {
         "dense": dense,
@@ -184,4 +203,7 @@ def compare_edit(pipe, profile_or_config, video: torch.Tensor, prompt: str, *, h
         "isa_calls": sum(s.get("isa_calls", 0) for s in isa.stats.values()),
         "fallback_calls": sum(s.get("fallbacks", 0) for s in isa.stats.values()),
         "repeats": repeats,
+        "timings": {"order": order, "warmup": warmup, "statistic": "median",
+                    **{k: {"total_ms": [r.total_ms for r in rs], "attention_ms": [r.attention_ms for r in rs]}
+                       for k, rs in runs.items()}},
     }

@@ -1,6 +1,7 @@
 """The main job end to end at its smallest size: `isa demo`, then `isa eval` on a saved checkpoint."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -15,12 +16,25 @@ def _isa(*args, cwd=None):
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
+def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     r = _isa("demo", "--out", str(out), "--steps", "2", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "PSNR" in r.stdout and "attention: dense" in r.stdout
-    return out
+    return out, r.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_dir(demo_run):
+    return demo_run[0]
+
+
+def test_demo_summary(demo_run):
+    out = demo_run[1]
+    assert "PSNR" in out and "self-attention: dense" in out and "median of 3 runs each, alternated" in out
+    # on a CPU: ISA is said to be slower, and no end-to-end gain is claimed
+    assert "ISA is slower here" in out and "faster" not in out
+    assert "default ratios" in out and "calibrated, fixed mode" in out and "calibrated, fixed + adaptive modes" in out
+    assert "recorded in BENCHMARKS.md: NVIDIA H200, 2026-12-02" in out and "65,536 tokens" in out
 
 
 def test_demo_outputs(demo_dir):
@@ -30,10 +44,31 @@ def test_demo_outputs(demo_dir):
     from isa_plugin.profile import ThresholdProfile
 
     report = json.loads((demo_dir / "report.json").read_text())
-    for key in ("psnr", "ssim", "dense", "isa", "layers", "fallbacks", "calibration_s"):
+    for key in ("psnr", "ssim", "dense", "isa", "layers", "fallbacks", "calibration_s", "timing", "structured_call", "gpu_speed"):
         assert key in report
+    assert "gpu_prediction" not in report
+    # warm timings: a warm-up of both, then dense and ISA alternated; medians of the repeats
+    t = report["timing"]
+    assert t["warmup"] and t["repeats"] == 3 and t["order"] == ["dense", "isa"] * 3 and t["statistic"] == "median"
     for run in ("dense", "isa"):
-        assert report[run]["attention_ms"] > 0 and report[run]["total_ms"] >= report[run]["attention_ms"]
+        assert len(t[run]["attention_ms"]) == len(t[run]["total_ms"]) == 3
+        assert t[run]["median_attention_ms"] == statistics.median(t[run]["attention_ms"])
+        assert t[run]["median_total_ms"] == statistics.median(t[run]["total_ms"])
+        assert report[run]["attention_ms"] == t[run]["median_attention_ms"] > 0
+        assert report[run]["total_ms"] == t[run]["median_total_ms"] >= report[run]["attention_ms"]
+        assert all(tot >= att for tot, att in zip(t[run]["total_ms"], t[run]["attention_ms"]))
+    assert report["kernel_path"] == "reference" and "slower" in t["summary"]
+    # the structured call: its plan, and the held-out error and FLOPs of the default ratios and both calibrations
+    s = report["structured_call"]
+    assert s["spec"]["tokens_per_call"] == 2048 and len(s["plan"]["cells"]) == sum(s["plan"]["blocks"].values())
+    assert set(s["settings"]) == {"default", "fixed", "adaptive"}
+    for r in s["settings"].values():
+        assert r["error_target"] >= 0 and r["error_context"] >= 0 and 0 < r["relative_cost"] <= 1 and r["gflop_per_call"] > 0
+    assert report["structured_call_s"] < 60
+    # the GPU table, labelled with card and date (measured only where a CUDA GPU is present)
+    g = report["gpu_speed"]
+    assert g["shown"] == "recorded" and g["measured"] is None
+    assert g["recorded"]["card"] == "NVIDIA H200" and g["recorded"]["date"] == "2026-12-02" and g["recorded"]["rows"]
     assert report["isa_calls"] > 0
     assert report["ssim"] <= 1.0 and report["psnr"] > 0
     layers = report["layers"]
@@ -45,8 +80,6 @@ def test_demo_outputs(demo_dir):
     assert frames.ndim == 4 and frames.shape[0] == report["preset"]["frames"]
     assert frames.shape[2] >= 240 and frames.shape[2] >= 4 * report["preset"]["width"]  # scaled, four panels
     assert len(report["psnr_per_frame"]) == frames.shape[0]
-    pred = report["gpu_prediction"]
-    assert pred is None or (pred["card"] and pred["dense_ms"] > 0 and pred["isa_ms"] > 0)
     # the PNG is an image with content (a plot, not a blank canvas)
     img = mpimg.imread(demo_dir / "plot.png")
     assert img.ndim == 3 and img.shape[0] > 100 and np.std(img) > 0.01
