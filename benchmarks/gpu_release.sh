@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, in parts that each fit one 10-minute device call: a and b (the release run:
 # GPU tests, Wan and LIVEditor forwards, Pareto fronts, calibration time, context parallelism), part1 and
-# part2 (the integration run: Wan forward at 20 layers, Wan calibration time, the large demo, CFG plan sharing).
+# part2 (the integration run: Wan forward at 20 layers, Wan calibration time, the large demo, CFG plan sharing),
+# c and d (the executor run: the block-sparse executor's benchmark and GPU tests; the whole GPU suite, the
+# Pareto fronts with the block-sparse executor, the fixed defaults).
 # Logs and result files go to $OUT (default ./gpu_out). Needs diffusers importable (see the README).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|part1|part2
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -47,5 +49,13 @@ part2)
   cp "$OUT/demo/plot.png" "$OUT/demo_plot.png" 2>/dev/null
   run cfg_share 200 python benchmarks/bench_cfg_share.py --record "$OUT/cfg_share.md"
   ;;
-*) echo "usage: $0 a|b|part1|part2"; exit 2 ;;
+c)
+  run sparse_bench 330 python benchmarks/bench_sparse_executor.py --json "$OUT/sparse_bench.json"
+  run sparse_tests 150 python -m pytest -q -m gpu tests/kernels/test_sparse_attn_gpu.py -p no:cacheprovider
+  ;;
+d)
+  run gpu_tests 240 python -m pytest -q -m gpu tests -p no:cacheprovider -n 8
+  run pareto 240 python benchmarks/bench_pareto.py --n 65536 --heads 40 --quick --adaptive-block-sizes 128 --out "$OUT/pareto"
+  ;;
+*) echo "usage: $0 a|b|c|d|part1|part2"; exit 2 ;;
 esac
