@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from isa_plugin.config import ISAConfig  # noqa: E402
 from isa_plugin.layout import Layout  # noqa: E402
 from isa_plugin.kernels.counts import keep_count  # noqa: E402
-from isa_plugin.kernels.ops import isa_attention_kernels  # noqa: E402
-from isa_plugin.kernels.plan import compact_to_reference, plan_compact  # noqa: E402
+from isa_plugin.executors.triton import isa_attention_kernels  # noqa: E402
+from isa_plugin.kernels.compact import compact_to_block_plan  # noqa: E402
+from isa_plugin.selection.fixed_gpu import plan_compact  # noqa: E402
 from isa_plugin.kernels.testing import check_close, plan_rows  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def check_rows(q, k, v, cp, out, n_rows=384, gen=None):
     N = q.shape[1]
     rows = torch.randperm(N, generator=gen)[:n_rows].sort().values.to(q.device)
     rows = torch.unique(torch.cat([rows, torch.tensor([0, N // 2 - 1, N // 2, N - 1], device=q.device)]))
-    plan = compact_to_reference(cp)
+    plan = compact_to_block_plan(cp)
     ref = plan_rows(q, k, v, plan, rows, chunk=32)
     base = plan_rows(q, k, v, plan, rows, lowp=True, chunk=32)
     got = out[:, rows].float()

@@ -39,9 +39,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from isa_plugin import ISAConfig, isa_attention  # noqa: E402
 from isa_plugin.calibration.synthetic import synthetic_qkv  # noqa: E402
 from isa_plugin.kernels.executor import execute_compact  # noqa: E402
-from isa_plugin.kernels.plan import compact_to_reference, plan_compact, plan_compact_from_pooled  # noqa: E402
+from isa_plugin.kernels.compact import compact_to_block_plan  # noqa: E402
 from isa_plugin.kernels.pooling import pool_blocks_triton  # noqa: E402
 from isa_plugin.kernels.testing import check_close, plan_rows  # noqa: E402
+from isa_plugin.selection.fixed_gpu import plan_compact, plan_compact_from_pooled  # noqa: E402
 
 
 def cfg_pair(args, perturb, dtype):
@@ -81,7 +82,7 @@ def check_rows(q, k, v, cp, out, n_rows=256, seed=0):
     N = q.shape[1]
     g = torch.Generator().manual_seed(seed)
     rows = torch.unique(torch.cat([torch.randperm(N, generator=g)[:n_rows], torch.tensor([0, N - 1])])).to(q.device)
-    plan = compact_to_reference(cp)
+    plan = compact_to_block_plan(cp)
     ref = plan_rows(q, k, v, plan, rows, chunk=32)
     base = plan_rows(q, k, v, plan, rows, lowp=True, chunk=32)
     ok, err, berr = check_close(out[:, rows].float(), ref, base, atol=1e-3)
@@ -101,7 +102,7 @@ def dense(q, k, v):
 
 def selections_agree(cp_a, cp_b):
     """Fraction of (entry, head, query block, key block) exact selections equal in two plans."""
-    a, b = compact_to_reference(cp_a).exact_kv, compact_to_reference(cp_b).exact_kv
+    a, b = compact_to_block_plan(cp_a).exact_mask(), compact_to_block_plan(cp_b).exact_mask()
     return (a == b).float().mean().item()
 
 

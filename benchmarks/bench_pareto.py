@@ -4,25 +4,38 @@ Two studies:
 
 ``--flops`` (any device, CPU is fine: FLOPs do not depend on the device)
     On a :class:`~isa_plugin.calibration.synthetic.SyntheticModel` (default: the package's default spec),
-    measure for every setting of both modes and every layer and head the exact output error (relative L1 of
-    target-query and context-query outputs against dense attention, all tokens) and the relative FLOPs
-    ((exact + pseudo pairs) / N²) on *calibration* samples; pick per layer the cheapest setting of each mode
-    whose errors stay within ``margin × budget`` (layer-wide, and per head by a Lagrangian search, keeping the
-    cheaper), then report the errors and FLOPs of those choices on *held-out* samples, and the FLOP ratio
-    adaptive / fixed. Errors come from per-key-block softmax sums (one score pass per head serves every
-    setting); ``--check`` compares them with the reference executors on a few settings first.
+    measure every layer with the calibration's own estimator
+    (:class:`~isa_plugin.calibration.statistics.CalibrationStats` over a
+    :class:`~isa_plugin.calibration.statistics.Grid` holding this benchmark's candidates of both modes,
+    :data:`FIXED_GRID` and :data:`ADAPTIVE_GRID`) on *calibration* samples (each observed with
+    ``sample=i``). Every query block and every token is sampled, so the estimate is the exact relative L1
+    error of target-query and context-query outputs against dense attention. Per layer the calibration's
+    fit (:func:`isa_plugin.calibration.fit.fit_layer`, pair-count cost model) picks the cheapest setting
+    whose errors stay within ``margin × budget`` (layer-wide, and per head by its Lagrangian search,
+    keeping the cheaper unless ``--min-gain``), once per mode (a grid holding only that mode) and once with
+    both modes offered. Those choices are then evaluated on *held-out* samples: their errors by
+    :func:`isa_plugin.calibration.heldout.setting_errors` on statistics measured the same way (every token)
+    from the held-out samples, their relative FLOPs as (exact + pseudo pairs) / N² of the plan each chosen
+    setting makes on every held-out sample (:func:`isa_plugin.executors.reference.plan_reference`,
+    :meth:`BlockPlan.pair_counts <isa_plugin.plan.BlockPlan.pair_counts>`; dense layers count 1). The
+    fit's own prediction on the calibration samples (its ``relative_cost`` under the pair-count model) is
+    reported beside them. The adaptive mode's candidates include a context-query mass of its own
+    (``context_mass``), as the calibration's adaptive mode does. ``--check`` first compares the estimator
+    with the reference executor on a small model.
 
 default (GPU timing; ``--tiny`` runs the same code on CPU at a tiny size)
     At N = 65,536 and 65,520, H = 40, D = 128, bf16: time (``triton.testing.do_bench``, median) the fixed
-    mode (``isa_attention``, Triton kernels) and the adaptive mode (:func:`adaptive_attention_flex`) over
-    their settings, the whole call including planning, and cuDNN dense attention; the error of each output
-    against cuDNN's dense output on a held-out synthetic sample. Each output is first checked against the
-    reference semantics of its own plan on sampled rows (FlashAttention's rule); a failing check gets no
-    time. Prints a table, the two Pareto fronts (time vs max(target, context) error), the fastest setting
-    of each mode within the budget, and writes a PNG.
+    mode (``isa_attention``, Triton executor) and the adaptive mode
+    (:func:`isa_plugin.executors.flex.flex_attention_call`, FlexAttention executor) over their settings, the
+    whole call including planning, and cuDNN dense attention; the error of each output against cuDNN's
+    dense output on a held-out synthetic sample. Each output is first checked against the reference
+    semantics of its own plan on sampled rows (FlashAttention's rule); a failing check gets no time.
+    Prints a table, the two Pareto fronts (time vs max(target, context) error), the fastest setting of
+    each mode within the budget, and writes a PNG.
 
 Examples:
     python benchmarks/bench_pareto.py --flops                       # CPU, minutes
+    python benchmarks/bench_pareto.py --flops --frames 2 --height 8 --width 8 --layers 2   # CPU, seconds
     python benchmarks/bench_pareto.py --tiny                        # CPU smoke run of the timing study
     python benchmarks/bench_pareto.py --n 65536 65520 --heads 40 --out benchmarks/results/pareto
     python benchmarks/bench_pareto.py --n 65536 --modes adaptive --adaptive-block-sizes 128 --out ...   # a part
@@ -45,305 +58,174 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from isa_plugin.config import AdaptiveSettings  # noqa: E402
+from isa_plugin.calibration.cost import DEFAULT_COST_MODEL  # noqa: E402
+from isa_plugin.calibration.fit import fit_layer, parse_budget  # noqa: E402
+from isa_plugin.calibration.heldout import setting_errors  # noqa: E402
+from isa_plugin.calibration.statistics import CalibrationStats, Grid  # noqa: E402
 from isa_plugin.calibration.synthetic import SyntheticModel, SyntheticSpec, synthetic_qkv  # noqa: E402
 from isa_plugin.config import ISAConfig  # noqa: E402
-from isa_plugin.kernels.adaptive_reference import (  # noqa: E402
-    execute_adaptive_reference,
-    plan_adaptive,
-    plan_pair_counts,
-    sub_blocks,
-)
-from isa_plugin.kernels.reference import (  # noqa: E402
-    dense_attention_reference,
-    execute_plan_reference,
-    plan_reference,
-    pool_blocks,
-)
+from isa_plugin.executors.reference import isa_attention_reference, plan_reference  # noqa: E402
+from isa_plugin.kernels.reference import dense_attention_reference  # noqa: E402
+from isa_plugin.layer_setting import LayerSetting  # noqa: E402
 from isa_plugin.layout import CONTEXT, TARGET  # noqa: E402
+from isa_plugin.selection.adaptive import AdaptiveGrid  # noqa: E402
+from isa_plugin.selection.fixed import FixedGrid  # noqa: E402
 
+#: the FLOP study's candidates of the fixed mode (every combination; ``metrics``: the sharpness metrics)
 FIXED_GRID = dict(alpha_s=(0.25, 0.5, 1.0), alpha_f=(0.125, 0.25, 0.5, 0.75, 1.0), alpha_ns=(0.03125, 0.0625, 0.125, 0.25),
-                  sharpness=("topk_mass", "l2"))
+                  metrics=("topk_mass", "l2"))
+#: ... and of the adaptive mode (the fit also pairs every ``mass`` with every context-query mass)
 ADAPTIVE_GRID = dict(mass=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99), pseudo_block=(64, 16),
                      alpha_s=(0.25, 0.5, 1.0))
+#: the FLOP study's columns: the modes each one offers the fit
+STUDY_MODES = {"fixed": ("fixed",), "adaptive": ("adaptive",), "both": ("fixed", "adaptive")}
 
 
-def fixed_settings(grid=FIXED_GRID, block_size=64):
-    return [ISAConfig(alpha_s=s, alpha_f=f, alpha_ns=n, sharpness=m, block_size=block_size, backend="reference")
-            for m in grid["sharpness"] for s in grid["alpha_s"] for f in grid["alpha_f"] for n in grid["alpha_ns"]]
+def study_grid(block_size: int = 64) -> Grid:
+    """The calibration grid of the FLOP study: both modes with this benchmark's candidates (pseudo-key sizes
+    larger than the block size become the block size)."""
+    ps = tuple(sorted({min(s, block_size) for s in ADAPTIVE_GRID["pseudo_block"]}))
+    return Grid({"fixed": FixedGrid(**FIXED_GRID), "adaptive": AdaptiveGrid(**dict(ADAPTIVE_GRID, pseudo_block=ps))})
 
 
-def adaptive_settings(grid=ADAPTIVE_GRID, block_size=64):
-    return [AdaptiveSettings(mass=p, pseudo_block=min(ps, block_size), alpha_s=s, block_size=block_size)
-            for s in grid["alpha_s"] for ps in grid["pseudo_block"] for p in grid["mass"]]
+def describe(cfg: ISAConfig) -> str:
+    """One line naming a config's mode and settings."""
+    if cfg.mode == "fixed":
+        return f"fixed a_s={cfg.alpha_s} a_f={cfg.alpha_f} a_ns={cfg.alpha_ns} {cfg.sharpness}"
+    ctx = "" if cfg.context_mass is None else f"/{cfg.context_mass}"
+    return f"adaptive p={cfg.mass}{ctx} s={cfg.pseudo_block} a_s={cfg.alpha_s} b={cfg.block_size}"
 
 
-def describe(st) -> str:
-    if isinstance(st, ISAConfig):
-        return f"fixed a_s={st.alpha_s} a_f={st.alpha_f} a_ns={st.alpha_ns} {st.sharpness}"
-    return f"adaptive p={st.mass} s={st.pseudo_block} a_s={st.alpha_s} b={st.block_size}"
-
-
-def plan_of(st, q, k, v, layout):
-    """(kv_keep [B, H, nb], exact_kv [B, H, nb, nb], pseudo_block, blocks) of either mode's reference plan."""
-    if isinstance(st, ISAConfig):
-        p = plan_reference(q, k, v, layout, st)
-        return p.kv_keep, p.exact_kv, st.block_size, p.blocks
-    p = plan_adaptive(q, k, layout, st)
-    return p.kv_keep, p.exact_kv, p.pseudo_block, p.blocks
+def describe_setting(setting: LayerSetting, block_size: int) -> str:
+    return "dense" if setting.dense else describe(setting.to_config(block_size=block_size))
 
 
 # ============================================================================ FLOP study (device-independent)
-class HeadEngine:
-    """Outputs of any plan of one head from per-key-block softmax sums, exact (no sampling).
-
-    For query token t and key block j: Y[t, j] = Σ_{r∈j} e^{s_tr − m_t} v_r, Z[t, j] = Σ_{r∈j} e^{s_tr − m_t};
-    for pseudo-key σ of size c_σ: A[t, σ] = c_σ e^{q_t·k̄_σ·scale − m_t}. A plan's output is
-    (Σ_exact Y + Σ_pseudo A v̄) / (Σ_exact Z + Σ_pseudo A), the executors' single softmax.
-    """
-
-    def __init__(self, q, k, v, blocks, pseudo_sizes, scale):
-        N, D = q.shape
-        dev = q.device
-        b = blocks.block_size
-        self.tb = blocks.token_block.to(dev)
-        s = (q @ k.T) * scale
-        self.m = s.amax(-1, keepdim=True)
-        e = torch.exp(s - self.m)
-        ar = torch.arange(b, device=dev)
-        idx = blocks.starts.to(dev)[:, None] + ar[None, :]
-        valid = ar[None, :] < blocks.counts.to(dev)[:, None]
-        idx = torch.where(valid, idx, torch.zeros_like(idx))
-        ep = e[:, idx] * valid  # [N, nb, b]
-        self.Z = ep.sum(-1)
-        self.Y = torch.einsum("tjb,jbd->tjd", ep, v[idx] * valid[..., None])
-        self.dense = self.Y.sum(1) / self.Z.sum(1, keepdim=True)
-        self.pseudo = {}
-        for ps in pseudo_sizes:
-            sub, parent = sub_blocks(blocks, ps)
-            sub = sub.to(dev)
-            kb = pool_blocks(k[None, :, None], sub)[0, 0]
-            vb = pool_blocks(v[None, :, None], sub)[0, 0]
-            a = sub.counts.to(q.dtype) * torch.exp(q @ kb.T * scale - self.m)
-            self.pseudo[ps] = (a, vb, parent.to(dev))
-
-    def output(self, exact, keep, ps):
-        """exact [nb, nb] bool, keep [nb] bool, pseudo size -> [N, D]."""
-        w = exact[self.tb].to(self.Y.dtype)  # [N, nb]
-        num = torch.bmm(w[:, None, :], self.Y)[:, 0]
-        den = (w * self.Z).sum(-1)
-        a, vb, parent = self.pseudo[ps]
-        ap = (keep[None, :] & ~exact)[self.tb][:, parent].to(a.dtype) * a
-        return (num + ap @ vb) / (den + ap.sum(-1))[:, None]
-
-
-def measure_split(model, layer, seeds, settings, dtype=torch.float32, log=None, kind_cost=None):
-    """num [O, H, 2] (Σ|o−o*|₁ per kind), den [H, 2], cost [O, H] (relative FLOPs, mean over samples).
-
-    ``kind_cost``: a [O, H, 2] tensor that receives the cost of the target-query and context-query rows.
-    """
-    H = model.spec.heads
-    O = len(settings)
-    num = torch.zeros(O, H, 2, dtype=torch.float64)
-    den = torch.zeros(H, 2, dtype=torch.float64)
-    cost = torch.zeros(O, H, dtype=torch.float64)
+def measure_stats(model: SyntheticModel, seeds, grid: Grid, block_size: int, dtype=torch.float32, log=None) -> CalibrationStats:
+    """Calibration statistics of every layer of ``model`` over ``seeds`` (each observed as its own sample),
+    with every query block and every token sampled: the estimator's errors are then exact."""
+    nb = model.spec.layout().num_blocks(block_size)
+    stats = CalibrationStats(grid, block_size=block_size, blocks_per_kind=nb, tokens_per_block=block_size)
     for seed in seeds:
-        q, k, v, layout = model.sample(layer, seed, dtype=dtype)
-        N, D = q.shape[1], q.shape[3]
-        plans = [plan_of(st, q, k, v, layout) for st in settings]
-        blocks = plans[0][3]
-        kinds = blocks.kinds[blocks.token_block]
-        sel = [(kinds == TARGET), (kinds == CONTEXT)]
-        for o, (keep, exact, ps, bl) in enumerate(plans):
-            e, a = plan_pair_counts(bl, keep, exact, ps, per_head=True)
-            cost[o] += ((e + a) / (N * N)).cpu() / len(seeds)
-            if kind_cost is not None:
-                cnt = bl.counts.double()
-                npseudo = torch.ceil(cnt / ps)
-                approx = keep[:, :, None, :] & ~exact
-                for kid, kk in enumerate((TARGET, CONTEXT)):
-                    rows = cnt * (bl.kinds == kk)
-                    ek = torch.einsum("bhij,i,j->h", exact.double(), rows, cnt)
-                    ak = torch.einsum("bhij,i,j->h", approx.double(), rows, npseudo)
-                    kind_cost[o, :, kid] += (ek + ak) / (N * N) / len(seeds)
-        sizes = sorted({p[2] for p in plans})
-        for h in range(H):
-            eng = HeadEngine(q[0, :, h].double() if dtype == torch.float64 else q[0, :, h], k[0, :, h], v[0, :, h], blocks, sizes,
-                             1.0 / math.sqrt(D))
-            d = eng.dense
-            for kk in range(2):
-                den[h, kk] += float(d[sel[kk]].abs().sum())
-            for o, (keep, exact, ps, _) in enumerate(plans):
-                out = eng.output(exact[0, h], keep[0, h], ps)
-                diff = (out - d).abs().sum(-1)
-                for kk in range(2):
-                    num[o, h, kk] += float(diff[sel[kk]].sum())
+        for layer, name in enumerate(model.layer_names):
+            q, k, v, layout = model.sample(layer, seed, dtype=dtype)
+            stats.observe(name, q, k, v, layout, sample=seed)
         if log:
-            log(f"  layer {layer} sample {seed}: {O} settings measured")
-    return num, den, cost
+            log(f"  sample {seed}: {len(model.layer_names)} layers measured")
+    return stats
 
 
-def select(num, den, cost, budget, margin=0.85):
-    """Cheapest choice per head (option index, or -1 for dense) with the layer's errors within margin × budget.
-
-    Layer-wide single settings and per-head choices (Lagrangian over each head's options, dense included)
-    are both tried; the cheaper wins. num [O, H, 2], den [H, 2], cost [O, H]. Returns (choice [H], cost).
-    """
-    O, H, _ = num.shape
-    lim = torch.tensor([budget * margin] * 2, dtype=torch.float64)
-    dsum = den.sum(0).clamp(min=1e-300)
-    err = num.sum(1) / dsum  # [O, 2]
-    ok = (err <= lim + 1e-12).all(-1)
-    best = ([-1] * H, 1.0)
-    mc = cost.mean(1)
-    if bool(ok.any()):
-        o = int(torch.argmin(torch.where(ok, mc, torch.full_like(mc, math.inf))))
-        if float(mc[o]) < best[1]:
-            best = ([o] * H, float(mc[o]))
-    # per head: options + dense
-    g = torch.cat([num / dsum, torch.zeros(1, H, 2, dtype=torch.float64)])  # [O+1, H, 2]
-    c = torch.cat([cost, torch.ones(1, H, dtype=torch.float64)])  # [O+1, H]
-    for rho in (0.25, 1.0, 4.0):
-        pen = rho * g[..., 0] / lim[0] + g[..., 1] / lim[1]
-
-        def solve(lam):
-            ch = torch.argmin(c + lam * pen, dim=0)  # [H]
-            e = g[ch, torch.arange(H)].sum(0)
-            return ch, bool((e <= lim + 1e-12).all()), float(c[ch, torch.arange(H)].mean())
-
-        lo, hi = -6.0, 8.0
-        ch, feas, cc = solve(10**hi)
-        if not feas:
-            continue
-        found = (ch, cc)
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            ch, feas, cc = solve(10**mid)
-            if feas:
-                hi, found = mid, (ch, cc)
-            else:
-                lo = mid
-        if found[1] < best[1]:
-            best = ([(-1 if int(x) == O else int(x)) for x in found[0]], found[1])
-    return best
+def held_out_flops(model: SyntheticModel, layer: int, seeds, setting: LayerSetting, block_size: int) -> float:
+    """Mean (exact + pseudo pairs) / (N²·H) of the plans ``setting`` makes on the held-out samples (1 when dense)."""
+    if setting.dense:
+        return 1.0
+    cfg = setting.to_config(block_size=block_size, backend="reference")
+    costs = []
+    for seed in seeds:
+        q, k, _, layout = model.sample(layer, seed)
+        costs.append(plan_reference(q, k, layout, cfg).relative_cost())
+    return sum(costs) / len(costs)
 
 
-def evaluate_choice(choice, num, den, cost):
-    """(target error, context error, relative FLOPs) of a per-head choice on measured sums."""
-    H = len(choice)
-    e = torch.zeros(2, dtype=torch.float64)
-    c = 0.0
-    for h, o in enumerate(choice):
-        if o >= 0:
-            e += num[o, h]
-            c += float(cost[o, h])
-        else:
-            c += 1.0
-    e = e / den.sum(0).clamp(min=1e-300)
-    return float(e[0]), float(e[1]), c / H
-
-
-def check_engine(model, settings, dtype=torch.float64):
-    """Largest |HeadEngine output − reference executor output| over a few settings (float64)."""
-    q, k, v, layout = model.sample(0, 0, dtype=dtype)
-    D = q.shape[3]
-    worst = 0.0
-    for st in settings:
-        keep, exact, ps, blocks = plan_of(st, q, k, v, layout)
-        if isinstance(st, ISAConfig):
-            ref = execute_plan_reference(q, k, v, plan_reference(q, k, v, layout, st))
-        else:
-            ref = execute_adaptive_reference(q, k, v, plan_adaptive(q, k, layout, st))
-        for h in range(q.shape[2]):
-            eng = HeadEngine(q[0, :, h], k[0, :, h], v[0, :, h], blocks, [ps], 1.0 / math.sqrt(D))
-            worst = max(worst, float((eng.output(exact[0, h], keep[0, h], ps) - ref[0, :, h]).abs().max()))
+def check_estimator(block_size: int = 64) -> float:
+    """Largest |estimated − exact| relative L1 error (float64) of a few settings of both modes on a small model:
+    the calibration estimator with every token sampled against the reference executor's output."""
+    small = SyntheticModel(SyntheticSpec(frames=2, height=8, width=16, heads=2, head_dim=32, layers=1), seed=1)
+    grid = study_grid(block_size)
+    stats = measure_stats(small, [0], grid, block_size, dtype=torch.float64)
+    ls = stats.get(small.layer_names[0])
+    q, k, v, layout = small.sample(0, 0, dtype=torch.float64)
     dense = dense_attention_reference(q, k, v)
-    eng = HeadEngine(q[0, :, 0], k[0, :, 0], v[0, :, 0], blocks, [64], 1.0 / math.sqrt(D))
-    worst = max(worst, float((eng.dense - dense[0, :, 0]).abs().max()))
+    blocks = layout.blocks(block_size)
+    kinds = blocks.kinds[blocks.token_block]
+    ps_small = min(ADAPTIVE_GRID["pseudo_block"] + (block_size,))
+    settings = [
+        LayerSetting(alpha_s=0.25, alpha_f=0.25, alpha_ns=0.0625, sharpness="topk_mass"),
+        LayerSetting(alpha_s=0.5, alpha_f=0.75, alpha_ns=0.125, sharpness="l2"),
+        LayerSetting(alpha_s=(0.5, 1.0), alpha_f=(0.125, 0.5), alpha_ns=0.03125),
+        LayerSetting(mode="adaptive", mass=0.8, pseudo_block=ps_small, alpha_s=0.5),
+        LayerSetting(mode="adaptive", mass=0.9, context_mass=0.7, pseudo_block=block_size, alpha_s=1.0),
+        LayerSetting(mode="adaptive", mass=(0.6, 0.95), pseudo_block=block_size, alpha_s=0.25),
+    ]
+    worst = 0.0
+    for s in settings:
+        out = isa_attention_reference(q, k, v, layout, s.to_config(block_size=block_size, backend="reference"))
+        est = setting_errors(ls, grid, s)
+        for kid, kk in enumerate((TARGET, CONTEXT)):
+            sel = kinds == kk
+            exact = float((out - dense)[0, sel].abs().sum() / dense[0, sel].abs().sum())
+            worst = max(worst, abs(est[kid] - exact))
     return worst
 
 
 def flops_study(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    bs = args.study_block_size
     spec = SyntheticSpec(frames=args.frames, height=args.height, width=args.width, heads=args.study_heads,
                          head_dim=args.study_dim, layers=args.layers)
     model = SyntheticModel(spec, seed=args.model_seed)
-    fx = fixed_settings()
-    ad = adaptive_settings()
+    grid = study_grid(bs)
+    budget = parse_budget(args.budget)
     log = (lambda s: print(s, flush=True)) if args.verbose else None
     if args.check:
-        small = SyntheticModel(SyntheticSpec(frames=2, height=8, width=8, heads=2, head_dim=32, layers=2), seed=1)
-        worst = check_engine(small, [fx[7], fx[-1], ad[3], ad[-1], ad[len(ad) // 2]])
-        print(f"engine vs reference executors (float64): max abs diff {worst:.2e}", flush=True)
+        worst = check_estimator(bs)
+        print(f"calibration estimator (every token sampled) vs reference executor (float64): max |error difference| "
+              f"{worst:.2e}", flush=True)
         if worst > 1e-9:
-            raise SystemExit("engine check failed")
-    N = 2 * spec.tokens_per_video
-    print(f"FLOP study: N={N} H={spec.heads} D={spec.head_dim} layers={spec.layers} budget={args.budget} "
-          f"margin={args.margin}; calibration samples {args.calib_seeds}, held-out {args.held_seeds}; "
-          f"{len(fx)} fixed and {len(ad)} adaptive settings", flush=True)
-    rows = []
+            raise SystemExit("estimator check failed")
+    N = spec.layout().num_tokens
+    n_fixed = len(list(grid.modes["fixed"].candidates()))
+    S, P, PS = grid.modes["adaptive"].shape
+    print(f"FLOP study: N={N} H={spec.heads} D={spec.head_dim} layers={spec.layers} block_size={bs} budget={args.budget} "
+          f"margin={args.margin}; calibration samples {args.calib_seeds}, held-out {args.held_seeds}; {n_fixed} fixed "
+          f"and {S * P * PS} adaptive settings ({S * P * P * PS} with a context mass of their own); fit: pair-count cost "
+          f"model, per head {args.per_head}, min gain {args.min_gain}", flush=True)
     t0 = time.time()
-    for layer in range(spec.layers):
+    calib = measure_stats(model, args.calib_seeds, grid, bs, log=log)
+    held = measure_stats(model, args.held_seeds, grid, bs, log=log)
+    print(f"statistics measured [{time.time() - t0:.0f}s]", flush=True)
+    per_head = {"auto": "auto", "always": "always", "off": False}[args.per_head]
+    rows = []
+    for layer, name in enumerate(model.layer_names):
+        ls, hs = calib.get(name), held.get(name)
         res = {}
-        kc = {"calib": torch.zeros(len(ad), spec.heads, 2, dtype=torch.float64),
-              "held": torch.zeros(len(ad), spec.heads, 2, dtype=torch.float64)}
-        for mode, sts in (("fixed", fx), ("adaptive", ad), ("both", fx + ad), ("adaptive_tc", None)):
-            if mode == "adaptive_tc":
-                # target and context query blocks with their own mass (same alpha_s and pseudo size): target
-                # errors and row costs come from one setting, context ones from another
-                combos = [(i, j) for i, a in enumerate(ad) for j, b in enumerate(ad)
-                          if (a.alpha_s, a.pseudo_block) == (b.alpha_s, b.pseudo_block)]
-                it = torch.tensor([c[0] for c in combos])
-                ic = torch.tensor([c[1] for c in combos])
-                def combine(split, kcost):
-                    n_, d_, _ = split
-                    n2 = torch.stack([n_[it, :, 0], n_[ic, :, 1]], -1)
-                    c2 = kcost[it, :, 0] + kcost[ic, :, 1]
-                    return n2, d_, c2
-                calib = combine(res["adaptive"]["calib"], kc["calib"])
-                held = combine(res["adaptive"]["held"], kc["held"])
-                sts = [f"{ad[i].mass}/{ad[j].mass} s={ad[i].pseudo_block} a_s={ad[i].alpha_s}" for i, j in combos]
-            elif mode == "both":
-                # both modes offered: the union of options (per head the cheaper mode may be chosen)
-                nc = torch.cat([res["fixed"]["calib"][0], res["adaptive"]["calib"][0]])
-                cc = torch.cat([res["fixed"]["calib"][2], res["adaptive"]["calib"][2]])
-                nh = torch.cat([res["fixed"]["held"][0], res["adaptive"]["held"][0]])
-                ch = torch.cat([res["fixed"]["held"][2], res["adaptive"]["held"][2]])
-                calib = (nc, res["fixed"]["calib"][1], cc)
-                held = (nh, res["fixed"]["held"][1], ch)
-            else:
-                is_ad = mode == "adaptive"
-                calib = measure_split(model, layer, args.calib_seeds, sts, log=log, kind_cost=kc["calib"] if is_ad else None)
-                held = measure_split(model, layer, args.held_seeds, sts, log=log, kind_cost=kc["held"] if is_ad else None)
-            choice, _ = select(*calib, args.budget, args.margin)
-            et, ec, c = evaluate_choice(choice, *held)
-            et_c, ec_c, c_c = evaluate_choice(choice, *calib)
-            names = sorted({(sts[o] if isinstance(sts[o], str) else describe(sts[o])) if o >= 0 else "dense" for o in choice})
-            res[mode] = dict(calib=calib, held=held, choice=choice, err_t=et, err_c=ec, flops=c, flops_calib=c_c,
-                             err_t_calib=et_c, err_c_calib=ec_c, settings=names)
-            print(f"layer {layer} {mode:8s}: held-out FLOPs {c:.3f} err t/c {et:.4f}/{ec:.4f} "
-                  f"(calibration {c_c:.3f}, {et_c:.4f}/{ec_c:.4f}); {len(names)} distinct settings "
+        for label, modes in STUDY_MODES.items():
+            g = Grid({m: grid.modes[m] for m in modes})
+            setting = fit_layer(ls, g, budget, DEFAULT_COST_MODEL, per_head, args.margin, args.min_gain)
+            et, ec = setting_errors(hs, grid, setting)
+            flops = held_out_flops(model, layer, args.held_seeds, setting, bs)
+            res[label] = dict(err_t=et, err_c=ec, flops=flops, flops_calib=1.0 if setting.dense else setting.relative_cost,
+                              err_t_calib=setting.error_target or 0.0, err_c_calib=setting.error_context or 0.0,
+                              mode=setting.mode or "dense", settings=[describe_setting(setting, bs)],
+                              setting=None if setting.dense else setting.to_config(block_size=bs).to_dict())
+            r = res[label]
+            print(f"layer {layer} {label:8s}: held-out FLOPs {flops:.3f} err t/c {et:.4f}/{ec:.4f} (calibration "
+                  f"{r['flops_calib']:.3f}, {r['err_t_calib']:.4f}/{r['err_c_calib']:.4f}); {r['settings'][0]} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
-        rows.append({m: {k: v for k, v in r.items() if k not in ("calib", "held")} for m, r in res.items()})
-    modes = ("fixed", "adaptive", "both", "adaptive_tc")
+        rows.append(res)
+    modes = tuple(STUDY_MODES)
     tot = {m: sum(r[m]["flops"] for r in rows) / len(rows) for m in modes}
-    lines = ["| layer | fixed FLOPs | fixed err t/c | adaptive FLOPs | adaptive err t/c | both FLOPs | both err t/c | "
-             "adaptive, own mass per query kind, FLOPs | err t/c |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| layer | fixed FLOPs | fixed err t/c | adaptive FLOPs | adaptive err t/c | both FLOPs | both err t/c | both: mode |",
+             "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
-        lines.append(f"| {i} | " + " | ".join(f"{r[m]['flops']:.3f} | {r[m]['err_t']:.4f}/{r[m]['err_c']:.4f}"
-                                               for m in modes) + " |")
-    lines.append(f"| mean | {tot['fixed']:.3f} | | {tot['adaptive']:.3f} | | {tot['both']:.3f} | | {tot['adaptive_tc']:.3f} | |")
+        lines.append(f"| {i} | " + " | ".join(f"{r[m]['flops']:.3f} | {r[m]['err_t']:.4f}/{r[m]['err_c']:.4f}" for m in modes)
+                     + f" | {r['both']['mode']} |")
+    lines.append(f"| mean | {tot['fixed']:.3f} | | {tot['adaptive']:.3f} | | {tot['both']:.3f} | | |")
     table = "\n".join(lines)
     print(table)
-    print(f"FLOP ratio at budget {args.budget} (held-out): adaptive / fixed = {tot['adaptive'] / tot['fixed']:.3f}, "
-          f"both modes offered / fixed = {tot['both'] / tot['fixed']:.3f}, adaptive with a mass per query kind / fixed = "
-          f"{tot['adaptive_tc'] / tot['fixed']:.3f}", flush=True)
+    ratio = lambda a, b: a / b if b > 0 else float("nan")  # noqa: E731
+    print(f"FLOP ratio at budget {args.budget} (held-out): adaptive / fixed = {ratio(tot['adaptive'], tot['fixed']):.3f}, "
+          f"both modes offered / fixed = {ratio(tot['both'], tot['fixed']):.3f}", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "pareto_flops.json"), "w") as f:
-            json.dump(dict(spec=spec.__dict__, budget=args.budget, margin=args.margin, calib=args.calib_seeds,
-                           held=args.held_seeds, rows=rows, mean=tot, torch=torch.__version__), f, indent=1, default=str)
+            json.dump(dict(spec=spec.__dict__, block_size=bs, budget=args.budget, margin=args.margin, per_head=args.per_head,
+                           min_gain=args.min_gain, grid=grid.to_dict(), calib=args.calib_seeds, held=args.held_seeds,
+                           flops_definition="flops: (exact + pseudo pairs) / (N^2 H) of the chosen setting's plans on the "
+                                            "held-out samples (BlockPlan.pair_counts); flops_calib: the fit's relative_cost "
+                                            "(pair-count cost model, calibration samples)", rows=rows, mean=tot,
+                           torch=torch.__version__), f, indent=1, default=str)
         with open(os.path.join(args.out, "pareto_flops.md"), "w") as f:
             f.write(table + "\n")
     return rows, tot
@@ -385,9 +267,21 @@ def check_plan_rows(q, k, v, isa_plan, out, gen, n_rows=256):
     return ok, err, berr
 
 
+def flex_plan(q, k, v, layout, config, scale):
+    """The planning half of :func:`~isa_plugin.executors.flex.flex_attention_call`: pad and pool, plan with the
+    config's mode, build the FlexAttention inputs (block mask, score_mod)."""
+    from isa_plugin.kernels.flex import build_flex_inputs, flex_prepare
+    from isa_plugin.selection import plan_from_pooled
+
+    blocks = layout.blocks(config.block_size).to(q.device)
+    prepared = flex_prepare(q, k, v, blocks, config.pseudo_block_size)
+    plan = plan_from_pooled(config.selection, prepared.qbar, prepared.kbar, blocks, config.settings, scale, config.share_plan)
+    return build_flex_inputs(q, k, v, plan, prepared)
+
+
 def timing_study(args):
     from isa_plugin.attention import isa_attention
-    from isa_plugin.kernels.adaptive_flex import adaptive_attention_flex, build_flex_inputs
+    from isa_plugin.executors.flex import flex_attention_call
 
     cuda = torch.cuda.is_available() and not args.tiny
     dev = torch.device("cuda" if cuda else "cpu")
@@ -404,7 +298,7 @@ def timing_study(args):
     D = 128 if not args.tiny else 32
     fixed = [ISAConfig(alpha_s=s, alpha_f=f, alpha_ns=n) for s in (0.25, 0.5, 1.0) for f in (0.25, 0.5, 0.75, 1.0)
              for n in (0.0625, 0.125)]
-    adaptive = [AdaptiveSettings(mass=p, pseudo_block=ps, alpha_s=s, block_size=bs)
+    adaptive = [ISAConfig(mode="adaptive", mass=p, pseudo_block=ps, alpha_s=s, block_size=bs, backend="flex")
                 for bs, pss in ((128, (128, 32, 16)), (64, (64, 16))) if bs in args.adaptive_block_sizes
                 for ps in pss for s in (0.5, 1.0) for p in (0.7, 0.8, 0.9, 0.95, 0.98)]
     fixed = fixed if "fixed" in args.modes else []
@@ -436,29 +330,32 @@ def timing_study(args):
         print(f"N={N} H={H} D={D} {dtype} on {gpu}: dense {t_dense:.2f} ms", flush=True)
         rows.append(dict(N=N, mode="dense", setting="cuDNN SDPA" if cuda else "torch", ms=t_dense, err_t=0.0, err_c=0.0,
                          flops_rel=1.0, ok=True))
+        scale = 1.0 / math.sqrt(D)
         for st in fixed + adaptive:
-            row = dict(N=N, mode="fixed" if isinstance(st, ISAConfig) else "adaptive", setting=describe(st))
+            row = dict(N=N, mode=st.mode, setting=describe(st))
             try:
-                if isinstance(st, ISAConfig):
-                    cfg = st.replace(backend="triton" if cuda else "reference")
+                if st.mode == "fixed":
+                    # the Triton executor on CUDA (raises when it cannot serve the call), the reference on the CPU
+                    cfg = st.replace(backend="triton" if cuda else "auto")
                     out = isa_attention(q, k, v, layout, cfg)
                     if cuda:
-                        from isa_plugin.kernels.plan import compact_to_reference, plan_compact
+                        from isa_plugin.kernels.compact import compact_to_block_plan
+                        from isa_plugin.selection.fixed_gpu import plan_compact
 
                         cp = plan_compact(q, k, layout, cfg, v=v)
                         e, a = cp.pair_counts()
-                        plan = compact_to_reference(cp)
+                        plan = compact_to_block_plan(cp)
                     else:
-                        plan = plan_reference(q, k, v, layout, cfg)
-                        e, a = plan_pair_counts(plan.blocks, plan.kv_keep, plan.exact_kv, cfg.block_size)
+                        plan = plan_reference(q, k, layout, cfg)
+                        e, a = plan.pair_counts()
                     fn = lambda: isa_attention(q, k, v, layout, cfg)  # noqa: E731
-                    plan_fn = (lambda: plan_compact(q, k, layout, cfg, v=v)) if cuda else (lambda: plan_reference(q, k, v, layout, cfg))  # noqa: E731
+                    plan_fn = (lambda: plan_compact(q, k, layout, cfg, v=v)) if cuda else (lambda: plan_reference(q, k, layout, cfg))  # noqa: E731
                 else:
-                    out, aplan = adaptive_attention_flex(q, k, v, layout, st, return_plan=True)
-                    e, a = aplan.pair_counts()
-                    plan = aplan.to_isa_plan()
-                    fn = lambda: adaptive_attention_flex(q, k, v, layout, st)  # noqa: E731
-                    plan_fn = lambda: build_flex_inputs(q, k, v, layout, st)  # noqa: E731
+                    cfg = st
+                    out, plan = flex_attention_call(q, k, v, layout, cfg, scale, return_plan=True)
+                    e, a = plan.pair_counts()
+                    fn = lambda: flex_attention_call(q, k, v, layout, cfg, scale)  # noqa: E731
+                    plan_fn = lambda: flex_plan(q, k, v, layout, cfg, scale)  # noqa: E731
                 ok, err, berr = check_plan_rows(q, k, v, plan, out, gen)
                 del plan
             except Exception as ex:  # a setting the path cannot run is reported, not fatal
@@ -596,7 +493,8 @@ def plot(rows, path, gpu):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flops", action="store_true", help="the device-independent FLOP study (selection on calibration samples)")
-    ap.add_argument("--check", action="store_true", help="with --flops: check the error engine against the reference executors")
+    ap.add_argument("--check", action="store_true",
+                    help="with --flops: first check the calibration estimator (every token sampled) against the reference executor")
     ap.add_argument("--tiny", action="store_true", help="timing study on CPU at tiny sizes (smoke run)")
     ap.add_argument("--quick", action="store_true", help="fewer settings in the timing study")
     ap.add_argument("--n", type=int, nargs="+", default=[65536, 65520], choices=sorted(SHAPES))
@@ -613,6 +511,12 @@ def main(argv=None):
     ap.add_argument("--study-heads", type=int, default=8)
     ap.add_argument("--study-dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--study-block-size", type=int, default=64, help="FLOP study: ISA block size")
+    ap.add_argument("--per-head", default="auto", choices=["auto", "always", "off"],
+                    help="FLOP study: the fit's per-head settings (fit_profile's per_head; off: one setting per layer)")
+    ap.add_argument("--min-gain", type=float, default=0.0,
+                    help="FLOP study: relative cost cut per-head settings must bring over the best layer-wide one "
+                    "(fit_profile's min_gain; default 0: keep the cheaper)")
     ap.add_argument("--model-seed", type=int, default=0)
     ap.add_argument("--calib-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--held-seeds", type=int, nargs="+", default=[100, 101])

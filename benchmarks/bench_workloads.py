@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from isa_plugin.calibration.fit import fit_profile  # noqa: E402
-from isa_plugin.calibration.measure import ADAPTIVE_MASS, Grid  # noqa: E402
+from isa_plugin.calibration.statistics import Grid  # noqa: E402
 from isa_plugin.calibration.synthetic import (  # noqa: E402
     WORKLOADS,
     SyntheticModel,
@@ -45,6 +45,7 @@ from isa_plugin.calibration.synthetic import (  # noqa: E402
     evaluate_synthetic,
     pooled_attention,
 )
+from isa_plugin.selection.adaptive import ADAPTIVE_MASS  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "2026-12-05-cpu-workloads")
 

@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from isa_plugin.config import ISAConfig  # noqa: E402
 from isa_plugin.layout import Layout  # noqa: E402
 from isa_plugin.kernels import executor as ex  # noqa: E402
-from isa_plugin.kernels.ops import isa_attention_kernels  # noqa: E402
-from isa_plugin.kernels.plan import plan_compact  # noqa: E402
+from isa_plugin.executors.triton import isa_attention_kernels  # noqa: E402
+from isa_plugin.selection.fixed_gpu import plan_compact  # noqa: E402
 from isa_plugin.kernels.pooling import pool_blocks_triton  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
