@@ -178,7 +178,7 @@ def load_profile(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         raise ProfileError(f"{path}: {e}") from None
 
 
-def _setting(name: str, b: int, e: Any, tensors: Dict[str, torch.Tensor], used: set) -> LayerSetting:
+def _setting(name: str, b: int, e: Any, tensors: Dict[str, torch.Tensor], used: set, block_size: int) -> LayerSetting:
     if not isinstance(e, dict):
         raise ProfileError(f"layer {name!r}: settings must be a mapping, got {type(e).__name__}")
     mode_name = e.get("mode", DEFAULT_MODE)
@@ -210,10 +210,12 @@ def _setting(name: str, b: int, e: Any, tensors: Dict[str, torch.Tensor], used: 
             raise ProfileError(f"layer {name!r}: dense must be true or false")
         return LayerSetting(dense=True, **{k: kw[k] for k in (*_MEASURED, *_MEASURED_PER_HEAD) if k in kw})
     kw.pop("mode", None)
+    measured = {k: kw.pop(k) for k in (*_MEASURED, *_MEASURED_PER_HEAD) if k in kw}
     try:
-        return LayerSetting(mode=mode_name, **kw)
-    except TypeError as err:
-        raise ProfileError(str(err)) from None
+        config = ISAConfig(mode_name, block_size=block_size, **kw)
+    except (TypeError, ValueError) as err:
+        raise ProfileError(str(err).replace("ISAConfig.", "")) from None
+    return LayerSetting(config, **measured)
 
 
 def _from_doc(doc: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -224,6 +226,9 @@ def _from_doc(doc: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str
     if not isinstance(edges, list) or not all(isinstance(e, numbers.Real) and not isinstance(e, bool) for e in edges):
         raise ProfileError(f"timestep_edges={edges!r} must be a list of numbers")
     n_buckets = len(edges) + 1
+    block_size = doc.get("block_size", 64)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ProfileError(f"block_size={block_size!r} must be a positive integer")
     used: set = set()
     layers: Dict[str, List[LayerSetting]] = {}
     for name, entry in layers_doc.items():
@@ -240,7 +245,7 @@ def _from_doc(doc: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str
         settings = []
         for b, e in enumerate(entries):
             try:
-                settings.append(_setting(name, b, e, tensors, used))
+                settings.append(_setting(name, b, e, tensors, used, block_size))
             except ProfileError as err:
                 msg = str(err)
                 raise ProfileError(msg if msg.startswith(f"layer {name!r}") else f"layer {name!r}: {msg}") from None
@@ -251,7 +256,7 @@ def _from_doc(doc: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str
     cm = doc.get("cost_model") or {}
     if not isinstance(cm, dict):
         raise ProfileError(f"cost_model must be a mapping, got {type(cm).__name__}")
-    return dict(layers=layers, budget=doc["budget"], block_size=doc.get("block_size", 64), timestep_edges=tuple(edges),
+    return dict(layers=layers, budget=doc["budget"], block_size=block_size, timestep_edges=tuple(edges),
                 calibrated_on=cal, cost_model=cm)
 
 

@@ -56,7 +56,7 @@ def parse_budget(budget: BudgetArg) -> Dict[str, Any]:
 
 
 def fit_layer(ls: LayerErrorStats, grid: Grid, budget: Dict[str, Any], cost_model: CostModel, per_head: Union[bool, str],
-              margin: float, min_gain: float) -> LayerSetting:
+              margin: float, min_gain: float, block_size: int = 64) -> LayerSetting:
     """The cheapest setting of any measured mode whose layer errors meet ``margin × budget`` (dense when none
     does, or none is predicted to be faster than dense attention)."""
     bt, bc = budget["target"] * margin, budget["context"] * margin
@@ -67,7 +67,7 @@ def fit_layer(ls: LayerErrorStats, grid: Grid, budget: Dict[str, Any], cost_mode
         mode = get_mode(name)
         table = mode.candidates(ls.modes[name], g, ls, cost_model)
         for rel, score, setting in mode_candidates(mode, g, table, ls.heads, bt, bc, dense_layer, cost_model.floor,
-                                                   per_head, min_gain):
+                                                   per_head, min_gain, block_size):
             if best is None or (rel, score) < (best[0], best[1]):
                 best = (rel, score, setting)
     if best is None or best[0] >= 1.0:
@@ -134,7 +134,7 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
                 per_check.append(None)
                 continue
             samples = {i: stats.get(name, bucket, sample=i) for i in stats.sample_ids(name, bucket)} if held_out else {}
-            fit_at = lambda st, m: fit_layer(st, stats.grid, b, cm, per_head, m, min_gain)  # noqa: E731
+            fit_at = lambda st, m: fit_layer(st, stats.grid, b, cm, per_head, m, min_gain, stats.block_size)  # noqa: E731
             setting, check = fit_generalising(ls, samples, stats.grid, b, fit_at, margin)
             per_bucket.append(setting)
             per_check.append(dict(check, predicted_target=setting.error_target, predicted_context=setting.error_context))

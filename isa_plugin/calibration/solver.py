@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
+from ..config import ISAConfig
 from ..layer_setting import LayerSetting
 
 __all__ = ["lagrange", "mode_candidates", "layer_errors"]
@@ -67,7 +68,7 @@ def layer_errors(table) -> torch.Tensor:
 
 
 def mode_candidates(mode, grid, table, heads: int, bt: float, bc: float, dense_layer: float, floor: float,
-                    per_head: Union[bool, str], min_gain: float) -> List[Tuple[float, float, LayerSetting]]:
+                    per_head: Union[bool, str], min_gain: float, block_size: int = 64) -> List[Tuple[float, float, LayerSetting]]:
     """One mode's proposals for a layer as (relative cost, error score, setting).
 
     Layer-wide: per uniform group, the cheapest candidate (then the lowest error score) whose layer errors
@@ -93,7 +94,7 @@ def mode_candidates(mode, grid, table, heads: int, bt: float, bc: float, dense_l
         key = torch.where(ok, rel * 1e6 + score.clamp(max=1e5) * 1e-6, torch.full_like(rel, math.inf))
         i = int(torch.argmin(key))
         c = int(g[i])
-        s = LayerSetting(mode=mode.name, **mode.settings_for(grid, [c] * H), error_target=float(et[i]), error_context=float(ec[i]),
+        s = LayerSetting(ISAConfig(mode.name, block_size=block_size, **mode.settings_for(grid, [c] * H)), error_target=float(et[i]), error_context=float(ec[i]),
                          relative_cost=float(rel[i]))
         out.append((float(rel[i]), float(score[i]), s))
         uniform_best = float(rel[i]) if uniform_best is None else min(uniform_best, float(rel[i]))
@@ -128,7 +129,7 @@ def mode_candidates(mode, grid, table, heads: int, bt: float, bc: float, dense_l
             d0, d1 = float(table.den[h, 0]), float(table.den[h, 1])
             eth.append(float(table.num[h, 0, c]) / d0 if d0 > 0 else 0.0)
             ech.append(float(table.num[h, 1, c]) / d1 if d1 > 0 else 0.0)
-        s = LayerSetting(mode=mode.name, **mode.settings_for(grid, choice), error_target=et, error_context=ec, relative_cost=rel,
+        s = LayerSetting(ISAConfig(mode.name, block_size=block_size, **mode.settings_for(grid, choice)), error_target=et, error_context=ec, relative_cost=rel,
                          error_target_per_head=tuple(eth), error_context_per_head=tuple(ech))
         out.append((rel, et / max(bt, 1e-12) + ec / max(bc, 1e-12), s))
     return out
