@@ -25,3 +25,14 @@ def rng():
     seed = torch.seed() % (2**31)
     print(f"random seed: {seed}")  # shown by pytest when the test fails
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def wan_kit():
+    """Builders of a tiny Wan transformer and its inputs (skips without diffusers; ``rel_helpers``)."""
+    import types
+
+    import rel_helpers as h
+
+    pytest.importorskip("diffusers")
+    return types.SimpleNamespace(EXACT=h.EXACT, SPARSE=h.SPARSE, wan=h.tiny_wan, wan_inputs=h.wan_inputs, run=h.run)

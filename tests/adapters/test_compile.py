@@ -38,9 +38,9 @@ CASES = {
 }
 
 
-def _inputs(tiny, extra):
+def _inputs(wan_kit, extra):
     extra = dict(extra)
-    x = tiny.wan_inputs(frames=4, batch=extra.pop("batch", 1))
+    x = wan_kit.wan_inputs(frames=4, batch=extra.pop("batch", 1))
     x.update(extra)
     return x
 
@@ -57,11 +57,11 @@ def _breaks_inside_attention(explain):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_no_graph_break_inside_attention(tiny, case):
+def test_no_graph_break_inside_attention(wan_kit, case):
     make_cfg, apply_kw, extra = CASES[case]
-    t = tiny.wan(num_layers=1)
+    t = wan_kit.wan(num_layers=1)
     apply_isa(t, make_cfg(), **apply_kw)
-    x = _inputs(tiny, extra)
+    x = _inputs(wan_kit, extra)
     torch._dynamo.reset()
     with torch.no_grad():
         explain = torch._dynamo.explain(t)(**x, return_dict=False)
@@ -75,77 +75,77 @@ def test_no_graph_break_inside_attention(tiny, case):
 
 
 @pytest.mark.parametrize("case", ["static-layout", "share-plan-cfg-batch", "fallback-layout-unknown", "bucketed-profile"])
-def test_compiled_matches_eager_and_counts(tiny, case):
+def test_compiled_matches_eager_and_counts(wan_kit, case):
     make_cfg, apply_kw, extra = CASES[case]
-    t = tiny.wan(num_layers=1)
+    t = wan_kit.wan(num_layers=1)
     apply_isa(t, make_cfg(), **apply_kw)
-    x = _inputs(tiny, extra)
-    eager = tiny.run(t, x)
+    x = _inputs(wan_kit, extra)
+    eager = wan_kit.run(t, x)
     eager_stats = stats(t)
     from isa_plugin.adapters import reset_stats
 
     reset_stats(t)
     torch._dynamo.reset()
     compiled = torch.compile(t)
-    out = tiny.run(compiled, x)
+    out = wan_kit.run(compiled, x)
     assert (out - eager).abs().max().item() <= 1e-5
     assert stats(t) == eager_stats  # counters still move under compile
     if case == "bucketed-profile":  # another bucket: recompiled for the switched configs, still correct
         reset_stats(t)
         x2 = dict(x, timestep=torch.full_like(x["timestep"], 100))  # the dense bucket
-        out2 = tiny.run(compiled, x2)
-        assert (out2 - tiny.run(t, x2)).abs().max().item() <= 1e-5
+        out2 = wan_kit.run(compiled, x2)
+        assert (out2 - wan_kit.run(t, x2)).abs().max().item() <= 1e-5
         assert stats(t)["blocks.0.attn1"]["reasons"] == {"layer left dense (no config)": 2}
 
 
-def test_fullgraph_compile(tiny):
-    t = tiny.wan(num_layers=1)
+def test_fullgraph_compile(wan_kit):
+    t = wan_kit.wan(num_layers=1)
     apply_isa(t, SPARSE, layout=WanICLLayout(2))
-    x = tiny.wan_inputs(frames=4)
-    eager = tiny.run(t, x)
+    x = wan_kit.wan_inputs(frames=4)
+    eager = wan_kit.run(t, x)
     torch._dynamo.reset()
-    out = tiny.run(torch.compile(t, fullgraph=True), x)
+    out = wan_kit.run(torch.compile(t, fullgraph=True), x)
     assert (out - eager).abs().max().item() <= 1e-5
 
 
-def test_compiled_at_several_sizes(tiny):
+def test_compiled_at_several_sizes(wan_kit):
     """A compiled model run at other frame counts and resolutions: recompiled or dynamic, still ISA, still right."""
-    t = tiny.wan(num_layers=1)
+    t = wan_kit.wan(num_layers=1)
     apply_isa(t, SPARSE, layout=WanICLLayout(2))
     torch._dynamo.reset()
     compiled = torch.compile(t)
     calls = 0
     for frames, size in ((4, 16), (6, 16), (4, 24)):
-        x = tiny.wan_inputs(frames=frames, size=size)
-        assert (tiny.run(compiled, x) - tiny.run(t, x)).abs().max().item() <= 1e-5
+        x = wan_kit.wan_inputs(frames=frames, size=size)
+        assert (wan_kit.run(compiled, x) - wan_kit.run(t, x)).abs().max().item() <= 1e-5
         calls += 2
         assert stats(t)["blocks.0.attn1"] == {"isa_calls": calls, "fallbacks": 0, "reasons": {}, "backends": {"reference": calls}}
 
 
-def test_remove_after_compile_restores_stock(tiny):
-    t = tiny.wan(num_layers=1)
-    x = tiny.wan_inputs(frames=4)
-    ref = tiny.run(t, x)
+def test_remove_after_compile_restores_stock(wan_kit):
+    t = wan_kit.wan(num_layers=1)
+    x = wan_kit.wan_inputs(frames=4)
+    ref = wan_kit.run(t, x)
     apply_isa(t, SPARSE, layout=WanICLLayout(2))
     torch._dynamo.reset()
-    tiny.run(torch.compile(t), x)
+    wan_kit.run(torch.compile(t), x)
     remove_isa(t)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch._dynamo.reset()
-        assert (tiny.run(torch.compile(t), x) - ref).abs().max().item() <= 1e-5
+        assert (wan_kit.run(torch.compile(t), x) - ref).abs().max().item() <= 1e-5
 
 
-def test_regional_compile_after_apply(tiny):
+def test_regional_compile_after_apply(wan_kit):
     """diffusers' ``compile_repeated_blocks`` (blocks compiled in place) after ``apply_isa``."""
     from isa_plugin.adapters import reset_stats
 
-    t = tiny.wan(num_layers=2)
-    x = tiny.wan_inputs(frames=4)
+    t = wan_kit.wan(num_layers=2)
+    x = wan_kit.wan_inputs(frames=4)
     apply_isa(t, SPARSE, layout=WanICLLayout(2))
-    eager = tiny.run(t, x)
+    eager = wan_kit.run(t, x)
     reset_stats(t)
     torch._dynamo.reset()
     t.compile_repeated_blocks()
-    assert (tiny.run(t, x) - eager).abs().max().item() <= 1e-5
+    assert (wan_kit.run(t, x) - eager).abs().max().item() <= 1e-5
     assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())

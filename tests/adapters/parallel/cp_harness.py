@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import torch
 
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parents[2]
 
 
 def _load(path: Path, name: str):

@@ -39,40 +39,40 @@ def _apply(t, cfg, frames_ctx=2):
 
 
 # ============================================================================ profiles
-def test_profile_for_another_model_class(tiny):
+def test_profile_for_another_model_class(wan_kit):
     from isa_plugin import apply_isa
 
-    t = tiny.wan()
+    t = wan_kit.wan()
     prof = ThresholdProfile.uniform(NAMES, SPARSE, calibrated_on={"transformer_class": "LTXVideoTransformer3DModel"})
     with pytest.raises(ValueError, match=r"calibrated for LTXVideoTransformer3DModel, not WanTransformer3DModel.*isa calibrate"):
         apply_isa(t, prof)
     assert not hasattr(t, "_isa_state")  # nothing half-installed
 
 
-def test_profile_for_another_config(tiny):
+def test_profile_for_another_config(wan_kit):
     from isa_plugin import apply_isa
 
-    prof = _wan_profile(tiny.wan(heads=2))
-    other = tiny.wan(heads=4)
+    prof = _wan_profile(wan_kit.wan(heads=2))
+    other = wan_kit.wan(heads=4)
     with pytest.raises(ValueError, match=r"config hash .* recalibrate"):
         apply_isa(other, prof)
 
 
 @pytest.mark.parametrize("layers", [1, 3])
-def test_profile_for_another_depth(tiny, layers):
+def test_profile_for_another_depth(wan_kit, layers):
     from isa_plugin import apply_isa
 
-    t = tiny.wan(num_layers=2)
+    t = wan_kit.wan(num_layers=2)
     names = [f"blocks.{i}.attn1" for i in range(layers)]
     prof = ThresholdProfile.uniform(names, SPARSE, calibrated_on={"transformer_class": "WanTransformer3DModel"})
     with pytest.raises(ValueError, match=r"(missing layers|does not have).*(another model|recalibrate)"):
         apply_isa(t, prof)
 
 
-def test_profile_per_head_ratios_for_another_head_count(tiny):
+def test_profile_per_head_ratios_for_another_head_count(wan_kit):
     from isa_plugin import apply_isa
 
-    t = tiny.wan(heads=2)
+    t = wan_kit.wan(heads=2)
     s = LayerSetting(alpha_s=(0.5, 0.5, 0.5), alpha_f=0.5, alpha_ns=0.25)
     prof = ThresholdProfile(layers={n: [s] for n in NAMES}, block_size=8)
     with pytest.raises(ValueError, match=r"3 per-head values but the attention call has 2 heads"):
@@ -263,28 +263,28 @@ def test_non_finite_inputs_behave_like_dense(which, value, backend):
         assert rows.nonzero().flatten().tolist() == [80]
 
 
-def test_non_finite_through_processor_no_crash(tiny):
+def test_non_finite_through_processor_no_crash(wan_kit):
     """NaN in the latents of one batch entry: the ISA transformer gives NaN exactly where the stock
     transformer does (that entry), counts ISA calls, and the other entry is unchanged."""
     from isa_plugin import stats
 
-    t = tiny.wan()
-    x = tiny.wan_inputs(frames=4, batch=2)
+    t = wan_kit.wan()
+    x = wan_kit.wan_inputs(frames=4, batch=2)
     x["hidden_states"][0, :, 3, 2, 2] = float("nan")
-    dense = tiny.run(t, x)
+    dense = wan_kit.run(t, x)
     _apply(t, SPARSE)
-    out = tiny.run(t, x)
+    out = wan_kit.run(t, x)
     assert torch.equal(out.isnan(), dense.isnan()) and dense[0].isnan().all() and not dense[1].isnan().any()
     assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())
     clean = {n: v[1:] for n, v in x.items()}
-    assert (out[1:] - tiny.run(t, clean)).abs().max().item() <= 1e-5
+    assert (out[1:] - wan_kit.run(t, clean)).abs().max().item() <= 1e-5
 
 
 # ============================================================================ masks, head_dim, dtype, device
-def test_attention_mask_falls_back_counted(tiny):
+def test_attention_mask_falls_back_counted(wan_kit):
     from isa_plugin import stats
 
-    t = tiny.wan(num_layers=1)
+    t = wan_kit.wan(num_layers=1)
     attn = t.blocks[0].attn1
     _apply(t, SPARSE)
     proc = attn.processor
@@ -300,15 +300,15 @@ def test_attention_mask_falls_back_counted(tiny):
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"attention mask present": 1}
 
 
-def test_unsupported_head_dim_on_cpu_falls_back_counted(tiny):
+def test_unsupported_head_dim_on_cpu_falls_back_counted(wan_kit):
     """head_dim=12 (not a multiple of 8): the stock dense path, counted with a reason naming it."""
     from isa_plugin import stats
 
-    t = tiny.wan(num_layers=1, head_dim=12)
-    x = tiny.wan_inputs(frames=4)
-    ref = tiny.run(t, x)
+    t = wan_kit.wan(num_layers=1, head_dim=12)
+    x = wan_kit.wan_inputs(frames=4)
+    ref = wan_kit.run(t, x)
     _apply(t, SPARSE)
-    assert torch.equal(tiny.run(t, x), ref)
+    assert torch.equal(wan_kit.run(t, x), ref)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"head_dim=12 not supported (multiples of 8 up to 256)": 1}
 
 
@@ -454,37 +454,37 @@ def test_missing_context_span():
     assert (exact - dense_attention_reference(q, k, v)).abs().max().item() <= 1e-12
 
 
-def test_missing_context_in_processor_counted(tiny):
+def test_missing_context_in_processor_counted(wan_kit):
     from isa_plugin import apply_isa, stats
 
-    t = tiny.wan(num_layers=1)
-    x = tiny.wan_inputs(frames=4)
-    ref = tiny.run(t, x)
+    t = wan_kit.wan(num_layers=1)
+    x = wan_kit.wan_inputs(frames=4)
+    ref = wan_kit.run(t, x)
     apply_isa(t, SPARSE, layout=Layout([("target", 256)]))
-    assert torch.equal(tiny.run(t, x), ref)
+    assert torch.equal(wan_kit.run(t, x), ref)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"no context tokens (not an in-context call)": 1}
 
 
-def test_context_frames_covering_the_whole_input_counted(tiny):
+def test_context_frames_covering_the_whole_input_counted(wan_kit):
     """WanICLLayout(context_frames >= frames): no target frame, layout unknown, dense (counted)."""
     from isa_plugin import stats
 
-    t = tiny.wan(num_layers=1)
-    x = tiny.wan_inputs(frames=4)
-    ref = tiny.run(t, x)
+    t = wan_kit.wan(num_layers=1)
+    x = wan_kit.wan_inputs(frames=4)
+    ref = wan_kit.run(t, x)
     _apply(t, SPARSE, frames_ctx=4)
-    assert torch.equal(tiny.run(t, x), ref)
+    assert torch.equal(wan_kit.run(t, x), ref)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout unknown": 1}
 
 
-def test_no_layout_at_all_counted(tiny):
+def test_no_layout_at_all_counted(wan_kit):
     from isa_plugin import apply_isa, stats
 
-    t = tiny.wan(num_layers=1)
-    x = tiny.wan_inputs(frames=4)
-    ref = tiny.run(t, x)
+    t = wan_kit.wan(num_layers=1)
+    x = wan_kit.wan_inputs(frames=4)
+    ref = wan_kit.run(t, x)
     apply_isa(t, SPARSE)
-    assert torch.equal(tiny.run(t, x), ref)
+    assert torch.equal(wan_kit.run(t, x), ref)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout unknown": 1}
 
 
@@ -494,14 +494,14 @@ def test_layout_of_wrong_length_raises_at_entry_point():
         isa_attention(q, k, v, Layout([("target", 50), ("context", 40)]), ISAConfig(block_size=16))
 
 
-def test_layout_of_wrong_length_in_processor_counted(tiny):
+def test_layout_of_wrong_length_in_processor_counted(wan_kit):
     from isa_plugin import apply_isa, stats
 
-    t = tiny.wan(num_layers=1)
-    x = tiny.wan_inputs(frames=4)  # 4 frames x 8 x 8 = 256 tokens
-    ref = tiny.run(t, x)
+    t = wan_kit.wan(num_layers=1)
+    x = wan_kit.wan_inputs(frames=4)  # 4 frames x 8 x 8 = 256 tokens
+    ref = wan_kit.run(t, x)
     apply_isa(t, SPARSE, layout=Layout([("target", 100), ("context", 100)]))
-    assert torch.equal(tiny.run(t, x), ref)
+    assert torch.equal(wan_kit.run(t, x), ref)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout covers 200 tokens, call has 256": 1}
 
 
@@ -594,14 +594,14 @@ def test_other_resolution_or_frames_warns_and_still_applies(calibrated, size, tm
         remove_isa(pipe)
 
 
-def test_two_transformers_with_different_profiles_in_one_process(tiny):
+def test_two_transformers_with_different_profiles_in_one_process(wan_kit):
     """Two models, two profiles: each keeps its own settings and counters; interleaved calls give what
     each gives alone; a profile cannot be applied to the other model."""
     from isa_plugin import apply_isa, remove_isa, stats
     from isa_plugin.adapters import isa_processors
     from isa_plugin.adapters.families.wan import WanICLLayout
 
-    a, b = tiny.wan(heads=2, seed=0), tiny.wan(heads=4, head_dim=16, seed=1)
+    a, b = wan_kit.wan(heads=2, seed=0), wan_kit.wan(heads=4, head_dim=16, seed=1)
     pa = ThresholdProfile.uniform(NAMES, ISAConfig(alpha_s=0.25, alpha_f=0.25, alpha_ns=0.125, block_size=8),
                                   calibrated_on={"transformer_class": "WanTransformer3DModel", "config_hash": config_hash(a)})
     pb = ThresholdProfile(layers={NAMES[0]: [LayerSetting(alpha_s=(1.0, 0.5, 0.5, 1.0), alpha_f=0.75, alpha_ns=0.5)],
@@ -609,24 +609,24 @@ def test_two_transformers_with_different_profiles_in_one_process(tiny):
                           calibrated_on={"transformer_class": "WanTransformer3DModel", "config_hash": config_hash(b)})
     with pytest.raises(ValueError, match="config hash"):
         apply_isa(a, pb)
-    x = tiny.wan_inputs(frames=4)
+    x = wan_kit.wan_inputs(frames=4)
     solo = {}
     for m, p in ((a, pa), (b, pb)):
         apply_isa(m, p, layout=WanICLLayout(2))
-        solo[id(m)] = tiny.run(m, x)
+        solo[id(m)] = wan_kit.run(m, x)
         remove_isa(m)
     apply_isa(a, pa, layout=WanICLLayout(2))
     apply_isa(b, pb, layout=WanICLLayout(2))
     for _ in range(2):
-        assert torch.equal(tiny.run(b, x), solo[id(b)])
-        assert torch.equal(tiny.run(a, x), solo[id(a)])
+        assert torch.equal(wan_kit.run(b, x), solo[id(b)])
+        assert torch.equal(wan_kit.run(a, x), solo[id(a)])
     assert isa_processors(a)["blocks.0.attn1"].config.block_size == 8
     assert isa_processors(b)["blocks.0.attn1"].config.alpha_s == (1.0, 0.5, 0.5, 1.0)
     assert stats(a)["blocks.1.attn1"] == {"isa_calls": 2, "fallbacks": 0, "reasons": {}, "backends": {"reference": 2}}
     assert stats(b)["blocks.1.attn1"] == {"isa_calls": 0, "fallbacks": 2, "reasons": {"layer left dense (no config)": 2}, "backends": {}}
 
 
-def test_two_pipelines_with_different_profiles_in_one_process(calibrated, tiny):
+def test_two_pipelines_with_different_profiles_in_one_process(calibrated, wan_kit):
     """Two ICL pipelines, one with its calibrated profile, one with a uniform profile of another shape."""
     from isa_plugin import apply_isa, remove_isa, stats
     from isa_plugin.pipelines.tiny import TinyPreset, build_tiny_wan_icl_pipeline
@@ -658,16 +658,16 @@ def test_two_pipelines_with_different_profiles_in_one_process(calibrated, tiny):
         remove_isa(pipe_b)
 
 
-def test_profile_without_recorded_size_does_not_warn(tiny):
+def test_profile_without_recorded_size_does_not_warn(wan_kit):
     from isa_plugin import apply_isa, stats
     from isa_plugin.adapters.families.wan import WanICLLayout
 
-    t = tiny.wan()
+    t = wan_kit.wan()
     apply_isa(t, _wan_profile(t), layout=WanICLLayout(2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for frames, size in ((4, 16), (6, 24)):
-            tiny.run(t, tiny.wan_inputs(frames=frames, size=size))
+            wan_kit.run(t, wan_kit.wan_inputs(frames=frames, size=size))
     assert stats(t)["blocks.0.attn1"]["isa_calls"] == 2
 
 
@@ -686,7 +686,7 @@ class _GarbageProvider:
     [lambda n: 1 / 0, lambda n: "garbage", lambda n: [("target", n)], "raising-provider", "garbage-provider"],
     ids=["callable-raises", "callable-returns-str", "callable-returns-list", "provider-raises", "provider-returns-str"],
 )
-def test_broken_layout_callables_and_providers_run_dense_counted(tiny, spec, caplog):
+def test_broken_layout_callables_and_providers_run_dense_counted(wan_kit, spec, caplog):
     """A user's layout callable or provider that fails never breaks generation: dense, counted, logged."""
     from isa_plugin import apply_isa, stats
     from isa_plugin.adapters.context import LayoutProvider
@@ -695,29 +695,29 @@ def test_broken_layout_callables_and_providers_run_dense_counted(tiny, spec, cap
         spec = type("P", (_RaisingProvider, LayoutProvider), {})()
     elif spec == "garbage-provider":
         spec = type("P", (_GarbageProvider, LayoutProvider), {})()
-    t = tiny.wan(num_layers=1)
-    x = tiny.wan_inputs(frames=4)
-    ref = tiny.run(t, x)
+    t = wan_kit.wan(num_layers=1)
+    x = wan_kit.wan_inputs(frames=4)
+    ref = wan_kit.run(t, x)
     apply_isa(t, SPARSE, layout=spec)
     with caplog.at_level("WARNING", logger="isa_plugin"):
-        out = tiny.run(t, x)
+        out = wan_kit.run(t, x)
     assert torch.equal(out, ref)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout unknown": 1}
     assert "this call runs dense attention" in caplog.text
 
 
-def test_dtype_changed_after_apply(tiny):
+def test_dtype_changed_after_apply(wan_kit):
     """apply_isa, then the model is cast to bfloat16: ISA keeps serving (thresholds are plain attributes)."""
     from isa_plugin import apply_isa, stats
 
-    t = tiny.wan()
-    x = tiny.wan_inputs(frames=4)
-    dense = tiny.run(t, x)
+    t = wan_kit.wan()
+    x = wan_kit.wan_inputs(frames=4)
+    dense = wan_kit.run(t, x)
     _apply(t, EXACT)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers warns about casting fp32-kept modules
         t.to(torch.bfloat16)
     xb = {n: (v.to(torch.bfloat16) if v.is_floating_point() else v) for n, v in x.items()}
-    out = tiny.run(t, xb)
+    out = wan_kit.run(t, xb)
     assert out.dtype == torch.bfloat16 and (out.float() - dense).abs().max().item() < 0.1
     assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())

@@ -1,7 +1,7 @@
 """Reliability on a CUDA GPU with the Triton kernels (skipped without CUDA).
 
 Run on the GPU machine (diffusers needed for the transformer tests):
-``python -m pytest -q -m gpu tests/reliability/test_reliability_gpu.py``.
+``python -m pytest -q -m gpu tests/test_attention_gpu.py``.
 
 fp32 inputs, head_dim / block sizes the kernels do not take, non-finite inputs, CFG batches (independent
 and shared plans), and ``torch.compile`` of a transformer served by the kernels.

@@ -144,12 +144,12 @@ def test_config_from_junk(d):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(["transformer_class", "config_hash", "resolution", "frames", "tokens", "layer_names"]), value=junk)
-def test_apply_with_junk_provenance(tiny, key, value):
+def test_apply_with_junk_provenance(wan_kit, key, value):
     """Junk in ``calibrated_on``: apply_isa applies (and the run works) or raises ValueError / TypeError."""
     from isa_plugin import apply_isa, remove_isa
     from isa_plugin.adapters.families.wan import WanICLLayout
 
-    t = _model(tiny)
+    t = _model(wan_kit)
     on = {"transformer_class": "WanTransformer3DModel", "resolution": [64, 64], "frames": 9,
           "tokens": {"target": 128, "context": 128, "text": 0}}
     on[key] = value
@@ -164,7 +164,7 @@ def test_apply_with_junk_provenance(tiny, key, value):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tiny.run(t, tiny.wan_inputs(frames=4, size=16))
+            wan_kit.run(t, wan_kit.wan_inputs(frames=4, size=16))
     finally:
         remove_isa(t)
 
@@ -172,7 +172,7 @@ def test_apply_with_junk_provenance(tiny, key, value):
 _MODEL = {}
 
 
-def _model(tiny):
+def _model(wan_kit):
     if "t" not in _MODEL:
-        _MODEL["t"] = tiny.wan(num_layers=1)
+        _MODEL["t"] = wan_kit.wan(num_layers=1)
     return _MODEL["t"]

@@ -10,7 +10,7 @@ from isa_plugin.attention import dense_attention
 from isa_plugin.executors.reference import isa_attention_reference
 from isa_plugin.kernels.reference import dense_attention_reference, pool_blocks
 from isa_plugin.selection import plan_from_pooled
-from test_properties import problems
+from test_attention_properties import problems
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -99,8 +99,8 @@ def test_share_plan_through_public_entry_point():
 
 
 # ---------------------------------------------------------------- transformer level (tiny Wan, CFG batch)
-def _cond_uncond(tiny, frames=4):
-    x = tiny.wan_inputs(frames=frames, batch=1)
+def _cond_uncond(wan_kit, frames=4):
+    x = wan_kit.wan_inputs(frames=frames, batch=1)
     g = torch.Generator().manual_seed(5)
     pair = dict(
         hidden_states=x["hidden_states"].repeat(2, 1, 1, 1, 1),  # CFG: same latents, different text
@@ -115,16 +115,16 @@ def _entry(inputs, i):
 
 
 @pytest.mark.parametrize("cfg", [SPARSE, EXACT], ids=["sparse", "exact"])
-def test_transformer_cfg_batch_equals_separate_entries(tiny, cfg):
+def test_transformer_cfg_batch_equals_separate_entries(wan_kit, cfg):
     from isa_plugin import apply_isa, stats
     from isa_plugin.adapters.families.wan import WanICLLayout
 
-    t = tiny.wan(num_layers=2)
-    pair = _cond_uncond(tiny)
-    dense = tiny.run(t, pair)
+    t = wan_kit.wan(num_layers=2)
+    pair = _cond_uncond(wan_kit)
+    dense = wan_kit.run(t, pair)
     apply_isa(t, cfg, layout=WanICLLayout(2))
-    out = tiny.run(t, pair)
-    sep = torch.cat([tiny.run(t, _entry(pair, i)) for i in range(2)])
+    out = wan_kit.run(t, pair)
+    sep = torch.cat([wan_kit.run(t, _entry(pair, i)) for i in range(2)])
     assert (out - sep).abs().max().item() <= 1e-4
     assert all(s["isa_calls"] == 3 and s["fallbacks"] == 0 for s in stats(t).values())
     if cfg is EXACT:
@@ -133,24 +133,24 @@ def test_transformer_cfg_batch_equals_separate_entries(tiny, cfg):
         assert not torch.allclose(out, dense, atol=1e-6)  # ISA really ran sparse
 
 
-def test_transformer_share_plan(tiny):
+def test_transformer_share_plan(wan_kit):
     from isa_plugin import apply_isa, stats
     from isa_plugin.adapters.families.wan import WanICLLayout
 
-    t = tiny.wan(num_layers=2)
-    pair = _cond_uncond(tiny)
-    dense = tiny.run(t, pair)
+    t = wan_kit.wan(num_layers=2)
+    pair = _cond_uncond(wan_kit)
+    dense = wan_kit.run(t, pair)
     apply_isa(t, SPARSE.replace(share_plan=True), layout=WanICLLayout(2))
-    shared = tiny.run(t, pair)
+    shared = wan_kit.run(t, pair)
     assert torch.isfinite(shared).all()
     assert all(s["isa_calls"] == 1 and s["fallbacks"] == 0 for s in stats(t).values())
     # one entry alone: sharing over a batch of one is independent planning
     from isa_plugin import remove_isa
 
-    single = tiny.run(t, _entry(pair, 0))
+    single = wan_kit.run(t, _entry(pair, 0))
     remove_isa(t)
     apply_isa(t, SPARSE, layout=WanICLLayout(2))
-    assert (single - tiny.run(t, _entry(pair, 0))).abs().max().item() <= 1e-5
+    assert (single - wan_kit.run(t, _entry(pair, 0))).abs().max().item() <= 1e-5
     remove_isa(t)
     apply_isa(t, EXACT.replace(share_plan=True), layout=WanICLLayout(2))
-    assert (tiny.run(t, pair) - dense).abs().max().item() <= 1e-4
+    assert (wan_kit.run(t, pair) - dense).abs().max().item() <= 1e-4
