@@ -21,14 +21,16 @@ _LAZY = {
     "apply_isa": "isa_plugin.adapters.install",
     "remove_isa": "isa_plugin.adapters.install",
     "stats": "isa_plugin.adapters.install",
+    "ISAProcessor": "isa_plugin.adapters.isa_processor",
     "ThresholdProfile": "isa_plugin.profile",
     "fit_profile": "isa_plugin.calibration.fit",
 }
 
-__all__ = ["Layout", "ISAConfig", "ISAInfo", "isa_attention", "apply_isa", "remove_isa", "stats", "ThresholdProfile", "fit_profile", "__version__"]
+__all__ = ["Layout", "ISAConfig", "ISAInfo", "isa_attention", "apply_isa", "remove_isa", "stats", "ISAProcessor", "ThresholdProfile", "fit_profile", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters.install import apply_isa, remove_isa, stats
+    from .adapters.isa_processor import ISAProcessor
     from .attention import ISAInfo, isa_attention
     from .config import ISAConfig
     from .layout import Layout

@@ -10,6 +10,7 @@ EXPECTED = {
     "apply_isa",
     "remove_isa",
     "stats",
+    "ISAProcessor",
     "ThresholdProfile",
     "fit_profile",
     "__version__",

@@ -7,12 +7,14 @@ Modules (each one job):
 - :mod:`.masking` — key-padding masks under ISA; :mod:`.rope` — the rotary embeddings of the families;
 - :mod:`.registry` — :class:`FamilyAdapter`, :class:`PipelineAdapter` and their registry;
 - :mod:`.install` — :func:`apply_isa`, :func:`remove_isa`, :func:`stats`, :func:`observe_attention`;
+- :mod:`.isa_processor` — :class:`ISAProcessor`, ISA through diffusers' ``set_attn_processor``;
 - :mod:`.families` — one module per model family, discovered on first use of the registry (diffusers is
   imported only then); a family's names are imported from ``isa_plugin.adapters.families.<name>``.
 """
 
 from .context import CallContext, LayoutProvider, StepInfo
 from .install import ISAState, apply_isa, is_isa_applied, isa_processors, observe_attention, remove_isa, reset_stats, stats
+from .isa_processor import ISAProcessor
 from .processor import ISAAttnProcessorBase, LayerCounters
 from .registry import (
     FamilyAdapter,
@@ -33,6 +35,7 @@ __all__ = [
     "observe_attention",
     "isa_processors",
     "is_isa_applied",
+    "ISAProcessor",
     "ISAAttnProcessorBase",
     "LayerCounters",
     "FamilyAdapter",

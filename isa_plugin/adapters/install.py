@@ -241,6 +241,17 @@ def _set_attn_processors(transformer, processors: Dict[str, Any]) -> None:
 
 
 def _install(transformer, config_or_profile, provider, *, observe_only: bool = False) -> ISAState:
+    state, processors = prepare_install(transformer, config_or_profile, provider, observe_only=observe_only)
+    _set_attn_processors(transformer, processors)
+    attach_state(transformer, state)
+    return state
+
+
+def prepare_install(transformer, config_or_profile, provider: Optional[LayoutProvider], *,
+                    observe_only: bool = False) -> Tuple[ISAState, Dict[str, Any]]:
+    """What :func:`apply_isa` decides for one transformer before changing it (guard rails included): the
+    :class:`ISAState` to attach (:func:`attach_state`) and the full ``attn_processors`` mapping to install (the
+    family's ISA processors; every other entry the processor already there). Raises as :func:`apply_isa`."""
     if getattr(transformer, _STATE_ATTR, None) is not None:
         raise RuntimeError(
             f"ISA is already applied to this {type(transformer).__name__}; call isa_plugin.remove_isa first to change it"
@@ -293,11 +304,14 @@ def _install(transformer, config_or_profile, provider, *, observe_only: bool = F
     missing = [n for n in names if n not in state.processors]
     if missing:  # pragma: no cover - adapter bug
         raise RuntimeError(f"{family.name} adapter selected layers without processors: {missing[:5]}")
-    _set_attn_processors(transformer, new)
+    return state, new
+
+
+def attach_state(transformer, state: ISAState) -> None:
+    """Register ``state``'s forward hooks on ``transformer`` and mark it applied (after its processors are set)."""
     state.handles.append(transformer.register_forward_pre_hook(state.pre_hook, with_kwargs=True))
     state.handles.append(transformer.register_forward_hook(state.post_hook, with_kwargs=True, always_call=True))
     setattr(transformer, _STATE_ATTR, state)
-    return state
 
 
 def _layout_provider_for(pipe, component, transformer, layout) -> Optional[LayoutProvider]:
@@ -314,6 +328,14 @@ def _layout_provider_for(pipe, component, transformer, layout) -> Optional[Layou
                 chain.append(p)
     chain.append(FamilyLayout(family))
     return chain[0] if len(chain) == 1 else ChainedLayout(chain)
+
+
+def prepare_transformer(transformer, config_or_profile, *, layout: Optional[LayoutSpec] = None) -> Tuple[ISAState, Dict[str, Any]]:
+    """:func:`prepare_install` as ``apply_isa(transformer, config_or_profile, layout=layout)`` makes it for a
+    transformer given alone (the family's layout inference, or ``layout``; a profile's own layers)."""
+    provider = _layout_provider_for(None, None, transformer, layout)
+    part = config_or_profile.for_component(None) if hasattr(config_or_profile, "for_component") else config_or_profile
+    return prepare_install(transformer, part, provider)
 
 
 def _inner(module):

@@ -37,6 +37,13 @@ layout the transformer pre-hook computes from the unsplit inputs, the global len
 always run the same collectives. Calls that are exchanged and then cannot run ISA (e.g. a sequence too
 short) run dense attention on the exchanged tensors, which is what diffusers' Ulysses template computes.
 
+Gated coarse residual (LIVEditor). The residual ``gate · coarse(q, k, v)`` pools whole-sequence blocks of
+each head, which is exactly what a rank holds after the exchange: the processor all-gathers the per-token
+gate of its shard once per call ([B, N], tiny next to q, k, v), runs ISA or the dense fallback with the
+residual on the whole sequence of its heads, and exchanges back, so the output equals single-process ISA
+with the gate. Such calls are always exchanged (a dense fallback also carries the residual); ring attention,
+heads that cannot be spread and attention masks raise for them instead of falling back.
+
 Counters are per process: on each rank :func:`isa_plugin.stats` counts the calls of that rank's
 processors (one per layer call, whichever heads the rank served). All ranks take the same decision for
 a call, so the counts agree across ranks.
@@ -265,18 +272,23 @@ class UlyssesExchange:
         out = _all_to_all_single(out, self.group)
         return out.flatten(0, 1).permute(1, 2, 0, 3).contiguous()
 
-    def gather_keys(self, key_valid: torch.Tensor) -> torch.Tensor:
-        """[B, N/P] bool key mask of this rank's tokens -> [B, N] for the whole sequence, canonical order."""
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N/P, ...] per-token values of this rank's tokens -> [B, N, ...] for the whole sequence, canonical
+        order (one all-gather over the Ulysses group)."""
         import torch.distributed as dist
 
-        x = key_valid.to(torch.uint8).contiguous()  # gloo has no bool all_gather
+        x = x.contiguous()
         longest = max(self.sizes)
         if x.shape[1] < longest:
-            x = torch.nn.functional.pad(x, (0, longest - x.shape[1]))
+            x = torch.cat([x, x.new_zeros((x.shape[0], longest - x.shape[1], *x.shape[2:]))], dim=1)
         parts = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(parts, x, group=self.group)
-        x = torch.cat([p[:, :n] for p, n in zip(parts, self.sizes)], dim=1).bool()
+        x = torch.cat([p[:, :n] for p, n in zip(parts, self.sizes)], dim=1)
         return self._reorder(x, self.order)
+
+    def gather_keys(self, key_valid: torch.Tensor) -> torch.Tensor:
+        """[B, N/P] bool key mask of this rank's tokens -> [B, N] for the whole sequence, canonical order."""
+        return self.gather_tokens(key_valid.to(torch.uint8)).bool()  # gloo has no bool all_gather
 
 
 def _dense_local(proc: "ISAAttnProcessorBase", q, k, v, mask) -> Callable[[], torch.Tensor]:
@@ -297,6 +309,7 @@ def ulysses_attend(
     dense: Optional[Callable[[], torch.Tensor]] = None,
     layout: Optional[Layout] = None,
     key_valid: Optional[torch.Tensor] = None,
+    residual_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """ISA (or the counted dense fallback) for one attention call of a processor under context parallelism.
 
@@ -308,14 +321,23 @@ def ulysses_attend(
             (default ``proc.dense_call(q, k, v, attention_mask)``); used for calls that are not exchanged.
         layout: the call's layout over the whole sequence (default: the per-call context's).
         key_valid: [B, N/P] bool key mask of this rank's tokens (QwenImage's text mask), or None.
+        residual_gate: [B, N/P] or [B, N/P, 1], the gate of this rank's tokens for a gated coarse residual
+            (LIVEditor), or None. Such a call is always exchanged (:func:`_attend_gated`).
 
     Returns:
         [B, N/P, H, D], this rank's shard of the output.
+
+    Raises:
+        RuntimeError: a ``residual_gate`` under a context-parallel config that cannot give one rank every
+            token of its heads (ring attention, heads that cannot be spread), with an attention mask, or for a
+            processor whose streams are not one sequence.
 
     Example:
         >>> out = ulysses_attend(self, query, key, value)   # inside a processor whose _parallel_config is set
     """
     cp = context_parallel_config(proc)
+    if residual_gate is not None:
+        return _attend_gated(proc, cp, q, k, v, residual_gate, attention_mask=attention_mask, layout=layout)
     H = q.shape[2]
     masked = key_valid is not None and key_valid.dtype == torch.bool and tuple(key_valid.shape) == tuple(q.shape[:2])
     reason = proc.layer_reason() or unsupported_reason(cp, H)
@@ -345,4 +367,40 @@ def ulysses_attend(
                                     layout=layout, config=config)
     else:
         out = proc.attend_local(qg, kg, vg, dense=_dense_local(proc, qg, kg, vg, None), layout=layout, config=config)
+    return ex.to_sequence(out)
+
+
+def _attend_gated(proc: "ISAAttnProcessorBase", cp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  residual_gate: torch.Tensor, *, attention_mask: Optional[torch.Tensor], layout: Optional[Layout]) -> torch.Tensor:
+    """:func:`ulysses_attend` for a call with a gated coarse residual (LIVEditor).
+
+    The residual pools whole-sequence blocks of every head, which after the exchange each rank holds for
+    its heads; the per-token gate is all-gathered once ([B, N], tiny next to q, k, v). Every such call is
+    exchanged, whatever it runs then (ISA, or a dense fallback for the layer's or the call's reason, counted
+    by :meth:`~isa_plugin.adapters.processor.ISAAttnProcessorBase.attend_local` as on one process), so the
+    residual is always added and the output equals the single-process one.
+    """
+    H = q.shape[2]
+    why = unsupported_reason(cp, H)
+    why = why.removesuffix("; dense") if why is not None else None
+    if why is None and attention_mask is not None:
+        why = "an attention mask"
+    if why is None and proc.cp_streams != "sequence":
+        why = f"the stream order {proc.cp_streams!r}"
+    if why is not None:
+        raise RuntimeError(
+            f"{proc.layer_name or type(proc).__name__}: the gated coarse residual pools whole-sequence blocks of every head "
+            f"and cannot run under this context-parallel call ({why}); use ContextParallelConfig(ulysses_degree=P)"
+        )
+    sizes = UlyssesExchange.global_sizes(cp, q.shape[1])
+    if layout is None:
+        layout = proc.resolve_layout(sum(sizes))
+    ex, _ = UlyssesExchange.plan(cp, H, sizes, "sequence", layout)  # one sequence: the layout is not needed
+    qg, kg, vg = ex.to_heads(q), ex.to_heads(k), ex.to_heads(v)
+    gate = ex.gather_tokens(residual_gate)
+    config = proc.config
+    if config is not None and config.num_heads == H:
+        config = heads_config(config, *ex.heads)
+    out = proc.attend_local(qg, kg, vg, dense=_dense_local(proc, qg, kg, vg, None), layout=layout, config=config,
+                            residual_gate=gate)
     return ex.to_sequence(out)

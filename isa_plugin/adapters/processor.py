@@ -233,21 +233,18 @@ class ISAAttnProcessorBase:
                 :func:`~isa_plugin.attention.run_route`) is added to the output of either path. None (stock
                 models): nothing is added.
 
-        Under context parallelism (``_parallel_config`` set by ``enable_parallelism``) q, k, v and the result
-        are this rank's sequence shard and the call goes through
-        :func:`~isa_plugin.adapters.parallel.ulysses_attend`.
+        Under context parallelism (``_parallel_config`` set by ``enable_parallelism``) q, k, v, the gate and the
+        result are this rank's sequence shard and the call goes through
+        :func:`~isa_plugin.adapters.parallel.ulysses_attend`; after Ulysses' exchange each rank holds the whole
+        sequence for its heads, so the gated residual runs there (the gate gathered once per call).
 
         Raises:
-            RuntimeError: a ``residual_gate`` under context parallelism (the residual's whole-sequence blocks
-                need every token on one rank).
+            RuntimeError: a ``residual_gate`` under context parallelism that cannot give one rank every token
+                of its heads (ring attention; see :func:`~isa_plugin.adapters.parallel.ulysses_attend`).
         """
         if context_parallel_config(self) is not None:
-            if residual_gate is not None:
-                raise RuntimeError(
-                    f"{self.layer_name or type(self).__name__}: the gated coarse residual pools whole-sequence blocks and "
-                    "cannot run on a sequence shard; context parallelism is not supported for this model"
-                )
-            return ulysses_attend(self, q, k, v, attention_mask=attention_mask, dense=dense, layout=layout)
+            return ulysses_attend(self, q, k, v, attention_mask=attention_mask, dense=dense, layout=layout,
+                                  residual_gate=residual_gate)
         return self.attend_local(q, k, v, attention_mask=attention_mask, dense=dense, layout=layout,
                                  residual_gate=residual_gate)
 

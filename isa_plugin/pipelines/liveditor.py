@@ -66,6 +66,8 @@ class LIVEditorAttnProcessor:
     Raises (when called):
         ValueError: a cross-attention call (``encoder_hidden_states`` given): this processor belongs on
             ``attn1`` only.
+        RuntimeError: a call under context parallelism (the residual needs every token of a head; ISA's
+            processors serve the model there).
 
     Example:
         >>> model.blocks[0].attn1.set_processor(LIVEditorAttnProcessor())
@@ -89,6 +91,11 @@ class LIVEditorAttnProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:
             raise ValueError("LIVEditorAttnProcessor is LIVEditor's self-attention processor; cross-attention keeps WanAttnProcessor")
+        if getattr(self._parallel_config, "context_parallel_config", None) is not None:
+            raise RuntimeError(
+                "LIVEditorAttnProcessor is not context-parallel (its coarse residual needs every token of a head); "
+                "apply ISA (isa_plugin.apply_isa), whose processors run the model under Ulysses context parallelism"
+            )
         query, key, value = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
         out = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend
@@ -108,8 +115,9 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
     (no image branch), and ``coarse_block_size`` (64: the residual's block size the model was trained
     with). Extra modules: ``source_patch_embedding`` (Conv3d like ``patch_embedding``) and
     ``blocks.N.attn1.alpha_1`` (``Linear(dim, 1, bias=False)``). Every ``blocks.N.attn1`` runs
-    :class:`LIVEditorAttnProcessor`; ``attn2`` keeps ``WanAttnProcessor``. Context parallelism is not
-    supported (``_cp_plan = None``). See the module docstring for the method.
+    :class:`LIVEditorAttnProcessor`; ``attn2`` keeps ``WanAttnProcessor``. No ``_cp_plan``: under Ulysses
+    context parallelism the model runs with ISA's processors and
+    ``isa_plugin.adapters.families.liveditor.liveditor_cp_plan``. See the module docstring for the method.
 
     Example:
         >>> model = LIVEditorTransformer3DModel(num_layers=2, num_attention_heads=2, attention_head_dim=32,

@@ -17,6 +17,12 @@ straddles target and source; at 480p, 32,760 = 511.875 x 64); ``LIVEditorLayout(
 reproduces that blocking exactly (the straddling block counted as target) for comparison —
 ``benchmarks/bench_liveditor.py`` measures how much the two differ.
 
+Context parallelism (Ulysses): the model builds ``[target; source]`` and its RoPE inside its forward, so it
+has no ``_cp_plan``; :func:`liveditor_cp_plan` gives one for ``enable_parallelism(config=..., cp_plan=...)``.
+With ISA applied, each ``attn1`` exchanges its shard for the whole sequence of its heads and adds the gated
+residual there (:mod:`isa_plugin.adapters.parallel`): the output equals single-process ISA + gate. The
+model's own processor is not context-parallel and raises under such a plan.
+
 Calibration is optional for this model: it was fine-tuned with ISA's fixed ratios in the loop, so the
 default :class:`~isa_plugin.ISAConfig` is what it was trained with; ``isa calibrate`` still works.
 
@@ -37,7 +43,7 @@ from ..context import LayoutProvider
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
 from .wan import WanISAAttnProcessor
 
-__all__ = ["LIVEditorISAAttnProcessor", "LIVEditorLayout", "LIVEditorAdapter", "liveditor_layout"]
+__all__ = ["LIVEditorISAAttnProcessor", "LIVEditorLayout", "LIVEditorAdapter", "liveditor_layout", "liveditor_cp_plan"]
 
 _BLOCKINGS = ("span", "sequence")
 
@@ -77,6 +83,39 @@ def _counts(transformer, arguments: Mapping[str, Any]):
     if not (isinstance(x, torch.Tensor) and isinstance(src, torch.Tensor) and x.ndim == 5 and src.ndim == 5):
         return None
     return transformer.token_counts(x, src)
+
+
+def liveditor_cp_plan(transformer) -> dict:
+    """A ``cp_plan`` for ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P), cp_plan=...)``.
+
+    Splits the tokens at ``blocks.0`` and the RoPE at every ``blocks.N.attn1`` along the sequence, and
+    gathers after the last block (before the target tokens are cut off). Only ISA's processors run under it
+    (apply ISA before the first call); the sequence length must divide by P.
+
+    Args:
+        transformer: a ``LIVEditorTransformer3DModel`` (its ``blocks`` are counted).
+
+    Returns:
+        the plan (a dict of diffusers ``ContextParallelInput`` / ``ContextParallelOutput``).
+
+    Raises:
+        ValueError: a model with fewer than two blocks.
+
+    Example:
+        >>> apply_isa(pipe, ISAConfig())
+        >>> pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=4),
+        ...                                     cp_plan=liveditor_cp_plan(pipe.transformer))
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    n = len(transformer.blocks)
+    if n < 2:
+        raise ValueError(f"liveditor_cp_plan needs two or more blocks (blocks.0 splits, the last one gathers); got {n}")
+    rope = [ContextParallelInput(split_dim=1, expected_dims=4, split_output=False)] * 2
+    plan = {"blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)}}
+    plan.update({f"blocks.{i}.attn1": {"rotary_emb": rope} for i in range(n)})
+    plan[f"blocks.{n - 1}"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
+    return plan
 
 
 class LIVEditorLayout(LayoutProvider):

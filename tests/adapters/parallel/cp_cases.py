@@ -155,3 +155,85 @@ def wan_ring() -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- cases (4 processes)
 def wan_p4() -> Dict[str, Any]:
     return family_case(_wan(4), _wan_inputs(), per_head(4), _wan_layout(), ulysses_degree=4)
+
+
+# ----------------------------------------------------------------------------- LIVEditor (gated coarse residual)
+def _liveditor_case(heads: int, world: int) -> Dict[str, Any]:
+    """ISA + the trained gate under Ulysses against single-process ISA + gate (apply then enable, enable then
+    apply), and with one layer left dense (its fallback keeps the residual); counters equal single-process ones.
+
+    Returns (this rank): ``single_isa_vs_dense``, ``stock_cp_raised`` (the stock processor's refusal),
+    ``apply_first``, ``enable_first``, ``mixed`` (max diffs) and
+    ``*_stats_equal`` (CP counters == single-process counters)."""
+    from isa_plugin.adapters import reset_stats
+
+    conf, _, _ = builders()
+    from isa_plugin.adapters.families.liveditor import liveditor_cp_plan
+
+    layers = 2
+    x = conf.liveditor_inputs()
+    cfg = per_head(heads)
+    mixed = {"blocks.0.attn1": None, "blocks.1.attn1": cfg}
+
+    def build():
+        return conf.tiny_liveditor(num_layers=layers, num_attention_heads=heads)
+
+    plan = liveditor_cp_plan(build())
+
+    res: Dict[str, Any] = {}
+    singles = {}
+    for name, c in (("isa", cfg), ("mixed", mixed)):
+        m = build()
+        apply_isa(m, c)
+        singles[name] = (_fwd(m, x), stats(m))
+        if name == "isa":
+            remove_isa(m)
+            res["single_isa_vs_dense"] = _diff(singles[name][0], _fwd(m, x))
+    single, single_stats = singles["isa"]
+
+    a = build()
+    apply_isa(a, cfg)
+    _enable(a, ulysses_degree=world, cp_plan=plan)
+    res["apply_first"] = _diff(_fwd(a, x), single)
+    res["apply_first_stats_equal"] = stats(a) == single_stats
+
+    b = build()
+    _enable(b, ulysses_degree=world, cp_plan=plan)
+    try:  # the model's own processor is not context-parallel: it refuses
+        _fwd(b, x)
+        res["stock_cp_raised"] = None
+    except RuntimeError as exc:
+        res["stock_cp_raised"] = str(exc)
+    apply_isa(b, cfg)
+    res["enable_first"] = _diff(_fwd(b, x), single)
+    res["enable_first_stats_equal"] = stats(b) == single_stats
+    remove_isa(b)
+    apply_isa(b, mixed)
+    reset_stats(b)
+    res["mixed"] = _diff(_fwd(b, x), singles["mixed"][0])
+    res["mixed_stats_equal"] = stats(b) == singles["mixed"][1]
+    res["mixed_stats"] = stats(b)
+    return res
+
+
+def liveditor() -> Dict[str, Any]:
+    return _liveditor_case(2, 2)
+
+
+def liveditor_ring() -> Dict[str, Any]:
+    """Ring attention cannot give a rank every token of its heads: a gated call raises (before any collective)."""
+    conf, _, _ = builders()
+    from isa_plugin.adapters.families.liveditor import liveditor_cp_plan
+
+    m = conf.tiny_liveditor(num_layers=2)
+    _enable(m, ring_degree=2, cp_plan=liveditor_cp_plan(m))
+    apply_isa(m, per_head(2))
+    try:
+        _fwd(m, conf.liveditor_inputs())
+    except RuntimeError as exc:
+        return {"raised": str(exc)}
+    return {"raised": None}
+
+
+def liveditor_p4() -> Dict[str, Any]:
+    return _liveditor_case(4, 4)

@@ -1,4 +1,4 @@
-"""ISA under diffusers' Ulysses context parallelism, on CPU with gloo (2 processes; one case with 4).
+"""ISA under diffusers' Ulysses context parallelism, on CPU with gloo (2 processes; two cases with 4).
 
 One launch per process count runs every case (see cp_harness); each test asserts on the results of all
 ranks. Tolerance: 1e-6 in fp32 against single-process ISA (ISA itself is exact here: the exchange puts the
@@ -15,7 +15,7 @@ if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
 import cp_harness  # noqa: E402
 
 TOL = 1e-6
-CASES_2 = ["wan", "wan_uneven", "ltx2", "flux_kontext", "qwenimage_text_mask", "wan_ring"]
+CASES_2 = ["wan", "wan_uneven", "ltx2", "flux_kontext", "qwenimage_text_mask", "wan_ring", "liveditor", "liveditor_ring"]
 RING = "context parallel: ring attention (ring_degree=2) is not supported by ISA; dense"
 
 
@@ -26,7 +26,7 @@ def two(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return cp_harness.launch(4, "cp_cases", ["wan_p4"], tmp_path_factory.mktemp("cp4"))
+    return cp_harness.launch(4, "cp_cases", ["wan_p4", "liveditor_p4"], tmp_path_factory.mktemp("cp4"))
 
 
 def _all_isa(stats):
@@ -61,3 +61,30 @@ def test_ring_falls_back_counted(two):
 
 def test_four_processes(four):
     _check_family(four, "wan_p4")
+
+
+def _check_liveditor(ranks, case):
+    """ISA + LIVEditor's gated coarse residual under Ulysses equals single-process ISA + gate, per-head ratios
+    sliced to each rank's heads, in both orders of apply and enable, with a dense layer (whose fallback keeps
+    the residual) too; the counters equal the single-process ones."""
+    for r, res in enumerate(ranks):
+        x = res[case]
+        assert x["single_isa_vs_dense"] > 1e-3, (case, r, x)
+        assert "not context-parallel" in (x["stock_cp_raised"] or ""), (case, r, x)
+        for key in ("apply_first", "enable_first", "mixed"):
+            assert x[key] <= TOL, (case, r, key, x)
+            assert x[f"{key}_stats_equal"], (case, r, key, x)
+        assert x["mixed_stats"]["blocks.0.attn1"]["reasons"] == {"layer left dense (no config)": 1}
+
+
+def test_liveditor_gated_residual(two):
+    _check_liveditor(two, "liveditor")
+
+
+def test_liveditor_gated_residual_four_processes(four):
+    _check_liveditor(four, "liveditor_p4")
+
+
+def test_liveditor_ring_raises(two):
+    for res in two:
+        assert "ring attention" in (res["liveditor_ring"]["raised"] or ""), res["liveditor_ring"]
