@@ -5,12 +5,13 @@ Components: ``tokenizer`` + ``text_encoder`` (umT5-XXL of the base Wan model), `
 :func:`~isa_plugin.pipelines.liveditor_convert.convert_liveditor_checkpoint` writes loads with
 ``LIVEditorPipeline.from_pretrained``.
 
-Defaults follow the authors' sampling recipe: flow-matching UniPC (multistep, 1000 training timesteps,
-shift 6.0; :func:`liveditor_scheduler`), 32 steps, classifier-free guidance 2.5 with Wan's own negative
-prompt (:data:`DEFAULT_NEGATIVE_PROMPT`, the base model's), target size = source size. The conditional
-and unconditional predictions come from one transformer call on a batch of 2 (CFG batch). The authors
-sample with seed 42 and write 16 fps videos: pass ``generator=torch.Generator().manual_seed(42)`` and
-``fps=16`` to your video writer to match.
+Defaults follow the released model's sampling recipe (``recipe="authors"``; the pieces are in
+:mod:`~isa_plugin.pipelines.liveditor_recipe`): flow-matching UniPC (multistep, 1000 training timesteps,
+shift 6.0; :func:`liveditor_scheduler`) on the released schedule, 32 steps, classifier-free guidance 2.5
+(whenever the scale is not 1) with the released negative prompt (:data:`DEFAULT_NEGATIVE_PROMPT`), seed 42,
+the source resampled to 16 fps, cut to 1 + 4k frames, resized to the nearest 540p aspect bucket and
+center-cropped; write the edit at 16 fps. The conditional and unconditional predictions come from one
+transformer call on a batch of 2 (CFG batch). ``recipe="plain"`` keeps diffusers' conventions instead.
 
 Example:
     >>> pipe = LIVEditorPipeline.from_pretrained("liveditor-14b", torch_dtype=torch.bfloat16).to("cuda")
@@ -57,7 +58,9 @@ def liveditor_scheduler() -> UniPCMultistepScheduler:
     Returns:
         a ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
         num_train_timesteps=1000, flow_shift=6.0)`` (diffusers' other UniPC defaults: order 2, bh2,
-        predict x0), the scheduler Wan's diffusers exports use, with LIVEditor's shift.
+        predict x0), the scheduler Wan's diffusers exports use, with LIVEditor's shift. Its step is the
+        released sampler's; the released schedule is set by
+        :func:`~isa_plugin.pipelines.liveditor_recipe.set_liveditor_timesteps` (the pipeline's default).
 
     Example:
         >>> pipe.scheduler = liveditor_scheduler()
