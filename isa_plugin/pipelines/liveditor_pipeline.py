@@ -5,12 +5,13 @@ Components: ``tokenizer`` + ``text_encoder`` (umT5-XXL of the base Wan model), `
 :func:`~isa_plugin.pipelines.liveditor_convert.convert_liveditor_checkpoint` writes loads with
 ``LIVEditorPipeline.from_pretrained``.
 
-Defaults follow the authors' sampling recipe: flow-matching UniPC (multistep, 1000 training timesteps,
-shift 6.0; :func:`liveditor_scheduler`), 32 steps, classifier-free guidance 2.5 with Wan's own negative
-prompt (:data:`DEFAULT_NEGATIVE_PROMPT`, the base model's), target size = source size. The conditional
-and unconditional predictions come from one transformer call on a batch of 2 (CFG batch). The authors
-sample with seed 42 and write 16 fps videos: pass ``generator=torch.Generator().manual_seed(42)`` and
-``fps=16`` to your video writer to match.
+Defaults follow the released model's sampling recipe (``recipe="authors"``; the pieces are in
+:mod:`~isa_plugin.pipelines.liveditor_recipe`): flow-matching UniPC (multistep, 1000 training timesteps,
+shift 6.0; :func:`liveditor_scheduler`) on the released schedule, 32 steps, classifier-free guidance 2.5
+(whenever the scale is not 1) with the released negative prompt (:data:`DEFAULT_NEGATIVE_PROMPT`), seed 42,
+the source resampled to 16 fps, cut to 1 + 4k frames, resized to the nearest 540p aspect bucket and
+center-cropped; write the edit at 16 fps. The conditional and unconditional predictions come from one
+transformer call on a batch of 2 (CFG batch). ``recipe="plain"`` keeps diffusers' conventions instead.
 
 Example:
     >>> pipe = LIVEditorPipeline.from_pretrained("liveditor-14b", torch_dtype=torch.bfloat16).to("cuda")
@@ -21,20 +22,27 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, UniPCMultistepScheduler, WanPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from . import liveditor_recipe as recipe_lib
 from .liveditor import LIVEditorTransformer3DModel
 from .wan_icl import WanInContextEditPipeline
 
-__all__ = ["LIVEditorPipeline", "liveditor_scheduler", "DEFAULT_NEGATIVE_PROMPT", "LIVEDITOR_RECIPE"]
+__all__ = ["LIVEditorPipeline", "liveditor_scheduler", "DEFAULT_NEGATIVE_PROMPT", "WAN_NEGATIVE_PROMPT", "LIVEDITOR_RECIPE", "RECIPES"]
 
-#: Wan's default negative prompt (``sample_neg_prompt`` of Wan's shared config), used by the authors for
-#: the unconditional branch
-DEFAULT_NEGATIVE_PROMPT = (
+#: ``recipe=`` values: ``"authors"`` (the released model's recipe, default) and ``"plain"`` (diffusers' conventions)
+RECIPES = ("authors", "plain")
+
+#: the negative prompt of the released configuration (``recipe="authors"``)
+DEFAULT_NEGATIVE_PROMPT = recipe_lib.NEGATIVE_PROMPT
+
+#: Wan's stock negative prompt (``sample_neg_prompt`` of Wan's shared config), ``recipe="plain"``'s default
+WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
     "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
     "三条腿，背景人很多，倒着走"
@@ -50,7 +58,9 @@ def liveditor_scheduler() -> UniPCMultistepScheduler:
     Returns:
         a ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
         num_train_timesteps=1000, flow_shift=6.0)`` (diffusers' other UniPC defaults: order 2, bh2,
-        predict x0), the scheduler Wan's diffusers exports use, with LIVEditor's shift.
+        predict x0), the scheduler Wan's diffusers exports use, with LIVEditor's shift. Its step is the
+        released sampler's; the released schedule is set by
+        :func:`~isa_plugin.pipelines.liveditor_recipe.set_liveditor_timesteps` (the pipeline's default).
 
     Example:
         >>> pipe.scheduler = liveditor_scheduler()
@@ -103,6 +113,9 @@ class LIVEditorPipeline(DiffusionPipeline):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
+        # the authors' recipe guides whenever the scale is not 1 (diffusers' convention: above 1)
+        if getattr(self, "_cfg_rule", ">") == "!=":
+            return self._guidance_scale != 1.0
         return self._guidance_scale > 1.0
 
     @property
@@ -134,6 +147,39 @@ class LIVEditorPipeline(DiffusionPipeline):
                     f"width= (e.g. {name}={max(m, (int(value) // m) * m) if isinstance(value, (int, float)) else 480})"
                 )
         return height, width
+
+    @staticmethod
+    def _split_videos(video: Any) -> List[Any]:
+        """A batch of source videos as a list (one entry per video)."""
+        if isinstance(video, (torch.Tensor, np.ndarray)) and video.ndim == 5:
+            return list(video)
+        if isinstance(video, (list, tuple)) and video and (
+            isinstance(video[0], (list, tuple)) or (isinstance(video[0], (torch.Tensor, np.ndarray)) and video[0].ndim == 4)
+        ):
+            return list(video)
+        return [video]
+
+    def _recipe_pixels(self, video: Any, height: Optional[int], width: Optional[int], fps: Optional[float]) -> torch.Tensor:
+        """The recipe's source preparation: [0, 1] frames, 16 fps, first 1 + 4k frames, bucket (or the given
+        size) covered and center-cropped; returns [B, 3, F, H, W] in [-1, 1]."""
+        size = None if height is None or width is None else (height, width)
+        out = []
+        for one in self._split_videos(video):
+            frames = recipe_lib.video_to_tensor(one)
+            frames = recipe_lib.resample_fps(frames, fps)
+            frames = recipe_lib.trim_frames(frames, self.vae_scale_factor_temporal)
+            out.append(recipe_lib.resize_to_bucket(frames, size))
+        if len({tuple(x.shape) for x in out}) != 1:
+            raise ValueError(f"source videos of different shapes after resizing {[tuple(x.shape) for x in out]}: pass height= and width=")
+        return torch.stack(out).permute(0, 2, 1, 3, 4) * 2.0 - 1.0
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        device = self._execution_device
+        latents = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist.mode()
+        z = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean, device=device, dtype=torch.float32).view(1, z, 1, 1, 1)
+        std = torch.tensor(self.vae.config.latents_std, device=device, dtype=torch.float32).view(1, z, 1, 1, 1)
+        return (latents.float() - mean) / std
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         z = self.vae.config.z_dim
@@ -167,37 +213,62 @@ class LIVEditorPipeline(DiffusionPipeline):
         callback_on_step_end: Optional[Callable[[Any, int, Any, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         max_sequence_length: int = 512,
+        fps: Optional[float] = None,
+        recipe: str = "authors",
     ):
         """Edit ``video`` following ``prompt``.
 
         Args:
             prompt: the edit instruction(s); or pass ``prompt_embeds``.
-            negative_prompt: for the unconditional branch; default :data:`DEFAULT_NEGATIVE_PROMPT` (``""`` for none).
-            video: the source video (list of PIL images, [F, H, W, C] array, [F, C, H, W] tensor, or a batch of
-                those, one per prompt); 1 + 4k frames. The edited video has its frame count.
-            height, width: size of the edit (multiples of 16); default the source's. The source is resized to it.
+            negative_prompt: for the unconditional branch; default :data:`DEFAULT_NEGATIVE_PROMPT` (the released
+                configuration's; ``recipe="plain"``: :data:`WAN_NEGATIVE_PROMPT`); ``""`` for none.
+            video: the source video (list of PIL images, [F, H, W, C] array — uint8 is scaled by 1/255, floats
+                are [0, 1] —, [F, C, H, W] tensor in [0, 1], or a batch of those, one per prompt). The edited
+                video has the (prepared) source's frame count. ``recipe="authors"``: resampled to 16 fps (see
+                ``fps``), cut to its first 1 + 4k frames, resized to the nearest 540p aspect bucket
+                (544x960, 720x720, 960x544, 480x960, 960x480; :mod:`~isa_plugin.pipelines.liveditor_recipe`)
+                with its aspect kept, then center-cropped. ``recipe="plain"``: taken as it is (1 + 4k frames
+                or an error; diffusers' ``VideoProcessor``).
+            height, width: size of the edit (multiples of 16); default: the bucket (``"authors"``) or the
+                source's size (``"plain"``). Given, the source is covered and center-cropped to it
+                (``"authors"``) or resized to it (``"plain"``).
             num_frames: optional check: the edit has the source's frame count, and a different value is an error.
             num_inference_steps: denoising steps (default 32).
-            guidance_scale: classifier-free guidance (default 2.5; <= 1 disables the unconditional branch).
+            guidance_scale: classifier-free guidance (default 2.5). ``"authors"``: any scale but 1 runs the
+                unconditional branch; ``"plain"``: only a scale above 1.
             num_videos_per_prompt, generator, latents: as diffusers' ``WanPipeline``; ``latents`` is
-                [B, 16, (F - 1)/4 + 1, height/8, width/8].
+                [B, 16, (F - 1)/4 + 1, height/8, width/8]. ``"authors"`` without ``generator`` samples the
+                noise with seed 42 on a generator of the execution device (CUDA on a GPU; on a CPU-only
+                machine a CPU generator, whose noise differs from CUDA's).
             prompt_embeds, negative_prompt_embeds: [B, L, text_dim] precomputed text states.
             output_type: ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``.
             return_dict: return ``WanPipelineOutput`` (default) or a tuple.
             attention_kwargs: passed to the transformer (LoRA ``scale``).
             callback_on_step_end, callback_on_step_end_tensor_inputs: diffusers' step callback (it may replace ``latents``).
             max_sequence_length: text tokens (512 for umT5 as the model was trained).
+            fps: frame rate of ``video``; with ``recipe="authors"`` a source at another rate is resampled to 16
+                fps (the latest frame at or before each output time). None: taken as 16 fps already. The
+                edit is meant to be written at 16 fps (``isa edit``'s default).
+            recipe: ``"authors"`` (default): the released model's sampling recipe — the schedule of
+                :func:`~isa_plugin.pipelines.liveditor_recipe.set_liveditor_timesteps` (needs a flow-sigma
+                UniPC scheduler), the input preparation above, the released negative prompt, seed 42,
+                guidance whenever the scale is not 1. ``"plain"``: diffusers' conventions — the scheduler's
+                own ``set_timesteps``, the source as given, Wan's negative prompt, no default seed.
 
         Returns:
             ``WanPipelineOutput(frames=...)``: [B, F, H, W, 3] for ``"np"``.
 
         Raises:
-            ValueError: no ``video``; a size that is not a multiple of 16; a frame count the VAE cannot take;
+            ValueError: an unknown ``recipe``; no ``video``; a size that is not a multiple of 16; a scheduler
+                without flow sigmas under ``recipe="authors"``; a frame count the VAE cannot take;
                 a source batch that does not match the prompts; bad ``latents`` shape; a bad step count.
 
         Example:
             >>> out = pipe("make it winter", video=frames, num_inference_steps=32).frames[0]
         """
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe={recipe!r} is not supported; supported: {', '.join(map(repr, RECIPES))}")
+        authors = recipe == "authors"
         if video is None:
             raise ValueError("LIVEditorPipeline edits a video: pass the source frames as video=...")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
@@ -205,14 +276,19 @@ class LIVEditorPipeline(DiffusionPipeline):
         bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad_inputs:
             raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad_inputs)} not in {self._callback_tensor_inputs}")
-        height, width = self._resolve_size(video, height, width)
+        if authors:
+            pixels = self._recipe_pixels(video, height, width, fps)
+            height, width = self._resolve_size(None, pixels.shape[-2], pixels.shape[-1])
+        else:
+            height, width = self._resolve_size(video, height, width)
         self._guidance_scale = float(guidance_scale)
+        self._cfg_rule = "!=" if authors else ">"
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype
 
         if self.do_classifier_free_guidance and negative_prompt is None and negative_prompt_embeds is None:
-            negative_prompt = DEFAULT_NEGATIVE_PROMPT
+            negative_prompt = DEFAULT_NEGATIVE_PROMPT if authors else WAN_NEGATIVE_PROMPT
         if prompt is not None and isinstance(negative_prompt, str) and not isinstance(prompt, str):
             negative_prompt = [negative_prompt] * len(prompt)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -223,7 +299,8 @@ class LIVEditorPipeline(DiffusionPipeline):
         prompt_embeds = prompt_embeds.to(dtype)
         batch = prompt_embeds.shape[0]
 
-        source = self.encode_video(video, height, width).to(device=device, dtype=dtype)
+        source = self._encode_pixels(pixels) if authors else self.encode_video(video, height, width)
+        source = source.to(device=device, dtype=dtype)
         source_frames = (source.shape[2] - 1) * self.vae_scale_factor_temporal + 1
         if num_frames is not None and num_frames != source_frames:
             raise ValueError(
@@ -237,6 +314,8 @@ class LIVEditorPipeline(DiffusionPipeline):
 
         shape = (batch, self.transformer.config.in_channels, source.shape[2], source.shape[3], source.shape[4])
         if latents is None:
+            if generator is None and authors:
+                generator = torch.Generator(device=device).manual_seed(recipe_lib.SEED)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape}")
@@ -249,7 +328,10 @@ class LIVEditorPipeline(DiffusionPipeline):
         else:
             text, source_in = prompt_embeds, source
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if authors:
+            recipe_lib.set_liveditor_timesteps(self.scheduler, num_inference_steps, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:

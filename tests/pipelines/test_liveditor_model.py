@@ -379,7 +379,7 @@ def test_convert_and_run_pipeline(sd, rng, tmp_path, base_folder):
         return {}
 
     run = lambda p, **kw: p("make it red", video=video, num_inference_steps=2, generator=torch.Generator().manual_seed(42),
-                            max_sequence_length=32, **kw).frames
+                            max_sequence_length=32, height=32, width=32, **kw).frames
     frames = run(pipe, output_type="np", callback_on_step_end=keep_latents)
     assert frames.shape == (1, 5, 32, 32, 3) and np.isfinite(frames).all()
     assert batches == [2, 2]  # conditional and unconditional in one call per step
@@ -404,7 +404,8 @@ def test_pipeline_rejects_bad_calls(sd, rng, tmp_path, base_folder):
     with pytest.raises(ValueError, match="multiple of 16"):
         pipe(prompt_embeds=embeds, guidance_scale=1.0, video=_source_video(rng), height=40, width=32)
     # prompt_embeds without a text encoder, no guidance: runs, one sample per call
-    out = pipe(prompt_embeds=embeds, guidance_scale=1.0, video=_source_video(rng), num_inference_steps=1, output_type="latent")
+    out = pipe(prompt_embeds=embeds, guidance_scale=1.0, video=_source_video(rng), num_inference_steps=1, output_type="latent",
+               recipe="plain")
     assert out.frames.shape == (1, 16, 2, 4, 4)
 
 
@@ -420,10 +421,12 @@ def test_pipeline_under_isa_and_frame_check(sd, rng, base_folder):
     embeds = torch.randn(1, 12, TEXT_DIM, generator=rng)
     video = _source_video(rng, frames=5, h=64, w=64)  # 2 latent frames of 4 x 4 tokens per video: 32 + 32 tokens
     apply_isa(pipe, ISAConfig(block_size=16))
-    pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, video=video, num_frames=5, num_inference_steps=2, output_type="latent")
+    pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, video=video, num_frames=5, num_inference_steps=2, output_type="latent",
+         height=64, width=64)
     assert all(s["isa_calls"] == 2 and s["fallbacks"] == 0 for s in stats(pipe).values())
     with pytest.raises(ValueError, match="source's length"):
-        pipe(prompt_embeds=embeds, guidance_scale=1.0, video=video, num_frames=9, num_inference_steps=1, output_type="latent")
+        pipe(prompt_embeds=embeds, guidance_scale=1.0, video=video, num_frames=9, num_inference_steps=1, output_type="latent",
+             height=64, width=64)
 
 
 def test_convert_command(sd, tmp_path, base_folder, capsys):
