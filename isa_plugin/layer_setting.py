@@ -116,10 +116,6 @@ class LayerSetting:
             return self.config
         return self.config.replace(block_size=block_size, backend=backend)
 
-    def measured(self) -> dict:
-        """The measured numbers that are known, by name."""
-        return {n: getattr(self, n) for n in _MEASURED + ("error_target_per_head", "error_context_per_head")
-                if getattr(self, n) is not None}
 
 
 def _nonneg(name: str, v: Any) -> Optional[float]:

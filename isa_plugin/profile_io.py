@@ -206,8 +206,6 @@ def _setting(name: str, b: int, e: Any, tensors: Dict[str, torch.Tensor], used: 
             v = tuple(float(x) for x in t.tolist())
         kw[k] = v
     if kw.pop("dense", False):
-        if kw.get("dense", False) not in (True, False):
-            raise ProfileError(f"layer {name!r}: dense must be true or false")
         return LayerSetting(dense=True, **{k: kw[k] for k in (*_MEASURED, *_MEASURED_PER_HEAD) if k in kw})
     kw.pop("mode", None)
     measured = {k: kw.pop(k) for k in (*_MEASURED, *_MEASURED_PER_HEAD) if k in kw}

@@ -178,21 +178,7 @@ def test_package_has_no_code_executing_loaders():
 
 
 # ------------------------------------------------------------------------------------------ file cases
-def _profile(per_head=True, buckets=False):
-    a = LayerSetting(alpha_s=0.25, alpha_f=0.5, alpha_ns=0.0625, sharpness="l2", error_target=0.031, error_context=0.044, relative_cost=0.3)
-    b = LayerSetting(alpha_s=(0.25, 1.0, 0.125), alpha_f=0.5, alpha_ns=(0.03125, 0.25, 0.0625), error_target=0.02,
-                     error_context=0.05, relative_cost=0.41, error_target_per_head=(0.01, 0.0, 0.05),
-                     error_context_per_head=(0.02, 0.0, 0.1)) if per_head else a
-    d = LayerSetting(dense=True, error_target=0.0, error_context=0.0, relative_cost=1.0)
-    layers = {"blocks.0.attn1": [a], "blocks.1.attn1": [b], "blocks.2.attn1": [d]}
-    edges = ()
-    if buckets:
-        layers = {k: [v[0], a] for k, v in layers.items()}
-        edges = (500.0,)
-    return ThresholdProfile(layers=layers, budget={"metric": "rel_l1", "target": 0.05, "context": 0.1}, block_size=64,
-                            timestep_edges=edges, calibrated_on={"transformer_class": "Linear", "config_hash": "abc",
-                                                                 "resolution": [480, 832], "frames": 81, "steps": 30},
-                            cost_model={"a": 1.0, "b": 1.0, "c": 0.0})
+from test_profile import _profile  # noqa: E402  (the profile every file case starts from)
 
 
 

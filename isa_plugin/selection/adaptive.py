@@ -25,7 +25,7 @@ import torch
 from ..layout import CONTEXT, TEXT, BlockLayout
 from ..plan import BlockPlan
 from ..validation import Count, Ratio, as_tuple, validate_count, validate_ratio
-from .base import CandidateTable, SelectionMode, context_selection, register_mode
+from .base import CandidateTable, SelectionMode, context_selection, grid_index, register_mode
 from .measure import measure_plans, sampled_call
 
 __all__ = ["AdaptiveSettings", "AdaptiveGrid", "AdaptiveMode", "ADAPTIVE_MASS"]
@@ -263,22 +263,16 @@ class AdaptiveMode(SelectionMode):
         qi = grid.pseudo_block.index(settings.pseudo_block) if settings.pseudo_block in grid.pseudo_block else None
         out = []
         for h in range(heads):
-            if (a_s[h], mt[h], mc[h]) == (1.0, 1.0, 1.0) and _index(grid.mass, 1.0) is None:
+            if (a_s[h], mt[h], mc[h]) == (1.0, 1.0, 1.0) and grid_index(grid.mass, 1.0) is None:
                 out.append(-1)  # a head computed exactly
                 continue
-            si, pt, pc = _index(grid.alpha_s, a_s[h]), _index(grid.mass, mt[h]), _index(grid.mass, mc[h])
+            si, pt, pc = grid_index(grid.alpha_s, a_s[h]), grid_index(grid.mass, mt[h]), grid_index(grid.mass, mc[h])
             if None in (si, pt, pc, qi):
                 raise ValueError(f"head {h}: adaptive setting {(a_s[h], mt[h], mc[h], settings.pseudo_block)} is not on the "
                                  f"calibration grid {self.grid_to_dict(grid)}")
             out.append(((si * P + pt) * P + pc) * PS + qi)
         return out
 
-
-def _index(values, v):
-    for i, g in enumerate(values):
-        if abs(g - v) <= 1e-9:
-            return i
-    return None
 
 
 register_mode(AdaptiveMode())

@@ -32,7 +32,7 @@ from ..plan import BlockPlan
 from ..validation import as_tuple, per_head_tensor
 
 __all__ = ["SelectionMode", "CandidateTable", "register_mode", "unregister_mode", "get_mode", "registered_modes", "DEFAULT_MODE",
-           "context_selection", "top_mask", "plan_from_pooled"]
+           "context_selection", "top_mask", "plan_from_pooled", "grid_index"]
 
 #: the mode a config or a profile entry without ``mode`` uses (ISA's fixed ratios)
 DEFAULT_MODE = "fixed"
@@ -111,6 +111,14 @@ def context_selection(P: torch.Tensor, blocks: BlockLayout, alpha_s: torch.Tenso
     n_ctx = int(is_c.sum())
     keep_ctx = top_mask(saliency, is_c.expand(B, H, nb), keep_count(alpha_s, n_ctx)[None, :].expand(B, H))
     return ~is_c | keep_ctx, saliency
+
+
+def grid_index(values, v: float):
+    """The position of ``v`` among a grid's candidate values (within 1e-9), or None."""
+    for i, g in enumerate(values):
+        if abs(g - v) <= 1e-9:
+            return i
+    return None
 
 
 def plan_from_pooled(mode: "SelectionMode", qbar: torch.Tensor, kbar: torch.Tensor, blocks: BlockLayout, settings: Any,

@@ -16,7 +16,6 @@ The plan's diagnostics are ``sharpness`` (+inf for text query blocks) and ``sali
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
@@ -27,7 +26,7 @@ from ..kernels.counts import keep_count, topk_count
 from ..layout import TARGET, TEXT, BlockLayout
 from ..plan import BlockPlan
 from ..validation import Ratio, as_tuple, validate_ratio
-from .base import CandidateTable, SelectionMode, context_selection, register_mode, top_mask
+from .base import CandidateTable, SelectionMode, context_selection, grid_index, register_mode, top_mask
 from .fixed_measure import fixed_zero_stats, measure_fixed_call
 
 __all__ = ["FixedSettings", "FixedGrid", "FixedMode", "SHARPNESS_METRICS", "RATIO_NAMES", "setting_pairs"]
@@ -238,10 +237,10 @@ class FixedMode(SelectionMode):
         mi = grid.metrics.index(settings.sharpness)
         out = []
         for h in range(heads):
-            if (a_s[h], a_f[h], a_ns[h]) == (1.0, 1.0, 1.0) and _grid_index(grid.alpha_ns, 1.0) is None:
+            if (a_s[h], a_f[h], a_ns[h]) == (1.0, 1.0, 1.0) and grid_index(grid.alpha_ns, 1.0) is None:
                 out.append(-1)  # a head kept dense
                 continue
-            idx = (_grid_index(grid.alpha_s, a_s[h]), _grid_index(grid.alpha_f, a_f[h]), _grid_index(grid.alpha_ns, a_ns[h]))
+            idx = (grid_index(grid.alpha_s, a_s[h]), grid_index(grid.alpha_f, a_f[h]), grid_index(grid.alpha_ns, a_ns[h]))
             if None in idx:
                 raise ValueError(f"head {h}: ratios {(a_s[h], a_f[h], a_ns[h])} are not on the calibration grid "
                                  f"{self.grid_to_dict(grid)}")
@@ -258,12 +257,6 @@ class FixedMode(SelectionMode):
                                     if bool((stats["corr_n"][:, 0] > 0).all()) else None),
         }
 
-
-def _grid_index(values: Tuple[float, ...], v: float):
-    for i, g in enumerate(values):
-        if abs(g - v) <= 1e-9:
-            return i
-    return None
 
 
 register_mode(FixedMode())
