@@ -50,8 +50,8 @@ part2)
   run cfg_share 200 python benchmarks/bench_cfg_share.py --record "$OUT/cfg_share.md"
   ;;
 c)
+  run sparse_tests 150 python -m pytest -q -m gpu tests/kernels/test_sparse_attn_gpu.py -p no:cacheprovider -x
   run sparse_bench 330 python benchmarks/bench_sparse_executor.py --json "$OUT/sparse_bench.json"
-  run sparse_tests 150 python -m pytest -q -m gpu tests/kernels/test_sparse_attn_gpu.py -p no:cacheprovider
   ;;
 d)
   run gpu_tests 240 python -m pytest -q -m gpu tests -p no:cacheprovider -n 8

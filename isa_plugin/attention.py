@@ -15,6 +15,7 @@ from . import executors  # noqa: F401  (registers the package's executors)
 from .execution import get_executor
 from .kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual, residual_gate_view
 from .layout import Layout
+from .plan_reuse import PlanStore
 
 __all__ = ["isa_attention", "ISAInfo", "dense_attention", "select_backend", "run_isa", "run_route", "Route"]
 
@@ -127,10 +128,16 @@ def select_backend(q: torch.Tensor, layout: Layout, config: ISAConfig, *, in_mod
 
 
 def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, config: ISAConfig, route: Route,
-            scale: Optional[float] = None) -> torch.Tensor:
+            scale: Optional[float] = None, *, plans: Optional[PlanStore] = None, timestep: Optional[float] = None) -> torch.Tensor:
     """Execute an ISA call on the executor ``route`` chose; [B, N, H, D] in, out.
 
     Callers validate inputs and decide the route first (:func:`isa_attention` does both).
+
+    Args:
+        plans: the calling layer's :class:`~isa_plugin.plan_reuse.PlanStore`; with ``config.plan_reuse > 1``
+            (and eager execution) a plan made at an earlier step is executed when the store holds one for
+            this call (:mod:`isa_plugin.plan_reuse`), else the call plans and the store keeps the plan.
+        timestep: the call's timestep scalar (steps of the reuse count), None when it has none.
 
     Raises:
         ValueError: a ``"dense"`` route (not an executor).
@@ -140,7 +147,15 @@ def run_isa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, c
     if q.is_cuda and route.backend == "reference" and route.reason is not None:
         logger.debug("ISA kernels unavailable (%s); using the PyTorch reference", route.reason)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return get_executor(route.backend).run(q, k, v, layout, config, sc)
+    executor = get_executor(route.backend)
+    if plans is None or config.plan_reuse == 1 or torch.compiler.is_compiling():
+        return executor.run(q, k, v, layout, config, sc)
+    key = (route.backend, tuple(q.shape), q.dtype, q.device, layout, config, sc)
+    plan, branch = plans.lookup(timestep, key, config.plan_reuse)
+    if plan is None:
+        plan = executor.plan(q, k, v, layout, config, sc)
+        plans.keep(branch, key, plan)
+    return executor.execute(q, k, v, layout, config, sc, plan)
 
 
 def run_route(
@@ -155,6 +170,8 @@ def run_route(
     scale: Optional[float] = None,
     residual_gate: Optional[torch.Tensor] = None,
     residual_block_size: Optional[int] = None,
+    plans: Optional[PlanStore] = None,
+    timestep: Optional[float] = None,
 ) -> torch.Tensor:
     """Serve one attention call on the route :func:`select_backend` chose, then add the gated coarse residual.
 
@@ -173,6 +190,7 @@ def run_route(
         residual_gate: [B, N] or [B, N, 1] per-token gate of a coarse attention residual (as in
             :func:`isa_attention`), or None (stock models): nothing is added.
         residual_block_size: block size of that residual; default 64 (LIVEditor's).
+        plans, timestep: plan reuse across steps, as in :func:`run_isa`.
 
     Returns:
         [B, N, H, D].
@@ -188,7 +206,7 @@ def run_route(
     if route.backend == "dense":
         out = dense() if dense is not None else dense_attention(q, k, v, scale)
     else:
-        out = run_isa(q, k, v, layout, config, route, scale)
+        out = run_isa(q, k, v, layout, config, route, scale, plans=plans, timestep=timestep)
     if residual_gate is not None:
         block_size = COARSE_BLOCK_SIZE if residual_block_size is None else residual_block_size
         out = gated_coarse_residual(out, q, k, v, residual_gate, block_size, scale, inplace=True)

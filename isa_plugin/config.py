@@ -1,4 +1,4 @@
-"""ISA configuration: the selection mode and its settings, the block size, the backend and plan sharing."""
+"""ISA configuration: the selection mode and its settings, the block size, the backend, plan sharing and plan reuse."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ __all__ = ["ISAConfig", "BACKENDS"]
 #: executor registered elsewhere (``register_executor``) is accepted by its name too
 BACKENDS = ("auto", "reference", "triton", "sparse", "flex")
 
-_COMMON = ("block_size", "backend", "share_plan")
+_COMMON = ("block_size", "backend", "share_plan", "plan_reuse")
 
 
 class ISAConfig:
@@ -33,6 +33,10 @@ class ISAConfig:
         share_plan: compute one plan for the whole batch, from the batch mean of the block means q̄, k̄,
             and use it for every batch entry (e.g. the cond/uncond pair of classifier-free guidance).
             Default False: every batch entry gets its own selections. The pseudo-keys stay per entry.
+        plan_reuse: denoising steps one plan serves inside a model (:mod:`isa_plugin.plan_reuse`): a layer
+            plans at one step and executes that plan, with the new q, k, v, for the next ``plan_reuse - 1``
+            steps. Default 1 (plan every call). ``isa calibrate --plan-reuse K`` picks it per layer where
+            the measured error of stale plans holds the budget.
         **settings: the mode's settings. The fixed mode: ``alpha_s`` (fraction of context key blocks
             kept, default 0.125), ``alpha_f`` (fraction of query blocks computed exactly, 0.5), ``alpha_ns``
             (fraction of KV' blocks each other query block computes exactly, 0.0625), ``sharpness``
@@ -56,10 +60,10 @@ class ISAConfig:
         True
     """
 
-    __slots__ = ("mode", "block_size", "backend", "share_plan", "selection", "settings", "_encoded")
+    __slots__ = ("mode", "block_size", "backend", "share_plan", "plan_reuse", "selection", "settings", "_encoded")
 
     def __init__(self, mode: str = DEFAULT_MODE, *, block_size: int = 64, backend: str = "auto", share_plan: bool = False,
-                 **settings):
+                 plan_reuse: int = 1, **settings):
         if not isinstance(mode, str):
             raise TypeError(f"ISAConfig.mode={mode!r} must be a mode name such as {DEFAULT_MODE!r}")
         selection = get_mode(mode)
@@ -70,9 +74,13 @@ class ISAConfig:
                              f"{list(dict.fromkeys(BACKENDS + tuple(registered_executors())))}")
         if not isinstance(share_plan, bool):
             raise TypeError(f"ISAConfig.share_plan={share_plan!r} must be True or False")
+        if isinstance(plan_reuse, bool) or not isinstance(plan_reuse, numbers.Integral) or plan_reuse < 1:
+            raise ValueError(f"ISAConfig.plan_reuse={plan_reuse!r} must be a positive integer (steps one plan serves; "
+                             "1 = plan every call)")
         values = selection.settings(int(block_size), **settings)
         for name, value in (("mode", mode), ("block_size", int(block_size)), ("backend", backend),
-                            ("share_plan", share_plan), ("selection", selection), ("settings", values)):
+                            ("share_plan", share_plan), ("plan_reuse", int(plan_reuse)), ("selection", selection),
+                            ("settings", values)):
             object.__setattr__(self, name, value)
         # computed once so that traced code (torch.compile) only reads an attribute
         object.__setattr__(self, "_encoded", json.dumps(self.to_dict(), sort_keys=True))
@@ -145,9 +153,11 @@ class ISAConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-Python dict (lists for per-head values), safe for YAML/JSON. A config of the default mode does
-        not list ``mode``."""
+        not list ``mode``, one that plans every call does not list ``plan_reuse``."""
         d = self.selection.to_dict(self.settings)
         d.update(block_size=self.block_size, backend=self.backend, share_plan=self.share_plan)
+        if self.plan_reuse != 1:
+            d["plan_reuse"] = self.plan_reuse
         if self.mode != DEFAULT_MODE:
             d["mode"] = self.mode
         return d

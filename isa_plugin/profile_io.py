@@ -1,7 +1,8 @@
 """Threshold profiles on disk: a YAML file (read with ``yaml.safe_load`` only) and a safetensors sidecar.
 
 A layer entry lists its mode's profile fields (``SelectionMode.profile_fields``, plus the optional ones that
-are set), ``mode`` when it is not the default mode, and the measured errors and cost; ``{dense: true}`` for a
+are set), ``mode`` when it is not the default mode, ``plan_reuse`` when it is not 1, and the measured errors
+and cost; ``{dense: true}`` for a
 dense layer. Per-head values appear in the YAML as the string ``"per_head"`` and live in the sidecar
 (``profile.yaml`` -> ``profile.safetensors``), whose SHA-256 the YAML records. Writes are atomic (temporary
 file + rename). Loading never executes code: a pickle or ``torch.save`` file is refused.
@@ -74,6 +75,8 @@ def _entry(name: str, b: int, s: LayerSetting, tensors: Dict[str, torch.Tensor])
                 e[k] = _PER_HEAD
             elif v is not None or k in mode.profile_fields:
                 e[k] = v
+        if s.config.plan_reuse != 1:
+            e["plan_reuse"] = s.config.plan_reuse
     for k in _MEASURED:
         if getattr(s, k) is not None:
             e[k] = getattr(s, k)
@@ -187,7 +190,7 @@ def _setting(name: str, b: int, e: Any, tensors: Dict[str, torch.Tensor], used: 
     except ValueError as err:
         raise ProfileError(f"layer {name!r}: {err}") from None
     fields = mode.profile_fields + mode.optional_profile_fields
-    known = {"dense", "mode", *_MEASURED, *_MEASURED_PER_HEAD, *fields, *mode.legacy_profile_fields}
+    known = {"dense", "mode", "plan_reuse", *_MEASURED, *_MEASURED_PER_HEAD, *fields, *mode.legacy_profile_fields}
     unknown = sorted(set(e) - known)
     if unknown:
         raise ProfileError(f"layer {name!r}: unknown keys {unknown}; known: {sorted(known)}")

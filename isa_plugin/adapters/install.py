@@ -466,8 +466,9 @@ def stats(pipe_or_transformer) -> Dict[str, Dict[str, Any]]:
 
     Returns:
         ``{layer_name: {"isa_calls": int, "fallbacks": int, "reasons": {reason: count},
-        "backends": {"triton" | "reference": count}}}`` (``backends`` says which implementation served
-        the ISA calls). For a pipeline
+        "backends": {"triton" | "reference": count}, "reused_plans": int}}`` (``backends`` says which
+        implementation served the ISA calls; ``reused_plans`` how many of them executed a plan kept from an
+        earlier step, ``ISAConfig.plan_reuse``). For a pipeline
         with several transformers, layers of components other than ``transformer`` are prefixed
         ``"<component>/"`` (e.g. ``"transformer_2/blocks.0.attn1"``). ``{}`` when ISA is not applied (never,
         or no more after :func:`remove_isa`): there is nothing to count.
@@ -481,18 +482,19 @@ def stats(pipe_or_transformer) -> Dict[str, Dict[str, Any]]:
 
     Example:
         >>> isa_plugin.stats(pipe)["blocks.3.attn1"]
-        {'isa_calls': 8, 'fallbacks': 0, 'reasons': {}, 'backends': {'triton': 8}}
+        {'isa_calls': 8, 'fallbacks': 0, 'reasons': {}, 'backends': {'triton': 8}, 'reused_plans': 0}
     """
     return {n: p.stats.as_dict() for n, p in isa_processors(pipe_or_transformer).items()}
 
 
 def reset_stats(pipe_or_transformer) -> None:
-    """Zero the counters of :func:`stats` and the call index of :class:`StepInfo`."""
+    """Zero the counters of :func:`stats` and the call index of :class:`StepInfo`; drop the layers' kept plans."""
     for _, t in _applied(pipe_or_transformer):
         state = getattr(_inner(t), _STATE_ATTR)
         state.call_index = 0
         for p in state.processors.values():
             p.stats = LayerCounters()
+            p.plans.clear()
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ import torch
 from ..attention import Route, run_route, select_backend
 from ..config import ISAConfig
 from ..layout import Layout
+from ..plan_reuse import PlanStore
+from ..timesteps import timestep_scalar
 from .context import StepInfo, call_layout
 from .masking import attend_key_mask_local
 from .parallel import carry_settings, context_parallel_config, ulysses_attend
@@ -41,16 +43,18 @@ Observer = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, Optional[Lay
 
 @dataclass
 class LayerCounters:
-    """Counters of one ISA layer: ISA calls, dense fallbacks by reason, and which implementation served ISA."""
+    """Counters of one ISA layer: ISA calls, dense fallbacks by reason, which implementation served ISA, and
+    how many ISA calls executed a plan kept from an earlier step (``ISAConfig.plan_reuse``)."""
 
     isa_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
     backends: Counter = field(default_factory=Counter)
+    reused_plans: int = 0
 
     def as_dict(self) -> Dict[str, Any]:
-        """``{"isa_calls", "fallbacks" (total), "reasons" {reason: n}, "backends" {name: n}}``."""
+        """``{"isa_calls", "fallbacks" (total), "reasons" {reason: n}, "backends" {name: n}, "reused_plans"}``."""
         return {"isa_calls": self.isa_calls, "fallbacks": sum(self.fallbacks.values()), "reasons": dict(self.fallbacks),
-                "backends": dict(self.backends)}
+                "backends": dict(self.backends), "reused_plans": self.reused_plans}
 
 
 class ISAAttnProcessorBase:
@@ -68,7 +72,9 @@ class ISAAttnProcessorBase:
         original: the stock processor this one replaces (used for calls it does not serve).
 
     Attributes (plain, not buffers): ``config``, ``layout``, ``layer_name``, ``original``, ``observer``,
-    ``force_dense``, ``stats`` (:class:`LayerCounters`), ``state`` (the installing ``ISAState`` or None).
+    ``force_dense``, ``stats`` (:class:`LayerCounters`), ``state`` (the installing ``ISAState`` or None),
+    ``plans`` (the layer's :class:`~isa_plugin.plan_reuse.PlanStore`, used when ``config.plan_reuse > 1``;
+    calls with a key-padding mask plan every call).
 
     Context parallelism: diffusers' ``enable_parallelism`` sets ``_parallel_config`` on these processors as on
     its own; :meth:`attend` then runs ISA under Ulysses (:mod:`.parallel`). :attr:`cp_streams` says how a
@@ -101,6 +107,7 @@ class ISAAttnProcessorBase:
         self.observer: Optional[Observer] = None
         self.force_dense = False
         self.stats = LayerCounters()
+        self.plans = PlanStore()
         self.state: Optional["ISAState"] = None
         if original is not None:  # keep the stock processor's backend / parallel settings
             carry_settings(original, self)
@@ -135,6 +142,14 @@ class ISAAttnProcessorBase:
         """The :class:`StepInfo` of the transformer call in progress (empty outside one)."""
         ctx = self.state.context if self.state is not None else None
         return ctx.step if ctx is not None else StepInfo()
+
+    def step_timestep(self) -> Optional[float]:
+        """The timestep scalar of the transformer call in progress (None without one, or under
+        ``torch.compile``, where plans are not reused)."""
+        ts = self.step_info().timestep
+        if ts is None or torch.compiler.is_compiling():
+            return None
+        return timestep_scalar(ts)
 
     def resolve_layout(self, seq_len: int) -> Optional[Layout]:
         """The layout of an attention call over ``seq_len`` tokens: the per-call context, then ``self.layout``."""
@@ -272,10 +287,13 @@ class ISAAttnProcessorBase:
         if route.backend == "dense":
             self.record_fallback(route.reason)
             dense = dense or self.dense_call(q, k, v, attention_mask)
+        reused = self.plans.reused
         out = run_route(q, k, v, layout, config or self.config, route, dense=dense, residual_gate=residual_gate,
-                        residual_block_size=self.residual_block_size)
+                        residual_block_size=self.residual_block_size, plans=self.plans,
+                        timestep=self.step_timestep())
         if route.backend != "dense":
             self.record_isa(route.backend)
+            self.stats.reused_plans += self.plans.reused - reused
         return out
 
 

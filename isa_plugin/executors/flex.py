@@ -19,16 +19,18 @@ __all__ = ["FlexExecutor", "flex_attention_call"]
 
 
 def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, config, scale: float,
-                        return_plan: bool = False):
+                        return_plan: bool = False, plan_only: bool = False):
     """Plan with ``config``'s mode and run the plan through FlexAttention (eager on the CPU, for tests).
 
     Returns:
-        [B, N, H, D] in q's dtype, or ``(out, plan)`` when ``return_plan``.
+        [B, N, H, D] in q's dtype, or ``(out, plan)`` when ``return_plan``, or the plan alone when ``plan_only``.
     """
     layout.check(q.shape[1])
     blocks = layout.blocks(config.block_size).to(q.device)
     prepared = flex_prepare(q, k, v, blocks, config.pseudo_block_size)
     plan = plan_from_pooled(config.selection, prepared.qbar, prepared.kbar, blocks, config.settings, scale, config.share_plan)
+    if plan_only:
+        return plan
     out = execute_flex(q, k, v, plan, scale, prepared)
     return (out, plan) if return_plan else out
 
@@ -45,6 +47,12 @@ class FlexExecutor(Executor):
 
     def run(self, q, k, v, layout, config, scale):
         return flex_attention_call(q, k, v, layout, config, scale)
+
+    def plan(self, q, k, v, layout, config, scale):
+        return flex_attention_call(q, k, v, layout, config, scale, plan_only=True)
+
+    def execute(self, q, k, v, layout, config, scale, plan):
+        return execute_flex(q, k, v, plan, scale)
 
 
 register_executor(FlexExecutor())

@@ -113,5 +113,11 @@ class ReferenceExecutor(Executor):
         kinds, lens = layout.encode()
         return _reference_op(q, k, v, kinds, lens, config.encode(), scale)
 
+    def plan(self, q, k, v, layout, config, scale):
+        return plan_reference(q, k, layout, config, scale)
+
+    def execute(self, q, k, v, layout, config, scale, plan):
+        return execute_plan_reference(q, k, v, plan, scale)
+
 
 register_executor(ReferenceExecutor())

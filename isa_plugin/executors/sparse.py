@@ -40,8 +40,11 @@ class SparseExecutor(Executor):
             return f"inputs are on {q.device.type}, the block-sparse executor needs CUDA"
         return sparse_ineligible_for(q, config.pseudo_block_size)
 
-    def run(self, q, k, v, layout, config, scale):
-        return execute_block_plan(q, k, v, sparse_plan(q, k, layout, config, scale), scale)
+    def plan(self, q, k, v, layout, config, scale):
+        return sparse_plan(q, k, layout, config, scale)
+
+    def execute(self, q, k, v, layout, config, scale, plan):
+        return execute_block_plan(q, k, v, plan, scale)
 
 
 register_executor(SparseExecutor())

@@ -80,12 +80,13 @@ def _decode(kinds: Tuple[int, ...], lens: Tuple[int, ...], config_json: str) -> 
     return Layout.decode(kinds, lens), ISAConfig.decode(config_json)
 
 
-def compact_plan(q, k, v, layout: Layout, config: ISAConfig, scale: float):
+def compact_plan(q, k, v, layout: Layout, config: ISAConfig, scale: float, defer_selections: bool = True):
     """The :class:`~isa_plugin.kernels.compact.CompactPlan` of a call: the mode's GPU planner for this executor
-    when it has one (selections deferred), else the mode's plan converted."""
+    when it has one (selections deferred to the kernels unless ``defer_selections`` is False: a plan kept for
+    later steps must hold its selections), else the mode's plan converted."""
     planner = config.selection.gpu_planners.get(TritonExecutor.name)
     if planner is not None:
-        return planner(q, k, layout, config, scale, v=v, defer_selections=True)
+        return planner(q, k, layout, config, scale, v=v, defer_selections=defer_selections)
     blocks = layout.blocks(config.block_size).to(q.device)
     plan = plan_from_pooled(config.selection, pool_blocks(q, blocks), pool_blocks(k, blocks), blocks, config.settings, scale,
                             config.share_plan)
@@ -129,10 +130,13 @@ def isa_attention_kernels(q, k, v, layout: Layout, config: ISAConfig, scale: Opt
     """
     if exact_backend not in _EXACT_BACKENDS:
         raise ValueError(f"exact_backend={exact_backend!r}; supported: {', '.join(map(repr, _EXACT_BACKENDS))}")
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    k, v = _unit_stride(k), _unit_stride(v)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return isa_attention_op(q, k, v, *layout.encode(), config.encode(), sc, exact_backend)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class TritonExecutor(Executor):
@@ -145,6 +149,13 @@ class TritonExecutor(Executor):
 
     def run(self, q, k, v, layout, config, scale):
         return isa_attention_kernels(q, k, v, layout, config, scale=scale)
+
+    def plan(self, q, k, v, layout, config, scale):
+        # selections only (no pooled k̄, v̄): execute pools the k, v it runs on, so the plan serves later steps
+        return compact_plan(q, k, None, layout, config, scale, defer_selections=False)
+
+    def execute(self, q, k, v, layout, config, scale, plan):
+        return execute_compact(q, _unit_stride(k), _unit_stride(v), plan, scale)
 
 
 register_executor(TritonExecutor())

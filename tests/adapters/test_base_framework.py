@@ -159,7 +159,7 @@ def test_profile_duck_typed(tiny):
     tiny.fwd(t, x)
     s = stats(t)
     assert s["blocks.0.attn1"]["isa_calls"] == 1
-    assert s["blocks.1.attn1"] == {"isa_calls": 0, "fallbacks": 1, "reasons": {"layer left dense (no config)": 1}, "backends": {}}
+    assert s["blocks.1.attn1"] == {"isa_calls": 0, "fallbacks": 1, "reasons": {"layer left dense (no config)": 1}, "backends": {}, "reused_plans": 0}
     remove_isa(t)
     with pytest.raises(ValueError, match="another model"):
         apply_isa(t, _Profile({}, ok=False))
@@ -193,7 +193,7 @@ def test_fallback_reasons_are_counted(tiny):
     tiny.fwd(t, x)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout covers 200 tokens, call has 384": 1}
     reset_stats(t)
-    assert stats(t)["blocks.0.attn1"] == {"isa_calls": 0, "fallbacks": 0, "reasons": {}, "backends": {}}
+    assert stats(t)["blocks.0.attn1"] == {"isa_calls": 0, "fallbacks": 0, "reasons": {}, "backends": {}, "reused_plans": 0}
     remove_isa(t)
     apply_isa(t, tiny.SPARSE, layout=Layout([("target", 384)]))
     tiny.fwd(t, x)

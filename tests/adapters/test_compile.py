@@ -119,7 +119,7 @@ def test_compiled_at_several_sizes(wan_kit):
         x = wan_kit.wan_inputs(frames=frames, size=size)
         assert (wan_kit.run(compiled, x) - wan_kit.run(t, x)).abs().max().item() <= 1e-5
         calls += 2
-        assert stats(t)["blocks.0.attn1"] == {"isa_calls": calls, "fallbacks": 0, "reasons": {}, "backends": {"reference": calls}}
+        assert stats(t)["blocks.0.attn1"] == {"isa_calls": calls, "fallbacks": 0, "reasons": {}, "backends": {"reference": calls}, "reused_plans": 0}
 
 
 def test_remove_after_compile_restores_stock(wan_kit):

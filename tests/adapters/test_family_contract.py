@@ -21,7 +21,7 @@ from isa_plugin import apply_isa, remove_isa, stats
 from isa_plugin.adapters import family_for, registered_families
 
 #: what ``stats`` reports for a layer that served one call through ISA on CPU
-ONE_ISA_CALL = {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}}
+ONE_ISA_CALL = {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}, "reused_plans": 0}
 #: all ratios 1: ISA is exact attention up to float rounding
 EXACT_ATOL = 1e-5
 

@@ -56,7 +56,7 @@ def test_ring_falls_back_counted(two):
     for res in two:
         x = res["wan_ring"]
         assert x["vs_stock_ring"] == 0.0
-        assert all(s == {"isa_calls": 0, "fallbacks": 1, "reasons": {RING: 1}, "backends": {}} for s in x["stats"].values())
+        assert all(s == {"isa_calls": 0, "fallbacks": 1, "reasons": {RING: 1}, "backends": {}, "reused_plans": 0} for s in x["stats"].values())
 
 
 def test_four_processes(four):
