@@ -24,10 +24,11 @@ Two studies:
     with the reference executor on a small model.
 
 default (GPU timing; ``--tiny`` runs the same code on CPU at a tiny size)
-    At N = 65,536 and 65,520, H = 40, D = 128, bf16: time (``triton.testing.do_bench``, median) the fixed
-    mode (``isa_attention``, Triton executor) and the adaptive mode
-    (:func:`isa_plugin.executors.flex.flex_attention_call`, FlexAttention executor) over their settings, the
-    whole call including planning, and cuDNN dense attention; the error of each output against cuDNN's
+    At N = 65,536 and 65,520 (131,072 on request), H = 40, D = 128, bf16: time (``triton.testing.do_bench``,
+    median) the fixed mode (``isa_attention``, Triton executor) and the adaptive mode on each executor of
+    ``--adaptive-executors`` (default the block-sparse executor ``sparse``; ``flex``: FlexAttention; rows
+    labelled ``adaptive/<executor>``) over their settings, the whole call including planning (and the
+    planning half alone: ``Executor.plan``), and cuDNN dense attention; the error of each output against cuDNN's
     dense output on a held-out synthetic sample. Each output is first checked against the reference
     semantics of its own plan on sampled rows (FlashAttention's rule); a failing check gets no time.
     Prints a table, the two Pareto fronts (time vs max(target, context) error), the fastest setting of
@@ -232,7 +233,7 @@ def flops_study(args):
 
 
 # ============================================================================ GPU timing study
-SHAPES = {65536: (8, 64, 64), 65520: (21, 30, 52), 32768: (8, 32, 64), 512: (2, 8, 16), 1040: (2, 10, 26)}
+SHAPES = {131072: (16, 64, 64), 65536: (8, 64, 64), 65520: (21, 30, 52), 32768: (8, 32, 64), 512: (2, 8, 16), 1040: (2, 10, 26)}
 
 
 def timer(fn, cuda: bool):
@@ -281,7 +282,7 @@ def flex_plan(q, k, v, layout, config, scale):
 
 def timing_study(args):
     from isa_plugin.attention import isa_attention
-    from isa_plugin.executors.flex import flex_attention_call
+    from isa_plugin.execution import get_executor
 
     cuda = torch.cuda.is_available() and not args.tiny
     dev = torch.device("cuda" if cuda else "cpu")
@@ -298,9 +299,10 @@ def timing_study(args):
     D = 128 if not args.tiny else 32
     fixed = [ISAConfig(alpha_s=s, alpha_f=f, alpha_ns=n) for s in (0.25, 0.5, 1.0) for f in (0.25, 0.5, 0.75, 1.0)
              for n in (0.0625, 0.125)]
-    adaptive = [ISAConfig(mode="adaptive", mass=p, pseudo_block=ps, alpha_s=s, block_size=bs, backend="flex")
+    adaptive = [ISAConfig(mode="adaptive", mass=p, pseudo_block=ps, alpha_s=s, block_size=bs, backend=ex)
+                for ex in (args.adaptive_executors if cuda else ["reference"])
                 for bs, pss in ((128, (128, 32, 16)), (64, (64, 16))) if bs in args.adaptive_block_sizes
-                for ps in pss for s in (0.5, 1.0) for p in (0.7, 0.8, 0.9, 0.95, 0.98)]
+                for ps in pss if args.adaptive_pseudo_blocks is None or ps in args.adaptive_pseudo_blocks for s in (0.5, 1.0) for p in (0.7, 0.8, 0.9, 0.95, 0.98)]
     fixed = fixed if "fixed" in args.modes else []
     adaptive = adaptive if "adaptive" in args.modes else []
     if args.quick or args.tiny:
@@ -309,7 +311,8 @@ def timing_study(args):
     rows = []
     for N in ns:
         f, hh, ww = SHAPES[N]
-        q, k, v, layout = synthetic_qkv(f, hh, ww, H, head_dim=D, layer_depth=0.5, sample_seed=1000, device=dev, dtype=dtype)
+        q, k, v, layout = synthetic_qkv(f, hh, ww, H, head_dim=D, layer_depth=0.5, sample_seed=1000, device=dev, dtype=dtype,
+                                        workload=args.workload)
         blocks = layout.blocks(64)
         kinds = blocks.kinds[blocks.token_block].to(dev)
         sel_t, sel_c = kinds == TARGET, kinds == CONTEXT
@@ -332,7 +335,7 @@ def timing_study(args):
                          flops_rel=1.0, ok=True))
         scale = 1.0 / math.sqrt(D)
         for st in fixed + adaptive:
-            row = dict(N=N, mode=st.mode, setting=describe(st))
+            row = dict(N=N, mode=st.mode if st.mode == "fixed" else f"{st.mode}/{st.backend}", setting=describe(st))
             try:
                 if st.mode == "fixed":
                     # the Triton executor on CUDA (raises when it cannot serve the call), the reference on the CPU
@@ -351,11 +354,13 @@ def timing_study(args):
                     fn = lambda: isa_attention(q, k, v, layout, cfg)  # noqa: E731
                     plan_fn = (lambda: plan_compact(q, k, layout, cfg, v=v)) if cuda else (lambda: plan_reference(q, k, layout, cfg))  # noqa: E731
                 else:
-                    cfg = st
-                    out, plan = flex_attention_call(q, k, v, layout, cfg, scale, return_plan=True)
+                    cfg, ex = st, get_executor(st.backend)
+                    plan = ex.plan(q, k, v, layout, cfg, scale)
+                    out = ex.execute(q, k, v, layout, cfg, scale, plan)
                     e, a = plan.pair_counts()
-                    fn = lambda: flex_attention_call(q, k, v, layout, cfg, scale)  # noqa: E731
-                    plan_fn = lambda: flex_plan(q, k, v, layout, cfg, scale)  # noqa: E731
+                    fn = lambda: ex.run(q, k, v, layout, cfg, scale)  # noqa: E731
+                    plan_fn = (lambda: flex_plan(q, k, v, layout, cfg, scale)) if st.backend == "flex" else (  # noqa: E731
+                        lambda: ex.plan(q, k, v, layout, cfg, scale))
                 ok, err, berr = check_plan_rows(q, k, v, plan, out, gen)
                 del plan
             except Exception as ex:  # a setting the path cannot run is reported, not fatal
@@ -390,7 +395,7 @@ def fit_adaptive_cost(rows, gpu, path):
     """Fit ms = a·E + b·A + c over the adaptive rows (E, A: exact / pseudo pairs in 1e9, scaled by D/128; least
     squares weighted by 1/ms) and merge ``adaptive_ms_per_gexact_pair``, ``adaptive_ms_per_gpseudo_pair`` and
     ``adaptive_ms_per_call`` into the card's entry of ``path`` (the calibration's cost model reads them)."""
-    rs = [r for r in rows if r["mode"] == "adaptive" and "ms" in r]
+    rs = [r for r in rows if r["mode"] == "adaptive/sparse" and "ms" in r] or [r for r in rows if r["mode"].startswith("adaptive") and "ms" in r]
     if len(rs) < 3:
         print("adaptive cost model: need at least 3 measured settings", flush=True)
         return
@@ -431,7 +436,8 @@ def report(rows, args, gpu):
     summary = []
     for N in sorted({r["N"] for r in rows}):
         rs = [r for r in rows if r["N"] == N]
-        fronts = {m: pareto([r for r in rs if r["mode"] == m]) for m in ("fixed", "adaptive")}
+        modes = sorted({r["mode"] for r in rs if r["mode"] != "dense"})
+        fronts = {m: pareto([r for r in rs if r["mode"] == m]) for m in modes}
         on_front = {id(r) for fr in fronts.values() for r in fr}
         for r in rs:
             if "ms" in r:
@@ -441,14 +447,14 @@ def report(rows, args, gpu):
             else:
                 lines.append(f"| {N} | {r['mode']} | {r['setting']} | – | – | – | – | – | – | – | {'FAIL' if 'note' not in r else 'ERROR'} |")
         best = {}
-        for m in ("fixed", "adaptive"):
+        for m in modes:
             okr = [r for r in rs if r["mode"] == m and "ms" in r and r["err_t"] <= args.budget and r["err_c"] <= args.budget]
             best[m] = min(okr, key=lambda r: r["ms"]) if okr else None
         s = f"N={N}: fastest within budget {args.budget}: " + "; ".join(
             f"{m} {best[m]['setting']} {best[m]['ms']:.2f} ms (FLOPs {best[m]['flops_rel']:.3f})" if best[m] else f"{m} none"
             for m in best)
-        if best["fixed"] and best["adaptive"]:
-            s += f"; adaptive speed-up over fixed {best['fixed']['ms'] / best['adaptive']['ms']:.2f}×"
+        dense_ms = next(r["ms"] for r in rs if r["mode"] == "dense")
+        s += "; over dense: " + ", ".join(f"{m} {dense_ms / b['ms']:.2f}×" for m, b in best.items() if b)
         summary.append(s)
     table = "\n".join(lines)
     print(table)
@@ -474,7 +480,8 @@ def plot(rows, path, gpu):
     fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4.5), squeeze=False)
     for ax, N in zip(axes[0], ns):
         rs = [r for r in rows if r["N"] == N]
-        for m, c in (("fixed", "tab:blue"), ("adaptive", "tab:orange")):
+        modes = sorted({r["mode"] for r in rs if r["mode"] != "dense"})
+        for m, c in zip(modes, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
             pts = [r for r in rs if r["mode"] == m and "ms" in r]
             ax.scatter([r["ms"] for r in pts], [max(r["err_t"], r["err_c"]) for r in pts], s=12, color=c, alpha=0.4)
             fr = pareto(pts)
@@ -501,6 +508,12 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=40)
     ap.add_argument("--modes", nargs="+", default=["fixed", "adaptive"], choices=["fixed", "adaptive"],
                     help="timing study: modes to run (split long runs)")
+    ap.add_argument("--adaptive-executors", nargs="+", default=["sparse"], choices=["sparse", "flex", "reference"],
+                    help="executors the adaptive settings are timed on (GPU timing study)")
+    ap.add_argument("--adaptive-pseudo-blocks", type=int, nargs="+", default=None,
+                    help="only these pseudo-key sizes of the adaptive settings (default: 128, 32, 16 at b=128; 64, 16 at b=64)")
+    ap.add_argument("--workload", default="structured", choices=["structured", "diffuse"],
+                    help="synthetic workload of the timing study (isa_plugin.calibration.synthetic.WORKLOADS)")
     ap.add_argument("--adaptive-block-sizes", type=int, nargs="+", default=[128, 64], choices=[64, 128],
                     help="timing study: block sizes of the adaptive settings")
     ap.add_argument("--budget", type=float, default=0.05)

@@ -21,6 +21,8 @@ every block is identical). Runtime at 40 layers on one H100: about 4-6 minutes.
 
 Examples:
     python benchmarks/bench_wan_forward.py                          # 14B shape, 40 layers
+    python benchmarks/bench_wan_forward.py --layers 8 --block-size 128 \
+        --config '{"mode": "adaptive", "mass": 0.9, "pseudo_block": 128, "alpha_s": 1.0}'   # another ISA setting
     python benchmarks/bench_wan_forward.py --layers 20 --dense-backends default
     python benchmarks/bench_wan_forward.py --record benchmarks/RESULTS.md
     python benchmarks/bench_wan_forward.py --device cpu --layers 1 --heads 2 --frames 4 --height 8 --width 8 \
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import datetime
 import os
 import platform
@@ -47,6 +50,7 @@ import isa_plugin  # noqa: E402
 from isa_plugin import ISAConfig  # noqa: E402
 from isa_plugin.adapters import apply_isa, observe_attention, remove_isa, stats  # noqa: E402
 from isa_plugin.adapters.families.wan import WanICLLayout  # noqa: E402
+from isa_plugin.executors.reference import plan_reference  # noqa: E402
 
 
 def build_model(a, device):
@@ -105,6 +109,9 @@ def main():
     ap.add_argument("--height", type=int, default=60, help="latent height (before the 2x2 patch)")
     ap.add_argument("--width", type=int, default=104, help="latent width (before the 2x2 patch)")
     ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--config", default=None,
+                    help='the ISA setting as ISAConfig fields in JSON (default: the paper ratios), e.g. '
+                         '\'{"mode": "adaptive", "mass": 0.9, "pseudo_block": 128, "alpha_s": 1.0, "backend": "sparse"}\'')
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--dense-backends", default="default,cudnn", help="comma list of default, cudnn, flash")
@@ -150,12 +157,18 @@ def main():
             ref = out.float()
         del out
 
-    cfg = ISAConfig(block_size=a.block_size)
+    cfg = ISAConfig.from_dict(dict(json.loads(a.config), block_size=a.block_size)) if a.config else ISAConfig(block_size=a.block_size)
+    print(f"ISA setting: {cfg}", flush=True)
     apply_isa(model, cfg, layout=WanICLLayout(context_frames=a.context_frames))
     exact_cfg = ISAConfig(alpha_s=1.0, alpha_f=1.0, alpha_ns=1.0, block_size=a.block_size)
     check = {}
+    density = {}
 
     def check_layer0(name, q, k, v, layout, step):
+        # every layer of the warm-up forward: the relative cost ((exact + pseudo pairs) / N²) of its plan
+        if name not in density:
+            with torch.no_grad():
+                density[name] = plan_reference(q, k, layout, cfg).relative_cost()
         # layer 0 of the warm-up forward: all-ratios-1 ISA must equal dense SDPA; default ratios must be finite
         if name != "blocks.0.attn1" or check:
             return
@@ -172,6 +185,9 @@ def main():
     with observe_attention(model, check_layer0, dense=False):
         fwd()  # also the first warm-up (Triton compilation / autotuning)
     isa_plugin.adapters.reset_stats(model)
+    if density:
+        print(f"ISA plans' relative cost ((exact + pseudo pairs) / N²) per layer: "
+              f"{', '.join(f'{d:.3f}' for d in density.values())}; mean {statistics.mean(density.values()):.3f}", flush=True)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ms_isa, out_isa = timed(fwd, a.reps, max(0, a.warmup - 1), device)

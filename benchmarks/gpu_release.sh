@@ -5,7 +5,9 @@
 # c and d (the executor run: the block-sparse executor's benchmark and GPU tests; the whole GPU suite, the
 # Pareto fronts with the block-sparse executor, the fixed defaults).
 # Logs and result files go to $OUT (default ./gpu_out). Needs diffusers importable (see the README).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|part1|part2
+# e and f (speed within budget: the Pareto fronts on the block-sparse executor at 65,536 / 65,520 and 131,072, the
+# diffuse workload, the fixed defaults, the Wan forward with the within-budget setting).
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -57,5 +59,19 @@ d)
   run gpu_tests 240 python -m pytest -q -m gpu tests -p no:cacheprovider -n 8
   run pareto 240 python benchmarks/bench_pareto.py --n 65536 --heads 40 --quick --adaptive-block-sizes 128 --out "$OUT/pareto"
   ;;
-*) echo "usage: $0 a|b|c|d|part1|part2"; exit 2 ;;
+e)
+  run pareto_sparse 330 python benchmarks/bench_pareto.py --n 65536 65520 --heads 40 --modes adaptive --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 32 --adaptive-executors sparse --cost-model "$OUT/gpu_cost.json" --out "$OUT/pareto_sparse"
+  run fixed_defaults 150 python benchmarks/bench_attention.py --n 65536 --heads 40 --no-flash --json "$OUT/fixed_defaults.json"
+  ;;
+f)
+  run pareto_131k 240 python benchmarks/bench_pareto.py --n 131072 --heads 40 --modes adaptive --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 --adaptive-executors sparse --out "$OUT/pareto_131k"
+  run pareto_diffuse 150 python benchmarks/bench_pareto.py --n 65536 --heads 40 --quick --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 32 --workload diffuse --out "$OUT/pareto_diffuse"
+  run wan_forward 200 python benchmarks/bench_wan_forward.py --layers 8 --reps 3 --warmup 1 --block-size 128 --dense-backends cudnn --config '{"mode": "adaptive", "mass": 0.9, "pseudo_block": 128, "alpha_s": 1.0, "backend": "sparse"}' --record "$OUT/wan_forward.md"
+  ;;
+g)
+  run gpu_tests 300 python -m pytest -q -m gpu tests -p no:cacheprovider -n 8
+  run wan_forward_fixed 110 python benchmarks/bench_wan_forward.py --layers 8 --reps 3 --warmup 1 --dense-backends cudnn --record "$OUT/wan_forward.md"
+  run wan_forward_adaptive 110 python benchmarks/bench_wan_forward.py --layers 8 --reps 3 --warmup 1 --block-size 128 --dense-backends cudnn --config '{"mode": "adaptive", "mass": 0.9, "pseudo_block": 128, "alpha_s": 1.0, "backend": "sparse"}' --record "$OUT/wan_forward.md"
+  ;;
+*) echo "usage: $0 a|b|c|d|e|f|g|part1|part2"; exit 2 ;;
 esac

@@ -109,3 +109,31 @@ def test_processor_reuses_plans_across_transformer_steps(wan_kit):
     wan_kit.run(t, dict(x, timestep=torch.full((1,), 600)))
     (s,) = stats(t).values()
     assert s["isa_calls"] == 1 and s["reused_plans"] == 0, s
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend, mode, settings", [("triton", "fixed", {}), ("sparse", "adaptive", {"mass": 0.9}),
+                                                     ("flex", "adaptive", {"mass": 0.9})])
+def test_gpu_executor_runs_a_kept_plan_on_new_inputs(backend, mode, settings):
+    """bf16 on the GPU: each executor's plan of step-0 inputs, executed on step-1 inputs, equals the reference
+    running that plan on step 1 (FlashAttention's rule against PyTorch in bf16), and not the fresh plan's output."""
+    from isa_plugin.kernels.compact import compact_to_block_plan
+    from isa_plugin.kernels.testing import check_close
+
+    layout = Layout([("text", 77), ("target", 2048), ("context", 2048)])
+    cfg = ISAConfig(mode, block_size=128, backend=backend, **settings)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q1, k1, _, q2, k2, v2 = (torch.randn(1, layout.num_tokens, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+                             for _ in range(6))
+    sc = 128 ** -0.5
+    ex = get_executor(backend)
+    kept = ex.plan(q1, k1, None, layout, cfg, sc)
+    got = ex.execute(q2, k2, v2, layout, cfg, sc, kept)
+    plan = kept if backend != "triton" else compact_to_block_plan(kept)
+    ref = execute_plan_reference(q2.double(), k2.double(), v2.double(), plan, sc)
+    base = execute_plan_reference(q2, k2, v2, plan, sc)
+    ok, err, berr = check_close(got, ref, base, atol=1e-3)
+    assert ok, (err, berr)
+    fresh = ex.run(q2, k2, v2, layout, cfg, sc)
+    assert (fresh.double() - got.double()).abs().max().item() > 2 * berr + 1e-3  # the kept plan is not the fresh one

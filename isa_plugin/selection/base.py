@@ -184,7 +184,7 @@ class SelectionMode:
     legacy_profile_fields: Tuple[str, ...] = ()
     grid_type: type = None
     gpu_planners: Mapping[str, Callable] = {}
-    executors: Tuple[str, ...] = ("flex",)
+    executors: Tuple[str, ...] = ("sparse", "flex")
 
     # ------------------------------------------------------------------ settings
     def settings(self, block_size: int, **values) -> Any:
