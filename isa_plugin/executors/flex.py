@@ -49,7 +49,8 @@ class FlexExecutor(Executor):
         return flex_attention_call(q, k, v, layout, config, scale)
 
     def plan(self, q, k, v, layout, config, scale):
-        return flex_attention_call(q, k, v, layout, config, scale, plan_only=True)
+        # planning reads q̄, k̄ only; v is padded with the inputs when given (k stands in when it is not)
+        return flex_attention_call(q, k, k if v is None else v, layout, config, scale, plan_only=True)
 
     def execute(self, q, k, v, layout, config, scale, plan):
         return execute_flex(q, k, v, plan, scale)
