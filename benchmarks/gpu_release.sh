@@ -3,9 +3,10 @@
 # GPU tests, Wan and LIVEditor forwards, Pareto fronts, calibration time, context parallelism), part1 and
 # part2 (the integration run: Wan forward at 20 layers, Wan calibration time, the large demo, CFG plan sharing),
 # c and d (the executor run: the block-sparse executor's benchmark and GPU tests; the whole GPU suite, the
-# Pareto fronts with the block-sparse executor, the fixed defaults).
+# Pareto fronts with the block-sparse executor, the fixed defaults), and e (LIVEditor's precision regime in bf16
+# against float32).
 # Logs and result files go to $OUT (default ./gpu_out). Needs diffusers importable (see the README).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|part1|part2
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -57,5 +58,8 @@ d)
   run gpu_tests 240 python -m pytest -q -m gpu tests -p no:cacheprovider -n 8
   run pareto 240 python benchmarks/bench_pareto.py --n 65536 --heads 40 --quick --adaptive-block-sizes 128 --out "$OUT/pareto"
   ;;
-*) echo "usage: $0 a|b|c|d|part1|part2"; exit 2 ;;
+e)
+  run liveditor_precision 540 python benchmarks/bench_liveditor_precision.py --json "$OUT/liveditor_precision.json"
+  ;;
+*) echo "usage: $0 a|b|c|d|e|part1|part2"; exit 2 ;;
 esac
