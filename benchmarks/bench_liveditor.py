@@ -98,6 +98,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script runs)")
     ap.add_argument("--record", default=None, help="append the markdown result table to this file")
+    ap.add_argument("--precision", default="authors", choices=["authors", "native"],
+                    help="the model's precision regime (float32 residual stream and head, or all in --dtype)")
     a = ap.parse_args()
     if a.tiny:
         for k, v in TINY.items():
@@ -114,9 +116,10 @@ def main():
     src = torch.randn(a.batch, 16, a.source_frames, a.height, a.width, generator=g, device=device, dtype=dtype)
     text = torch.randn(a.batch, a.text, a.text_dim, generator=g, device=device, dtype=dtype)
     t = torch.full((a.batch,), 500, device=device, dtype=torch.long)
+    model.precision = a.precision
     n_t, n_s = model.token_counts(x, src)
     print(f"LIVEditor transformer: {a.layers} layers, {a.heads} heads x {a.head_dim}, ffn {a.ffn}; batch {a.batch}, "
-          f"{n_t} target + {n_s} source tokens, {a.text} text tokens, {a.dtype}, {device} (built in {time.time() - t0:.0f} s)",
+          f"{n_t} target + {n_s} source tokens, {a.text} text tokens, {a.dtype} (precision {a.precision}), {device} (built in {time.time() - t0:.0f} s)",
           flush=True)
 
     def fwd():

@@ -3,11 +3,13 @@
 # GPU tests, Wan and LIVEditor forwards, Pareto fronts, calibration time, context parallelism), part1 and
 # part2 (the integration run: Wan forward at 20 layers, Wan calibration time, the large demo, CFG plan sharing),
 # c and d (the executor run: the block-sparse executor's benchmark and GPU tests; the whole GPU suite, the
-# Pareto fronts with the block-sparse executor, the fixed defaults).
+# Pareto fronts with the block-sparse executor, the fixed defaults), and e (LIVEditor's precision regime in bf16
+# against float32).
 # Logs and result files go to $OUT (default ./gpu_out). Needs diffusers importable (see the README).
 # e and f (speed within budget: the Pareto fronts on the block-sparse executor at 65,536 / 65,520 and 131,072, the
-# diffuse workload, the fixed defaults, the Wan forward with the within-budget setting).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|part1|part2
+# diffuse workload, the fixed defaults, the Wan forward with the within-budget setting), g (the GPU suite, the Wan
+# forward with both modes), h (LIVEditor's precision regime against float32).
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -73,5 +75,8 @@ g)
   run wan_forward_fixed 110 python benchmarks/bench_wan_forward.py --layers 8 --reps 3 --warmup 1 --dense-backends cudnn --record "$OUT/wan_forward.md"
   run wan_forward_adaptive 110 python benchmarks/bench_wan_forward.py --layers 8 --reps 3 --warmup 1 --block-size 128 --dense-backends cudnn --config '{"mode": "adaptive", "mass": 0.9, "pseudo_block": 128, "alpha_s": 1.0, "backend": "sparse"}' --record "$OUT/wan_forward.md"
   ;;
-*) echo "usage: $0 a|b|c|d|e|f|g|part1|part2"; exit 2 ;;
+h)
+  run liveditor_precision 540 python benchmarks/bench_liveditor_precision.py --json "$OUT/liveditor_precision.json"
+  ;;
+*) echo "usage: $0 a|b|c|d|e|f|g|h|part1|part2"; exit 2 ;;
 esac

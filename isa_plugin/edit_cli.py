@@ -48,7 +48,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     isa = p.add_mutually_exclusive_group()
     isa.add_argument("--profile", metavar="YAML", help="ISA with this threshold profile (from isa calibrate on this model)")
     isa.add_argument("--config", choices=["defaults"],
-                     help="ISA with the default ratios, ISAConfig() (the default when neither --profile nor --dense is given)")
+                     help="ISA with the default ratios, ISAConfig() (the default when neither --profile nor --dense is "
+                          "given); a pipeline that runs ISA by default (LIVEditor) uses its own settings")
     isa.add_argument("--dense", action="store_true", help="no ISA: the model's own dense attention")
     p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the pipeline's own)")
     p.add_argument("--guidance", type=float, metavar="G", help="guidance scale, passed as guidance_scale (default: the pipeline's own)")
@@ -72,7 +73,9 @@ def edit(args) -> int:
     """Edit the input with the pipeline and write the result; print the ISA counters and the time taken.
 
     ISA comes from --profile (a threshold profile calibrated on this model), --config defaults (the default
-    ratios, ISAConfig(); also what runs when neither is given) or is off with --dense.
+    ratios, ISAConfig(); also what runs when neither is given; a pipeline that runs ISA by default, such as
+    LIVEditor's, runs its own settings, the ratios on the blocking the model was trained with) or is off with
+    --dense (such a pipeline is called with attention="dense").
     """
     t_start = time.perf_counter()
     for flag, value in (("--steps", args.steps), ("--frames", args.frames), ("--fps", args.fps)):
@@ -84,6 +87,7 @@ def edit(args) -> int:
 
     import torch
 
+    from .adapters.defaults import attention_kwargs_for, runs_isa_by_default
     from .calibration.runners import registered_runners, runner_for
     from .pipeline_loading import load_pipeline
 
@@ -99,7 +103,14 @@ def edit(args) -> int:
         kind, suffixes = ("a video", _VIDEO_OUT) if makes_video else ("an image", _IMAGE_OUT)
         raise CLIError(f"--out {args.out}: {name} makes {kind}; give a file name ending {', '.join(suffixes[:-1])} or {suffixes[-1]}")
     sample, height, width, frames = _prepare(runner, pipe, source, args, makes_video)
-    if setting is not None:
+    extra = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    if setting is None:
+        extra.update(attention_kwargs_for(pipe, "dense"))
+    elif args.profile is None and runs_isa_by_default(pipe):
+        # a model trained with ISA in the loop: its pipeline's own settings (LIVEditor: the authors' blocking)
+        extra.update(attention_kwargs_for(pipe, "isa"))
+        what = f"default ratios ({name}'s own ISA settings, those the model was trained with)"
+    else:
         from .adapters import apply_isa
 
         try:
@@ -107,7 +118,6 @@ def edit(args) -> int:
         except ValueError as e:
             raise CLIError(f"--profile {args.profile}: {e}" if args.profile else str(e)) from None
     steps = args.steps or _call_default(pipe, "num_inference_steps", 50)
-    extra = {} if args.guidance is None else {"guidance_scale": args.guidance}
     pipe.set_progress_bar_config(disable=args.no_progress, desc=f"editing ({'dense' if setting is None else 'ISA'})")
     t_load = time.perf_counter() - t_start
     t0 = time.perf_counter()

@@ -130,7 +130,8 @@ def compare_edit(pipe, profile_or_config, video: torch.Tensor, prompt: str, *, h
     """Dense vs ISA on one edit, same seed.
 
     Args:
-        pipe: an ICL video pipeline served by the adapters, without ISA applied.
+        pipe: an ICL video pipeline served by the adapters, without ISA applied (a pipeline that runs ISA by
+            default, such as ``LIVEditorPipeline``, is called with ``attention="dense"`` for the dense runs).
         profile_or_config: what :func:`isa_plugin.apply_isa` takes.
         video: [F, 3, H, W] in [0, 1]; height/width/frames: the edit's size; steps: denoising steps.
         measure_calls: transformer calls on which per-layer attention errors are measured.
@@ -153,10 +154,12 @@ def compare_edit(pipe, profile_or_config, video: torch.Tensor, prompt: str, *, h
     import statistics
 
     from .adapters import apply_isa, remove_isa, reset_stats, stats
+    from .adapters.defaults import attention_kwargs_for
 
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be at least 1")
     kw = dict(height=height, width=width, frames=frames, steps=steps, seed=seed, **pipeline_kwargs)
+    dense_kw = {**kw, **attention_kwargs_for(pipe, "dense")}  # a pipeline that runs ISA by default is told not to
     runs: Dict[str, list] = {"dense": [], "isa": []}
     order = []
     name = (lambda what: f"{label} {what}") if label else (lambda what: what)
@@ -176,10 +179,10 @@ def compare_edit(pipe, profile_or_config, video: torch.Tensor, prompt: str, *, h
 
     with torch.no_grad():
         if warmup:
-            run_edit(pipe, video, prompt, **{**kw, "steps": 1}, label=name("dense warm-up"))
+            run_edit(pipe, video, prompt, **{**dense_kw, "steps": 1}, label=name("dense warm-up"))
             with_isa(lambda: run_edit(pipe, video, prompt, **{**kw, "steps": 1}, label=name("ISA warm-up")))
         for r in range(repeats):
-            runs["dense"].append(run_edit(pipe, video, prompt, **kw, label=name(f"dense, run {r + 1}/{repeats}")))
+            runs["dense"].append(run_edit(pipe, video, prompt, **dense_kw, label=name(f"dense, run {r + 1}/{repeats}")))
             order.append("dense")
             runs["isa"].append(with_isa(lambda: timed_isa(r)))
             order.append("isa")

@@ -93,6 +93,18 @@ def test_edit_with_a_profile_and_dense(saved, tmp_path, capsys):
     assert read_video(tmp_path / "dense.gif").shape == (5, 3, 32, 48)
 
 
+def test_edit_a_pipeline_that_runs_isa_by_default(saved, tmp_path, capsys):
+    folder = saved("liveditor")
+    common = ["edit", "--pipeline", folder, "--video", str(sample_video_path()), "--prompt", "x", "--steps", "1",
+              "--frames", "5", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "isa.gif")]) == 0
+    printed = capsys.readouterr().out
+    assert "ISA: default ratios (LIVEditorPipeline's own ISA settings" in printed and "2 layers: 2 ISA calls" in printed
+    assert main(common + ["--out", str(tmp_path / "dense.gif"), "--dense"]) == 0
+    printed = capsys.readouterr().out
+    assert "ISA: off" in printed and "ISA calls" not in printed
+
+
 @pytest.mark.parametrize("case,needle", [
     ("missing pipeline", "no such folder"),
     ("missing video", "no such file or folder"),

@@ -8,6 +8,7 @@ Modules (each one job):
 - :mod:`.registry` — :class:`FamilyAdapter`, :class:`PipelineAdapter` and their registry;
 - :mod:`.install` — :func:`apply_isa`, :func:`remove_isa`, :func:`stats`, :func:`observe_attention`;
 - :mod:`.isa_processor` — :class:`ISAProcessor`, ISA through diffusers' ``set_attn_processor``;
+- :mod:`.defaults` — ISA a pipeline runs by default (LIVEditor's), the user's installation kept;
 - :mod:`.families` — one module per model family, discovered on first use of the registry (diffusers is
   imported only then); a family's names are imported from ``isa_plugin.adapters.families.<name>``.
 """

@@ -22,6 +22,9 @@ Thresholds are plain attributes of the processors; no module buffers or paramete
 ``state_dict()`` is unchanged. A profile with timestep buckets is expanded at apply time into one config
 set per bucket; the pre-hook switches the processors' ``config`` to the bucket of each call's timestep
 (:func:`isa_plugin.timesteps.timestep_scalar` of the transformer's ``timestep`` argument).
+
+A pipeline may install ISA as its default (:mod:`isa_plugin.adapters.defaults`, ``ISAState.default_of``):
+:func:`apply_isa`, :class:`~isa_plugin.ISAProcessor` and :func:`observe_attention` replace that installation.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class ISAState:
         self._bucket = 0
         self.profile = None  # the threshold profile applied, if any (warns on calls of another size)
         self._sizes_checked: set = set()
+        self.default_of: Optional[str] = None  # the pipeline whose default ISA this is (adapters.defaults); None: the user's
 
     def check_size(self, layout: Layout) -> None:
         """Warn once per (target, context) token count that differs from the profile's calibrated one."""
@@ -114,7 +118,6 @@ class ISAState:
         self.context = CallContext(layout=layout, step=step)
         if self.bucketed is not None:
             self._select_bucket(timestep_scalar(ts))
-        return None
 
     def _select_bucket(self, t: Optional[float]) -> None:
         profile, buckets = self.bucketed
@@ -128,36 +131,30 @@ class ISAState:
 
     def post_hook(self, module, args, kwargs, output):
         self.context = None
-        return None
 
 
-
-def _is_compiled(model: torch.nn.Module) -> bool:
+def _optimized_module_class():
     try:
         from torch._dynamo.eval_frame import OptimizedModule
     except Exception:  # pragma: no cover
-        OptimizedModule = ()
-    if OptimizedModule and isinstance(model, OptimizedModule):
-        return True
-    for m in model.modules():
-        if (OptimizedModule and isinstance(m, OptimizedModule)) or getattr(m, "_compiled_call_impl", None) is not None:
-            return True
-    return False
+        return ()
+    return OptimizedModule
+
+
+def _is_compiled(model: torch.nn.Module) -> bool:
+    OptimizedModule = _optimized_module_class()
+    return any((OptimizedModule and isinstance(m, OptimizedModule)) or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
 
 
 def _targets(obj) -> Tuple[Any, List[Tuple[Optional[str], torch.nn.Module]]]:
     """(pipeline or None, [(component name or None, transformer)]) for a pipeline or a transformer."""
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except Exception:  # pragma: no cover
-        OptimizedModule = ()
+    OptimizedModule = _optimized_module_class()
     if isinstance(obj, torch.nn.Module):
         return None, [(None, obj)]
     components = getattr(obj, "components", None)
     if not isinstance(components, Mapping):
-        raise TypeError(
-            f"expected a diffusers pipeline or a transformer (torch.nn.Module), got {type(obj).__name__}"
-        )
+        raise TypeError(f"expected a diffusers pipeline or a transformer (torch.nn.Module), got {type(obj).__name__}")
     found = []
     for name, comp in components.items():
         if not isinstance(comp, torch.nn.Module):
@@ -251,7 +248,9 @@ def prepare_install(transformer, config_or_profile, provider: Optional[LayoutPro
                     observe_only: bool = False) -> Tuple[ISAState, Dict[str, Any]]:
     """What :func:`apply_isa` decides for one transformer before changing it (guard rails included): the
     :class:`ISAState` to attach (:func:`attach_state`) and the full ``attn_processors`` mapping to install (the
-    family's ISA processors; every other entry the processor already there). Raises as :func:`apply_isa`."""
+    family's ISA processors; every other entry the processor already there). A pipeline's default ISA is removed
+    first (it is replaced). Raises as :func:`apply_isa`."""
+    drop_default(transformer)
     if getattr(transformer, _STATE_ATTR, None) is not None:
         raise RuntimeError(
             f"ISA is already applied to this {type(transformer).__name__}; call isa_plugin.remove_isa first to change it"
@@ -316,17 +315,12 @@ def attach_state(transformer, state: ISAState) -> None:
 
 def _layout_provider_for(pipe, component, transformer, layout) -> Optional[LayoutProvider]:
     family = family_for(transformer)
-    chain: List[LayoutProvider] = []
     user = user_provider(layout)
     if user is not None:
         return user
-    if pipe is not None:
-        padapter = lookup(pipe, registered_pipelines())
-        if padapter is not None:
-            p = padapter.layout_provider(pipe, component)
-            if p is not None:
-                chain.append(p)
-    chain.append(FamilyLayout(family))
+    padapter = lookup(pipe, registered_pipelines()) if pipe is not None else None
+    pipeline_provider = padapter.layout_provider(pipe, component) if padapter is not None else None
+    chain: List[LayoutProvider] = ([pipeline_provider] if pipeline_provider is not None else []) + [FamilyLayout(family)]
     return chain[0] if len(chain) == 1 else ChainedLayout(chain)
 
 
@@ -411,6 +405,13 @@ def _uninstall(transformer) -> None:
         p.state = None
     state.context = None
     delattr(transformer, _STATE_ATTR)
+
+
+def drop_default(transformer) -> None:
+    """Remove ISA that a pipeline installed as its default (``ISAState.default_of``); anything else stays."""
+    state = getattr(_inner(transformer), _STATE_ATTR, None)
+    if state is not None and state.default_of is not None:
+        _uninstall(_inner(transformer))
 
 
 def _applied(pipe_or_transformer) -> List[Tuple[Optional[str], torch.nn.Module]]:
@@ -521,6 +522,8 @@ def observe_attention(pipe_or_transformer, observer: Observer, *, dense: bool = 
         ...     pipe(prompt, video=src, num_inference_steps=2)
     """
     installed = []
+    for _, t in _applied(pipe_or_transformer):  # a pipeline's default ISA is replaced by the observing processors
+        drop_default(t)
     if not is_isa_applied(pipe_or_transformer):
         pipe, targets = _targets(pipe_or_transformer)
         try:

@@ -3,7 +3,7 @@
 The pipelines and models import diffusers; they are imported on first access (``isa_plugin.pipelines.
 LIVEditorPipeline``), so that the diffusers-free modules of this package (:mod:`.wan_attention`, which the
 adapters use) load without it. The package's own models use the kernels and the core types, never the
-adapters.
+adapters; ``LIVEditorPipeline`` imports them only inside its call, to run ISA by default.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ LIVEditor is a Wan 14B text-to-video transformer fine-tuned for in-context video
    the attention sees (after the q/k RMSNorm and RoPE).
 
 Without :func:`isa_plugin.apply_isa` the self-attention layers run :class:`LIVEditorAttnProcessor`: dense
-attention plus the gated residual, which is the model's dense output. The checkpoint the authors
+attention plus the gated residual, which is the model's dense output (:class:`~isa_plugin.pipelines.LIVEditorPipeline`
+runs ISA by default). ``precision="authors"`` (default) computes the time embedding, the residual stream and the
+head in float32 whatever the weights' dtype, as the released model does; ``"native"`` keeps diffusers' Wan
+rounding (:mod:`isa_plugin.pipelines.liveditor_precision`). The checkpoint the authors
 publish is read by :meth:`LIVEditorTransformer3DModel.from_liveditor_checkpoint` (key names and wrappers:
 :mod:`isa_plugin.pipelines.liveditor_weights`); :mod:`isa_plugin.pipelines.liveditor_convert` turns it into a
 pipeline folder. The gate and the q/k/v of the self-attention are :mod:`isa_plugin.pipelines.wan_attention`'s,
@@ -44,6 +47,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 
 from ..kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual
+from .liveditor_precision import LIVEditorTransformerBlock, authors_condition, check_precision, fp32_head
 from .liveditor_weights import load_liveditor_transformer
 from .wan_attention import liveditor_gate, wan_self_attention_qkv
 
@@ -119,6 +123,9 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
     context parallelism the model runs with ISA's processors and
     ``isa_plugin.adapters.families.liveditor.liveditor_cp_plan``. See the module docstring for the method.
 
+    Attribute ``precision`` (not part of the config): ``"authors"`` (default) or ``"native"``, the precision
+    regime of calls that pass no ``precision=`` (see :mod:`~isa_plugin.pipelines.liveditor_precision`).
+
     Example:
         >>> model = LIVEditorTransformer3DModel(num_layers=2, num_attention_heads=2, attention_head_dim=32,
         ...                                     text_dim=32, ffn_dim=128)
@@ -128,6 +135,8 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
 
     _cp_plan = None
     ignore_for_config = ["image_dim", "added_kv_proj_dim", "pos_embed_seq_len"]
+    _no_split_modules = ["LIVEditorTransformerBlock"]
+    _repeated_blocks = ["LIVEditorTransformerBlock"]
 
     @register_to_config
     def __init__(
@@ -156,8 +165,20 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
         inner_dim = num_attention_heads * attention_head_dim
         self.source_patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
         for block in self.blocks:
+            # diffusers built the blocks; they keep their modules and gain the float32-residual path
+            block.__class__ = LIVEditorTransformerBlock
             block.attn1.alpha_1 = nn.Linear(inner_dim, 1, bias=False)
             block.attn1.set_processor(LIVEditorAttnProcessor(coarse_block_size))
+        self.precision = "authors"
+
+    @property
+    def precision(self) -> str:
+        """The precision regime of calls without ``precision=``: ``"authors"`` or ``"native"``."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = check_precision(value)
 
     # ------------------------------------------------------------------ shapes
     def token_counts(self, hidden_states: torch.Tensor, source_latents: torch.Tensor) -> Tuple[int, int]:
@@ -214,6 +235,7 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
         source_latents: torch.Tensor,
         attention_kwargs: Optional[Dict[str, Any]] = None,
         return_dict: bool = True,
+        precision: Optional[str] = None,
     ) -> Union[Transformer2DModelOutput, Tuple[torch.Tensor]]:
         """Predict the flow of the target latents, given the clean source latents.
 
@@ -225,17 +247,23 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
                 repeated over the batch when fewer than B. F' may differ from F.
             attention_kwargs: the LoRA ``scale`` (PEFT); other keys are ignored by the model.
             return_dict: return a ``Transformer2DModelOutput`` (default) or a 1-tuple.
+            precision: ``"authors"``: time embedding, residual stream and head in float32 (the released
+                model's regime); ``"native"``: all in the weights' dtype (diffusers' Wan). Default: the
+                model's ``precision`` attribute (``"authors"``). Identical with float32 weights.
 
         Returns:
-            the target prediction [B, 16, F, H, W] (``.sample`` or ``[0]``).
+            the target prediction [B, 16, F, H, W] (``.sample`` or ``[0]``): float32 under ``"authors"``, the
+            weights' dtype under ``"native"``.
 
         Raises:
-            ValueError: inputs of the wrong rank, channel count or size (see the messages).
+            ValueError: inputs of the wrong rank, channel count or size (see the messages); an unknown ``precision``.
 
         Example:
             >>> pred = model(x_t, torch.tensor([999.0]), text, source).sample
         """
         self._check_inputs(hidden_states, timestep, encoder_hidden_states, source_latents)
+        precision = self.precision if precision is None else check_precision(precision)
+        authors = precision == "authors"
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         source = source_latents.to(device=hidden_states.device, dtype=hidden_states.dtype)
@@ -253,20 +281,26 @@ class LIVEditorTransformer3DModel(WanTransformer3DModel):
         tokens = torch.cat([target_tokens, source_tokens], dim=1)
 
         timestep = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep
-        temb, timestep_proj, text, _ = self.condition_embedder(timestep, encoder_hidden_states, None)
+        if authors:
+            temb, timestep_proj, text = authors_condition(self.condition_embedder, timestep, encoder_hidden_states)
+        else:
+            temb, timestep_proj, text, _ = self.condition_embedder(timestep, encoder_hidden_states, None)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))  # [B, 6, dim]: one modulation for all tokens
 
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, text, timestep_proj, rotary_emb)
+                tokens = self._gradient_checkpointing_func(block, tokens, text, timestep_proj, rotary_emb, precision)
             else:
-                tokens = block(tokens, text, timestep_proj, rotary_emb)
+                tokens = block(tokens, text, timestep_proj, rotary_emb, precision=precision)
 
         # Head on the target tokens only.
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         target = tokens[:, :n_target]
-        target = (self.norm_out(target.float()) * (1 + scale.to(target.device)) + shift.to(target.device)).type_as(target)
-        target = self.proj_out(target)
+        shift, scale = shift.to(target.device), scale.to(target.device)
+        if authors:
+            target = fp32_head(self.norm_out, self.proj_out, target, shift, scale)
+        else:
+            target = self.proj_out((self.norm_out(target.float()) * (1 + scale) + shift).type_as(target))
         target = target.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
         output = target.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         if not return_dict:

@@ -13,6 +13,12 @@ the source resampled to 16 fps, cut to 1 + 4k frames, resized to the nearest 540
 center-cropped; write the edit at 16 fps. The conditional and unconditional predictions come from one
 transformer call on a batch of 2 (CFG batch). ``recipe="plain"`` keeps diffusers' conventions instead.
 
+Like the released model, the pipeline runs ISA at the authors' settings by default (``attention="auto"``;
+:func:`~isa_plugin.adapters.families.liveditor.authors_isa`, installed through
+:mod:`isa_plugin.adapters.defaults`; ISA the user installed is used instead) and computes in the authors'
+precision regime (``precision="authors"``: float32 time embedding, residual stream, head and VAE with bf16
+weights; :mod:`~isa_plugin.pipelines.liveditor_precision`).
+
 Example:
     >>> pipe = LIVEditorPipeline.from_pretrained("liveditor-14b", torch_dtype=torch.bfloat16).to("cuda")
     >>> frames = pipe("turn the car red", video=source_frames).frames[0]     # 81 frames at 480x832
@@ -20,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -31,6 +38,7 @@ from diffusers.video_processor import VideoProcessor
 
 from . import liveditor_recipe as recipe_lib
 from .liveditor import LIVEditorTransformer3DModel
+from .liveditor_precision import check_precision, computing_in_fp32
 from .wan_icl import WanInContextEditPipeline
 
 __all__ = ["LIVEditorPipeline", "liveditor_scheduler", "DEFAULT_NEGATIVE_PROMPT", "WAN_NEGATIVE_PROMPT", "LIVEDITOR_RECIPE", "RECIPES"]
@@ -81,10 +89,28 @@ class LIVEditorPipeline(DiffusionPipeline):
         scheduler: a flow-matching scheduler (default recipe: :func:`liveditor_scheduler`).
         transformer: :class:`LIVEditorTransformer3DModel`.
 
+    Attention (the call's ``attention=``): LIVEditor-14B was fine-tuned with ISA in the loop and its authors
+    always run it, so by default (``"auto"``) the pipeline runs ISA at their settings
+    (:func:`~isa_plugin.adapters.families.liveditor.authors_isa`: α_s = 1/8, half the query blocks exact,
+    α_ns = 1/16, the gated coarse residual, whole-sequence 64-token blocks). It installs them on the first
+    such call and keeps them: :func:`isa_plugin.stats` shows the ISA calls, :func:`isa_plugin.remove_isa`
+    removes them. ISA you installed yourself (``isa_plugin.apply_isa(pipe, profile)``, ``ISAProcessor``) is
+    used as it is and never overwritten; ``apply_isa`` after a call replaces the pipeline's own. ``"isa"``: the
+    same, also under ``recipe="plain"`` (whose ``"auto"`` is dense unless you installed ISA). ``"dense"``:
+    the model's own dense attention + gate for this call; installed ISA processors are set aside for the
+    call and put back, counters untouched.
+
+    Precision (the call's ``precision=``): ``"authors"`` (default under ``recipe="authors"``) computes the
+    time embedding, the residual stream, the modulation and the output head in float32 and runs the VAE
+    in float32, whatever the weights' dtype, as the released model does; ``"native"`` (default under
+    ``"plain"``) computes everything in the components' dtype, as diffusers' Wan does. With float32 weights
+    the two are identical.
+
     Example:
         >>> pipe = LIVEditorPipeline.from_pretrained("liveditor-14b", torch_dtype=torch.bfloat16).to("cuda")
-        >>> isa_plugin.apply_isa(pipe, isa_plugin.ISAConfig())
-        >>> out = pipe("make it snow", video=frames, generator=torch.Generator().manual_seed(42)).frames[0]
+        >>> out = pipe("make it snow", video=frames).frames[0]                  # ISA + float32 regime, seed 42
+        >>> isa_plugin.stats(pipe)["blocks.0.attn1"]["isa_calls"]               # 32 (one batched call per step)
+        >>> dense = pipe("make it snow", video=frames, attention="dense").frames[0]
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -215,6 +241,8 @@ class LIVEditorPipeline(DiffusionPipeline):
         max_sequence_length: int = 512,
         fps: Optional[float] = None,
         recipe: str = "authors",
+        attention: str = "auto",
+        precision: Optional[str] = None,
     ):
         """Edit ``video`` following ``prompt``.
 
@@ -254,21 +282,36 @@ class LIVEditorPipeline(DiffusionPipeline):
                 UniPC scheduler), the input preparation above, the released negative prompt, seed 42,
                 guidance whenever the scale is not 1. ``"plain"``: diffusers' conventions — the scheduler's
                 own ``set_timesteps``, the source as given, Wan's negative prompt, no default seed.
+            attention: ``"auto"`` (default): ISA you installed, else ISA at the authors' settings under
+                ``recipe="authors"`` and dense attention under ``"plain"``; ``"isa"``: ISA you installed, else
+                the authors' settings; ``"dense"``: the model's dense attention + gate for this call (see the
+                class docstring).
+            precision: ``"authors"`` (float32 time embedding, residual stream, head and VAE) or ``"native"``
+                (the components' dtype); default ``"authors"`` under ``recipe="authors"``, ``"native"`` under
+                ``"plain"``.
 
         Returns:
             ``WanPipelineOutput(frames=...)``: [B, F, H, W, 3] for ``"np"``.
 
         Raises:
-            ValueError: an unknown ``recipe``; no ``video``; a size that is not a multiple of 16; a scheduler
+            ValueError: an unknown ``recipe``, ``attention`` or ``precision``; no ``video``; a size that is not a multiple of 16; a scheduler
                 without flow sigmas under ``recipe="authors"``; a frame count the VAE cannot take;
                 a source batch that does not match the prompts; bad ``latents`` shape; a bad step count.
 
         Example:
             >>> out = pipe("make it winter", video=frames, num_inference_steps=32).frames[0]
         """
+        # the adapters are imported here, at call time, so that importing the model registers nothing
+        from ..adapters.defaults import attention_for_call, check_attention, user_isa_applied
+        from ..adapters.families.liveditor import authors_isa
+
         if recipe not in RECIPES:
             raise ValueError(f"recipe={recipe!r} is not supported; supported: {', '.join(map(repr, RECIPES))}")
         authors = recipe == "authors"
+        if check_attention(attention) == "auto":
+            attention = "isa" if authors or user_isa_applied(self) else "dense"
+        precision = ("authors" if authors else "native") if precision is None else check_precision(precision)
+        in_fp32 = (lambda: computing_in_fp32(self.vae)) if precision == "authors" else contextlib.nullcontext
         if video is None:
             raise ValueError("LIVEditorPipeline edits a video: pass the source frames as video=...")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
@@ -299,7 +342,8 @@ class LIVEditorPipeline(DiffusionPipeline):
         prompt_embeds = prompt_embeds.to(dtype)
         batch = prompt_embeds.shape[0]
 
-        source = self._encode_pixels(pixels) if authors else self.encode_video(video, height, width)
+        with in_fp32():
+            source = self._encode_pixels(pixels) if authors else self.encode_video(video, height, width)
         source = source.to(device=device, dtype=dtype)
         source_frames = (source.shape[2] - 1) * self.vae_scale_factor_temporal + 1
         if num_frames is not None and num_frames != source_frames:
@@ -334,7 +378,7 @@ class LIVEditorPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=len(timesteps)) as progress_bar, attention_for_call(self, attention, authors_isa):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
@@ -343,7 +387,7 @@ class LIVEditorPipeline(DiffusionPipeline):
                 x_in = torch.cat([x, x]) if self.do_classifier_free_guidance else x
                 pred = self.transformer(
                     hidden_states=x_in, timestep=t.expand(x_in.shape[0]), encoder_hidden_states=text,
-                    source_latents=source_in, attention_kwargs=attention_kwargs, return_dict=False,
+                    source_latents=source_in, attention_kwargs=attention_kwargs, return_dict=False, precision=precision,
                 )[0]
                 if self.do_classifier_free_guidance:
                     uncond, cond = pred.chunk(2)
@@ -355,7 +399,11 @@ class LIVEditorPipeline(DiffusionPipeline):
                 progress_bar.update()
         self._current_timestep = None
 
-        video_out = latents if output_type == "latent" else self._decode(latents, output_type)
+        if output_type == "latent":
+            video_out = latents
+        else:
+            with in_fp32():
+                video_out = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video_out,)

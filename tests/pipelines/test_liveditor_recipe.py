@@ -1,12 +1,16 @@
 """LIVEditor's sampling recipe: the sampler's schedule, the input geometry, the defaults and their switches,
-and the pipeline's latents step by step against a loop written here from the recipe."""
+the pipeline's latents step by step against a loop written here from the recipe (ISA at the authors'
+settings included), and the ``attention=`` option."""
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from isa_plugin import ISAConfig, ISAProcessor, Layout, apply_isa, remove_isa, stats
+from isa_plugin.adapters import is_isa_applied, isa_processors, reset_stats
 from isa_plugin.pipelines.liveditor_pipeline import liveditor_scheduler
 from isa_plugin.pipelines.liveditor_recipe import (
     ASPECT_BUCKETS, bucket_size, liveditor_sigmas, resample_fps, resize_to_bucket, set_liveditor_timesteps, trim_frames,
@@ -80,6 +84,7 @@ def test_video_scaling():
 
 # ------------------------------------------------------------------------------------------ pipeline vs the recipe
 TEXT_DIM = 32
+TOL = 1e-5  # latents of the pipeline vs the loop written here (float32, the same attention on both sides)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +101,34 @@ def tiny_pipe():
     pipe = LIVEditorPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=liveditor_scheduler(), transformer=model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _twin(model):
+    """The same weights in a new model: none of the pipeline's processors, hooks or counters."""
+    twin = type(model).from_config(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def _whole_sequence_blocks(seq_len):
+    """The authors' blocking of ``[target; source]`` (equal halves here): 64-token blocks from token 0, the block
+    that straddles target and source counted as target."""
+    target = min(-(-(seq_len // 2) // 64) * 64, seq_len - 1)
+    return Layout([("target", target), ("context", seq_len - target)])
+
+
+def _authors_isa_twin(model):
+    """A twin running the ISA the model was trained with, as the paper states it: fixed ratios 1/8, 1/2, 1/16,
+    sharpness by the top 1/16 of target key blocks, 64-token blocks over the whole sequence."""
+    twin = _twin(model)
+    config = ISAConfig(alpha_s=1 / 8, alpha_f=1 / 2, alpha_ns=1 / 16, sharpness="topk_mass", topk_fraction=1 / 16, block_size=64)
+    apply_isa(twin, config, layout=_whole_sequence_blocks)
+    return twin
+
+
+def _all_isa(counters, calls):
+    """Every self-attention layer ran ISA ``calls`` times and never fell back to dense attention."""
+    return bool(counters) and all(c["isa_calls"] == calls and c["fallbacks"] == 0 for c in counters.values())
 
 
 def _lam(s):
@@ -169,24 +202,126 @@ def _recipe_source(vae, frames_01, bucket_hw):
     return (z - mean) / std
 
 
-@pytest.mark.parametrize("hw, bucket", [((36, 64), (544, 960)), ((64, 36), (960, 544))], ids=["16:9", "portrait"])
-def test_pipeline_latents_follow_the_recipe(tiny_pipe, hw, bucket):
-    gen = torch.Generator().manual_seed(1)
+def _edit(pipe, video, cond, uncond, steps, **kw):
+    """The pipeline's latents after every step (and its output)."""
+    trace = []
+    out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, video=video, num_inference_steps=steps, output_type="latent",
+               callback_on_step_end=lambda p, i, t, d: trace.append(d["latents"].clone()) or {}, **kw)
+    return trace, out.frames
+
+
+def _case(hw, seed=1):
+    gen = torch.Generator().manual_seed(seed)
     video = (torch.rand(3, hw[0], hw[1], 3, generator=gen) * 255).to(torch.uint8).numpy()  # 3 frames: the first is kept
-    cond = torch.randn(1, 7, TEXT_DIM, generator=gen)
-    uncond = torch.randn(1, 7, TEXT_DIM, generator=gen)
-    steps, trace = 3, []
-    out = tiny_pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, video=video, num_inference_steps=steps,
-                    output_type="latent", callback_on_step_end=lambda p, i, t, d: trace.append(d["latents"].clone()) or {})
+    return video, torch.randn(1, 7, TEXT_DIM, generator=gen), torch.randn(1, 7, TEXT_DIM, generator=gen)
+
+
+def _reference(model, pipe, video, cond, uncond, bucket, steps):
     frames = torch.from_numpy(video[:1]).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        source = _recipe_source(tiny_pipe.vae, frames, bucket)
+        source = _recipe_source(pipe.vae, frames, bucket)
         noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(42))
-        ref = _recipe_loop(tiny_pipe.transformer, noise, source, cond, uncond, 2.5, steps)
-    assert out.frames.shape == source.shape == (1, 16, 1, bucket[0] // 8, bucket[1] // 8)
+        return source, _recipe_loop(model, noise, source, cond, uncond, 2.5, steps)
+
+
+@pytest.mark.parametrize("hw, bucket", [((36, 64), (544, 960)), ((64, 36), (960, 544))], ids=["16:9", "portrait"])
+def test_pipeline_latents_follow_the_recipe(tiny_pipe, hw, bucket):
+    video, cond, uncond = _case(hw)
+    steps = 3
+    reset_stats(tiny_pipe)
+    trace, out = _edit(tiny_pipe, video, cond, uncond, steps)  # defaults: the authors' recipe, ISA included
+    # the loop below runs its own model with ISA as the paper states it: 2,040 target + 2,040 source tokens
+    twin = _authors_isa_twin(tiny_pipe.transformer)
+    source, ref = _reference(twin, tiny_pipe, video, cond, uncond, bucket, steps)
+    assert out.shape == source.shape == (1, 16, 1, bucket[0] // 8, bucket[1] // 8)
+    assert _all_isa(stats(tiny_pipe), steps)  # one batched (CFG) call per step
+    assert _all_isa(stats(twin), 2 * steps)  # the loop calls the model twice per step
     assert len(trace) == steps
     for ours, theirs in zip(trace, ref):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=TOL)
+
+
+def test_dense_option_gives_the_dense_result(tiny_pipe):
+    video, cond, uncond = _case((36, 64), seed=3)
+    steps = 2
+    _edit(tiny_pipe, video, cond, uncond, 1)  # the pipeline's ISA is installed
+    before = stats(tiny_pipe)
+    trace, _ = _edit(tiny_pipe, video, cond, uncond, steps, attention="dense")
+    assert stats(tiny_pipe) == before  # set aside for the call: not counted, still installed
+    assert all(p.state.default_of == "LIVEditorPipeline" for p in isa_processors(tiny_pipe).values())
+    _, ref = _reference(_twin(tiny_pipe.transformer), tiny_pipe, video, cond, uncond, (544, 960), steps)
+    for ours, theirs in zip(trace, ref):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=TOL)
+    isa, _ = _edit(tiny_pipe, video, cond, uncond, steps)
+    assert (isa[-1] - trace[-1]).abs().max() > TOL  # ISA is not the dense result
+
+
+SMALL = dict(height=256, width=256)  # 16 x 16 tokens per latent frame: 4 blocks of 64 for target and source each
+
+
+def _small_case(seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, 3, 64, 64, generator=gen), torch.randn(1, 7, TEXT_DIM, generator=gen),
+            torch.randn(1, 7, TEXT_DIM, generator=gen))
+
+
+def test_attention_option_and_the_pipelines_own_isa(tiny_pipe):
+    video, cond, uncond = _small_case()
+    run = lambda **kw: _edit(tiny_pipe, video, cond, uncond, 2, **SMALL, **kw)[1]
+    if is_isa_applied(tiny_pipe):
+        remove_isa(tiny_pipe)
+    # plain recipe: dense unless asked; nothing is installed
+    plain = run(recipe="plain", generator=torch.Generator().manual_seed(42))
+    assert not is_isa_applied(tiny_pipe)
+    # "isa" installs the authors' settings as the pipeline's own, kept after the call and counted
+    isa_plain = run(recipe="plain", generator=torch.Generator().manual_seed(42), attention="isa")
+    procs = isa_processors(tiny_pipe)
+    assert procs and all(p.state.default_of == "LIVEditorPipeline" for p in procs.values())
+    assert _all_isa(stats(tiny_pipe), 2) and (isa_plain - plain).abs().max() > TOL
+    # plain's "auto" sets the pipeline's own ISA aside: the dense result again, counters untouched
+    again = run(recipe="plain", generator=torch.Generator().manual_seed(42))
+    assert torch.equal(again, plain) and _all_isa(stats(tiny_pipe), 2)
+    assert all(tiny_pipe.transformer.get_submodule(n).processor is p for n, p in procs.items())
+    # the authors' recipe's "auto" reuses the installed processors
+    run()
+    assert isa_processors(tiny_pipe) == procs and _all_isa(stats(tiny_pipe), 4)
+    remove_isa(tiny_pipe)  # undoes it: the model's own processors
+    assert stats(tiny_pipe) == {}
+    assert all(type(b.attn1.processor).__name__ == "LIVEditorAttnProcessor" for b in tiny_pipe.transformer.blocks)
+
+
+def test_users_own_isa_is_kept(tiny_pipe):
+    video, cond, uncond = _small_case(seed=5)
+    run = lambda **kw: _edit(tiny_pipe, video, cond, uncond, 2, **SMALL, **kw)[1]
+    run()  # the pipeline's own ISA ...
+    mine = ISAConfig(alpha_s=0.5, block_size=32)
+    apply_isa(tiny_pipe, mine)  # ... is replaced by the user's, no error
+    procs = isa_processors(tiny_pipe)
+    assert all(p.config == mine and p.state.default_of is None for p in procs.values())
+    for kw in ({}, {"attention": "isa"}, {"recipe": "plain", "generator": torch.Generator().manual_seed(42)}):
+        reset_stats(tiny_pipe)
+        run(**kw)
+        assert isa_processors(tiny_pipe) == procs and _all_isa(stats(tiny_pipe), 2), kw
+    before = stats(tiny_pipe)
+    dense = run(attention="dense")  # the user's processors are set aside for the call only
+    assert stats(tiny_pipe) == before and isa_processors(tiny_pipe) == procs
+    assert all(tiny_pipe.transformer.get_submodule(n).processor is p for n, p in procs.items())
+    remove_isa(tiny_pipe)
+    assert torch.equal(run(attention="dense"), dense) and not is_isa_applied(tiny_pipe)
+    # ISA installed through diffusers' set_attn_processor is the user's too
+    tiny_pipe.transformer.set_attn_processor(ISAProcessor(mine))
+    run()
+    assert all(p.config == mine and p.state.default_of is None for p in isa_processors(tiny_pipe).values())
+    remove_isa(tiny_pipe)
+
+
+@pytest.mark.parametrize("kw, needle", [({"attention": "sparse"}, "attention='sparse' is not supported; supported: 'auto', 'isa', 'dense'"),
+                                        ({"attention": None}, "attention=None is not supported"),
+                                        ({"precision": "fp32"}, "precision='fp32' is not supported; supported: 'authors', 'native'")])
+def test_bad_option_values_are_refused(tiny_pipe, kw, needle):
+    video, cond, uncond = _small_case()
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        _edit(tiny_pipe, video, cond, uncond, 1, **SMALL, **kw)
 
 
 def test_recipe_switches(tiny_pipe):

@@ -25,25 +25,30 @@ model's own processor is not context-parallel and raises under such a plan.
 
 Calibration is optional for this model: it was fine-tuned with ISA's fixed ratios in the loop, so the
 default :class:`~isa_plugin.ISAConfig` is what it was trained with; ``isa calibrate`` still works.
+:func:`authors_isa` gives the settings the authors run it with (the fixed ratios on their whole-sequence
+blocking); :class:`~isa_plugin.pipelines.LIVEditorPipeline` runs them by default.
 
 Example:
     >>> pipe = LIVEditorPipeline.from_pretrained("liveditor-14b", torch_dtype=torch.bfloat16).to("cuda")
-    >>> apply_isa(pipe, ISAConfig())
+    >>> apply_isa(pipe, ISAConfig())                          # the ratios, per-span blocking
+    >>> config, layout = authors_isa(); apply_isa(pipe, config, layout=layout)   # the authors' settings
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
+from ...config import ISAConfig
 from ...layout import Layout
 from ...pipelines.wan_attention import liveditor_gate
 from ..context import LayoutProvider
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
 from .wan import WanISAAttnProcessor
 
-__all__ = ["LIVEditorISAAttnProcessor", "LIVEditorLayout", "LIVEditorAdapter", "liveditor_layout", "liveditor_cp_plan"]
+__all__ = ["LIVEditorISAAttnProcessor", "LIVEditorLayout", "LIVEditorAdapter", "liveditor_layout", "liveditor_cp_plan",
+           "authors_isa"]
 
 _BLOCKINGS = ("span", "sequence")
 
@@ -142,6 +147,28 @@ class LIVEditorLayout(LayoutProvider):
     def __call__(self, transformer, arguments: Mapping[str, Any]) -> Optional[Layout]:
         counts = _counts(transformer, arguments)
         return None if counts is None else liveditor_layout(*counts, self.block_size, blocking=self.blocking)
+
+
+def authors_isa() -> Tuple[ISAConfig, "LIVEditorLayout"]:
+    """The ISA LIVEditor-14B was fine-tuned with and its authors' inference runs: ``(config, layout)``.
+
+    The fixed mode with α_s = 1/8 (context key blocks kept), α_f = 1/2 (query blocks, target and source,
+    computed exactly; ranked by the top-k mass over target key blocks, k = max(1, ⌊n_target_blocks / 16⌋)),
+    α_ns = 1/16 (KV' blocks each other query block computes exactly), 64-token blocks, on the authors'
+    whole-sequence blocking (``LIVEditorLayout(blocking="sequence")``). The model's trained gate adds its
+    coarse residual on every call (:class:`LIVEditorISAAttnProcessor`).
+
+    Returns:
+        ``(ISAConfig, LIVEditorLayout)`` for ``apply_isa(pipe, config, layout=layout)``.
+
+    Example:
+        >>> config, layout = authors_isa()
+        >>> apply_isa(pipe, config, layout=layout)
+    """
+    block_size = 64
+    config = ISAConfig(alpha_s=1 / 8, alpha_f=1 / 2, alpha_ns=1 / 16, sharpness="topk_mass", topk_fraction=1 / 16,
+                       block_size=block_size)
+    return config, LIVEditorLayout(blocking="sequence", block_size=block_size)
 
 
 class LIVEditorISAAttnProcessor(WanISAAttnProcessor):
