@@ -43,7 +43,7 @@ from ..layout import Layout
 from ..timesteps import timestep_scalar
 from .context import CallContext, ChainedLayout, FamilyLayout, LayoutProvider, LayoutSpec, StepInfo, user_provider
 from .parallel import carry_settings
-from .processor import ISAAttnProcessorBase, LayerCounters, Observer
+from .processor import ISAAttnProcessorBase, Observer
 from .registry import FamilyAdapter, family_for, lookup, registered_families, registered_pipelines
 
 __all__ = ["apply_isa", "remove_isa", "stats", "reset_stats", "observe_attention", "isa_processors", "is_isa_applied",
@@ -467,9 +467,8 @@ def stats(pipe_or_transformer) -> Dict[str, Dict[str, Any]]:
 
     Returns:
         ``{layer_name: {"isa_calls": int, "fallbacks": int, "reasons": {reason: count},
-        "backends": {"triton" | "reference": count}, "reused_plans": int}}`` (``backends`` says which
-        implementation served the ISA calls; ``reused_plans`` how many of them executed a plan kept from an
-        earlier step, ``ISAConfig.plan_reuse``). For a pipeline
+        "backends": {executor: count}, "reused_plans": int}}`` (the executors that served the ISA calls; how
+        many calls ran a plan kept from an earlier step, ``ISAConfig.plan_reuse``). For a pipeline
         with several transformers, layers of components other than ``transformer`` are prefixed
         ``"<component>/"`` (e.g. ``"transformer_2/blocks.0.attn1"``). ``{}`` when ISA is not applied (never,
         or no more after :func:`remove_isa`): there is nothing to count.
@@ -494,8 +493,7 @@ def reset_stats(pipe_or_transformer) -> None:
         state = getattr(_inner(t), _STATE_ATTR)
         state.call_index = 0
         for p in state.processors.values():
-            p.stats = LayerCounters()
-            p.plans.clear()
+            p.reset_counters()
 
 
 @contextlib.contextmanager

@@ -116,6 +116,11 @@ class ISAAttnProcessorBase:
         return f"{type(self).__name__}(layer={self.layer_name!r}, config={self.config!r})"
 
     # ------------------------------------------------------------ counting
+    def reset_counters(self) -> None:
+        """Zero :attr:`stats` and drop the plans kept for reuse (:func:`isa_plugin.adapters.reset_stats`)."""
+        self.stats = LayerCounters()
+        self.plans.clear()
+
     def record_isa(self, backend: str) -> None:
         """Count one call served by ISA on ``backend`` (``"triton"`` or ``"reference"``)."""
         self.stats.isa_calls += 1
