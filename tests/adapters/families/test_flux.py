@@ -103,7 +103,7 @@ def test_kontext_pipeline_end_to_end(tiny):
     # the image stream is [noisy; context]: the context part is the same clean latents at every step
     assert torch.equal(inputs[0][:, n_target:], inputs[-1][:, n_target:])
     assert not torch.equal(inputs[0][:, :n_target], inputs[-1][:, :n_target])
-    assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}, "backends": {"reference": 4}} for s in stats(pipe).values())
+    assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}, "backends": {"reference": 4}, "reused_plans": 0} for s in stats(pipe).values())
     remove_isa(pipe)
 
 

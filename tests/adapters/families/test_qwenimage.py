@@ -139,7 +139,7 @@ def test_edit_pipelines_end_to_end(tiny, cls_name):
     # the image stream is [noisy; condition images]: the condition part is the same at every step
     assert torch.equal(inputs[0][:, n_target:], inputs[-1][:, n_target:])
     assert not torch.equal(inputs[0][:, :n_target], inputs[-1][:, :n_target])
-    assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}, "backends": {"reference": 4}} for s in stats(pipe).values())
+    assert all(s == {"isa_calls": 4, "fallbacks": 0, "reasons": {}, "backends": {"reference": 4}, "reused_plans": 0} for s in stats(pipe).values())
     remove_isa(pipe)
 
 
