@@ -154,13 +154,17 @@ def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo
                     cand = keep - always
                     num0 = torch.einsum("tjd,j->td", Y, always) + torch.einsum("tjd,j->td", A, cand)
                     den0 = Z @ always + a @ cand
-                    o_idx = order[qbc, :n_cand]  # [t, K']
-                    num = torch.cumsum(torch.gather(dY, 1, o_idx[..., None].expand(t, n_cand, D)), 1)
-                    den = torch.cumsum(torch.gather(dZ, 1, o_idx), 1)
-                    num = torch.cat([num0[:, None], num0[:, None] + num], 1)  # [t, K' + 1, D]
-                    den = torch.cat([den0[:, None], den0[:, None] + den], 1)
-                    err = (num / den[..., None] - dense[:, None]).abs().sum(-1)  # [t, K' + 1]
-                    err = torch.gather(err, 1, counts[qbc]).double() * ww[:, None]  # [t, G]
+                    n = counts[qbc]  # [t, G]
+                    num, den = num0[:, None].expand(t, G, D), den0[:, None].expand(t, G)
+                    if n_cand:
+                        o_idx = order[qbc, :n_cand]  # [t, K']
+                        run = torch.gather(dY, 1, o_idx[..., None].expand(t, n_cand, D))
+                        run = torch.cumsum(run, 1, out=run)  # [t, K', D]: sums over the first r + 1 candidates
+                        pos = (n - 1).clamp(min=0)
+                        some = (n > 0).to(ct)
+                        num = num + torch.gather(run, 1, pos[..., None].expand(t, G, D)) * some[..., None]
+                        den = den + torch.gather(torch.cumsum(torch.gather(dZ, 1, o_idx), 1), 1, pos) * some
+                    err = (num / den[..., None] - dense[:, None]).abs().sum(-1).double() * ww[:, None]  # [t, G]
                     for kid in range(2):
                         out["num"][h, kid, fi, :, psi] += err[kd == kid].sum(0)
     return out
