@@ -9,10 +9,12 @@ import torch
 from ..layer_setting import LayerSetting
 from .statistics import Grid, LayerErrorStats
 
-__all__ = ["setting_errors", "held_out_check", "fit_generalising", "MAX_MARGIN_STEPS"]
+__all__ = ["setting_errors", "held_out_check", "fit_generalising", "MAX_MARGIN_STEPS", "MARGIN_BISECTIONS"]
 
 #: at most this many margin reductions per layer before the layer is kept dense
 MAX_MARGIN_STEPS = 6
+#: bisection steps between the last failing and the first passing margin
+MARGIN_BISECTIONS = 4
 
 
 def setting_errors(ls: LayerErrorStats, grid: Grid, setting: LayerSetting) -> Tuple[float, float]:
@@ -88,8 +90,9 @@ def fit_generalising(ls: LayerErrorStats, samples: Mapping[int, LayerErrorStats]
 
     The margin starts at ``margin``; while the leave-one-sample-out error (:func:`held_out_check`) of
     either query kind exceeds its budget, the margin shrinks by the ratio of budget to held-out error (and
-    5% more), up to :data:`MAX_MARGIN_STEPS` times; then the layer stays dense. The final setting is
-    fitted on all samples at the margin that passed.
+    5% more), up to :data:`MAX_MARGIN_STEPS` times; then the layer stays dense. Once a margin passes after a
+    failed one, :data:`MARGIN_BISECTIONS` bisection steps between the two keep the largest margin that passes.
+    The final setting is fitted on all samples at the margin that passed.
 
     Args:
         fit_at: ``(statistics, margin) -> LayerSetting``, the fit.
@@ -99,20 +102,34 @@ def fit_generalising(ls: LayerErrorStats, samples: Mapping[int, LayerErrorStats]
         held-out errors None with fewer than two samples).
     """
     bt, bc = budget["target"], budget["context"]
-    m = margin
-    held = (None, None)
-    for _ in range(MAX_MARGIN_STEPS + 1):
+
+    def attempt(m):
         fit_one = lambda st: fit_at(st, m)  # noqa: E731
         setting = fit_one(ls)
         if setting.dense or len(samples) < 2:
-            held = (0.0, 0.0) if setting.dense and len(samples) >= 2 else (None, None)
-            break
+            return setting, ((0.0, 0.0) if setting.dense and len(samples) >= 2 else (None, None)), True
         held = held_out_check(samples, fit_one, budget, grid)
-        if held[0] <= bt and held[1] <= bc:
+        return setting, held, held[0] <= bt and held[1] <= bc
+
+    m, failed = margin, None
+    for _ in range(MAX_MARGIN_STEPS + 1):
+        setting, held, ok = attempt(m)
+        if ok:
             break
+        failed = m
         m *= 0.95 * min(bt / max(held[0], 1e-12), bc / max(held[1], 1e-12), 1.0)
     else:
-        setting, held = LayerSetting(dense=True, error_target=0.0, error_context=0.0, relative_cost=1.0), (0.0, 0.0)
+        setting, held, failed = LayerSetting(dense=True, error_target=0.0, error_context=0.0, relative_cost=1.0), (0.0, 0.0), None
+    if failed is not None:  # the largest passing margin between the last failure and the first pass
+        lo, hi = m, failed
+        for _ in range(MARGIN_BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            s_mid, h_mid, ok = attempt(mid)
+            if ok:
+                lo, setting, held = mid, s_mid, h_mid
+            else:
+                hi = mid
+        m = lo
     rnd = lambda x: None if x is None else round(float(x), 5)  # noqa: E731
     return setting, {"held_out_target": rnd(held[0]), "held_out_context": rnd(held[1]), "margin": round(m, 4),
                      "samples": len(samples)}

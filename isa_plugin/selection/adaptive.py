@@ -26,12 +26,16 @@ from ..layout import CONTEXT, TEXT, BlockLayout
 from ..plan import BlockPlan
 from ..validation import Count, Ratio, as_tuple, validate_count, validate_ratio
 from .base import CandidateTable, SelectionMode, context_selection, grid_index, register_mode
-from .measure import measure_plans, sampled_call
+from .measure import sampled_call
+from .ordered_measure import OrderedFamily, measure_ordered
 
 __all__ = ["AdaptiveSettings", "AdaptiveGrid", "AdaptiveMode", "ADAPTIVE_MASS"]
 
-#: candidate pooled-mass thresholds of the adaptive mode's calibration grid
-ADAPTIVE_MASS = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+#: the adaptive mode's calibration grid of pooled-mass thresholds: from p = 1 - UNSPENT_MAX on, each step leaves
+#: UNSPENT_STEP of the previous step's unspent mass 1 - p (48 values, 0.3 … 0.995). The measurement costs the
+#: same for any number of thresholds (:mod:`.ordered_measure`), so the grid is as fine as the fit can use.
+UNSPENT_MAX, UNSPENT_STEP, MASS_STEPS = 0.7, 0.9, 48
+ADAPTIVE_MASS = tuple(round(1.0 - UNSPENT_MAX * UNSPENT_STEP**i, 4) for i in range(MASS_STEPS))
 
 
 @dataclass(frozen=True)
@@ -147,46 +151,58 @@ class AdaptiveMode(SelectionMode):
         return cost_model.adaptive_coefficients()
 
     # ------------------------------------------------------------------ planning
+    def order(self, qbar, kbar, blocks: BlockLayout, alpha_s: torch.Tensor, scale: float) -> "_Order":
+        """Steps 2–3 of the spec and the candidates' order (step 4) for block means q̄, k̄ [B, H, nb, D]."""
+        B, H, nb, _ = qbar.shape
+        is_x = blocks.kinds == TEXT
+        raw = torch.einsum("bhid,bhjd->bhij", qbar, kbar) * scale  # [B, H, nb, nb]
+        # the fixed mode's context pre-selection (its pooled softmax has no count bias)
+        kv_keep, saliency = context_selection(torch.softmax(raw, dim=-1), blocks, alpha_s)  # [B, H, nb]
+        # pooled mass with the count bias, over KV'
+        log_n = torch.log(blocks.counts.to(qbar.dtype))
+        m = torch.softmax((raw + log_n).masked_fill(~kv_keep[:, :, None, :], float("-inf")), dim=-1)  # [B, H, nb, nb]
+        text_mass = (m * is_x).sum(-1)  # [B, H, nb]
+        cand = (kv_keep & ~is_x)[:, :, None, :].expand(B, H, nb, nb)
+        order = torch.sort(m.masked_fill(~cand, -1.0), dim=-1, descending=True, stable=True).indices
+        m_sorted = torch.gather(m, -1, order).masked_fill(~torch.gather(cand, -1, order), 0.0)
+        prefix = torch.cumsum(m_sorted, -1)
+        prefix = torch.cat([torch.zeros_like(prefix[..., :1]), prefix[..., :-1]], -1)  # S_k, k = 0 .. nb-1
+        # T_i + S_k, made non-decreasing (a parallel cumsum may round a later sum below an earlier one)
+        reached = torch.cummax(torch.nan_to_num(text_mass[..., None] + prefix, nan=float("inf")), -1).values
+        return _Order(kv_keep, saliency, m, order, reached, cand[:, :, 0, :].sum(-1), is_x)
+
+    def exact_count(self, o: "_Order", p: torch.Tensor, min_blocks: torch.Tensor, max_blocks: torch.Tensor) -> torch.Tensor:
+        """Step 4: exact candidates per query block, [B, H, nb, G], for thresholds ``p`` [H, nb, G] (float64).
+
+        The one rule every planner and the calibration of this mode apply: k* = the number of leading sums
+        T_i + S_k below p (at most K'; K' when p = 1), clamped to [min_blocks, max_blocks], K' for text
+        query blocks.
+        """
+        B, H, nb, _ = o.reached.shape
+        kp = o.k_prime[:, :, None, None]
+        below = torch.searchsorted(o.reached.contiguous(), p.to(o.reached.dtype).expand(B, H, nb, p.shape[-1]).contiguous())
+        k_star = torch.where((p >= 1.0)[None], kp, torch.minimum(below, kp))
+        lo = torch.minimum(min_blocks[None, :, None, None], kp)
+        hi = torch.where(max_blocks[None, :, None, None] > 0, torch.minimum(max_blocks[None, :, None, None], kp), kp)
+        n_exact = torch.minimum(torch.maximum(k_star, lo), hi)
+        return torch.where(o.is_x[None, None, :, None], kp, n_exact)  # text query blocks: all of KV'
+
     def plan(self, qbar, kbar, blocks: BlockLayout, settings: AdaptiveSettings, scale: float) -> BlockPlan:
         B, H, nb, _ = qbar.shape
         dev = qbar.device
         blocks = blocks.to(dev)
         ph = self.per_head(settings, H, device=dev)
-        is_x = blocks.kinds == TEXT
-        raw = torch.einsum("bhid,bhjd->bhij", qbar, kbar) * scale  # [B, H, nb, nb]
-        # the fixed mode's context pre-selection (its pooled softmax has no count bias)
-        kv_keep, saliency = context_selection(torch.softmax(raw, dim=-1), blocks, ph["alpha_s"])  # [B, H, nb]
-
-        # pooled mass with the count bias, over KV'
-        log_n = torch.log(blocks.counts.to(qbar.dtype))
-        logits = (raw + log_n).masked_fill(~kv_keep[:, :, None, :], float("-inf"))
-        m = torch.softmax(logits, dim=-1)  # [B, H, nb, nb]
-        text_mass = (m * is_x).sum(-1)  # [B, H, nb]
-
-        cand = (kv_keep & ~is_x)[:, :, None, :].expand(B, H, nb, nb)
-        k_prime = cand[:, :, 0, :].sum(-1)  # [B, H]
-        order = torch.sort(m.masked_fill(~cand, -1.0), dim=-1, descending=True, stable=True).indices
-        m_sorted = torch.gather(m, -1, order).masked_fill(~torch.gather(cand, -1, order), 0.0)
-        prefix = torch.cumsum(m_sorted, -1)
-        prefix = torch.cat([torch.zeros_like(prefix[..., :1]), prefix[..., :-1]], -1)  # S_k, k = 0 .. nb-1
-        pos = torch.arange(nb, device=dev)
+        o = self.order(qbar, kbar, blocks, ph["alpha_s"], scale)
         # the threshold of each query block: context_mass for context query blocks, mass for the others
         p_q = torch.where((blocks.kinds == CONTEXT)[None, :], ph["context_mass"][:, None], ph["mass"][:, None])  # [H, nb]
-        below = (text_mass[..., None] + prefix < p_q.to(m.dtype)[None, :, :, None]) & (pos < k_prime[:, :, None, None])
-        k_star = below.sum(-1)  # [B, H, nb]
-        k_star = torch.where((p_q >= 1.0)[None], k_prime[:, :, None].expand_as(k_star), k_star)
-        kp = k_prime[:, :, None]
-        lo = torch.minimum(ph["min_blocks"][None, :, None], kp)
-        hi = torch.where(ph["max_blocks"][None, :, None] > 0, torch.minimum(ph["max_blocks"][None, :, None], kp), kp)
-        n_exact = torch.minimum(torch.maximum(k_star, lo), hi)
-        n_exact = torch.where(is_x[None, None, :], kp.expand_as(n_exact), n_exact)  # text query blocks: all of KV'
-
-        rank = torch.empty_like(order)
-        rank.scatter_(-1, order, pos.expand_as(order))
-        exact_kv = ((rank < n_exact[..., None]) & cand) | (is_x & kv_keep)[:, :, None, :]
-        covered = (m * exact_kv).sum(-1)
-        return BlockPlan.from_masks(blocks, kv_keep, exact_kv, self.pseudo_block(settings, blocks.block_size),
-                                    {"covered": covered, "n_exact": n_exact, "saliency": saliency.float()})
+        n_exact = self.exact_count(o, p_q[..., None], ph["min_blocks"], ph["max_blocks"])[..., 0]  # [B, H, nb]
+        rank = torch.empty_like(o.order)
+        rank.scatter_(-1, o.order, torch.arange(nb, device=dev).expand_as(o.order))
+        cand = (o.kv_keep & ~o.is_x)[:, :, None, :]
+        exact_kv = ((rank < n_exact[..., None]) & cand) | (o.is_x & o.kv_keep)[:, :, None, :]
+        covered = (o.m * exact_kv).sum(-1)
+        return BlockPlan.from_masks(blocks, o.kv_keep, exact_kv, self.pseudo_block(settings, blocks.block_size),
+                                    {"covered": covered, "n_exact": n_exact, "saliency": o.saliency.float()})
 
     # ------------------------------------------------------------------ calibration
     def default_grid(self, block_size: int) -> AdaptiveGrid:
@@ -198,17 +214,23 @@ class AdaptiveMode(SelectionMode):
             raise ValueError(f"Grid.pseudo_block values {bad} do not divide block_size={block_size}")
 
     def measure(self, q, k, v, layout, grid: AdaptiveGrid, *, block_size: int, sampler, scale=None):
-        """Errors per (α_s, mass, pseudo_block) and the pair counts of target and context rows: a query
-        block's selection depends on its own threshold only, so any (mass, context_mass) pair is a sum of
-        two measured entries."""
+        """Errors per (α_s, mass, pseudo_block) and the pair counts of target and context rows, from one pass
+        (:mod:`.ordered_measure`: for one α_s the plans of every mass differ only in how many of each query
+        block's ordered candidates are exact). A query block's selection depends on its own threshold only, so
+        any (mass, context_mass) pair is a sum of two measured entries."""
         self.check_grid(grid, block_size)
-        S, P, PS = grid.shape
         call = sampled_call(q, k, v, layout, block_size, sampler, scale)
         if call is None:
             return self.zero_stats(q.shape[-2], grid, q.device)
-        plans = {(si, pi): self.plan(call.qbar, call.kbar, call.blocks, self.settings(block_size, mass=p, alpha_s=a_s), call.scale)
-                 for si, a_s in enumerate(grid.alpha_s) for pi, p in enumerate(grid.mass)}
-        r = measure_plans(call, plans, grid.pseudo_block, (S, P))
+        H, nb = q.shape[-2], call.blocks.num_blocks
+        base = self.per_head(self.settings(block_size), H, device=q.device)
+        p = torch.tensor(grid.mass, dtype=torch.float64, device=q.device).expand(H, nb, len(grid.mass))
+        families = []
+        for a_s in grid.alpha_s:
+            o = self.order(call.qbar, call.kbar, call.blocks, torch.full((H,), a_s, dtype=torch.float64, device=q.device), call.scale)
+            n = self.exact_count(o, p, base["min_blocks"], base["max_blocks"])
+            families.append(OrderedFamily(o.kv_keep[0], (o.is_x & o.kv_keep)[0], o.order[0], n[0]))
+        r = measure_ordered(call, families, grid.pseudo_block)
         return {"ad_num": r["num"], "ad_den": r["den"], "ad_pairs": r["pairs"]}
 
     def zero_stats(self, heads: int, grid: AdaptiveGrid, device=None) -> Dict[str, torch.Tensor]:
@@ -273,6 +295,20 @@ class AdaptiveMode(SelectionMode):
             out.append(((si * P + pt) * P + pc) * PS + qi)
         return out
 
+
+
+@dataclass
+class _Order:
+    """The adaptive planner's pooled quantities ([B, H, nb] / [B, H, nb, nb]): KV', saliency, mass m_ij, the
+    candidates' order, the running sums T_i + S_k reached after k candidates, K' and the text-block mask [nb]."""
+
+    kv_keep: torch.Tensor
+    saliency: torch.Tensor
+    m: torch.Tensor
+    order: torch.Tensor
+    reached: torch.Tensor
+    k_prime: torch.Tensor
+    is_x: torch.Tensor
 
 
 register_mode(AdaptiveMode())

@@ -26,7 +26,7 @@ from ..kernels.reference import pool_blocks
 from ..layout import CONTEXT, TARGET, BlockLayout, Layout
 from ..plan import BlockPlan
 
-__all__ = ["Sampler", "SampledCall", "single_entry", "sampled_call", "measure_plans"]
+__all__ = ["Sampler", "SampledCall", "single_entry", "sampled_call", "sample_tokens", "measure_plans"]
 
 
 @dataclass
@@ -81,7 +81,7 @@ def sampled_call(q, k, v, layout: Layout, block_size: int, sampler: Sampler, sca
                        block_size, sampler)
 
 
-def _sample_tokens(blocks_cpu, sampler: Sampler):
+def sample_tokens(blocks_cpu, sampler: Sampler):
     """Sampled query tokens [T], their weights [T] (float64) and kinds [T] (0 target, 1 context)."""
     toks, wts, kinds = [], [], []
     for kind_id, kk in ((0, TARGET), (1, CONTEXT)):
@@ -139,7 +139,7 @@ def measure_plans(call: SampledCall, plans: Dict[Tuple[int, ...], BlockPlan], ps
                 out["pairs"][(slice(None), *key, psi, kid, 0)] = e
                 out["pairs"][(slice(None), *key, psi, kid, 1)] = a
 
-    tok, w, kind = _sample_tokens(blocks_cpu, call.sampler)
+    tok, w, kind = sample_tokens(blocks_cpu, call.sampler)
     tok, w, kind = tok.to(dev), w.to(dev), kind.to(dev)
     qb = blocks.token_block[tok]  # [T]
     T = tok.numel()

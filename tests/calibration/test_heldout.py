@@ -64,3 +64,21 @@ def test_recorded_predicted_and_held_out_errors_are_what_the_reference_measures(
         assert check["held_out_target"] == pytest.approx(worst[0], rel=1e-3, abs=2e-5), name
         assert check["held_out_context"] == pytest.approx(worst[1], rel=1e-3, abs=2e-5), name
         assert check["held_out_target"] <= BUDGET and check["held_out_context"] <= BUDGET
+
+
+def test_margin_bisection_keeps_the_largest_margin_that_passes(monkeypatch):
+    from isa_plugin.calibration import heldout
+    from isa_plugin.layer_setting import LayerSetting
+
+    edge = 0.7  # margins above it fail the leave-one-sample-out check
+    monkeypatch.setattr(heldout, "held_out_check", lambda samples, fit_one, budget, grid: (
+        (0.06, 0.0) if fit_one(None).relative_cost > edge else (0.04, 0.0)))
+    fit_at = lambda st, m: LayerSetting(mode="adaptive", mass=0.9, relative_cost=m)  # noqa: E731
+    budget = {"target": BUDGET, "context": BUDGET}
+    shrink_only = 0.85 * 0.95 * BUDGET / 0.06  # the first margin the shrinking step tries after 0.85 fails
+    setting, rec = heldout.fit_generalising(None, {0: None, 1: None}, None, budget, fit_at, 0.85)
+    step = (0.85 - shrink_only) / 2 ** heldout.MARGIN_BISECTIONS
+    assert edge - step <= rec["margin"] <= edge and setting.relative_cost == pytest.approx(rec["margin"], abs=1e-4)
+    monkeypatch.setattr(heldout, "MARGIN_BISECTIONS", 0)
+    _, rec = heldout.fit_generalising(None, {0: None, 1: None}, None, budget, fit_at, 0.85)
+    assert rec["margin"] == pytest.approx(shrink_only, abs=1e-4)
