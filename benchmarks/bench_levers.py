@@ -53,7 +53,7 @@ from isa_plugin.kernels.reference import pool_blocks  # noqa: E402
 from isa_plugin.selection import get_mode  # noqa: E402
 from isa_plugin.selection.adaptive import ADAPTIVE_MASS  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "2026-12-06-cpu-levers")
+DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "2026-12-05-cpu-levers")
 #: the adaptive grid's masses before the fine grid
 FORMER_MASS = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 #: tokens per key sub-block of the sub-block mass estimate (lever b)
