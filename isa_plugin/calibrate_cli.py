@@ -37,6 +37,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
                         "mode within budget. Modes: " + ", ".join(_mode_names()))
     p.add_argument("--adaptive", action="store_true",
                    help="short for --mode fixed --mode adaptive (docs/ADAPTIVE.md)")
+    p.add_argument("--plan-reuse", type=int, default=1, metavar="K",
+                   help="also measure plans kept for up to K denoising steps (one more dense run of every step on the samples) "
+                        "and give each layer the largest plan_reuse <= K within margin x budget (default 1: plan every step)")
     p.add_argument("--cost-model", help="kernel cost model JSON (default: isa_plugin/kernels/cost_model.json if present)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale passed to the pipeline")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -61,6 +64,8 @@ def _calibrate(args) -> int:
 
     if args.steps < 1 or args.calib_steps < 1:
         raise CLIError("--steps and --calib-steps must be at least 1")
+    if args.plan_reuse < 1:
+        raise CLIError(f"--plan-reuse {args.plan_reuse} must be at least 1 (1: plan every step)")
     budget = parse_budget((args.budget, args.context_budget if args.context_budget is not None else args.budget))
     if args.inputs is None:
         from .calibration.video import sample_media_paths
@@ -104,6 +109,17 @@ def _calibrate(args) -> int:
     meta["seconds"] = round(time.perf_counter() - t0, 2)
     per_head = {"auto": "auto", "always": "always", "off": False}[args.per_head]
     profile = fit_profile(stats, budget, cost_model, per_head=per_head, margin=args.margin, metadata=meta)
+    if args.plan_reuse > 1:
+        from .calibration.plan_reuse import choose_plan_reuse, measure_plan_reuse
+
+        reuse = measure_plan_reuse(pipe, profile, args.inputs, args.prompts or None, max_reuse=args.plan_reuse, steps=args.steps,
+                                   adapter=runner.adapter, height=args.height, width=args.width, frames=args.frames,
+                                   seed=args.seed, pipeline_kwargs=extra, progress=not args.no_progress)
+        print("plan reuse: worst relative L1 error (target / context) of plans kept for 0 .. K-1 steps")
+        print(reuse.table())
+        profile = choose_plan_reuse(profile, reuse, budget, margin=args.margin)
+        meta["seconds"] = round(time.perf_counter() - t0, 2)
+        profile.calibrated_on["seconds"] = meta["seconds"]
     profile.save(out)
     if args.save_stats:
         import torch

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .metrics import psnr, ssim
+from .metrics import l1_sums_by_kind, psnr, ssim
 
 __all__ = ["EditRun", "compare_edit", "run_edit", "self_attention_modules"]
 
@@ -104,15 +104,11 @@ def _layer_errors(pipe, video, prompt, *, height, width, frames, steps, seed, me
         proc = procs.get(name)
         if layout is None or proc is None or proc.config is None or step.call_index >= measure_calls:
             return
-        out = isa_attention(q, k, v, layout, proc.config).float()
-        ref = dense_attention(q, k, v).float()
-        kinds = torch.cat([torch.full((n,), kind == "target", dtype=torch.bool) for kind, n in layout.spans]).to(q.device)
-        ctx = torch.cat([torch.full((n,), kind == "context", dtype=torch.bool) for kind, n in layout.spans]).to(q.device)
+        call = l1_sums_by_kind(isa_attention(q, k, v, layout, proc.config), dense_attention(q, k, v), layout)
         acc = sums.setdefault(name, {"target": [0.0, 0.0], "context": [0.0, 0.0]})
-        for key, rows in (("target", kinds), ("context", ctx)):
-            if rows.any():
-                acc[key][0] += float((out[:, rows] - ref[:, rows]).abs().sum())
-                acc[key][1] += float(ref[:, rows].abs().sum())
+        for key, (num, den) in call.items():
+            acc[key][0] += num
+            acc[key][1] += den
 
     with observe_attention(pipe, observer, dense=False), _progress_label(pipe, label):
         with torch.no_grad():

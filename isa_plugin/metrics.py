@@ -1,4 +1,5 @@
-"""Fidelity metrics between two videos: PSNR and SSIM averaged over frames.
+"""Fidelity metrics: PSNR and SSIM between two videos (averaged over frames), and the relative L1 error of an
+attention output by query kind.
 
 Videos are float tensors or arrays of shape [F, H, W, C] with values in [0, 1].
 """
@@ -11,7 +12,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "to_video_tensor"]
+__all__ = ["psnr", "ssim", "to_video_tensor", "l1_sums_by_kind"]
+
+
+def l1_sums_by_kind(out: torch.Tensor, ref: torch.Tensor, layout) -> dict:
+    """Sums of ``|out − ref|`` and ``|ref|`` over the target-query and the context-query rows of an attention call.
+
+    Args:
+        out, ref: [B, N, H, D] outputs (an approximation and dense attention).
+        layout: the call's :class:`~isa_plugin.Layout` (covering N).
+
+    Returns:
+        ``{"target": (error sum, reference sum), "context": (…)}`` as floats; a kind without tokens has
+        ``(0.0, 0.0)``. Their ratio is the relative L1 error that budgets and profiles use.
+    """
+    out, ref = out.float(), ref.float()
+    sums = {}
+    for kind in ("target", "context"):
+        rows = torch.cat([torch.full((n,), k == kind, dtype=torch.bool) for k, n in layout.spans]).to(out.device)
+        if rows.any():
+            sums[kind] = (float((out[:, rows] - ref[:, rows]).abs().sum()), float(ref[:, rows].abs().sum()))
+        else:
+            sums[kind] = (0.0, 0.0)
+    return sums
 
 
 def to_video_tensor(video) -> torch.Tensor:

@@ -244,3 +244,18 @@ def test_profile_files_keep_the_umask_mode(profile, tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes and all(m == 0o644 for m in modes.values()), modes
     assert out.name in modes
+
+
+def test_calibrate_plan_reuse(pipes, tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    rc = main(["calibrate", "--pipeline", pipes["ok"], "--adapter", "wan-icl", "--videos", str(sample_video_path()),
+               "--budget", "0.3", "--steps", "3", "--calib-steps", "2", "--height", "64", "--width", "64", "--frames", "9",
+               "--block-size", "8", "--plan-reuse", "3", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "plan reuse" in printed and "age 2" in printed
+    prof = ThresholdProfile.load(out)
+    reuse = [s.to_config().plan_reuse for ss in prof.layers.values() for s in ss if not s.dense]
+    assert reuse and all(1 <= r <= 3 for r in reuse)
+    assert main(["calibrate", "--pipeline", pipes["ok"], "--videos", "v.mp4", "--out", str(out), "--plan-reuse", "0"]) == 2
+    assert "--plan-reuse 0 must be at least 1" in capsys.readouterr().err

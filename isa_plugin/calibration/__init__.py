@@ -8,6 +8,8 @@
 - :func:`load_cost_model` (``cost``): the kernel-time model the fit ranks settings by.
 - :func:`calibrate` (``recorder``): run a diffusers pipeline densely on samples and collect statistics;
   ``runners``: how each supported pipeline is called on a sample.
+- :func:`measure_plan_reuse`, :func:`choose_plan_reuse` (``plan_reuse``): the error of plans kept for later
+  denoising steps, and the ``plan_reuse`` of each layer that holds the budget.
 - ``synthetic``: a structured synthetic ICL attention workload for tests and benchmarks.
 
 Names resolve lazily, so ``isa_plugin.calibration.runners`` (used by ``isa calibrate --help``) loads no torch.
@@ -20,6 +22,7 @@ _LAZY = {
     "fit_profile": ".fit", "parse_budget": ".fit",
     "CalibrationStats": ".statistics", "Grid": ".statistics", "LayerErrorStats": ".statistics",
     "calibrate": ".recorder", "record": ".recorder",
+    "measure_plan_reuse": ".plan_reuse", "choose_plan_reuse": ".plan_reuse",
 }
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "load_cost_model",
     "calibrate",
     "record",
+    "measure_plan_reuse",
+    "choose_plan_reuse",
 ]
 
 

@@ -30,7 +30,7 @@ from ..timesteps import bucket_edges, timestep_scalar
 from ..selection import get_mode
 from .statistics import CalibrationStats, Grid
 
-__all__ = ["record", "calibrate", "StatsObserver", "sampled_steps", "recorder_peak_bytes"]
+__all__ = ["record", "run_samples", "calibrate", "StatsObserver", "sampled_steps", "recorder_peak_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,89 @@ def _timestep_edges(pipe, steps: int, recorded: List[int], buckets: int) -> Tupl
     return bucket_edges([ts[i] for i in recorded if i < len(ts)], buckets)
 
 
+def run_samples(pipe, videos: Sequence[VideoArg], prompts, observer, *, steps: int, measured_steps: Sequence[int],
+                height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None, seed: int = 0,
+                pipeline_kwargs: Optional[Dict[str, Any]] = None, adapter: Optional[str] = None, runner=None,
+                progress: Optional[str] = None) -> Tuple[int, int, int]:
+    """Run ``pipe`` densely on each sample with ``observer`` on every self-attention layer, up to the last of
+    ``measured_steps`` (the one sample loop of :func:`record` and of the plan-reuse measurement).
+
+    Args:
+        observer: an ``observe_attention`` observer; when it has ``new_run(sample=i)`` it is called before
+            sample ``i``; a :class:`StatsObserver` ends each run after its last step.
+        steps: the schedule length; measured_steps: the steps observed (the progress bar counts them).
+        height, width, frames, seed, pipeline_kwargs, adapter: as for :func:`record`; ``runner``: the
+            calibration runner (default: the adapter's, or the one that serves the pipeline).
+        progress: the label of a tqdm bar over samples × measured steps (None: no bar).
+
+    Returns:
+        ``(height, width, frames)`` of the first sample as run.
+
+    Raises:
+        ValueError: no samples, a prompt count that differs from the sample count, or a sample on which no
+            attention call was observed.
+    """
+    from ..adapters import observe_attention
+    from .runners import runner_for, runner_named
+
+    videos = list(videos)
+    if not videos:
+        raise ValueError("calibration needs at least one sample")
+    if prompts is None or isinstance(prompts, str):
+        prompts = [prompts or ""] * len(videos)
+    prompts = list(prompts)
+    if len(prompts) == 1 and len(videos) > 1:
+        prompts = prompts * len(videos)
+    if len(prompts) != len(videos):
+        raise ValueError(f"got {len(prompts)} prompts for {len(videos)} samples; give one prompt, or one per sample")
+    runner = runner or (runner_named(adapter) if adapter else runner_for(pipe))
+    measured = sorted(int(x) for x in measured_steps)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(videos) * len(measured), desc=progress, unit="step")
+        if isinstance(observer, StatsObserver):
+            observer.on_step = lambda _: bar.update(1)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    calls = [0]
+
+    def counted(*args):
+        calls[0] += 1
+        return observer(*args)
+
+    shape = None
+    try:
+        for i, (v, prompt) in enumerate(zip(videos, prompts)):
+            sample, h, w, nf = runner.prepare(pipe, _load_sample(v), height=height, width=width, num_frames=frames)
+            shape = shape or (h, w, nf)
+            if hasattr(observer, "new_run"):
+                observer.new_run(sample=i)
+            before = calls[0]
+            gen = torch.Generator(device="cpu").manual_seed(seed + i)
+            with observe_attention(pipe, counted) as procs:
+                for name, proc in procs.items():
+                    if "/" in name:  # an extra transformer's layer (e.g. "transformer_2/blocks.0.attn1"): keep its key
+                        proc.observer = _Keyed(counted, name)
+                try:
+                    runner.call(pipe, sample, prompt, height=h, width=w, num_frames=nf, steps=steps, generator=gen,
+                                **dict(pipeline_kwargs or {}))
+                except _Done:
+                    pass
+            if bar is not None and not isinstance(observer, StatsObserver):
+                bar.update(len(measured))
+            if calls[0] == before or getattr(observer, "measured_calls", 1) == 0:
+                raise ValueError(
+                    f"no attention call was measured on sample {i}: the pipeline ran fewer than {measured[-1] + 1} steps, "
+                    "or the adapters could not tell its target/context layout"
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+    return shape
+
+
 def record(pipe, videos: Sequence[VideoArg], prompts: Union[str, Sequence[str], None] = None, *, steps: int = 20,
            calib_steps: int = 4, height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
            grid: Optional[Grid] = None, block_size: int = 64, blocks_per_kind: int = 48, tokens_per_block: int = 16,
@@ -169,57 +252,19 @@ def record(pipe, videos: Sequence[VideoArg], prompts: Union[str, Sequence[str], 
     Example:
         >>> stats, meta = record(pipe, ["a.mp4", "b.mp4"], "make it winter", steps=30)
     """
-    from ..adapters import observe_attention
     from ..profile import config_hash
     from .runners import runner_for, runner_named
 
     videos = list(videos)
-    if not videos:
-        raise ValueError("calibration needs at least one sample")
-    if prompts is None or isinstance(prompts, str):
-        prompts = [prompts or ""] * len(videos)
-    prompts = list(prompts)
-    if len(prompts) == 1 and len(videos) > 1:
-        prompts = prompts * len(videos)
-    if len(prompts) != len(videos):
-        raise ValueError(f"got {len(prompts)} prompts for {len(videos)} samples; give one prompt, or one per sample")
     runner = runner_named(adapter) if adapter else runner_for(pipe)
     recorded = sampled_steps(steps, calib_steps)
     edges = _timestep_edges(pipe, steps, recorded, timestep_buckets)
     stats = CalibrationStats(grid, block_size=block_size, timestep_edges=edges, blocks_per_kind=blocks_per_kind,
                              tokens_per_block=tokens_per_block, seed=seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(videos) * len(recorded), desc=f"calibrating {runner.adapter}", unit="step")
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    observer = StatsObserver(stats, recorded, on_step=(lambda s: bar.update(1)) if bar is not None else None)
-    shape = None
-    try:
-        for i, (v, prompt) in enumerate(zip(videos, prompts)):
-            sample, h, w, nf = runner.prepare(pipe, _load_sample(v), height=height, width=width, num_frames=frames)
-            shape = shape or (h, w, nf)
-            observer.new_run(sample=i)
-            gen = torch.Generator(device="cpu").manual_seed(seed + i)
-            with observe_attention(pipe, observer) as procs:
-                for name, proc in procs.items():
-                    if "/" in name:  # an extra transformer's layer (e.g. "transformer_2/blocks.0.attn1"): keep its key
-                        proc.observer = _Keyed(observer, name)
-                try:
-                    runner.call(pipe, sample, prompt, height=h, width=w, num_frames=nf, steps=steps, generator=gen,
-                                **dict(pipeline_kwargs or {}))
-                except _Done:
-                    pass
-            if observer.measured_calls == 0:
-                raise ValueError(
-                    f"no attention call was measured on sample {i}: the pipeline ran fewer than {recorded[-1] + 1} steps, "
-                    "or the adapters could not tell its target/context layout"
-                )
-    finally:
-        if bar is not None:
-            bar.close()
+    observer = StatsObserver(stats, recorded)
+    shape = run_samples(pipe, videos, prompts, observer, steps=steps, measured_steps=recorded, height=height, width=width,
+                        frames=frames, seed=seed, pipeline_kwargs=pipeline_kwargs, runner=runner,
+                        progress=f"calibrating {runner.adapter}" if progress else None)
     if not stats.layers:
         raise ValueError("no attention call was measured: the adapters could not tell the pipeline's target/context layout")
     tr = pipe.transformer
