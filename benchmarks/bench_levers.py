@@ -36,19 +36,20 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
+from workload_study import add_workload_args, set_threads, workload_model  # noqa: E402
 from isa_plugin.calibration import heldout  # noqa: E402
 from isa_plugin.calibration.cost import DEFAULT_COST_MODEL  # noqa: E402
 from isa_plugin.calibration.fit import fit_profile  # noqa: E402
 from isa_plugin.calibration.solver import layer_errors  # noqa: E402
 from isa_plugin.calibration.statistics import CalibrationStats, Grid  # noqa: E402
-from isa_plugin.calibration.synthetic import WORKLOADS, SyntheticModel, evaluate_synthetic  # noqa: E402
+from isa_plugin.calibration.synthetic import evaluate_synthetic  # noqa: E402
 from isa_plugin.kernels.reference import pool_blocks  # noqa: E402
 from isa_plugin.selection import get_mode  # noqa: E402
 from isa_plugin.selection.adaptive import ADAPTIVE_MASS  # noqa: E402
@@ -175,9 +176,8 @@ def summarise(held):
 
 
 def run_workload(name, a):
-    spec = replace(WORKLOADS[name], frames=a.frames, height=a.height, width=a.width, heads=a.heads, head_dim=a.head_dim,
-                   layers=a.layers)
-    model = SyntheticModel(spec, seed=a.seed)
+    model = workload_model(name, a)
+    spec = model.spec
     res = {"workload": name, "tokens": 2 * spec.tokens_per_video, "variants": {}}
     variants = [("fixed", Grid(), a.bisections, False), ("former", Grid(mass=FORMER_MASS), 0, False),
                 ("fine", Grid(mass=ADAPTIVE_MASS), 0, False), ("fine+bisect", Grid(mass=ADAPTIVE_MASS), a.bisections, False)]
@@ -270,27 +270,13 @@ def plot(results, path, budget):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--height", type=int, default=16)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0, help="model seed")
-    ap.add_argument("--samples", type=int, nargs="+", default=[0, 1], help="calibration samples")
-    ap.add_argument("--held-out", type=int, nargs="+", default=[100, 101], help="held-out samples")
-    ap.add_argument("--budget", type=float, default=0.05)
-    ap.add_argument("--blocks-per-kind", type=int, default=16)
-    ap.add_argument("--tokens-per-block", type=int, default=16)
+    add_workload_args(ap)
     ap.add_argument("--bisections", type=int, default=heldout.MARGIN_BISECTIONS)
     ap.add_argument("--skip-subblock", action="store_true", help="leave out the lever (b) study")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--plot", action="store_true", help="write levers_<shape>.png")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a)
     t0 = time.perf_counter()
     results = [run_workload(n, a) for n in a.workloads]
     total = time.perf_counter() - t0

@@ -26,14 +26,14 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
+from workload_study import add_workload_args, set_threads, workload_model  # noqa: E402
 from isa_plugin import ISAConfig  # noqa: E402
-from isa_plugin.calibration.synthetic import WORKLOADS, SyntheticModel  # noqa: E402
 from isa_plugin.executors.reference import plan_reference  # noqa: E402
 from isa_plugin.layout import CONTEXT, TARGET  # noqa: E402
 
@@ -95,9 +95,8 @@ def execute(q, k, v, plan, blocks, variant, scale):
 
 
 def run(workload, a):
-    spec = replace(WORKLOADS[workload], frames=a.frames, height=a.height, width=a.width, heads=a.heads,
-                   head_dim=a.head_dim, layers=a.layers)
-    model = SyntheticModel(spec, seed=a.seed)
+    model = workload_model(workload, a)
+    spec = model.spec
     rows = []
     for mass in MASSES:
         cfg = ISAConfig("adaptive", mass=mass, alpha_s=1.0, block_size=a.block_size)
@@ -136,22 +135,11 @@ def run(workload, a):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--height", type=int, default=16)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=3)
+    add_workload_args(ap, calibration=False)
     ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--held-out", type=int, nargs="+", default=[100, 101])
-    ap.add_argument("--budget", type=float, default=0.05)
-    ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a)
     rows = [r for w in a.workloads for r in run(w, a)]
     print("\n| workload | variant | cheapest within budget: mass | cost | worst err t/c |\n|---|---|---|---|---|")
     for w in a.workloads:

@@ -30,16 +30,17 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
+from workload_study import add_workload_args, set_threads, workload_model  # noqa: E402
 from isa_plugin.calibration.fit import fit_profile  # noqa: E402
 from isa_plugin.calibration.statistics import Grid  # noqa: E402
 from isa_plugin.calibration.synthetic import (  # noqa: E402
-    WORKLOADS,
     SyntheticModel,
     calibrate_synthetic,
     evaluate_synthetic,
@@ -95,9 +96,8 @@ def profile_modes(model: SyntheticModel, profile):
 
 
 def run_workload(name: str, a) -> dict:
-    spec = replace(WORKLOADS[name], frames=a.frames, height=a.height, width=a.width, heads=a.heads,
-                   head_dim=a.head_dim, layers=a.layers)
-    model = SyntheticModel(spec, seed=a.seed)
+    model = workload_model(name, a)
+    spec = model.spec
     t0 = time.perf_counter()
     shape = diffuseness(model, a.held_out[0])
     result = {"workload": name, "spec": asdict(spec), "tokens": 2 * spec.tokens_per_video, "diffuseness": shape,
@@ -149,24 +149,10 @@ def table(results) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--height", type=int, default=16)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0, help="model seed")
-    ap.add_argument("--samples", type=int, nargs="+", default=[0, 1], help="calibration samples")
-    ap.add_argument("--held-out", type=int, nargs="+", default=[100, 101], help="held-out samples")
-    ap.add_argument("--budget", type=float, default=0.05)
-    ap.add_argument("--blocks-per-kind", type=int, default=16)
-    ap.add_argument("--tokens-per-block", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_workload_args(ap)
     ap.add_argument("--out", default=DEFAULT_OUT)
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a)
     t0 = time.perf_counter()
     results = []
     for name in a.workloads:
