@@ -45,9 +45,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_wan_forward import timed  # noqa: E402
-from wan_model import build_wan_transformer  # noqa: E402
+from wan_model import add_wan_shape_args, build_wan_transformer, rel_l1, rel_l2  # noqa: E402
 import isa_plugin  # noqa: E402
-from isa_plugin import ISAConfig, Layout, isa_attention  # noqa: E402
+from isa_plugin import ISAConfig, isa_attention  # noqa: E402
 from isa_plugin.adapters import apply_isa, remove_isa, reset_stats, stats  # noqa: E402
 from isa_plugin.attention import dense_attention  # noqa: E402
 from isa_plugin.kernels.coarse import coarse_kernels_serve, gated_coarse_residual  # noqa: E402
@@ -70,27 +70,12 @@ def _versions():
     return ", ".join(out)
 
 
-def rel_l2(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def rel_l1(a, b):
-    return ((a.float() - b.float()).abs().mean() / b.float().abs().mean()).item()
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=40)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--ffn", type=int, default=13824)
-    ap.add_argument("--text-dim", type=int, default=4096)
-    ap.add_argument("--text", type=int, default=512, help="text tokens")
-    ap.add_argument("--batch", type=int, default=2)
+    add_wan_shape_args(ap, layers=8)
     ap.add_argument("--frames", type=int, default=21, help="target latent frames")
     ap.add_argument("--source-frames", type=int, default=21, help="source latent frames")
-    ap.add_argument("--height", type=int, default=60, help="latent height (before the 2x2 patch)")
-    ap.add_argument("--width", type=int, default=104, help="latent width (before the 2x2 patch)")
     ap.add_argument("--block-size", type=int, default=64, help="ISA block size")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)

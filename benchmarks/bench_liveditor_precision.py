@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_wan_forward import timed  # noqa: E402
-from wan_model import build_wan_transformer  # noqa: E402
+from wan_model import add_wan_shape_args, build_wan_transformer, rel_l1, rel_l2  # noqa: E402
 from isa_plugin.pipelines import LIVEditorTransformer3DModel  # noqa: E402
 
 TINY = dict(layers=2, heads=2, head_dim=32, ffn=64, text_dim=32, text=8, batch=2, frames=2, height=16, width=16,
@@ -59,13 +59,6 @@ def _versions() -> dict:
             out[name] = "absent"
     return out
 
-
-def rel_l2(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def rel_l1(a, b) -> float:
-    return ((a.float() - b.float()).abs().mean() / b.float().abs().mean()).item()
 
 
 class LastResidual:
@@ -90,16 +83,8 @@ class LastResidual:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=40)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--ffn", type=int, default=13824)
-    ap.add_argument("--text-dim", type=int, default=4096)
-    ap.add_argument("--text", type=int, default=512, help="text tokens")
-    ap.add_argument("--batch", type=int, default=2)
+    add_wan_shape_args(ap, layers=2)
     ap.add_argument("--frames", type=int, default=21, help="latent frames of the target and of the source")
-    ap.add_argument("--height", type=int, default=60, help="latent height (before the 2x2 patch)")
-    ap.add_argument("--width", type=int, default=104, help="latent width (before the 2x2 patch)")
     ap.add_argument("--timesteps", type=int, nargs="+", default=[999, 500, 162])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reps", type=int, default=3)

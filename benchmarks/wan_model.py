@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+
+
+def add_wan_shape_args(ap: argparse.ArgumentParser, *, layers: int) -> None:
+    """The Wan-14B shape options the LIVEditor benchmarks share (defaults: 40 heads x 128, ffn 13,824, text
+    width 4,096, 512 text tokens, batch 2, a 60 x 104 latent grid) and their layer count."""
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--heads", type=int, default=40)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--ffn", type=int, default=13824)
+    ap.add_argument("--text-dim", type=int, default=4096)
+    ap.add_argument("--text", type=int, default=512, help="text tokens")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--height", type=int, default=60, help="latent height (before the 2x2 patch)")
+    ap.add_argument("--width", type=int, default=104, help="latent width (before the 2x2 patch)")
+
+
+def rel_l2(a, b) -> float:
+    """Relative L2 distance of ``a`` to ``b``."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def rel_l1(a, b) -> float:
+    """Relative L1 distance of ``a`` to ``b`` (mean absolute difference over mean absolute value of ``b``)."""
+    return ((a.float() - b.float()).abs().mean() / b.float().abs().mean()).item()
 
 
 def build_random_transformer(cls, *, device, dtype, **config):
