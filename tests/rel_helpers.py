@@ -42,3 +42,11 @@ def qkv(B, N, H, D, seed=0, dtype=torch.float32, scale=1.5):
     return [(torch.randn(B, N, H, D, generator=g, dtype=torch.float64) * scale).to(dtype) for _ in range(3)]
 
 
+
+
+def counters(isa: int = 0, backend: str = "reference", fallbacks=None) -> dict:
+    """A layer's ``isa_plugin.stats`` entry: ``isa`` calls served by ``backend``, dense fallbacks
+    ``{reason: count}``, no plan reused."""
+    fallbacks = dict(fallbacks or {})
+    return {"isa_calls": isa, "fallbacks": sum(fallbacks.values()), "reasons": fallbacks,
+            "backends": {backend: isa} if isa else {}, "reused_plans": 0}

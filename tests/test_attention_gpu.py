@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from rel_helpers import SPARSE
+from rel_helpers import SPARSE, counters
 from isa_plugin import ISAConfig, Layout, isa_attention
 from isa_plugin.attention import dense_attention
 from isa_plugin.executors.reference import isa_attention_reference
@@ -200,7 +200,7 @@ def test_compile_with_kernels_no_graph_break_inside_attention():
 
     reset_stats(t)
     out = _run(torch.compile(t), x)
-    assert stats(t)["blocks.0.attn1"] == {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"triton": 1}, "reused_plans": 0}
+    assert stats(t)["blocks.0.attn1"] == counters(1, "triton")
     rel = ((out.float() - eager.float()).abs().sum() / eager.float().abs().sum()).item()
     assert rel < 1e-2, rel
     assert math.isfinite(rel)

@@ -21,6 +21,7 @@ from isa_plugin.adapters import (
     stats,
 )
 from isa_plugin.adapters.families.wan import WanICLLayout, WanISAAttnProcessor
+from rel_helpers import counters  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- registry
@@ -159,7 +160,7 @@ def test_profile_duck_typed(tiny):
     tiny.fwd(t, x)
     s = stats(t)
     assert s["blocks.0.attn1"]["isa_calls"] == 1
-    assert s["blocks.1.attn1"] == {"isa_calls": 0, "fallbacks": 1, "reasons": {"layer left dense (no config)": 1}, "backends": {}, "reused_plans": 0}
+    assert s["blocks.1.attn1"] == counters(fallbacks={"layer left dense (no config)": 1})
     remove_isa(t)
     with pytest.raises(ValueError, match="another model"):
         apply_isa(t, _Profile({}, ok=False))
@@ -193,7 +194,7 @@ def test_fallback_reasons_are_counted(tiny):
     tiny.fwd(t, x)
     assert stats(t)["blocks.0.attn1"]["reasons"] == {"layout covers 200 tokens, call has 384": 1}
     reset_stats(t)
-    assert stats(t)["blocks.0.attn1"] == {"isa_calls": 0, "fallbacks": 0, "reasons": {}, "backends": {}, "reused_plans": 0}
+    assert stats(t)["blocks.0.attn1"] == counters()
     remove_isa(t)
     apply_isa(t, tiny.SPARSE, layout=Layout([("target", 384)]))
     tiny.fwd(t, x)

@@ -19,9 +19,10 @@ import torch
 
 from isa_plugin import apply_isa, remove_isa, stats
 from isa_plugin.adapters import family_for, registered_families
+from rel_helpers import counters
 
 #: what ``stats`` reports for a layer that served one call through ISA on CPU
-ONE_ISA_CALL = {"isa_calls": 1, "fallbacks": 0, "reasons": {}, "backends": {"reference": 1}, "reused_plans": 0}
+ONE_ISA_CALL = counters(1)
 #: all ratios 1: ISA is exact attention up to float rounding
 EXACT_ATOL = 1e-5
 

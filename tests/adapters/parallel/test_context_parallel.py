@@ -13,6 +13,7 @@ if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 import cp_harness  # noqa: E402
+from rel_helpers import counters  # noqa: E402
 
 TOL = 1e-6
 CASES_2 = ["wan", "wan_uneven", "ltx2", "flux_kontext", "qwenimage_text_mask", "wan_ring", "liveditor", "liveditor_ring"]
@@ -56,7 +57,7 @@ def test_ring_falls_back_counted(two):
     for res in two:
         x = res["wan_ring"]
         assert x["vs_stock_ring"] == 0.0
-        assert all(s == {"isa_calls": 0, "fallbacks": 1, "reasons": {RING: 1}, "backends": {}, "reused_plans": 0} for s in x["stats"].values())
+        assert all(s == counters(fallbacks={RING: 1}) for s in x["stats"].values())
 
 
 def test_four_processes(four):
