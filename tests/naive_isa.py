@@ -86,3 +86,20 @@ def naive_isa(q, k, v, spans, alpha_s, alpha_f, alpha_ns, b, sharpness="topk_mas
                 p = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
                 out[bi, s0 : s0 + n, h] = p @ torch.cat(vals)
     return out
+
+
+def naive_pair_counts(plan, counts, pseudo_block):
+    """(exact, pseudo-key) token pairs of ``plan`` counted block pair by block pair: ``counts`` the tokens of
+    every block, a kept block that is not exact gives ceil(count / pseudo_block) pseudo-keys per query token."""
+    B, H, nb = plan.kv_keep.shape
+    mask = plan.exact_mask()
+    exact = pseudo = 0
+    for b in range(B):
+        for h in range(H):
+            for i in range(nb):
+                for j in range(nb):
+                    if mask[b, h, i, j]:
+                        exact += counts[i] * counts[j]
+                    elif plan.kv_keep[b, h, j]:
+                        pseudo += counts[i] * len(range(0, counts[j], pseudo_block))
+    return exact, pseudo

@@ -14,6 +14,7 @@ from isa_plugin.kernels.reference import dense_attention_reference, execute_plan
 from isa_plugin.layout import Layout
 from isa_plugin.plan import BlockPlan
 from isa_plugin.selection.adaptive import AdaptiveSettings
+from naive_isa import naive_pair_counts
 
 
 def AdaptiveConfig(alpha_s=1.0, **kw):
@@ -185,17 +186,8 @@ def test_pair_counts_brute_force(rng):
     q, k, v = _qkv(layout, rng)
     st = AdaptiveConfig(mass=0.7, block_size=8, pseudo_block=4, alpha_s=0.5)
     plan = plan_reference(q, k, layout, st)
-    bl = _spans_blocks(layout, 8)
-    B, H, nb = plan.kv_keep.shape
-    exact = pseudo = 0
-    for b in range(B):
-        for h in range(H):
-            for i in range(nb):
-                for j in range(nb):
-                    if plan.exact_mask()[b, h, i, j]:
-                        exact += bl[i][2] * bl[j][2]
-                    elif plan.kv_keep[b, h, j]:
-                        pseudo += bl[i][2] * len(range(0, bl[j][2], 4))
+    B, H, _ = plan.kv_keep.shape
+    exact, pseudo = naive_pair_counts(plan, [c for _, _, c in _spans_blocks(layout, 8)], 4)
     assert plan.pair_counts() == (exact, pseudo)
     N = layout.num_tokens
     assert plan.relative_cost() == pytest.approx((exact + pseudo) / (N * N * B * H), rel=1e-12)

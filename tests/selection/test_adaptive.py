@@ -9,6 +9,7 @@ from isa_plugin.executors.reference import isa_attention_reference, plan_referen
 from isa_plugin.kernels.reference import execute_plan_reference
 from isa_plugin.selection.adaptive import AdaptiveSettings
 from isa_plugin.layout import Layout
+from naive_isa import naive_pair_counts
 
 LAYOUT = Layout([("target", 70), ("context", 58), ("text", 7)])
 
@@ -82,18 +83,8 @@ def test_fixed_plan_pair_counts(rng):
     q, k, v = _qkv(rng)
     cfg = ISAConfig(alpha_s=0.5, alpha_f=0.25, alpha_ns=0.25, block_size=8)
     plan = plan_reference(q, k, LAYOUT, cfg)
-    blocks = LAYOUT.blocks(8)
-    cnt = blocks.counts.tolist()
-    B, H, nb = plan.kv_keep.shape
-    exact = approx = 0
-    for b in range(B):
-        for h in range(H):
-            for i in range(nb):
-                for j in range(nb):
-                    if plan.exact_mask()[b, h, i, j]:
-                        exact += cnt[i] * cnt[j]
-                    elif plan.kv_keep[b, h, j]:
-                        approx += cnt[i]
+    B, H, _ = plan.kv_keep.shape
+    exact, approx = naive_pair_counts(plan, LAYOUT.blocks(8).counts.tolist(), 8)  # one pseudo-key per block
     assert plan.pair_counts() == (exact, approx)
     N = LAYOUT.num_tokens
     assert plan.relative_cost() == pytest.approx((exact + approx) / (N * N * B * H), rel=1e-12)
