@@ -292,10 +292,13 @@ class ISAAttnProcessorBase:
         if route.backend == "dense":
             self.record_fallback(route.reason)
             dense = dense or self.dense_call(q, k, v, attention_mask)
+        config = config or self.config
+        # the step's timestep is read (a host synchronisation on CUDA) only for layers that reuse plans
+        reuse = route.backend != "dense" and config.plan_reuse > 1
         reused = self.plans.reused
-        out = run_route(q, k, v, layout, config or self.config, route, dense=dense, residual_gate=residual_gate,
-                        residual_block_size=self.residual_block_size, plans=self.plans,
-                        timestep=self.step_timestep())
+        out = run_route(q, k, v, layout, config, route, dense=dense, residual_gate=residual_gate,
+                        residual_block_size=self.residual_block_size, plans=self.plans if reuse else None,
+                        timestep=self.step_timestep() if reuse else None)
         if route.backend != "dense":
             self.record_isa(route.backend)
             self.stats.reused_plans += self.plans.reused - reused

@@ -144,8 +144,8 @@ def choose_plan_reuse(profile, errors: ReuseErrors, budget, margin: float = 0.85
         a new :class:`~isa_plugin.ThresholdProfile`.
     """
     import copy
+    import dataclasses
 
-    from ..layer_setting import LayerSetting
     from .fit import parse_budget
 
     b = parse_budget(budget)
@@ -155,15 +155,7 @@ def choose_plan_reuse(profile, errors: ReuseErrors, budget, margin: float = 0.85
         k = 1
         while k < errors.max_reuse and k in per_age and per_age[k][0] <= bt and per_age[k][1] <= bc:
             k += 1
-        settings = []
-        for s in out.layers[name]:
-            if s.dense:
-                settings.append(s)
-                continue
-            settings.append(LayerSetting(s.config.replace(plan_reuse=k), error_target=s.error_target,
-                                         error_context=s.error_context, relative_cost=s.relative_cost,
-                                         error_target_per_head=s.error_target_per_head,
-                                         error_context_per_head=s.error_context_per_head))
-        out.layers[name] = settings
+        out.layers[name] = [s if s.dense else dataclasses.replace(s, config=s.config.replace(plan_reuse=k))
+                            for s in out.layers[name]]
         logger.info("%s: plan_reuse=%d", name, k)
     return out
