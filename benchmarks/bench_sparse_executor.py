@@ -146,7 +146,7 @@ def run_config(args, device, dtype, bench, q, k, v, bs, s) -> dict:
         return row
     del out
     ms = bench(lambda: sparse_attn.execute_block_plan(q, k, v, plan))
-    starts, counts, log2n = sparse_attn._block_meta(plan.blocks, str(q.device))
+    starts, counts, log2n = sparse_attn.block_meta(plan.blocks, str(q.device))
     prep = lambda: sparse_attn._prepare(q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n,  # noqa: E731
                                         bs, D ** -0.5)
     prepared = prep()

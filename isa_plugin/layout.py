@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,6 +30,8 @@ class BlockLayout:
         kinds: [nb] int64, span kind of each block (0 target, 1 context, 2 text).
         spans: [nb] int64, index of the span each block belongs to.
         token_block: [N] int64, block index of each token.
+        kind_counts: number of blocks of each kind (indexed by kind), known on the host: :meth:`count` reads
+            no device tensor when it is set (the layout's own blockings and their device copies set it).
     """
 
     block_size: int
@@ -38,6 +40,7 @@ class BlockLayout:
     kinds: torch.Tensor
     spans: torch.Tensor
     token_block: torch.Tensor
+    kind_counts: Optional[Tuple[int, ...]] = None
 
     @property
     def num_blocks(self) -> int:
@@ -48,7 +51,10 @@ class BlockLayout:
         return int(self.token_block.numel())
 
     def count(self, kind: int) -> int:
-        """Number of blocks of one kind (``TARGET``, ``CONTEXT`` or ``TEXT``)."""
+        """Number of blocks of one kind (``TARGET``, ``CONTEXT`` or ``TEXT``); no host synchronisation when
+        :attr:`kind_counts` is set."""
+        if self.kind_counts is not None:
+            return self.kind_counts[kind] if 0 <= kind < len(self.kind_counts) else 0
         return int((self.kinds == kind).sum())
 
     def to(self, device: torch.device | str) -> "BlockLayout":
@@ -75,8 +81,9 @@ def _split(blocks: BlockLayout, s: int) -> Tuple[BlockLayout, torch.Tensor]:
     starts = blocks.starts[parent] + local * s
     counts = torch.minimum(cnt[parent] - local * s, torch.full_like(local, s))
     token_block = torch.repeat_interleave(torch.arange(parent.numel(), device=cnt.device), counts)
-    sub = BlockLayout(block_size=s, starts=starts, counts=counts, kinds=blocks.kinds[parent], spans=blocks.spans[parent],
-                      token_block=token_block)
+    kinds = blocks.kinds[parent]
+    sub = BlockLayout(block_size=s, starts=starts, counts=counts, kinds=kinds, spans=blocks.spans[parent],
+                      token_block=token_block, kind_counts=None if kinds.is_cuda else _kind_counts(kinds.tolist()))
     return sub, parent
 
 
@@ -87,6 +94,7 @@ def _blocks_on_device(blocks: BlockLayout, device: str) -> BlockLayout:
     return BlockLayout(
         blocks.block_size,
         *(t.to(device) for t in (blocks.starts, blocks.counts, blocks.kinds, blocks.spans, blocks.token_block)),
+        kind_counts=blocks.kind_counts,
     )
 
 
@@ -219,4 +227,10 @@ def _make_blocks(spans: Tuple[Tuple[str, int], ...], b: int) -> BlockLayout:
         kinds=torch.tensor(kinds, dtype=torch.int64),
         spans=torch.tensor(span_ids, dtype=torch.int64),
         token_block=token_block,
+        kind_counts=_kind_counts(kinds),
     )
+
+
+def _kind_counts(kinds: Sequence[int]) -> Tuple[int, ...]:
+    """Blocks of each kind (indexed by kind) of a host-side list of block kinds."""
+    return tuple(sum(1 for k in kinds if k == kind) for kind in range(max(SPAN_KINDS.values()) + 1))

@@ -109,13 +109,16 @@ class BlockPlan:
         row_len = exact_kv.sum(-1)  # [B, H, nb]
         row_ptr = torch.zeros(B, H, nb + 1, dtype=torch.int64, device=exact_kv.device)
         torch.cumsum(row_len, dim=-1, out=row_ptr[..., 1:])
-        flat = exact_kv.reshape(B, H, nb * nb)
         # on CUDA the lists keep room for every pair (no host synchronisation for their length)
-        nnz = nb * nb if flat.is_cuda else max(1, int(row_ptr[..., -1].max()) if row_ptr.numel() else 1)
-        # True entries first, in ascending (row, column) order: a stable sort on the negated mask
-        order = torch.sort((~flat).to(torch.int8), dim=-1, stable=True).indices[..., :nnz]
-        valid = torch.arange(nnz, device=flat.device) < row_ptr[..., -1:]
-        self._row_ptr, self._col_idx = row_ptr, torch.where(valid, order % nb, torch.full_like(order, -1))
+        nnz = nb * nb if exact_kv.is_cuda else max(1, int(row_ptr[..., -1].max()) if row_ptr.numel() else 1)
+        # a permutation of the nb * nb pairs: exact pair f goes to E(f), the number of exact pairs before it in
+        # (row, column) order; every other pair to total + (f - E(f)), past the lists (two scans, one scatter)
+        before = torch.cumsum(exact_kv, dim=-1) - exact_kv.long() + row_ptr[..., :-1, None]  # E(f): [B, H, nb, nb]
+        f = torch.arange(nb * nb, device=exact_kv.device).view(nb, nb)
+        dest = torch.where(exact_kv, before, row_ptr[..., -1:, None] + f - before).reshape(B, H, nb * nb)
+        col = torch.where(exact_kv, f % nb, -1).reshape(B, H, nb * nb)
+        col_idx = torch.empty_like(col).scatter_(-1, dest, col)
+        self._row_ptr, self._col_idx = row_ptr, col_idx[..., :nnz]
 
     @property
     def row_ptr(self) -> torch.Tensor:

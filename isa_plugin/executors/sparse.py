@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..kernels.pooling import pool_blocks_triton
-from ..kernels.sparse_attn import execute_block_plan, sparse_ineligible_for
+from ..kernels.sparse_attn import block_meta, execute_block_plan, sparse_ineligible_for
 from ..selection import plan_from_pooled
 from ..execution import Executor, register_executor
 
@@ -21,7 +21,7 @@ __all__ = ["SparseExecutor"]
 def sparse_plan(q, k, layout, config, scale: float):
     """The plan of ``config``'s mode for q, k [B, N, H, D] from block means pooled by the Triton kernel."""
     blocks = layout.blocks(config.block_size).to(q.device)
-    starts, counts = blocks.starts.to("cpu").int().to(q.device), blocks.counts.to("cpu").int().to(q.device)
+    starts, counts, _ = block_meta(blocks, str(q.device))  # cached on the device: no copy, no synchronisation
     if q.stride() == k.stride():
         qbar, kbar = pool_blocks_triton(q, k, starts=starts, counts=counts, block_size=config.block_size)
     else:

@@ -54,7 +54,7 @@ import triton.language as tl
 from ..plan import BlockPlan
 from .pooling import pool_blocks_triton
 
-__all__ = ["execute_block_plan", "sparse_ineligible", "sparse_ineligible_for", "sparse_attn_op", "sparse_attn_fwd", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
+__all__ = ["execute_block_plan", "block_meta", "sparse_ineligible", "sparse_ineligible_for", "sparse_attn_op", "sparse_attn_fwd", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 64 and 128 are the tuned ones; 16 / 32 serve fine pseudo-keys
@@ -343,7 +343,7 @@ def sparse_ineligible_for(q: torch.Tensor, pseudo_block: int) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _block_meta(blocks, device: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_meta(blocks, device: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(starts int32, counts int32, log2(counts) float32) of a blocking on ``device``, built once."""
     b = blocks.to(device)
     return (b.starts.to(torch.int32).contiguous(), b.counts.to(torch.int32).contiguous(),
@@ -555,6 +555,6 @@ def execute_block_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
         plan = plan.at_pseudo_granularity()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    starts, counts, log2n = _block_meta(plan.blocks, str(q.device))
+    starts, counts, log2n = block_meta(plan.blocks, str(q.device))
     return sparse_attn_op(q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n,
                           int(plan.blocks.block_size), scale)

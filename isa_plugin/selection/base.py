@@ -20,6 +20,7 @@ anywhere else (a test file, a user's module) is registered the same way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -108,7 +109,7 @@ def context_selection(P: torch.Tensor, blocks: BlockLayout, alpha_s: torch.Tenso
     B, H, nb, _ = P.shape
     is_t, is_c = blocks.kinds == TARGET, blocks.kinds == CONTEXT
     saliency = (P * is_t[None, None, :, None]).sum(dim=2) * is_c  # [B, H, nb]
-    n_ctx = int(is_c.sum())
+    n_ctx = blocks.count(CONTEXT)  # host-side count: no synchronisation
     keep_ctx = top_mask(saliency, is_c.expand(B, H, nb), keep_count(alpha_s, n_ctx)[None, :].expand(B, H))
     return ~is_c | keep_ctx, saliency
 
@@ -129,6 +130,20 @@ def plan_from_pooled(mode: "SelectionMode", qbar: torch.Tensor, kbar: torch.Tens
     if share_plan and B > 1:
         return mode.plan(qbar.mean(0, keepdim=True), kbar.mean(0, keepdim=True), blocks, settings, scale).expand_batch(B)
     return mode.plan(qbar, kbar, blocks, settings, scale)
+
+
+@functools.lru_cache(maxsize=256)
+def _per_head_tensors(mode: "SelectionMode", settings: Any, num_heads: int, device: Optional[str]) -> Dict[str, torch.Tensor]:
+    """:meth:`SelectionMode.per_head`, built once per (settings, heads, device): planning a call then copies no
+    settings to the device (a CUDA graph can capture it). Callers must not modify the tensors."""
+    out = {}
+    for n in mode.per_head_fields:
+        v = getattr(settings, n)
+        if v is None:
+            continue
+        dtype = torch.int64 if all(isinstance(x, int) and not isinstance(x, bool) for x in as_tuple(v)) else torch.float64
+        out[n] = per_head_tensor(v, num_heads, n, dtype, device)
+    return out
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -223,14 +238,11 @@ class SelectionMode:
         Raises:
             ValueError: a per-head value whose length is not ``num_heads``.
         """
-        out = {}
-        for n in self.per_head_fields:
-            v = getattr(settings, n)
-            if v is None:
-                continue
-            dtype = torch.int64 if all(isinstance(x, int) and not isinstance(x, bool) for x in as_tuple(v)) else torch.float64
-            out[n] = per_head_tensor(v, num_heads, n, dtype, device)
-        return out
+        dev = None if device is None else str(torch.device(device))
+        try:
+            return dict(_per_head_tensors(self, settings, int(num_heads), dev))
+        except TypeError:  # settings that cannot be hashed (a user mode's): built for this call
+            return dict(_per_head_tensors.__wrapped__(self, settings, int(num_heads), dev))
 
     def select_heads(self, settings: Any, start: int, stop: int) -> Any:
         """The settings of heads ``start … stop − 1`` (per-head values sliced, scalars kept)."""

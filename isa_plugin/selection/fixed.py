@@ -171,14 +171,15 @@ class FixedMode(SelectionMode):
         kv_keep, saliency = context_selection(P, blocks, ratios["alpha_s"])  # [B, H, nb]
 
         if settings.sharpness == "topk_mass":
-            n_t = int(is_t.sum())
-            sharp = P[..., is_t].topk(topk_count(settings.topk_fraction, n_t), dim=-1).values.sum(-1)
+            n_t = blocks.count(TARGET)
+            # top-k over the target key blocks (P >= 0, so -1 never ranks; no boolean indexing: no synchronisation)
+            sharp = P.masked_fill(~is_t, -1.0).topk(topk_count(settings.topk_fraction, n_t), dim=-1).values.sum(-1)
         else:
             sharp = (P * P).sum(-1)
         sharp = sharp.masked_fill(is_x, float("inf"))
 
         # grouping; text query blocks always exact
-        n_q = int((~is_x).sum())
+        n_q = nb - blocks.count(TEXT)
         exact_q = top_mask(sharp, (~is_x).expand(B, H, nb), keep_count(ratios["alpha_f"], n_q)[None, :].expand(B, H)) | is_x
 
         # Taylor selections over non-text KV' blocks, plus all text blocks

@@ -42,7 +42,7 @@ KB1 = {"KB": 1, "BP": 32, "num_warps": 4, "num_stages": 1}
 def _run(q, k, v, plan, config=None, scale=None):
     """The host launcher on a NaN-poisoned output buffer (unwritten elements fail the comparison)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    starts, counts, log2n = sparse_attn._block_meta(plan.blocks, str(q.device))
+    starts, counts, log2n = sparse_attn.block_meta(plan.blocks, str(q.device))
     out = torch.full_like(q, float("nan"))
     sparse_attn.sparse_attn_fwd(q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n,
                                 plan.blocks.block_size, scale, out=out, config=config)
@@ -219,7 +219,7 @@ def test_custom_op_fake_and_compile(rng):
     blocks = layout.blocks(64)
     q, k, v = qkv(rng, 1, layout.num_tokens, 1, 64, torch.float32)
     plan = random_plan(blocks, 1, 1, rng)
-    starts, counts, log2n = sparse_attn._block_meta(blocks, "cpu")
+    starts, counts, log2n = sparse_attn.block_meta(blocks, "cpu")
     args = (q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n, 64, 0.125)
     torch.library.opcheck(sparse_attn.sparse_attn_op, args, test_utils=("test_schema", "test_faketensor"))
     eager = sparse_attn.sparse_attn_op(*args)

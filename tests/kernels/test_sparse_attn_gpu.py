@@ -34,7 +34,7 @@ def _run(q, k, v, plan, scale=None, config=None):
     from isa_plugin.kernels import sparse_attn
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    starts, counts, log2n = sparse_attn._block_meta(plan.blocks, str(q.device))
+    starts, counts, log2n = sparse_attn.block_meta(plan.blocks, str(q.device))
     out = torch.full_like(q, float("nan"))
     sparse_attn.sparse_attn_fwd(q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n,
                                 plan.blocks.block_size, scale, out=out, config=config)
@@ -165,8 +165,49 @@ def test_compile_fullgraph():
     from isa_plugin.kernels import sparse_attn
 
     q, k, v, plan = _call_setup(64)
-    starts, counts, log2n = sparse_attn._block_meta(plan.blocks, "cuda")
+    starts, counts, log2n = sparse_attn.block_meta(plan.blocks, "cuda")
     args = (q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n, 64, 128 ** -0.5)
     eager = sparse_attn.sparse_attn_op(*args)
     f = torch.compile(lambda *a: sparse_attn.sparse_attn_op(*a) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(f(*args), eager * 2)
+
+
+@pytest.mark.parametrize("mode,settings", [("adaptive", {"mass": 0.8, "alpha_s": 0.5}), ("fixed", {})])
+def test_whole_call_without_host_synchronisation_in_a_cuda_graph(mode, settings):
+    """Planning included (pooling, context saliency, the mode's selection, the lists) and execution: after a
+    first call, a whole call reads no device value on the host and captures in a CUDA graph whose replays on
+    new inputs equal eager calls."""
+    from isa_plugin import ISAConfig
+    from isa_plugin.execution import get_executor
+
+    layout = Layout(RAGGED)
+    q, k, v = _inputs(2, layout.num_tokens, 3, 128, torch.bfloat16, seed=31)
+    config = ISAConfig(mode, block_size=128, backend="sparse", **settings)
+    executor = get_executor("sparse")
+
+    def call():
+        return executor.run(q, k, v, layout, config, 128 ** -0.5)
+
+    call()  # autotune, fill the caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert eager.isfinite().all()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+        with torch.cuda.graph(g, stream=s):
+            static_out = call()
+    torch.cuda.current_stream().wait_stream(s)
+    for seed in (1, 2):
+        nq, nk, nv = _inputs(*q.shape, q.dtype, seed=200 + seed)
+        q.copy_(nq), k.copy_(nk), v.copy_(nv)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, call())
