@@ -92,7 +92,7 @@ def study_grid(block_size: int = 64) -> Grid:
 def describe(cfg: ISAConfig) -> str:
     """One line naming a config's mode and settings."""
     if cfg.mode == "fixed":
-        return f"fixed a_s={cfg.alpha_s} a_f={cfg.alpha_f} a_ns={cfg.alpha_ns} {cfg.sharpness}"
+        return f"fixed a_s={cfg.alpha_s} a_f={cfg.alpha_f} a_ns={cfg.alpha_ns} {cfg.sharpness} b={cfg.block_size}"
     ctx = "" if cfg.context_mass is None else f"/{cfg.context_mass}"
     return f"adaptive p={cfg.mass}{ctx} s={cfg.pseudo_block} a_s={cfg.alpha_s} b={cfg.block_size}"
 
@@ -297,17 +297,20 @@ def timing_study(args):
     ns = args.n if not args.tiny else [512, 1040]
     H = args.heads if not args.tiny else 2
     D = 128 if not args.tiny else 32
-    fixed = [ISAConfig(alpha_s=s, alpha_f=f, alpha_ns=n) for s in (0.25, 0.5, 1.0) for f in (0.25, 0.5, 0.75, 1.0)
-             for n in (0.0625, 0.125)]
+    fixed = [dict(alpha_s=s, alpha_f=f, alpha_ns=n) for s in (0.25, 0.5, 1.0) for f in (0.25, 0.5, 0.75, 1.0) for n in (0.0625, 0.125)]
     adaptive = [ISAConfig(mode="adaptive", mass=p, pseudo_block=ps, alpha_s=s, block_size=bs, backend=ex)
                 for ex in (args.adaptive_executors if cuda else ["reference"])
                 for bs, pss in ((128, (128, 32, 16)), (64, (64, 16))) if bs in args.adaptive_block_sizes
-                for ps in pss if args.adaptive_pseudo_blocks is None or ps in args.adaptive_pseudo_blocks for s in (0.5, 1.0) for p in (0.7, 0.8, 0.9, 0.95, 0.98)]
+                for ps in pss if args.adaptive_pseudo_blocks is None or ps in args.adaptive_pseudo_blocks
+                for s in args.adaptive_alpha_s for p in args.adaptive_masses]
     fixed = fixed if "fixed" in args.modes else []
     adaptive = adaptive if "adaptive" in args.modes else []
-    if args.quick or args.tiny:
+    if args.quick or args.tiny:  # thin long lists (a list of a few settings given on the command line stays whole)
         fixed = fixed[::5]
-        adaptive = adaptive[::7]
+        adaptive = adaptive[::7] if len(adaptive) > 7 else adaptive
+    if args.fixed_defaults:  # the fixed mode's default ratios (b = 64)
+        fixed = [{}] + fixed
+    fixed = [ISAConfig(backend=ex, **r) for r in fixed for ex in (args.fixed_executors if cuda else ["auto"])]
     rows = []
     for N in ns:
         f, hh, ww = SHAPES[N]
@@ -335,11 +338,11 @@ def timing_study(args):
                          flops_rel=1.0, ok=True))
         scale = 1.0 / math.sqrt(D)
         for st in fixed + adaptive:
-            row = dict(N=N, mode=st.mode if st.mode == "fixed" else f"{st.mode}/{st.backend}", setting=describe(st))
+            row = dict(N=N, mode=f"{st.mode}/{st.backend}" if st.backend != "auto" else st.mode, setting=describe(st))
             try:
-                if st.mode == "fixed":
+                if st.mode == "fixed" and st.backend in ("triton", "auto"):
                     # the Triton executor on CUDA (raises when it cannot serve the call), the reference on the CPU
-                    cfg = st.replace(backend="triton" if cuda else "auto")
+                    cfg = st
                     out = isa_attention(q, k, v, layout, cfg)
                     if cuda:
                         from isa_plugin.kernels.compact import compact_to_block_plan
@@ -388,34 +391,86 @@ def timing_study(args):
     report(rows, args, gpu)
     if args.cost_model and cuda:
         fit_adaptive_cost(rows, gpu, args.cost_model)
+    if args.executor_costs and cuda:
+        fit_executor_costs(rows, gpu, args.executor_costs)
     return rows
 
 
-def fit_adaptive_cost(rows, gpu, path):
-    """Fit ms = a·E + b·A + c over the adaptive rows (E, A: exact / pseudo pairs in 1e9, scaled by D/128; least
-    squares weighted by 1/ms) and merge ``adaptive_ms_per_gexact_pair``, ``adaptive_ms_per_gpseudo_pair`` and
-    ``adaptive_ms_per_call`` into the card's entry of ``path`` (the calibration's cost model reads them)."""
-    rs = [r for r in rows if r["mode"] == "adaptive/sparse" and "ms" in r] or [r for r in rows if r["mode"].startswith("adaptive") and "ms" in r]
-    if len(rs) < 3:
-        print("adaptive cost model: need at least 3 measured settings", flush=True)
-        return
+def fit_time(rs):
+    """Least squares ms = a·E + b·A + c over rows (E, A: exact / pseudo pairs in 1e9, scaled by D/128; weighted by
+    1/ms, coefficients clamped at 0): (a, b, c, largest relative error of the fit)."""
     A = torch.tensor([[r["exact_pairs"] / 1e9 * r["D"] / 128, r["pseudo_pairs"] / 1e9 * r["D"] / 128, 1.0] for r in rs],
                      dtype=torch.float64)
     y = torch.tensor([r["ms"] for r in rs], dtype=torch.float64)
     w = 1.0 / y
     sol = torch.linalg.lstsq(A * w[:, None], (y * w).unsqueeze(1)).solution.squeeze(1)
-    rel = float(((A @ sol - y).abs() / y).max())
     a, b, c = (max(float(x), 0.0) for x in sol)
+    pred = A @ torch.tensor([a, b, c], dtype=torch.float64)
+    return a, b, c, float(((pred - y).abs() / y).max())
+
+
+def _merge_card(path, gpu, update):
     data = {}
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-    card = data.setdefault("cards", {}).setdefault(gpu, {})
-    card.update(adaptive_ms_per_gexact_pair=a, adaptive_ms_per_gpseudo_pair=b, adaptive_ms_per_call=c,
-                adaptive_fitted_on=len(rs), adaptive_max_rel_error=rel)
+    update(data.setdefault("cards", {}).setdefault(gpu, {}))
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
+
+
+def fit_adaptive_cost(rows, gpu, path):
+    """Fit the adaptive rows (:func:`fit_time`) and merge ``adaptive_ms_per_gexact_pair``, ``adaptive_ms_per_gpseudo_pair``
+    and ``adaptive_ms_per_call`` into the card's entry of ``path`` (the calibration's cost model reads them)."""
+    rs = [r for r in rows if r["mode"] == "adaptive/sparse" and "ms" in r] or [r for r in rows if r["mode"].startswith("adaptive") and "ms" in r]
+    if len(rs) < 3:
+        print("adaptive cost model: need at least 3 measured settings", flush=True)
+        return
+    a, b, c, rel = fit_time(rs)
+    _merge_card(path, gpu, lambda card: card.update(adaptive_ms_per_gexact_pair=a, adaptive_ms_per_gpseudo_pair=b, adaptive_ms_per_call=c,
+                                                    adaptive_fitted_on=len(rs), adaptive_max_rel_error=rel))
     print(f"adaptive cost model for {gpu}: a={a:.4f} b={b:.4f} c={c:.3f} ms (max rel err {rel:.2f}) -> {path}", flush=True)
+
+
+def fit_executor_costs(rows, gpu, path):
+    """Fit each executor's time over every measured row it ran (both modes; :func:`fit_time`) and merge the card's
+    ``executors`` entry of ``path``: the coefficients :mod:`isa_plugin.dispatch` ranks executors by. Also prints,
+    per fixed setting measured on several executors, which one was faster and which one the fit predicts."""
+    by_ex = {}
+    for r in rows:
+        if "ms" in r and "/" in r["mode"]:
+            by_ex.setdefault(r["mode"].split("/", 1)[1], []).append(r)
+    fits = {}
+    for ex, rs in sorted(by_ex.items()):
+        if len(rs) < 3:
+            print(f"executor cost model: {ex} has {len(rs)} measured settings (needs 3); not fitted", flush=True)
+            continue
+        a, b, c, rel = fit_time(rs)
+        fits[ex] = dict(ms_per_gexact_pair=a, ms_per_gpseudo_pair=b, ms_per_call=c, fitted_on=len(rs), max_rel_error=rel)
+        print(f"executor {ex} on {gpu}: {a:.4f} ms/G exact, {b:.4f} ms/G pseudo, {c:.3f} ms/call (max rel err {rel:.2f}, "
+              f"{len(rs)} rows)", flush=True)
+    if not fits:
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    _merge_card(path, gpu, lambda card: card.setdefault("executors", {}).update(
+        {ex: dict(f, date=stamp, torch=torch.__version__) for ex, f in fits.items()}))
+    agree = total = 0
+    by_setting = {}
+    for r in rows:
+        if "ms" in r and r["mode"].startswith("fixed/"):
+            by_setting.setdefault((r["N"], r["setting"]), {})[r["mode"].split("/", 1)[1]] = r
+    for (N, setting), per in sorted(by_setting.items()):
+        if len(per) < 2 or not all(ex in fits for ex in per):
+            continue
+        fastest = min(per, key=lambda ex: per[ex]["ms"])
+        pred = {ex: fits[ex]["ms_per_gexact_pair"] * per[ex]["exact_pairs"] / 1e9 * per[ex]["D"] / 128
+                + fits[ex]["ms_per_gpseudo_pair"] * per[ex]["pseudo_pairs"] / 1e9 * per[ex]["D"] / 128 + fits[ex]["ms_per_call"] for ex in per}
+        chosen = min(pred, key=pred.get)
+        total, agree = total + 1, agree + (chosen == fastest)
+        print(f"  N={N} {setting}: " + ", ".join(f"{ex} {per[ex]['ms']:.2f} ms" for ex in per) + f"; fastest {fastest}, model picks {chosen}",
+              flush=True)
+    if total:
+        print(f"dispatch by the fitted model picks the fastest executor for {agree} of {total} fixed settings", flush=True)
 
 
 def pareto(points):
@@ -536,6 +591,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for the FLOP study (0: torch's default)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--out", default=None, help="folder for the table (md), the rows (json) and the PNG")
+    ap.add_argument("--fixed-executors", nargs="+", default=["triton"], choices=["triton", "sparse", "flex"],
+                    help="timing study: executors the fixed settings run on")
+    ap.add_argument("--fixed-defaults", action="store_true", help="timing study: add the fixed mode's default ratios")
+    ap.add_argument("--adaptive-masses", type=float, nargs="+", default=[0.7, 0.8, 0.9, 0.95, 0.98])
+    ap.add_argument("--adaptive-alpha-s", type=float, nargs="+", default=[0.5, 1.0])
+    ap.add_argument("--executor-costs", default=None,
+                    help="timing study on CUDA: fit every executor's time per exact / pseudo pair and merge it into this "
+                         "JSON's card entry (isa_plugin/kernels/cost_model.json: what backend='auto' dispatches by)")
     ap.add_argument("--cost-model", default=None,
                     help="timing study on CUDA: fit the adaptive mode's time per exact / pseudo pair and merge it into this JSON")
     args = ap.parse_args(argv)

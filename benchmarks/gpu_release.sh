@@ -8,8 +8,9 @@
 # Logs and result files go to $OUT (default ./gpu_out). Needs diffusers importable (see the README).
 # e and f (speed within budget: the Pareto fronts on the block-sparse executor at 65,536 / 65,520 and 131,072, the
 # diffuse workload, the fixed defaults, the Wan forward with the within-budget setting), g (the GPU suite, the Wan
-# forward with both modes), h (LIVEditor's precision regime against float32).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|part1|part2
+# forward with both modes), h (LIVEditor's precision regime against float32), i (the executor and planning tests, the
+# precision check in brief, the executors' cost model for dispatch, the planning profile).
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -78,5 +79,12 @@ g)
 h)
   run liveditor_precision 540 python benchmarks/bench_liveditor_precision.py --json "$OUT/liveditor_precision.json"
   ;;
-*) echo "usage: $0 a|b|c|d|e|f|g|h|part1|part2"; exit 2 ;;
+i)
+  run gpu_tests_exec 200 python -m pytest -q -m gpu tests/kernels/test_sparse_attn_gpu.py tests/test_plan_reuse.py tests/executors tests/test_attention_gpu.py -p no:cacheprovider
+  run liveditor_precision 170 python benchmarks/bench_liveditor_precision.py --reps 1 --warmup 0 --timesteps 999 162 --json "$OUT/liveditor_precision.json"
+  cp isa_plugin/kernels/cost_model.json "$OUT/cost_model.json"
+  run executor_costs 200 python benchmarks/bench_pareto.py --n 65536 --heads 40 --quick --fixed-defaults --fixed-executors triton sparse --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 --adaptive-alpha-s 1.0 --adaptive-masses 0.7 0.9 --executor-costs "$OUT/cost_model.json" --out "$OUT/executor_costs"
+  run profile_plan 60 python benchmarks/profile_plan.py --n 65536 --heads 40
+  ;;
+*) echo "usage: $0 a|b|c|d|e|f|g|h|i|part1|part2"; exit 2 ;;
 esac

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .config import ISAConfig
 from . import executors  # noqa: F401  (registers the package's executors)
+from .dispatch import choose_executor
 from .execution import get_executor
 from .kernels.coarse import COARSE_BLOCK_SIZE, gated_coarse_residual, residual_gate_view
 from .layout import Layout
@@ -113,13 +114,11 @@ def select_backend(q: torch.Tensor, layout: Layout, config: ISAConfig, *, in_mod
         return Route("dense", f"sequence too short: fewer than two blocks ({layout.num_tokens} tokens, block_size={config.block_size})")
     if config.backend == "reference":
         return Route("reference")
-    # a named executor, or (auto) the executors the mode prefers, in order
+    # a named executor, or (auto) the mode's executors ranked by the device's cost model (isa_plugin.dispatch)
     names = config.selection.executors if config.backend == "auto" else (config.backend,)
-    why_not = None
-    for name in names:
-        why_not = get_executor(name).ineligible(q, config)
-        if why_not is None:
-            return Route(name)
+    name, why_not = choose_executor(q, layout, config, names)
+    if name is not None:
+        return Route(name)
     if config.backend != "auto" and not in_model:
         raise RuntimeError(f"ISAConfig.backend={config.backend!r} but that executor cannot serve this call: {why_not}")
     if in_model and (config.backend != "auto" or q.device.type != "cpu"):

@@ -321,6 +321,10 @@ class _FakeCuda:
     def __init__(self, shape, dtype=torch.bfloat16, unit_stride=True):
         self.shape, self.dtype, self._unit = torch.Size(shape), dtype, unit_stride
 
+    @property
+    def ndim(self):
+        return len(self.shape)
+
     def stride(self, dim):
         return 1 if self._unit else 2
 

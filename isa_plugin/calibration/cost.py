@@ -14,6 +14,10 @@ The kernel benchmark writes ``isa_plugin/kernels/cost_model.json`` per GPU. Acce
 and block-mean pseudo-key, ``c`` a per-call constant (planning, launches). Dense attention costs
 ``dense_a·N²·H + dense_c`` (default: ``a`` and 0). Only ratios matter for fitting, so units are free.
 
+A card's entry may also hold ``executors``: per executor (``"triton"``, ``"sparse"``, ``"flex"``) its own
+``ms_per_gexact_pair``, ``ms_per_gpseudo_pair`` and ``ms_per_call``, measured by ``benchmarks/bench_pareto.py
+--executor-costs``. :mod:`isa_plugin.dispatch` runs a call on the eligible executor they predict fastest.
+
 Without that file, :data:`DEFAULT_COST_MODEL` counts pairs (a = b = 1, c = 0): the predicted relative cost
 is then :meth:`isa_plugin.plan.BlockPlan.relative_cost`.
 
@@ -33,9 +37,9 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from ..selection.fixed import setting_pairs
+from ..selection.fixed import heads_pairs
 
 __all__ = ["CostModel", "DEFAULT_COST_MODEL", "load_cost_model", "predict_call_ms", "FLEX_DENSE_RATE"]
 
@@ -63,6 +67,8 @@ class CostModel:
     adaptive_a: Optional[float] = None  # the adaptive mode's time per exact pair (None: see adaptive_coefficients)
     adaptive_b: Optional[float] = None  # ... per (query token, pseudo-key) pair
     adaptive_c: Optional[float] = None  # ... per call
+    # measured coefficients of each executor: (name, a per exact pair, b per (query, pseudo-key) pair, c per call)
+    executors: Tuple[Tuple[str, float, float, float], ...] = ()
 
     def __post_init__(self):
         for n in ("adaptive_a", "adaptive_b", "adaptive_c"):
@@ -97,12 +103,19 @@ class CostModel:
             return a, a, self.c
         return self.a, self.a, self.c
 
+    def executor_time(self, name: str, exact_pairs: float, pseudo_pairs: float, head_dim: Optional[int] = None) -> Optional[float]:
+        """Predicted time of one call on executor ``name`` (None when the model has no coefficients for it)."""
+        for n, a, b, c in self.executors:
+            if n == name:
+                return (a * exact_pairs + b * pseudo_pairs) * self.dim_scale(head_dim) + c
+        return None
+
     def dense_time(self, n_tokens: float, heads: int, head_dim: Optional[int] = None) -> float:
         da = self.a if self.dense_a is None else self.dense_a
         return da * n_tokens * n_tokens * heads * self.dim_scale(head_dim) + self.dense_c
 
     def to_dict(self) -> Dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and v != ()}
 
 
 DEFAULT_COST_MODEL = CostModel()
@@ -127,12 +140,32 @@ def _from_mapping(d: Mapping[str, Any], source: str) -> CostModel:
             ada = dict(adaptive_a=num("adaptive_ms_per_gexact_pair") / 1e9,
                        adaptive_b=max(num("adaptive_ms_per_gpseudo_pair", d["adaptive_ms_per_gexact_pair"]), 0.0) / 1e9,
                        adaptive_c=max(num("adaptive_ms_per_call", d.get("ms_per_call", 0.0)), 0.0))
-        return CostModel(a=a, b=b, c=c, dense_a=dense_a, source=source, head_dim_ref=128, floor=max(num("host_floor_ms"), 0.0), **ada)
+        return CostModel(a=a, b=b, c=c, dense_a=dense_a, source=source, head_dim_ref=128, floor=max(num("host_floor_ms"), 0.0),
+                         executors=_executors(d.get("executors", {}), source), **ada)
     known = {"a", "b", "c", "dense_a", "dense_c", "adaptive_a", "adaptive_b", "adaptive_c"}
     kw = {k: d[k] for k in known if k in d}
     if "a" not in kw:
         raise ValueError(f"{source}: a cost model needs at least 'a' (time per exact pair); got keys {sorted(d)}")
     return CostModel(**kw, source=source)
+
+
+def _executors(d: Any, source: str) -> Tuple[Tuple[str, float, float, float], ...]:
+    """The ``executors`` entry of a card: name -> {ms_per_gexact_pair, ms_per_gpseudo_pair, ms_per_call}, per 1e9
+    pairs at head_dim 128 (as the card's own coefficients)."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{source}: 'executors' must map executor names to their coefficients, got {type(d).__name__}")
+    out = []
+    for name, e in d.items():
+        vals = []
+        for key in ("ms_per_gexact_pair", "ms_per_gpseudo_pair", "ms_per_call"):
+            v = e.get(key, 0.0) if isinstance(e, Mapping) else None
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{source}: executors.{name}.{key}={v!r} must be a finite non-negative number")
+            vals.append(float(v))
+        if vals[0] <= 0:
+            raise ValueError(f"{source}: executors.{name}.ms_per_gexact_pair must be positive")
+        out.append((str(name), vals[0] / 1e9, vals[1] / 1e9, vals[2]))
+    return tuple(out)
 
 
 def load_cost_model(path: Union[str, Path, None] = None, device_name: Optional[str] = None) -> CostModel:
@@ -225,14 +258,5 @@ def predict_call_ms(cost_model: CostModel, ratios: Optional[Mapping[str, Any]], 
     if ratios is None:
         return cost_model.dense_time(n, heads * batch, head_dim)
     blocks = {k: float(math.ceil(v / block_size)) for k, v in tokens.items()}
-    per_head = []
-    for name in ("alpha_s", "alpha_f", "alpha_ns"):
-        r = ratios[name]
-        if isinstance(r, (tuple, list)) and len(r) != heads:
-            raise ValueError(f"{name} has {len(r)} per-head values for {heads} heads; give one per head or one number")
-        per_head.append(tuple(r) if isinstance(r, (tuple, list)) else (r,) * heads)
-    exact = approx = 0.0
-    for a_s, a_f, a_ns in zip(*per_head):
-        e, a = setting_pairs(a_s, a_f, a_ns, tokens, blocks)
-        exact, approx = exact + e * batch, approx + a * batch
-    return cost_model.time(exact, approx, head_dim)
+    exact, approx = heads_pairs(ratios, tokens, blocks, heads)
+    return cost_model.time(exact * batch, approx * batch, head_dim)

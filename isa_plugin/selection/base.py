@@ -253,6 +253,12 @@ class SelectionMode:
         """True when the mode's plan is exactly dense attention for these settings."""
         return False
 
+    def call_pairs(self, settings: Any, layout, block_size: int, heads: int) -> Optional[Tuple[float, float]]:
+        """(exact pairs, pseudo-key pairs) of one batch entry of a call with this layout, summed over ``heads``,
+        known before planning (:mod:`isa_plugin.dispatch` ranks executors by them); None when they depend on
+        the inputs (the default: executors are then tried in the order of :attr:`executors`)."""
+        return None
+
     def pseudo_block(self, settings: Any, block_size: int) -> int:
         """Tokens per pseudo-key of the mode's plans (default: one pseudo-key per block)."""
         return block_size

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
 from ..kernels.counts import keep_count, topk_count
-from ..layout import TARGET, TEXT, BlockLayout
+from ..layout import CONTEXT, TARGET, TEXT, BlockLayout
 from ..plan import BlockPlan
 from ..validation import Ratio, as_tuple, validate_ratio
 from .base import CandidateTable, SelectionMode, context_selection, grid_index, register_mode, top_mask
 from .fixed_measure import fixed_zero_stats, measure_fixed_call
 
-__all__ = ["FixedSettings", "FixedGrid", "FixedMode", "SHARPNESS_METRICS", "RATIO_NAMES", "setting_pairs"]
+__all__ = ["FixedSettings", "FixedGrid", "FixedMode", "SHARPNESS_METRICS", "RATIO_NAMES", "setting_pairs", "heads_pairs"]
 
 #: the sharpness metrics ISA ranks query blocks by
 SHARPNESS_METRICS = ("topk_mass", "l2")
@@ -131,6 +131,26 @@ def setting_pairs(alpha_s: float, alpha_f: float, alpha_ns: float, tokens, block
     return exact, approx
 
 
+def heads_pairs(ratios: Mapping[str, Any], tokens, blocks, heads: int) -> Tuple[float, float]:
+    """(exact pairs, approximated pairs) of one batch entry summed over ``heads`` heads (:func:`setting_pairs`
+    per head); ``ratios`` holds ``alpha_s``, ``alpha_f``, ``alpha_ns``, each a number or one value per head.
+
+    Raises:
+        ValueError: per-head ratios whose length is not ``heads``.
+    """
+    per_head = []
+    for name in RATIO_NAMES:
+        r = ratios[name]
+        if isinstance(r, (tuple, list)) and len(r) != heads:
+            raise ValueError(f"{name} has {len(r)} per-head values for {heads} heads; give one per head or one number")
+        per_head.append(tuple(r) if isinstance(r, (tuple, list)) else (r,) * heads)
+    exact = approx = 0.0
+    for a_s, a_f, a_ns in zip(*per_head):
+        e, a = setting_pairs(a_s, a_f, a_ns, tokens, blocks)
+        exact, approx = exact + e, approx + a
+    return exact, approx
+
+
 class FixedMode(SelectionMode):
     """ISA's fixed ratios (see the module docstring)."""
 
@@ -140,7 +160,7 @@ class FixedMode(SelectionMode):
     per_head_fields = RATIO_NAMES
     profile_fields = ("alpha_s", "alpha_f", "alpha_ns", "sharpness")
     grid_type = FixedGrid
-    executors = ("triton",)
+    executors = ("triton", "sparse")
 
     @property
     def gpu_planners(self):
@@ -156,6 +176,12 @@ class FixedMode(SelectionMode):
 
     def cost_coefficients(self, cost_model) -> Tuple[float, float, float]:
         return cost_model.a, cost_model.b, cost_model.c
+
+    def call_pairs(self, settings: FixedSettings, layout, block_size: int, heads: int) -> Tuple[float, float]:
+        blocks = layout.blocks(block_size)
+        tokens = {kind: layout.num(kind) for kind in ("target", "context", "text")}
+        counts = {"target": blocks.count(TARGET), "context": blocks.count(CONTEXT), "text": blocks.count(TEXT)}
+        return heads_pairs({n: getattr(settings, n) for n in RATIO_NAMES}, tokens, counts, heads)
 
     # ------------------------------------------------------------------ planning
     def plan(self, qbar, kbar, blocks: BlockLayout, settings: FixedSettings, scale: float) -> BlockPlan:
