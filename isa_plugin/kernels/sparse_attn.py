@@ -71,9 +71,9 @@ def _interpreting() -> bool:
 # (KB, BP, num_warps, num_stages) per kind of call; the autotuner times the group of the call's kind
 _CONFIG_GROUPS = {
     # 128-row blocks: one block per key tile (128 keys), two warpgroups (wgmma m64 each) per program,
-    # 64 pseudo-keys per tail tile (128 spill). num_stages 3 keeps two K / V tiles in flight (224 KiB of
+    # 64 or 128 pseudo-keys per tail tile (half or as many tail tiles as exact tiles). num_stages 3 keeps two K / V tiles in flight (224 KiB of
     # shared memory on sm_90; the autotuner drops it where it does not fit)
-    "b128": [(1, 64, 8, 2), (1, 64, 8, 3)],
+    "b128": [(1, 64, 8, 2), (1, 64, 8, 3), (1, 128, 8, 2), (1, 128, 8, 3)],
     # 64-row blocks: key tiles of one or two blocks (64 or 128 keys: two halve the softmax rescales and
     # give wgmma an N of 128). One warpgroup with 128 pseudo-keys per tail tile compiles to about a quarter
     # of the instructions per pseudo-key of two warpgroups with 64 (sm_90 SASS, triton 3.6)
