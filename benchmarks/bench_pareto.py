@@ -334,7 +334,7 @@ def timing_study(args):
         dense = dense_fn()
         t_dense = timer(dense_fn, cuda)
         print(f"N={N} H={H} D={D} {dtype} on {gpu}: dense {t_dense:.2f} ms", flush=True)
-        rows.append(dict(N=N, mode="dense", setting="cuDNN SDPA" if cuda else "torch", ms=t_dense, err_t=0.0, err_c=0.0,
+        rows.append(dict(N=N, H=H, mode="dense", setting="cuDNN SDPA" if cuda else "torch", ms=t_dense, err_t=0.0, err_c=0.0,
                          flops_rel=1.0, ok=True))
         scale = 1.0 / math.sqrt(D)
         for st in fixed + adaptive:
@@ -452,8 +452,14 @@ def fit_executor_costs(rows, gpu, path):
     if not fits:
         return
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    _merge_card(path, gpu, lambda card: card.setdefault("executors", {}).update(
-        {ex: dict(f, date=stamp, torch=torch.__version__) for ex, f in fits.items()}))
+    dense = [r for r in rows if r["mode"] == "dense" and "ms" in r]
+
+    def update(card):
+        card.setdefault("executors", {}).update({ex: dict(f, date=stamp, torch=torch.__version__) for ex, f in fits.items()})
+        if dense and "dense_cudnn_ms_per_gpair" not in card:  # cuDNN's dense rate, the dense alternative of the fit
+            card["dense_cudnn_ms_per_gpair"] = sum(r["ms"] / (r["N"] ** 2 * r["H"] / 1e9) for r in dense) / len(dense)
+
+    _merge_card(path, gpu, update)
     agree = total = 0
     by_setting = {}
     for r in rows:

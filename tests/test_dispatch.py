@@ -116,3 +116,18 @@ def test_choose_takes_the_fastest_eligible_executor(fakes, monkeypatch):
 
 def test_fixed_mode_lists_both_triton_executors():
     assert get_mode("fixed").executors[:2] == ("triton", "sparse")
+
+
+def test_a_card_with_executor_coefficients_only_takes_the_kernels_from_its_triton_entry(tmp_path):
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps({"cards": {"Card Y": {"executors": {
+        "triton": {"ms_per_gexact_pair": 0.93, "ms_per_gpseudo_pair": 12.2, "ms_per_call": 0.5},
+        "sparse": {"ms_per_gexact_pair": 1.63, "ms_per_gpseudo_pair": 3.5}}}}}))
+    cm = load_cost_model(path, device_name="Card Y")
+    assert cm.a == pytest.approx(0.93e-9) and cm.b == pytest.approx(12.2e-9) and cm.c == pytest.approx(0.5)
+    assert cm.executor_time("triton", 1e9, 0.0) == pytest.approx(0.93 + 0.5)
+    assert cm.executor_time("sparse", 1e9, 1e9) == pytest.approx(1.63 + 3.5)
+    # a card measured by the kernel benchmark alone: "triton" is the card's own model, other executors unknown
+    path.write_text(json.dumps({"cards": {"Card Z": {"ms_per_gexact_pair": 0.85, "ms_per_gapprox_pair": 7.7, "ms_per_call": 1.6}}}))
+    cm = load_cost_model(path, device_name="Card Z")
+    assert cm.executor_time("triton", 1e9, 0.0) == pytest.approx(0.85 + 1.6) and cm.executor_time("sparse", 1e9, 0.0) is None

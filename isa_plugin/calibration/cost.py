@@ -16,7 +16,9 @@ and block-mean pseudo-key, ``c`` a per-call constant (planning, launches). Dense
 
 A card's entry may also hold ``executors``: per executor (``"triton"``, ``"sparse"``, ``"flex"``) its own
 ``ms_per_gexact_pair``, ``ms_per_gpseudo_pair`` and ``ms_per_call``, measured by ``benchmarks/bench_pareto.py
---executor-costs``. :mod:`isa_plugin.dispatch` runs a call on the eligible executor they predict fastest.
+--executor-costs``. :mod:`isa_plugin.dispatch` runs a call on the eligible executor they predict fastest. The card's
+own coefficients are those of the ISA kernels (``"triton"``), and a card with ``executors`` only takes them from
+its ``"triton"`` entry.
 
 Without that file, :data:`DEFAULT_COST_MODEL` counts pairs (a = b = 1, c = 0): the predicted relative cost
 is then :meth:`isa_plugin.plan.BlockPlan.relative_cost`.
@@ -94,21 +96,35 @@ class CostModel:
         return max(self.floor, (self.a * exact_pairs + self.b * approx_pairs) * self.dim_scale(head_dim) + self.c)
 
     def adaptive_coefficients(self):
-        """(a, b, c) of the adaptive mode: time ≈ a·exact pairs + b·pseudo pairs + c (see the module docstring)."""
+        """(a, b, c) of the adaptive mode: time ≈ a·exact pairs + b·pseudo pairs + c (see the module docstring); a card
+        without ``adaptive_*`` coefficients but with the block-sparse executor's (``executors.sparse``) uses those."""
         if self.adaptive_a is not None:
             a = self.adaptive_a
             return a, (a if self.adaptive_b is None else self.adaptive_b), (self.c if self.adaptive_c is None else self.adaptive_c)
+        sparse = self.executor_coefficients("sparse")
+        if sparse is not None:
+            return sparse
         if self.dense_a is not None:
             a = self.dense_a / FLEX_DENSE_RATE
             return a, a, self.c
         return self.a, self.a, self.c
 
-    def executor_time(self, name: str, exact_pairs: float, pseudo_pairs: float, head_dim: Optional[int] = None) -> Optional[float]:
-        """Predicted time of one call on executor ``name`` (None when the model has no coefficients for it)."""
+    def executor_coefficients(self, name: str) -> Optional[Tuple[float, float, float]]:
+        """(a, b, c) of executor ``name``, or None when the model has none for it."""
         for n, a, b, c in self.executors:
             if n == name:
-                return (a * exact_pairs + b * pseudo_pairs) * self.dim_scale(head_dim) + c
+                return a, b, c
+        if name == "triton" and self.head_dim_ref is not None:  # a measured card's own coefficients are the ISA kernels'
+            return self.a, self.b, self.c
         return None
+
+    def executor_time(self, name: str, exact_pairs: float, pseudo_pairs: float, head_dim: Optional[int] = None) -> Optional[float]:
+        """Predicted time of one call on executor ``name`` (None when the model has no coefficients for it)."""
+        coef = self.executor_coefficients(name)
+        if coef is None:
+            return None
+        a, b, c = coef
+        return (a * exact_pairs + b * pseudo_pairs) * self.dim_scale(head_dim) + c
 
     def dense_time(self, n_tokens: float, heads: int, head_dim: Optional[int] = None) -> float:
         da = self.a if self.dense_a is None else self.dense_a
@@ -122,6 +138,12 @@ DEFAULT_COST_MODEL = CostModel()
 
 
 def _from_mapping(d: Mapping[str, Any], source: str) -> CostModel:
+    ex = d.get("executors")
+    if "ms_per_gexact_pair" not in d and "a" not in d and isinstance(ex, Mapping) and isinstance(ex.get("triton"), Mapping):
+        # a card measured by the executor benchmark only: the ISA kernels' ("triton") coefficients are the card's own
+        t = ex["triton"]
+        d = {**d, "ms_per_gexact_pair": t.get("ms_per_gexact_pair"), "ms_per_gapprox_pair": t.get("ms_per_gpseudo_pair", 0.0),
+             "ms_per_call": t.get("ms_per_call", 0.0)}
     if "ms_per_gexact_pair" in d:  # the kernel benchmark's least-squares fit, per 1e9 pairs at D = 128
         def num(key, default=0.0):
             v = d.get(key, default)
@@ -199,7 +221,8 @@ def load_cost_model(path: Union[str, Path, None] = None, device_name: Optional[s
         cards = data.get("cards", data) if isinstance(data, Mapping) else None
         if not isinstance(cards, Mapping):
             raise ValueError(f"{p}: expected a JSON object")
-        cards = {k: v for k, v in cards.items() if isinstance(v, Mapping) and ("a" in v or "ms_per_gexact_pair" in v)}
+        cards = {k: v for k, v in cards.items() if isinstance(v, Mapping) and (
+            "a" in v or "ms_per_gexact_pair" in v or "triton" in (v.get("executors") or {}))}
         if not cards:
             raise ValueError(f"{p}: no cost model entry with an 'a' coefficient")
         if device_name is None:

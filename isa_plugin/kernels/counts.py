@@ -10,6 +10,7 @@ count through these two functions, so they agree to the block.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Union
 
 import torch
@@ -44,6 +45,11 @@ def keep_count(alpha: Union[Number, torch.Tensor], n: Union[Number, torch.Tensor
         >>> keep_count(torch.tensor([0.1, 1.0], dtype=torch.float64), 30).tolist()
         [3, 30]
     """
+    if isinstance(n, numbers.Number) and isinstance(alpha, torch.Tensor):
+        # a host count: no tensor is made from it (no host-to-device copy: a CUDA graph can capture this)
+        m = max(float(n), 0.0)
+        c = torch.ceil(alpha.to(torch.float64) * m - _ROUND_OFF)
+        return c.clamp(min=1.0, max=m).to(torch.int64) if m > 0 else torch.zeros_like(c, dtype=torch.int64)
     if isinstance(alpha, torch.Tensor) or isinstance(n, torch.Tensor):
         device = alpha.device if isinstance(alpha, torch.Tensor) else n.device
         a = torch.as_tensor(alpha, dtype=torch.float64, device=device)
