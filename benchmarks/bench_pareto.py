@@ -308,6 +308,8 @@ def timing_study(args):
     if args.quick or args.tiny:  # thin long lists (a list of a few settings given on the command line stays whole)
         fixed = fixed[::5]
         adaptive = adaptive[::7] if len(adaptive) > 7 else adaptive
+    if args.no_fixed_grid:
+        fixed = []
     if args.fixed_defaults:  # the fixed mode's default ratios (b = 64)
         fixed = [{}] + fixed
     fixed = [ISAConfig(backend=ex, **r) for r in fixed for ex in (args.fixed_executors if cuda else ["auto"])]
@@ -600,6 +602,7 @@ def main(argv=None):
     ap.add_argument("--fixed-executors", nargs="+", default=["triton"], choices=["triton", "sparse", "flex"],
                     help="timing study: executors the fixed settings run on")
     ap.add_argument("--fixed-defaults", action="store_true", help="timing study: add the fixed mode's default ratios")
+    ap.add_argument("--no-fixed-grid", action="store_true", help="timing study: no fixed settings but the defaults (with --fixed-defaults)")
     ap.add_argument("--adaptive-masses", type=float, nargs="+", default=[0.7, 0.8, 0.9, 0.95, 0.98])
     ap.add_argument("--adaptive-alpha-s", type=float, nargs="+", default=[0.5, 1.0])
     ap.add_argument("--executor-costs", default=None,

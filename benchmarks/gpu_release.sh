@@ -9,8 +9,9 @@
 # e and f (speed within budget: the Pareto fronts on the block-sparse executor at 65,536 / 65,520 and 131,072, the
 # diffuse workload, the fixed defaults, the Wan forward with the within-budget setting), g (the GPU suite, the Wan
 # forward with both modes), h (LIVEditor's precision regime against float32), i (the executor and planning tests, the
-# precision check in brief, the executors' cost model for dispatch, the planning profile).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|part1|part2
+# precision check in brief, the executors' cost model for dispatch, the planning profile), j (the fused adaptive
+# planner: its tests, its profile, the Pareto settings within budget at three lengths, the Wan forward).
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|j|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -86,5 +87,11 @@ i)
   run executor_costs 200 python benchmarks/bench_pareto.py --n 65536 --heads 40 --quick --fixed-defaults --fixed-executors triton sparse --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 --adaptive-alpha-s 1.0 --adaptive-masses 0.7 0.9 --executor-costs "$OUT/cost_model.json" --out "$OUT/executor_costs"
   run profile_plan 60 python benchmarks/profile_plan.py --n 65536 --heads 40
   ;;
-*) echo "usage: $0 a|b|c|d|e|f|g|h|i|part1|part2"; exit 2 ;;
+j)
+  run gpu_tests_plan 220 python -m pytest -q -m gpu tests/kernels/test_sparse_attn_gpu.py tests/test_plan_reuse.py tests/executors -p no:cacheprovider -n 4
+  run profile_plan 60 python benchmarks/profile_plan.py --n 65536 --heads 40
+  run pareto_fused 200 python benchmarks/bench_pareto.py --n 65536 65520 131072 --heads 40 --modes fixed adaptive --no-fixed-grid --fixed-defaults --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 --adaptive-alpha-s 1.0 --adaptive-masses 0.7 0.8 0.9 --out "$OUT/pareto_fused"
+  run wan_forward 120 python benchmarks/bench_wan_forward.py --layers 8 --reps 3 --warmup 1 --block-size 128 --dense-backends cudnn --config '{"mode": "adaptive", "mass": 0.7, "pseudo_block": 128, "alpha_s": 1.0, "backend": "sparse"}' --record "$OUT/wan_forward.md"
+  ;;
+*) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|part1|part2"; exit 2 ;;
 esac

@@ -188,13 +188,15 @@ class AdaptiveMode(SelectionMode):
         return torch.where(o.is_x[None, None, :, None], kp, n_exact)  # text query blocks: all of KV'
 
     def plan(self, qbar, kbar, blocks: BlockLayout, settings: AdaptiveSettings, scale: float) -> BlockPlan:
+        """The plan of block means q̄, k̄ [B, H, nb, D]: torch ops on the CPU, :meth:`plan_fused` on a GPU."""
+        if qbar.is_cuda:
+            return self.plan_fused(qbar, kbar, blocks, settings, scale)
         B, H, nb, _ = qbar.shape
         dev = qbar.device
         blocks = blocks.to(dev)
         ph = self.per_head(settings, H, device=dev)
         o = self.order(qbar, kbar, blocks, ph["alpha_s"], scale)
-        # the threshold of each query block: context_mass for context query blocks, mass for the others
-        p_q = torch.where((blocks.kinds == CONTEXT)[None, :], ph["context_mass"][:, None], ph["mass"][:, None])  # [H, nb]
+        p_q = self._thresholds(blocks, ph)
         n_exact = self.exact_count(o, p_q[..., None], ph["min_blocks"], ph["max_blocks"])[..., 0]  # [B, H, nb]
         rank = torch.empty_like(o.order)
         rank.scatter_(-1, o.order, torch.arange(nb, device=dev).expand_as(o.order))
@@ -203,6 +205,30 @@ class AdaptiveMode(SelectionMode):
         covered = (o.m * exact_kv).sum(-1)
         return BlockPlan.from_masks(blocks, o.kv_keep, exact_kv, self.pseudo_block(settings, blocks.block_size),
                                     {"covered": covered, "n_exact": n_exact, "saliency": o.saliency.float()})
+
+    @staticmethod
+    def _thresholds(blocks: BlockLayout, ph: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """[H, nb] float64: the threshold of each query block, context_mass for context query blocks, mass for the others."""
+        return torch.where((blocks.kinds == CONTEXT)[None, :], ph["context_mass"][:, None], ph["mass"][:, None])
+
+    def plan_fused(self, qbar, kbar, blocks: BlockLayout, settings: AdaptiveSettings, scale: float) -> BlockPlan:
+        """:meth:`plan` with steps 2-4 and the lists in two Triton kernels (:mod:`isa_plugin.kernels.mass_select`):
+        the pooled logits and the context pre-selection in torch, then one program per query block. No host
+        synchronisation. Rows whose prefix sum lands within float rounding of the threshold may keep one block
+        more or less than the torch planner (the two round the parallel sums differently)."""
+        from ..kernels.mass_select import mass_select_triton
+
+        B, H, nb, _ = qbar.shape
+        dev = qbar.device
+        blocks = blocks.to(dev)
+        ph = self.per_head(settings, H, device=dev)
+        raw = torch.einsum("bhid,bhjd->bhij", qbar, kbar) * scale  # [B, H, nb, nb]
+        kv_keep, saliency = context_selection(torch.softmax(raw, dim=-1), blocks, ph["alpha_s"])
+        log_n = torch.log(blocks.counts.to(qbar.dtype))
+        exact, row_ptr, col_idx, n_exact, covered = mass_select_triton(
+            raw, log_n, kv_keep, blocks.kinds == TEXT, self._thresholds(blocks, ph), ph["min_blocks"], ph["max_blocks"])
+        return BlockPlan(blocks, kv_keep, row_ptr, col_idx, self.pseudo_block(settings, blocks.block_size),
+                         {"covered": covered, "n_exact": n_exact, "saliency": saliency.float()}, _mask=exact)
 
     # ------------------------------------------------------------------ calibration
     def default_grid(self, block_size: int) -> AdaptiveGrid:

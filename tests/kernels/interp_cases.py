@@ -20,7 +20,7 @@ if torch.cuda.is_available():
 # the modules that define Triton kernels or import them, in dependency order; modules imported before
 # TRITON_INTERPRET=1 was set are reloaded (when it was set for the whole session they already interpret, and
 # reloading would register the executors a second time)
-_MODS = [f"isa_plugin.kernels.{m}" for m in ("pooling", "coarse_triton", "isa_attn", "compact", "executor", "select", "flex")]
+_MODS = [f"isa_plugin.kernels.{m}" for m in ("pooling", "coarse_triton", "isa_attn", "compact", "executor", "select", "mass_select", "flex")]
 _MODS += ["isa_plugin.selection.fixed_gpu", "isa_plugin.executors.triton"]
 if os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
@@ -279,3 +279,17 @@ def test_executor_plan_serves_later_inputs(rng):
     fresh = execute_plan_reference(q2.double(), k2.double(), v2.double(), plan_reference(q2.double(), k2.double(), layout, cfg, sc), sc)
     assert (got.double() - ref).abs().max().item() < 1e-5
     assert (fresh - ref).abs().max().item() > 1e-3  # the stale plan is a different plan for these inputs
+
+
+# ---------------------------------------------------------------------------------------------- adaptive selection
+@pytest.mark.parametrize("layout_spans,B,H,settings", [
+    ([("target", 700), ("context", 640)], 2, 3, dict(mass=0.8, alpha_s=0.5)),
+    ([("text", 77), ("target", 1000), ("context", 1), ("context", 600)], 1, 2,
+     dict(mass=(0.6, 0.95), context_mass=0.9, alpha_s=(1.0, 0.25), min_blocks=2, max_blocks=(0, 5))),
+    ([("target", 512), ("context", 512)], 1, 2, dict(mass=1.0, alpha_s=1.0)),
+])
+def test_fused_adaptive_planner_equals_the_torch_planner(layout_spans, B, H, settings):
+    """``AdaptiveMode.plan_fused`` (the GPU planner's two Triton kernels) gives the torch planner's plan."""
+    from sparse_attn_helpers import check_fused_adaptive_plan
+
+    check_fused_adaptive_plan(Layout(layout_spans), B, H, settings, device="cpu")

@@ -83,3 +83,38 @@ def reference_out(out, q, k, v, plan: BlockPlan, scale: Optional[float] = None, 
     ref = plan_rows(q, k, v, plan, rows, scale)
     base = plan_rows(q, k, v, plan, rows, scale, lowp=True)
     return check_close(out[:, rows], ref, base, atol=1e-3 if q.dtype != torch.float32 else 1e-5)
+
+
+def check_fused_adaptive_plan(layout, B, H, settings, device, block_size=64, D=32):
+    """``AdaptiveMode.plan_fused`` on ``device`` against the torch planner on the CPU, from the same block means:
+    KV', exact masks, k*, covered mass and the CSR lists (ascending ids at the row offsets, -1 after). A row may
+    differ only where a prefix sum lands within float rounding (1e-5) of its threshold, and at most 2% of rows."""
+    from isa_plugin.selection import get_mode
+
+    mode = get_mode("adaptive")
+    blocks = layout.blocks(block_size)
+    nb = blocks.num_blocks
+    g = torch.Generator().manual_seed(nb)
+    qbar = torch.randn(B, H, nb, D, generator=g)
+    kbar = torch.randn(B, H, nb, D, generator=g) * 0.7
+    st = mode.settings(block_size, **settings)
+    scale = D ** -0.5
+    ref = mode.plan(qbar, kbar, blocks, st, scale)
+    got = mode.plan_fused(qbar.to(device), kbar.to(device), blocks, st, scale)
+    got_mask = got.exact_mask().cpu()
+    assert torch.equal(ref.kv_keep, got.kv_keep.cpu())
+    same = (ref.exact_mask() == got_mask).all(-1)  # [B, H, nb]
+    if not bool(same.all()):
+        ph = mode.per_head(st, H)
+        o = mode.order(qbar, kbar, blocks, ph["alpha_s"], scale)
+        p = mode._thresholds(blocks, ph)[None, :, :, None].expand_as(o.reached)
+        gap = (o.reached - p).abs().min(-1).values
+        assert bool((gap[~same] < 1e-5).all()) and (~same).float().mean() < 0.02, gap[~same]
+    assert torch.equal(ref.diagnostics["n_exact"][same], got.diagnostics["n_exact"].cpu()[same])
+    torch.testing.assert_close(got.diagnostics["covered"].cpu()[same], ref.diagnostics["covered"][same].float(), atol=1e-5, rtol=1e-5)
+    row_ptr, col_idx = got.row_ptr.cpu(), got.col_idx.cpu()
+    assert torch.equal(row_ptr[..., 1:] - row_ptr[..., :-1], got_mask.sum(-1))
+    rebuilt = BlockPlan.from_masks(blocks, got.kv_keep.cpu(), got_mask, got.pseudo_block)
+    n = rebuilt.col_idx.shape[-1]
+    assert torch.equal(rebuilt.row_ptr, row_ptr) and torch.equal(rebuilt.col_idx, col_idx[..., :n])
+    assert bool((col_idx[..., n:] == -1).all())

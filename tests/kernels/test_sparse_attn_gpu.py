@@ -211,3 +211,13 @@ def test_whole_call_without_host_synchronisation_in_a_cuda_graph(mode, settings)
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, call())
+
+
+@pytest.mark.parametrize("spans,B,H,settings", [
+    ([("target", 32768), ("context", 32768)], 1, 4, dict(mass=0.7, alpha_s=1.0)),
+    (RAGGED, 2, 3, dict(mass=(0.6, 0.95, 0.9), context_mass=0.8, alpha_s=0.5, min_blocks=2, max_blocks=(0, 5, 0))),
+])
+def test_fused_adaptive_planner_on_gpu_equals_the_torch_planner(spans, B, H, settings):
+    from sparse_attn_helpers import check_fused_adaptive_plan
+
+    check_fused_adaptive_plan(Layout(spans), B, H, settings, device="cuda", block_size=128, D=128)
