@@ -10,8 +10,9 @@
 # diffuse workload, the fixed defaults, the Wan forward with the within-budget setting), g (the GPU suite, the Wan
 # forward with both modes), h (LIVEditor's precision regime against float32), i (the executor and planning tests, the
 # precision check in brief, the executors' cost model for dispatch, the planning profile), j (the fused adaptive
-# planner: its tests, its profile, the Pareto settings within budget at three lengths, the Wan forward).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|j|part1|part2
+# planner: its tests, its profile, the Pareto settings within budget at three lengths, the Wan forward), k (the GPU
+# suite, the exact-pair rate, the planning profile, the diffuse workload).
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|j|k|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -93,5 +94,11 @@ j)
   run pareto_fused 200 python benchmarks/bench_pareto.py --n 65536 65520 131072 --heads 40 --modes fixed adaptive --no-fixed-grid --fixed-defaults --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 --adaptive-alpha-s 1.0 --adaptive-masses 0.7 0.8 0.9 --out "$OUT/pareto_fused"
   run wan_forward 120 python benchmarks/bench_wan_forward.py --layers 8 --reps 3 --warmup 1 --block-size 128 --dense-backends cudnn --config '{"mode": "adaptive", "mass": 0.7, "pseudo_block": 128, "alpha_s": 1.0, "backend": "sparse"}' --record "$OUT/wan_forward.md"
   ;;
-*) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|part1|part2"; exit 2 ;;
+k)
+  run gpu_suite 330 python -m pytest -q -m gpu tests -p no:cacheprovider -n 8
+  run sparse_bench 120 python benchmarks/bench_sparse_executor.py --json "$OUT/sparse_bench.json"
+  run profile_plan 60 python benchmarks/profile_plan.py --n 65536 --heads 40
+  run pareto_diffuse 100 python benchmarks/bench_pareto.py --n 65536 --heads 40 --workload diffuse --modes fixed adaptive --no-fixed-grid --fixed-defaults --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 --adaptive-alpha-s 1.0 0.5 --adaptive-masses 0.7 0.8 0.9 0.95 --out "$OUT/pareto_diffuse"
+  ;;
+*) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|part1|part2"; exit 2 ;;
 esac
