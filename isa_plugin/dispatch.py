@@ -11,6 +11,7 @@ The rule (:func:`choose_executor`), one place for every caller of :func:`~isa_pl
    executor, the CPU) the first eligible executor in the mode's order serves.
 
 The choice reads only shapes, dtypes, the layout and the config (no device value), and is cached per call shape.
+Inside ``torch.compile`` the mode's order decides (no cost-model lookup in the traced graph).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def choose_executor(q: torch.Tensor, layout, config, names: Sequence[str]) -> Tu
     Returns:
         ``(name, None)``, or ``(None, reason)`` when none of them can serve it (the last one's reason).
     """
+    if torch.compiler.is_compiling():  # traced: no cache lookups or file reads in the graph; the mode's order decides
+        return _choose(q, layout, config, tuple(names), rank=False)
     key = (tuple(names), tuple(q.shape), q.dtype, str(q.device), q.stride(-1), layout, config)
     try:
         return _choose_cached(key, q, layout, config, tuple(names))
@@ -73,7 +76,7 @@ def _choose_cached(key, q, layout, config, names):
     return hit
 
 
-def _choose(q, layout, config, names) -> Tuple[Optional[str], Optional[str]]:
+def _choose(q, layout, config, names, rank: bool = True) -> Tuple[Optional[str], Optional[str]]:
     eligible, why_not = [], None
     for name in names:
         why_not = get_executor(name).ineligible(q, config)
@@ -81,7 +84,7 @@ def _choose(q, layout, config, names) -> Tuple[Optional[str], Optional[str]]:
             eligible.append(name)
     if not eligible:
         return None, why_not
-    if len(eligible) > 1 and q.is_cuda:
+    if rank and len(eligible) > 1 and q.is_cuda:
         times = predicted_times(eligible, q, layout, config)
         if times is not None:
             return min(eligible, key=lambda n: (times[n], eligible.index(n))), None
