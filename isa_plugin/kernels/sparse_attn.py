@@ -165,6 +165,7 @@ def _sparse_attn_fwd_kernel(
     KB: tl.constexpr,  # key blocks per exact tile, 1 or 2 (tile = KB * BLOCK keys): static dot shape
     BP: tl.constexpr,  # pseudo-keys per tail tile
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots instead of tf32
+    TAIL: tl.constexpr = True,  # False: the exact part alone (a benchmark's timing of it; the output lacks the pseudo-keys)
 ):
     tl.static_assert(BLOCK >= 16)
     tl.static_assert(BP >= 16)
@@ -199,6 +200,8 @@ def _sparse_attn_fwd_kernel(
     # exact one: in the other order ptxas serialises the exact loop's wgmma (C7515) on sm_90.)
     kv_len = tl.load(KV_LEN + i_bh)
     n_tail = tl.where(kv_len > l_len, kv_len, 0)  # full rows (list == KV') skip the tail
+    if not TAIL:
+        n_tail = 0
     o_p = tl.arange(0, BP)
     p_kvl = KV_LIST + i_bh64 * nb
     p_bar = i_bh64 * nb * D + o_d[None, :]
@@ -428,11 +431,12 @@ def _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_si
     return {"out": out, "grid": (B * H * nb,), "args": args, "consts": consts}
 
 
-def _launch(prepared: dict, config: Optional[dict] = None) -> None:
-    """The attention kernel on :func:`_prepare`'s arguments (autotuned, or with ``config``)."""
+def _launch(prepared: dict, config: Optional[dict] = None, exact_only: bool = False) -> None:
+    """The attention kernel on :func:`_prepare`'s arguments (autotuned, or with ``config``); ``exact_only`` skips the
+    pseudo-key tail (a benchmark times the exact part with it; the output is then not the plan's)."""
     if prepared["grid"] is None:
         return
-    grid, args, consts = prepared["grid"], prepared["args"], prepared["consts"]
+    grid, args, consts = prepared["grid"], prepared["args"], dict(prepared["consts"], TAIL=not exact_only)
     if config is None:
         _sparse_attn_fwd_tuned[grid](*args, **consts)
     else:
