@@ -120,19 +120,43 @@ def _call_setup(bs=128):
     return q, k, v, plan
 
 
+def _assert_no_host_sync(call):
+    """After a first (autotuning, cache-filling) call, ``call()`` reads no device value on the host; returns its output."""
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return out
+
+
+def _assert_graph_replays(call, q, k, v, seed):
+    """``call()`` captures in a CUDA graph; replays after copying new inputs into q, k, v equal eager calls."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()  # warm the side stream (allocator pools)
+        with torch.cuda.graph(g, stream=s):
+            static_out = call()
+    torch.cuda.current_stream().wait_stream(s)
+    for i in (1, 2):
+        nq, nk, nv = _inputs(*q.shape, q.dtype, seed=seed + i)
+        q.copy_(nq), k.copy_(nk), v.copy_(nv)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, call())
+
+
 def test_no_host_synchronisation():
     """After a first (autotuning) call, a call reads no device value on the host."""
     from isa_plugin.kernels.sparse_attn import execute_block_plan
 
     q, k, v, plan = _call_setup()
-    execute_block_plan(q, k, v, plan)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = execute_block_plan(q, k, v, plan)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    out = _assert_no_host_sync(lambda: execute_block_plan(q, k, v, plan))
     assert not out.isnan().any()
 
 
@@ -143,21 +167,7 @@ def test_cuda_graph_capture_and_replay():
     q, k, v, plan = _call_setup()
     execute_block_plan(q, k, v, plan)  # autotune and fill the caches outside the capture
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        execute_block_plan(q, k, v, plan)  # warm the side stream (allocator pools)
-        with torch.cuda.graph(g, stream=s):
-            static_out = execute_block_plan(q, k, v, plan)
-    torch.cuda.current_stream().wait_stream(s)
-    for seed in (1, 2):
-        nq, nk, nv = _inputs(*q.shape, q.dtype, seed=100 + seed)
-        q.copy_(nq), k.copy_(nk), v.copy_(nv)
-        g.replay()
-        torch.cuda.synchronize()
-        eager = execute_block_plan(q, k, v, plan)
-        assert torch.equal(static_out, eager)
+    _assert_graph_replays(lambda: execute_block_plan(q, k, v, plan), q, k, v, seed=100)
 
 
 def test_compile_fullgraph():
@@ -188,29 +198,8 @@ def test_whole_call_without_host_synchronisation_in_a_cuda_graph(mode, settings)
     def call():
         return executor.run(q, k, v, layout, config, 128 ** -0.5)
 
-    call()  # autotune, fill the caches
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        eager = call()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    assert eager.isfinite().all()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()
-        with torch.cuda.graph(g, stream=s):
-            static_out = call()
-    torch.cuda.current_stream().wait_stream(s)
-    for seed in (1, 2):
-        nq, nk, nv = _inputs(*q.shape, q.dtype, seed=200 + seed)
-        q.copy_(nq), k.copy_(nk), v.copy_(nv)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, call())
+    assert _assert_no_host_sync(call).isfinite().all()
+    _assert_graph_replays(call, q, k, v, seed=200)
 
 
 @pytest.mark.parametrize("spans,B,H,settings", [
