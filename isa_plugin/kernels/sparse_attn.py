@@ -73,11 +73,12 @@ _CONFIG_GROUPS = {
     # 128-row blocks: one block per key tile (128 keys), two warpgroups (wgmma m64 each) per program,
     # 64 or 128 pseudo-keys per tail tile (half or as many tail tiles as exact tiles). num_stages 3 keeps two K / V tiles in flight (224 KiB of
     # shared memory on sm_90; the autotuner drops it where it does not fit)
-    "b128": [(1, 64, 8, 2), (1, 64, 8, 3), (1, 128, 8, 2), (1, 128, 8, 3)],
+    "b128": [(1, 64, 8, 2), (1, 64, 8, 3), (1, 128, 8, 2), (1, 128, 8, 3), (1, 64, 8, 2, True), (1, 64, 8, 3, True)],
     # 64-row blocks: key tiles of one or two blocks (64 or 128 keys: two halve the softmax rescales and
     # give wgmma an N of 128). One warpgroup with 128 pseudo-keys per tail tile compiles to about a quarter
     # of the instructions per pseudo-key of two warpgroups with 64 (sm_90 SASS, triton 3.6)
-    "b64": [(1, 64, 4, 2), (1, 128, 4, 2), (1, 128, 4, 3), (2, 128, 4, 2), (2, 128, 4, 3), (2, 64, 8, 2), (2, 64, 8, 3)],
+    "b64": [(1, 64, 4, 2), (1, 128, 4, 2), (1, 128, 4, 3), (2, 128, 4, 2), (2, 128, 4, 3), (2, 64, 8, 2), (2, 64, 8, 3),
+            (1, 128, 4, 2, True), (1, 128, 4, 3, True)],
     # 16 / 32-row blocks (plans with fine pseudo-keys)
     "small": [(2, 64, 4, 2)],
     # float32 (IEEE dots, no tensor cores): no pipelining, the tiles alone fill the shared memory
@@ -92,19 +93,26 @@ def _group(block: int, ieee: bool, d: int) -> str:
     return "b128" if block >= 128 else "b64" if block == 64 else "small"
 
 
+def _entry(e) -> tuple:
+    """(KB, BP, num_warps, num_stages, TMA) of a config group entry (TMA off unless listed)."""
+    return tuple(e) if len(e) == 5 else (*e, False)
+
+
 def _configs():
     if _interpreting():
         # one config: the interpreter cannot time configs (tests pick others through ``config=``)
-        return [triton.Config({"KB": 1, "BP": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"KB": kb, "BP": bp}, num_warps=w, num_stages=st)
-            for group in _CONFIG_GROUPS.values() for kb, bp, w, st in group]
+        return [triton.Config({"KB": 1, "BP": 64, "TMA": False}, num_warps=4, num_stages=1)]
+    return [triton.Config({"KB": kb, "BP": bp, "TMA": tma}, num_warps=w, num_stages=st)
+            for group in _CONFIG_GROUPS.values() for kb, bp, w, st, tma in map(_entry, group)]
 
 
 def _prune(configs, named_args, **kwargs):
     meta = dict(named_args, **kwargs)
-    want = set(_CONFIG_GROUPS[_group(meta.get("BLOCK", 64), bool(meta.get("IEEE", False)), meta.get("D", 128))])
-    keep = [c for c in configs if (c.kwargs["KB"], c.kwargs["BP"], c.num_warps, c.num_stages) in want]
-    return keep or configs[:1]
+    want = {_entry(e) for e in _CONFIG_GROUPS[_group(meta.get("BLOCK", 64), bool(meta.get("IEEE", False)), meta.get("D", 128))]}
+    tma_ok = bool(meta.get("TMA_OK", False))
+    keep = [c for c in configs if (c.kwargs["KB"], c.kwargs["BP"], c.num_warps, c.num_stages, c.kwargs["TMA"]) in want
+            and (tma_ok or not c.kwargs["TMA"])]
+    return keep or [c for c in configs if not c.kwargs["TMA"]][:1]
 
 
 # ---------------------------------------------------------------------------------------------- kernel
@@ -150,6 +158,7 @@ def _exact_bits_kernel(
 @triton.jit(do_not_specialize=["H", "nb", "nnz", "n_words"])
 def _sparse_attn_fwd_kernel(
     Q, K, V, O,
+    K_DESC, V_DESC,  # TMA descriptors of k, v as [B, N, H*D] with [1, BLOCK, D] boxes (TMA=True), else k, v again
     KBAR, VBAR, LOG2N, POISON,
     STARTS, COUNTS,
     ROW_PTR, COL_IDX,
@@ -166,10 +175,13 @@ def _sparse_attn_fwd_kernel(
     BP: tl.constexpr,  # pseudo-keys per tail tile
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots instead of tf32
     TAIL: tl.constexpr = True,  # False: the exact part alone (a benchmark's timing of it; the output lacks the pseudo-keys)
+    TMA: tl.constexpr = False,  # exact K / V tiles through the TMA descriptors (KB = 1; Hopper)
+    TMA_OK: tl.constexpr = False,  # the call has descriptors (an autotuning key: TMA configs are pruned otherwise)
 ):
     tl.static_assert(BLOCK >= 16)
     tl.static_assert(BP >= 16)
     tl.static_assert(KB == 1 or KB == 2)
+    tl.static_assert(KB == 1 or not TMA)
     i_w = tl.program_id(0)
     i_item = tl.load(ORDER + i_w)
     i_bh = i_item // nb
@@ -260,8 +272,14 @@ def _sparse_attn_fwd_kernel(
         else:
             m_n = o_t < c0  # [BLOCK]
             o_row = s0.to(tl.int64) + o_t
-        b_k = tl.load(p_k0 + o_row[:, None] * sk_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
-        b_v = tl.load(p_v0 + o_row[:, None] * sv_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
+        if TMA:
+            # whole [BLOCK, D] boxes: rows past the block's count are the head's next tokens (masked out of the
+            # scores below; a non-finite value there poisons the head anyway) or zeros past the sequence
+            b_k = K_DESC.load([i_b.to(tl.int32), s0, (i_h * D).to(tl.int32)]).reshape(BLOCK, D)
+            b_v = V_DESC.load([i_b.to(tl.int32), s0, (i_h * D).to(tl.int32)]).reshape(BLOCK, D)
+        else:
+            b_k = tl.load(p_k0 + o_row[:, None] * sk_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
+            b_v = tl.load(p_v0 + o_row[:, None] * sv_n, mask=m_n[:, None], other=0.0)  # [KB*BLOCK, D]
         if IEEE:
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BLOCK, KB*BLOCK]
         else:
@@ -286,7 +304,7 @@ def _sparse_attn_fwd_kernel(
 
 _sparse_attn_fwd_tuned = triton.autotune(
     # nb in the key: a problem of another size is tuned again (a pipeline repeats a few shapes)
-    configs=_configs(), key=["D", "BLOCK", "IEEE", "nb"], prune_configs_by={"early_config_prune": _prune}
+    configs=_configs(), key=["D", "BLOCK", "IEEE", "nb", "TMA_OK"], prune_configs_by={"early_config_prune": _prune}
 )(_sparse_attn_fwd_kernel)
 
 
@@ -370,7 +388,7 @@ def sparse_attn_fwd(
         block_size: the blocking's nominal block size (every count <= block_size).
         scale: softmax scale.
         out: optional [B, N, H, D] buffer in q's dtype (every element is written).
-        config: launch these meta-parameters (``{"KB", "BP", "num_warps", "num_stages"}``) instead of the
+        config: launch these meta-parameters (``{"KB", "BP", "num_warps", "num_stages", "TMA"}``) instead of the
             autotuned ones (tests use it to cover every tile shape under the interpreter).
 
     Returns:
@@ -379,9 +397,9 @@ def sparse_attn_fwd(
     Raises:
         ValueError: unknown keys in ``config``.
     """
-    if config is not None and set(config) - {"KB", "BP", "num_warps", "num_stages"}:
-        raise ValueError(f"unknown launch parameters {sorted(set(config) - {'KB', 'BP', 'num_warps', 'num_stages'})}; "
-                         "known: KB, BP, num_warps, num_stages")
+    if config is not None and set(config) - {"KB", "BP", "num_warps", "num_stages", "TMA"}:
+        raise ValueError(f"unknown launch parameters {sorted(set(config) - {'KB', 'BP', 'num_warps', 'num_stages', 'TMA'})}; "
+                         "known: KB, BP, num_warps, num_stages, TMA")
     prepared = _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale, out)
     _launch(prepared, config)
     return prepared["out"]
@@ -419,16 +437,39 @@ def _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_si
     n_words = (nb + 31) // 32
     bits = torch.empty(B * H * nb, n_words, device=q.device, dtype=torch.int32)
     _exact_bits_kernel[(B * H * nb,)](rp, ci, bits, nb, nnz, n_words, CH=64, WP=max(2, triton.next_power_of_2(n_words)), num_warps=4)
+    BLOCK = max(16, triton.next_power_of_2(bs))
+    descs = _tma_descriptors(k, v, BLOCK)
     args = (
-        q, k, v, out, kbar, vbar, log2n, poison, starts, counts, rp, ci, kv_list, kv_len, bits, order,
+        q, k, v, out, *(descs or (k, v)), kbar, vbar, log2n, poison, starts, counts, rp, ci, kv_list, kv_len, bits, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, nb, nnz, n_words, float(scale) * _LOG2E,
     )
-    consts = {"D": D, "BLOCK": max(16, triton.next_power_of_2(bs)), "IEEE": q.dtype == torch.float32}
+    consts = {"D": D, "BLOCK": BLOCK, "IEEE": q.dtype == torch.float32, "TMA_OK": descs is not None}
     return {"out": out, "grid": (B * H * nb,), "args": args, "consts": consts}
+
+
+def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block: int):
+    """Host TMA descriptors of k and v as [B, N, H*D] with [1, block, D] boxes, or None where TMA cannot serve them
+    (before Hopper, float32, a head stride other than D, unaligned strides or data)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover
+        return None
+    if k.dtype not in (torch.float16, torch.bfloat16) or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9):
+        return None
+    if not k.is_cuda and not _interpreting():
+        return None
+    B, N, H, D = k.shape
+    out = []
+    for t in (k, v):
+        sb, sn, sh, sd = t.stride()
+        if sd != 1 or sh != D or (sb * t.element_size()) % 16 or (sn * t.element_size()) % 16 or t.data_ptr() % 16:
+            return None
+        out.append(TensorDescriptor(t, [B, N, H * D], [sb, sn, 1], [1, block, D]))
+    return tuple(out)
 
 
 def _launch(prepared: dict, config: Optional[dict] = None, exact_only: bool = False) -> None:
@@ -440,8 +481,10 @@ def _launch(prepared: dict, config: Optional[dict] = None, exact_only: bool = Fa
     if config is None:
         _sparse_attn_fwd_tuned[grid](*args, **consts)
     else:
+        if config.get("TMA", False) and not consts["TMA_OK"]:
+            raise ValueError("config TMA=True but these k, v cannot be loaded through TMA descriptors")
         _sparse_attn_fwd_kernel[grid](
-            *args, **consts, KB=config.get("KB", 1), BP=config.get("BP", 64),
+            *args, **consts, KB=config.get("KB", 1), BP=config.get("BP", 64), TMA=config.get("TMA", False),
             num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
         )
 

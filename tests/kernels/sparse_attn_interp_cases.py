@@ -37,6 +37,7 @@ pytestmark = pytest.mark.interpreter
 # tile shapes of the kernel the cases run with (the autotuner's one interpreter config is KB=1)
 KB2 = {"KB": 2, "BP": 16, "num_warps": 4, "num_stages": 1}
 KB1 = {"KB": 1, "BP": 32, "num_warps": 4, "num_stages": 1}
+TMA = {"KB": 1, "BP": 32, "num_warps": 4, "num_stages": 1, "TMA": True}
 
 
 def _run(q, k, v, plan, config=None, scale=None):
@@ -62,6 +63,8 @@ def _assert_matches(out, q, k, v, plan, scale=None):
         (LAYOUTS[2], 64, 1, 2, 128, torch.float16, None),  # the autotuner's (interpreter) config
         (LAYOUTS[0], 128, 2, 1, 64, torch.float16, KB1),
         (LAYOUTS[3], 128, 1, 2, 128, torch.float32, None),
+        (LAYOUTS[1], 64, 2, 2, 64, torch.float16, TMA),  # K / V through TMA descriptors (short blocks: whole boxes)
+        (LAYOUTS[0], 128, 1, 2, 128, torch.float16, TMA),
     ],
 )
 def test_matches_reference(rng, spans, bs, B, H, D, dtype, config):

@@ -46,7 +46,7 @@ def _group_configs(bs, dtype, D):
     from isa_plugin.kernels import sparse_attn
 
     group = sparse_attn._CONFIG_GROUPS[sparse_attn._group(bs, dtype == torch.float32, D)]
-    return [{"KB": kb, "BP": bp, "num_warps": w, "num_stages": st} for kb, bp, w, st in group]
+    return [{"KB": kb, "BP": bp, "num_warps": w, "num_stages": st, "TMA": tma} for kb, bp, w, st, tma in map(sparse_attn._entry, group)]
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 128), (torch.bfloat16, 64), (torch.float16, 64)])
