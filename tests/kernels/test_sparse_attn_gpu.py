@@ -187,6 +187,7 @@ def test_whole_call_without_host_synchronisation_in_a_cuda_graph(mode, settings)
     """Planning included (pooling, context saliency, the mode's selection, the lists) and execution: after a
     first call, a whole call reads no device value on the host and captures in a CUDA graph whose replays on
     new inputs equal eager calls."""
+    import isa_plugin.executors  # noqa: F401  (registers the package's executors)
     from isa_plugin import ISAConfig
     from isa_plugin.execution import get_executor
 
