@@ -66,6 +66,7 @@ import isa_plugin  # noqa: E402
 from isa_plugin.adapters import observe_attention  # noqa: E402
 from isa_plugin.adapters.families.wan import WanICLLayout  # noqa: E402
 from isa_plugin.calibration import CalibrationStats, fit_profile, load_cost_model  # noqa: E402
+from isa_plugin.calibration.statistics import Grid  # noqa: E402
 from isa_plugin.calibration.recorder import StatsObserver  # noqa: E402
 
 #: per family: the realistic shape, and a CPU smoke-test shape (``--tiny``). Sizes are latent units: Wan's
@@ -172,6 +173,8 @@ def parse_args(argv=None):
     for name in SAMPLING:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {SAMPLING[name]} (smaller with --tiny)")
     ap.add_argument("--budget", type=float, default=0.05)
+    ap.add_argument("--mode", dest="modes", action="append", metavar="MODE",
+                    help="a selection mode to measure, as isa calibrate --mode; repeat for several (default: fixed)")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu (default with --tiny)")
     ap.add_argument("--json", default=None, help="write the result as JSON here")
     a = ap.parse_args(argv)
@@ -201,6 +204,8 @@ def main(argv=None):
           f"parameters; {tokens} self-attention tokens per entry, {len(calls)} forwards ({entries} batch entries: "
           f"{a.videos} videos x {a.timesteps} timesteps x 2 CFG branches); built in {time.perf_counter() - t0:.1f} s", flush=True)
     sampling = dict(block_size=a.block_size, blocks_per_kind=a.blocks_per_kind, tokens_per_block=a.tokens_per_block)
+    grid = Grid.defaults(a.modes or ["fixed"], a.block_size)
+    print(f"modes measured: {', '.join(grid.modes)}", flush=True)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -218,7 +223,7 @@ def main(argv=None):
 
         # ---------------------------------------------------------------- calibration
         # warm-up (allocator, kernels) on a throw-away accumulator; the observed output must be the stock one
-        warm = CalibrationStats(**sampling)
+        warm = CalibrationStats(grid, **sampling)
         with observe_attention(model, StatsObserver(warm), layout=layout):
             out = model(**calls[0][1])[0]
         if not warm.layers:
@@ -234,7 +239,7 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         sync(dev)
         t = time.perf_counter()
-        stats = CalibrationStats(**sampling)
+        stats = CalibrationStats(grid, **sampling)
         observer = StatsObserver(stats)
         with observe_attention(model, observer, layout=layout):
             for vid, c in calls:
@@ -285,7 +290,7 @@ def main(argv=None):
         "shape": {k: getattr(a, k) for k in SHAPES[a.family]["full"]} | {"tokens": tokens, "parameters": params},
         "forwards": n, "batch_entries": entries, "dense_s": dense_s, "record_s": record_s, "fit_s": fit_s,
         "calibration_s": calib_s, "ratio": ratio, "dense_peak_gib": dense_peak, "calibration_peak_gib": calib_peak,
-        "sampling": sampling, "profile": s, "worst_held_out_error": worst_held,
+        "sampling": sampling, "modes": sorted(grid.modes), "profile": s, "worst_held_out_error": worst_held,
     }
     if a.json:
         with open(a.json, "w") as f:

@@ -19,11 +19,14 @@ on held-out samples 100, 101 (relative L1 of all target / context query outputs 
   samples themselves meet the budget (every token measured, no margin).
 
 Also: per variant the calibration time ratio (statistics collection of ``CalibrationStats.observe`` /
-dense SDPA forward of the same q, k, v), and the error-against-cost curves of single settings (all layers
-alike) on the held-out samples, plotted with the variants' profiles (``--plot``).
+dense SDPA forward of the same q, k, v), the same ratio for each mode's grid alone (every call timed
+``--timing-repeats`` times, the fastest counts; ``--timing-only`` measures this alone), and the
+error-against-cost curves of single settings (all layers alike) on the held-out samples, plotted with the
+variants' profiles (``--plot``).
 
-Example:
-    python benchmarks/bench_levers.py --threads 2            # ~2-4 minutes on 2 CPU cores
+Examples:
+    python benchmarks/bench_levers.py --threads 2                 # ~2-4 minutes on 2 CPU cores
+    python benchmarks/bench_levers.py --threads 2 --timing-only   # the calibration time alone, seconds
 """
 
 from __future__ import annotations
@@ -175,10 +178,39 @@ def summarise(held):
             "worst_c": max(x["error_context"] for x in held.values()), "layers": held}
 
 
+def calibration_time(model, a):
+    """Seconds of statistics collection (``CalibrationStats.observe``) and of dense SDPA for each mode's grid alone
+    (fixed: ``Grid()``; adaptive: its default grid alone): every call of the calibration samples is timed
+    ``a.timing_repeats`` times, collection and dense alternately, and the fastest of each counts (a shared
+    machine's load only adds time)."""
+    out = {}
+    for mname, grid in (("fixed alone", Grid()), ("adaptive alone", Grid(["adaptive"], mass=ADAPTIVE_MASS))):
+        stats = CalibrationStats(grid, blocks_per_kind=a.blocks_per_kind, tokens_per_block=a.tokens_per_block)
+        timing = {"observe": 0.0, "dense": 0.0}
+        for s in a.samples:
+            for layer, name in enumerate(model.layer_names):
+                q, k, v, layout = model.sample(layer, s)
+                best = {"observe": float("inf"), "dense": float("inf")}
+                for _ in range(a.timing_repeats):
+                    t = time.perf_counter()
+                    stats.observe(name, q, k, v, layout, sample=s)
+                    best["observe"] = min(best["observe"], time.perf_counter() - t)
+                    t = time.perf_counter()
+                    F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                    best["dense"] = min(best["dense"], time.perf_counter() - t)
+                for key in timing:
+                    timing[key] += best[key]
+        out[mname] = timing
+    return out
+
+
 def run_workload(name, a):
     model = workload_model(name, a)
     spec = model.spec
     res = {"workload": name, "tokens": 2 * spec.tokens_per_video, "variants": {}}
+    if a.timing_only:
+        res["timing"] = calibration_time(model, a)
+        return res
     variants = [("fixed", Grid(), a.bisections, False), ("former", Grid(mass=FORMER_MASS), 0, False),
                 ("fine", Grid(mass=ADAPTIVE_MASS), 0, False), ("fine+bisect", Grid(mass=ADAPTIVE_MASS), a.bisections, False)]
     if not a.skip_subblock:
@@ -204,11 +236,7 @@ def run_workload(name, a):
                                       observe_s=timing["observe"], dense_s=timing["dense"], calibrate_s=t_cal, fit_s=t_fit)
         print(f"{name} {vname}: cost {res['variants'][vname]['cost']:.3f}, worst t/c {res['variants'][vname]['worst_t']:.3f}/"
               f"{res['variants'][vname]['worst_c']:.3f}, observe/dense {timing['observe'] / timing['dense']:.2f}", flush=True)
-    # timing of each mode alone (fixed: Grid(); adaptive: its default grid alone)
-    for mname, grid in (("fixed alone", Grid()), ("adaptive alone", Grid(["adaptive"], mass=ADAPTIVE_MASS))):
-        timing = {}
-        calibrate(model, a.samples, grid, a, timing)
-        res.setdefault("timing", {})[mname] = timing
+    res["timing"] = calibration_time(model, a)
     # the oracle: every token of the held-out samples measured, the best single layer-wide setting per layer
     full = argparse.Namespace(**dict(vars(a), blocks_per_kind=1 << 20, tokens_per_block=1 << 20))
     ho_stats = calibrate(model, a.held_out, Grid(mass=ADAPTIVE_MASS), full, {})
@@ -222,22 +250,25 @@ def run_workload(name, a):
 
 
 def table(results, budget):
-    lines = ["| workload | variant | cost (pairs / N²) | × former | × oracle | worst held-out err t/c | modes per layer | margins | "
-             "observe / dense SDPA |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        v = r["variants"]
-        for name, x in v.items():
-            ratio = f"{x['observe_s'] / x['dense_s']:.1f}" if "observe_s" in x else ""
-            marg = ", ".join(f"{m:.2f}" for m in x.get("margins", []))
-            lines.append(f"| {r['workload']} | {name} | {x['cost']:.3f} | {x['cost'] / v['former']['cost']:.2f} | "
-                         f"{x['cost'] / v['oracle']['cost']:.2f} | {x['worst_t']:.3f}/{x['worst_c']:.3f} | "
-                         f"{', '.join(x['modes'].values())} | {marg} | {ratio} |")
-    lines += ["", "Calibration time (statistics collection / dense SDPA forward of the same q, k, v; each mode's grid alone):", "",
-              "| workload | fixed | adaptive |", "|---|---|---|"]
+    lines = []
+    if any(r["variants"] for r in results):
+        lines += ["| workload | variant | cost (pairs / N²) | × former | × oracle | worst held-out err t/c | modes per layer | "
+                  "margins | observe / dense SDPA |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            v = r["variants"]
+            for name, x in v.items():
+                ratio = f"{x['observe_s'] / x['dense_s']:.1f}" if "observe_s" in x else ""
+                marg = ", ".join(f"{m:.2f}" for m in x.get("margins", []))
+                lines.append(f"| {r['workload']} | {name} | {x['cost']:.3f} | {x['cost'] / v['former']['cost']:.2f} | "
+                             f"{x['cost'] / v['oracle']['cost']:.2f} | {x['worst_t']:.3f}/{x['worst_c']:.3f} | "
+                             f"{', '.join(x['modes'].values())} | {marg} | {ratio} |")
+        lines.append("")
+    lines += ["Calibration time (statistics collection / dense SDPA forward of the same q, k, v; each mode's grid alone; "
+              "in brackets: seconds of collection, of dense SDPA):", "", "| workload | fixed | adaptive |", "|---|---|---|"]
     for r in results:
         t = r["timing"]
-        lines.append(f"| {r['workload']} | {t['fixed alone']['observe'] / t['fixed alone']['dense']:.1f} | "
-                     f"{t['adaptive alone']['observe'] / t['adaptive alone']['dense']:.1f} |")
+        lines.append("| " + " | ".join([r["workload"]] + [f"{x['observe'] / x['dense']:.2f} ({x['observe']:.2f} s, {x['dense']:.2f} s)"
+                                                         for x in (t["fixed alone"], t["adaptive alone"])]) + " |")
     return "\n".join(lines)
 
 
@@ -275,6 +306,10 @@ def main(argv=None):
     ap.add_argument("--skip-subblock", action="store_true", help="leave out the lever (b) study")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--plot", action="store_true", help="write levers_<shape>.png")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only the calibration time of each mode alone (no variants, fits or held-out evaluation)")
+    ap.add_argument("--timing-repeats", type=int, default=3,
+                    help="times each call's collection and dense SDPA are timed for the calibration time (the fastest counts)")
     a = ap.parse_args(argv)
     set_threads(a)
     t0 = time.perf_counter()
@@ -287,7 +322,8 @@ def main(argv=None):
     print(head)
     print(md)
     os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, f"levers_{a.frames}x{a.height}x{a.width}" + (f"_seed{a.seed}" if a.seed else ""))
+    stem = os.path.join(a.out, ("caltime" if a.timing_only else "levers") + f"_{a.frames}x{a.height}x{a.width}"
+                        + (f"_seed{a.seed}" if a.seed else ""))
     with open(stem + ".md", "w") as f:
         f.write(head + "\n\n" + md + "\n")
     with open(stem + ".json", "w") as f:

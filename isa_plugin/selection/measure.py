@@ -9,8 +9,9 @@ Y[t, j] = Σ_{r∈j} e^{s_tr−m_t} v_r and Z[t, j]; per pseudo-key σ of size c
 Every plan's output is then (Σ_exact Y + Σ_pseudo A v̄) / (Σ_exact Z + Σ_pseudo A): one score pass serves
 every plan and pseudo-key size.
 
-A mode without a measurement of its own is calibrated this way (:meth:`SelectionMode.measure`); the
-adaptive mode is too. The fixed mode has a specialised measurement (``fixed_measure``) that covers its
+A mode without a measurement of its own is calibrated this way (:meth:`SelectionMode.measure`). The
+adaptive mode measures its ordered-prefix plans with the same sampling (:func:`sample_blocks`) and score
+pass (``ordered_measure``); the fixed mode has a specialised measurement (``fixed_measure``) that covers its
 much larger grid without planning every candidate.
 """
 
@@ -26,7 +27,8 @@ from ..kernels.reference import pool_blocks
 from ..layout import CONTEXT, TARGET, BlockLayout, Layout
 from ..plan import BlockPlan
 
-__all__ = ["Sampler", "SampledCall", "single_entry", "sampled_call", "sample_tokens", "measure_plans"]
+__all__ = ["Sampler", "SampledCall", "SampledBlocks", "single_entry", "sampled_call", "sample_blocks", "sample_tokens",
+           "block_terms", "measure_plans"]
 
 
 @dataclass
@@ -81,9 +83,31 @@ def sampled_call(q, k, v, layout: Layout, block_size: int, sampler: Sampler, sca
                        block_size, sampler)
 
 
-def sample_tokens(blocks_cpu, sampler: Sampler):
-    """Sampled query tokens [T], their weights [T] (float64) and kinds [T] (0 target, 1 context)."""
-    toks, wts, kinds = [], [], []
+@dataclass
+class SampledBlocks:
+    """The query blocks and tokens a measurement samples, grouped by block (:func:`sample_blocks`).
+
+    Attributes:
+        blocks: [S] int64, the sampled query blocks (target ones first, then context ones).
+        kinds: [S] int64, 0 target, 1 context.
+        tokens: [S, M] int64, the sampled tokens of each block (M = the most any block has); a block with
+            fewer repeats its first sampled token in the slots it does not use.
+        weights: [S, M] float64, block tokens / sampled tokens of the block; 0 on unused slots.
+    """
+
+    blocks: torch.Tensor
+    kinds: torch.Tensor
+    tokens: torch.Tensor
+    weights: torch.Tensor
+
+    def to(self, device) -> "SampledBlocks":
+        return SampledBlocks(*(t.to(device) for t in (self.blocks, self.kinds, self.tokens, self.weights)))
+
+
+def sample_blocks(blocks_cpu, sampler: Sampler) -> SampledBlocks:
+    """The plan measurements' sampling: per query kind (target, then context) up to ``blocks_per_kind`` blocks,
+    then in each up to ``tokens_per_block`` tokens, all drawn without replacement from ``sampler.generator``."""
+    picks, kinds, toks, wts = [], [], [], []
     for kind_id, kk in ((0, TARGET), (1, CONTEXT)):
         cand = torch.nonzero(blocks_cpu.kinds == kk).flatten()
         if cand.numel() == 0:
@@ -93,10 +117,46 @@ def sample_tokens(blocks_cpu, sampler: Sampler):
             n = int(blocks_cpu.counts[blk])
             m = min(sampler.tokens_per_block, n)
             offs = torch.randperm(n, generator=sampler.generator)[:m]
+            picks.append(blk)
+            kinds.append(kind_id)
             toks.append(int(blocks_cpu.starts[blk]) + offs)
             wts.append(torch.full((m,), n / m, dtype=torch.float64))
-            kinds.append(torch.full((m,), kind_id, dtype=torch.int64))
-    return torch.cat(toks), torch.cat(wts), torch.cat(kinds)
+    width = max(t.numel() for t in toks)
+    tokens = torch.stack([torch.cat([t, t[:1].expand(width - t.numel())]) for t in toks])
+    weights = torch.stack([torch.cat([w, w.new_zeros(width - w.numel())]) for w in wts])
+    return SampledBlocks(torch.tensor(picks, dtype=torch.int64), torch.tensor(kinds, dtype=torch.int64), tokens, weights)
+
+
+def sample_tokens(blocks_cpu, sampler: Sampler):
+    """The tokens of :func:`sample_blocks`, flat: query tokens [T], their weights [T] (float64) and kinds [T]
+    (0 target, 1 context)."""
+    s = sample_blocks(blocks_cpu, sampler)
+    used = s.weights > 0
+    return s.tokens[used], s.weights[used], s.kinds[:, None].expand_as(used)[used]
+
+
+def block_terms(qs: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, key_valid: Optional[torch.Tensor]):
+    """Exact softmax terms of sampled query tokens per key block (the plan measurements' score pass).
+
+    Args:
+        qs: [t, D] query tokens, the softmax scale folded in.
+        kp, vp: [nb, b, D] keys and values laid out per block (zero on slots past a short block's end).
+        key_valid: [nb, b] bool, the slots that hold a token; None when every block is full.
+
+    Returns:
+        ``(m, Z, Y, dense)``: row maxima m [t]; Z [t, nb] = Σ_{r∈j} e^{s_tr−m_t}; Y [nb, t, D] =
+        Σ_{r∈j} e^{s_tr−m_t} v_r; the dense output [t, D].
+    """
+    t, D = qs.shape
+    nb, b, _ = kp.shape
+    e = (qs @ kp.reshape(nb * b, D).T).view(t, nb, b)
+    if key_valid is not None:
+        e.masked_fill_(~key_valid, float("-inf"))
+    m = e.amax(dim=(1, 2))
+    e = e.sub_(m[:, None, None]).exp_()
+    Z = e.sum(-1)
+    Y = torch.bmm(e.transpose(0, 1), vp)
+    return m, Z, Y, Y.sum(0) / Z.sum(1)[:, None]
 
 
 @torch.no_grad()
@@ -161,14 +221,8 @@ def measure_plans(call: SampledCall, plans: Dict[Tuple[int, ...], BlockPlan], ps
         for c0 in range(0, T, chunk):
             c1 = min(T, c0 + chunk)
             qs = q[tok[c0:c1], h].to(ct) * sc  # [t, D]
-            s = (qs @ kp.reshape(nb * block_size, D).T).view(c1 - c0, nb, block_size)
-            s = s.masked_fill(~key_valid, float("-inf"))
-            m = s.amax(dim=(1, 2))  # [t]
-            e = torch.exp(s - m[:, None, None])
-            Z = e.sum(-1)  # [t, nb]
-            Y = torch.einsum("tjb,jbd->tjd", e, vp)  # [t, nb, D]
-            del e, s
-            dense = Y.sum(1) / Z.sum(1, keepdim=True)
+            m, Z, Y, dense = block_terms(qs, kp, vp, key_valid)
+            Y = Y.transpose(0, 1)  # [t, nb, D]
             ww, kd = w[c0:c1], kind[c0:c1]
             ref = dense.abs().sum(-1).double() * ww
             for kid in range(2):

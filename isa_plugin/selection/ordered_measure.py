@@ -6,30 +6,33 @@ kept key blocks (the candidates); the family's plan number g makes the first ``c
 query block i exact and every other kept block pseudo-keys. The adaptive mode's plans for every mass of a grid
 are such a family (its order is the pooled mass, descending; the mass only sets the count).
 
-Along the order the output of a sampled query token t is a running sum: with Y[t, j], Z[t, j] the exact
-softmax numerator and denominator of key block j (as in :mod:`.measure`) and A[t, j], a[t, j] those of block
-j's pseudo-keys, the output with the first n candidates exact is
+For a sampled query token t let Y[t, j], Z[t, j] be the exact softmax numerator and denominator of key block j
+(as in :mod:`.measure`), A[t, j], a[t, j] those of block j's pseudo-keys, and o*_t the dense output. The output
+of a plan with exact candidate set E is (num / den) with
 
-    o_t(n) = (Y_always + A_cand + Σ_{r<n} (Y − A)[t, order_r]) / (Z_always + a_cand + Σ_{r<n} (Z − a)[t, order_r]),
+    num − den·o*_t = base_t + Σ_{j∈E} (Y' − A')[t, j],     den = Z_always + a_cand + Σ_{j∈E} (Z − a)[t, j],
 
-so one cumulative sum over the candidates gives the error for *every* count n, and the error at each plan
-of the family is a lookup. The cost of a measurement no longer grows with the number of thresholds: a grid
-of 48 masses costs what one plan costs with the plan-by-plan measurement, and pair counts come from cumulative
-token counts along the same order. Sampling, weights and the dense reference are those of :mod:`.measure`
-(the same sampled tokens for the same sampler state), so both measurements agree to rounding on the same
-plans (tested).
+Y' = Y − Z·o*, A' = A − a·o* and base_t = Σ_always Y' + Σ_cand A' (the plan with no exact candidate), so
+|o_t − o*_t|₁ = |num − den·o*_t|₁ / den. One score pass per sampled token gives the terms of every key block
+and pseudo-key size; every plan of every family is then a row of 0/1 weights over the key blocks (its exact
+candidates, and its family's base term), and one matrix product per sampled query block gives every plan's
+output difference. Plans of a query block with the same count are the same plan and are evaluated once, so
+the product grows with the number of distinct counts (at most the number of thresholds, and K' + 1 per
+family), the score pass not at all. Pair counts come from cumulative token counts along the order.
+Sampling, weights and the dense reference are those of :mod:`.measure` (the same sampled tokens for the same
+sampler state); with every token sampled the errors equal the reference ISA's (tested).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from ..kernels.reference import pool_blocks
-from ..layout import CONTEXT
-from .measure import SampledCall, sample_tokens
+from ..layout import CONTEXT, TEXT
+from .measure import SampledCall, block_terms, sample_blocks
 
 __all__ = ["OrderedFamily", "measure_ordered"]
 
@@ -52,16 +55,38 @@ class OrderedFamily:
     counts: torch.Tensor
 
 
-def _padded_pseudo(blocks_cpu, s: int, dev):
-    """Sub-blocks of ``s`` tokens laid out per block: ([nb, b/s] sub-block index, with n_sub for an empty slot), sub layout."""
-    sub, parent = blocks_cpu.split(s)
-    n_sub = int(parent.numel())
-    per = -(-blocks_cpu.block_size // s)
-    first = torch.cumsum(torch.bincount(parent, minlength=blocks_cpu.num_blocks), 0) - torch.bincount(parent, minlength=blocks_cpu.num_blocks)
-    slot = torch.arange(n_sub) - first[parent]
-    idx = torch.full((blocks_cpu.num_blocks, per), n_sub, dtype=torch.int64)
-    idx[parent, slot] = torch.arange(n_sub)
-    return idx.to(dev), sub.to(dev)
+@dataclass
+class _PseudoKeys:
+    """The pseudo-keys of one size s: sub-blocks of s tokens of every block (the last one of a block short).
+
+    Attributes:
+        kbar, vbar: [H, n_sub, D] sub-block key and value means.
+        counts: [n_sub] sub-block token counts.
+        parent: [n_sub] int64, each sub-block's block.
+        slot: [nb, ⌈b/s⌉] int64, each block's sub-blocks (n_sub for an empty slot).
+        vslot: [H, nb, ⌈b/s⌉, D] the value means per block slot (0 in an empty one).
+    """
+
+    kbar: torch.Tensor
+    vbar: torch.Tensor
+    counts: torch.Tensor
+    parent: torch.Tensor
+    slot: torch.Tensor
+    vslot: torch.Tensor
+
+    @classmethod
+    def of(cls, k, v, blocks_cpu, s: int, ct: torch.dtype) -> "_PseudoKeys":
+        sub, parent = blocks_cpu.split(s)
+        n_sub, nb = int(parent.numel()), blocks_cpu.num_blocks
+        first = torch.cumsum(torch.bincount(parent, minlength=nb), 0) - torch.bincount(parent, minlength=nb)
+        slot = torch.full((nb, -(-blocks_cpu.block_size // s)), n_sub, dtype=torch.int64)
+        slot[parent, torch.arange(n_sub) - first[parent]] = torch.arange(n_sub)
+        dev = k.device
+        kbar = pool_blocks(k[None], sub.to(dev))[0].to(ct)
+        vbar = pool_blocks(v[None], sub.to(dev))[0].to(ct)
+        slot = slot.to(dev)
+        vslot = torch.cat([vbar, vbar.new_zeros(vbar.shape[0], 1, vbar.shape[-1])], 1)[:, slot]
+        return cls(kbar, vbar, sub.counts.to(dev, ct), parent.to(dev), slot, vslot)
 
 
 def _pairs(call: SampledCall, fam: OrderedFamily, pseudo_block: Sequence[int]) -> torch.Tensor:
@@ -84,16 +109,63 @@ def _pairs(call: SampledCall, fam: OrderedFamily, pseudo_block: Sequence[int]) -
     return out
 
 
+@dataclass
+class _Plans:
+    """Head ``h``'s distinct plans per sampled query block, per family (lists of F tensors).
+
+    Attributes:
+        rank: [S, nb] int64, each key block's position in the block's order (candidates first).
+        counts: [S, G] int64, the distinct exact counts of the block's plans first (then the last one repeated).
+        index: [S, G] int64, each plan's position in ``counts``.
+        size: [F, S] int64 on the CPU, the number of distinct counts per family and block.
+    """
+
+    rank: List[torch.Tensor]
+    counts: List[torch.Tensor]
+    index: List[torch.Tensor]
+    size: torch.Tensor
+
+    @classmethod
+    def of(cls, families: Sequence[OrderedFamily], h: int, blocks: torch.Tensor) -> "_Plans":
+        rank, counts, index = [], [], []
+        for fam in families:
+            o = fam.order[h, blocks]  # [S, nb]
+            rank.append(torch.empty_like(o).scatter_(-1, o, torch.arange(o.shape[-1], device=o.device).expand_as(o)))
+            c = fam.counts[h, blocks]  # [S, G]
+            new = torch.ones_like(c, dtype=torch.bool)
+            new[:, 1:] = c[:, 1:] != c[:, :-1]
+            idx = torch.cumsum(new, 1) - 1
+            index.append(idx)
+            counts.append(c[:, -1:].expand(c.shape[0], c.shape[1]).clone().scatter_(1, idx, c))
+        return cls(rank, counts, index, torch.stack([i[:, -1] + 1 for i in index]).cpu())
+
+    def rows(self, sel_cpu: torch.Tensor, ct: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """For the sampled blocks ``sel_cpu`` [n] (positions in ``blocks``, on the CPU): the 0/1 rows [n, R, nb + F]
+        of their distinct plans (per family its exact candidates, the first ``counts`` of the order, then a
+        one-hot column for the family's base term), and each plan's row [n, F·G]."""
+        F = len(self.rank)
+        sizes = self.size[:, sel_cpu].amax(1).tolist()
+        sel = sel_cpu.to(self.rank[0].device)
+        rows, index, first = [], [], 0
+        for fi in range(F):
+            exact = self.rank[fi][sel][:, None, :] < self.counts[fi][sel, : sizes[fi], None]  # [n, U, nb]
+            family = (torch.arange(F, device=exact.device) == fi).expand(sel.numel(), sizes[fi], F)
+            rows.append(torch.cat([exact, family], -1))
+            index.append(self.index[fi][sel] + first)
+            first += sizes[fi]
+        return torch.cat(rows, 1).to(ct), torch.cat(index, 1)
+
+
 @torch.no_grad()
 def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo_block: Sequence[int],
-                    max_chunk_elems: int = 1 << 26) -> Dict[str, torch.Tensor]:
+                    max_chunk_elems: int = 1 << 24) -> Dict[str, torch.Tensor]:
     """Errors and pair counts of every plan of several ordered-prefix families of one call.
 
     Args:
         call: from :func:`~isa_plugin.selection.measure.sampled_call`.
         families: F families (e.g. one per α_s) with the same number G of plans.
         pseudo_block: the pseudo-key sizes (each divides the block size).
-        max_chunk_elems: bound on the transient [tokens, N] and [tokens, nb, D] buffers.
+        max_chunk_elems: bound on the transient buffers of one chunk of sampled query blocks (elements).
 
     Returns:
         ``{"num": [H, 2, F, G, PS], "den": [H, 2], "pairs": [H, F, G, PS, 2, 2]}`` float64, as
@@ -112,59 +184,63 @@ def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo
            "den": torch.zeros(H, 2, dtype=torch.float64, device=dev),
            "pairs": torch.stack([_pairs(call, f, pseudo_block) for f in families], 1)}
 
-    tok, w, kind = (x.to(dev) for x in sample_tokens(blocks_cpu, call.sampler))
-    qb = blocks.token_block[tok]
-    T = tok.numel()
+    smp = sample_blocks(blocks_cpu, call.sampler).to(dev)
+    S, M = smp.tokens.shape
     ar = torch.arange(b, device=dev)
     key_valid = ar[None, :] < blocks.counts[:, None]
     key_idx = torch.where(key_valid, blocks.starts[:, None] + ar[None, :], torch.zeros((), dtype=torch.int64, device=dev))
-    subs = [_padded_pseudo(blocks_cpu, s, dev) for s in pseudo_block]
-    chunk = max(1, max_chunk_elems // max(1, N + 4 * nb * D))
+    padded = bool((blocks_cpu.counts < b).any())
+    has_text = bool((blocks_cpu.kinds == TEXT).any())
+    k_pad = k[key_idx].to(ct).mul_(key_valid[..., None, None])  # [nb, b, H, D], zero on padding slots
+    v_pad = v[key_idx].to(ct).mul_(key_valid[..., None, None])
+    pseudo = [_PseudoKeys.of(k, v, blocks_cpu, s, ct) for s in pseudo_block]
+    R, K = F * G, nb + F
+    chunk = max(1, min(S, max_chunk_elems // (M * (N + 2 * nb * D + (PS * K + R) * D) + R * K)))
+    terms = torch.empty(PS, K, chunk * M, D, dtype=ct, device=dev)  # per key block Y' − A', then per family base
+    den_terms = torch.empty(PS, K, chunk * M, dtype=ct, device=dev)  # Z − a, then Z_always + a_cand
+    diffs = torch.empty(chunk * R * M * D, dtype=ct, device=dev)  # the plans' num − den·o*
     for h in range(H):
-        kh, vh = k[:, h].to(ct), v[:, h].to(ct)
-        kp, vp = kh[key_idx] * key_valid[..., None], vh[key_idx] * key_valid[..., None]  # [nb, b, D]
-        pseudo = []
-        for idx, sub in subs:
-            kb = pool_blocks(k[None, :, h : h + 1], sub)[0, 0].to(ct)  # [n_sub, D]
-            vb = torch.cat([pool_blocks(v[None, :, h : h + 1], sub)[0, 0].to(ct), torch.zeros(1, D, dtype=ct, device=dev)])
-            pseudo.append((kb, vb[idx], sub.counts.to(ct), idx))  # vb per block slot: [nb, b/s, D]
-        fam_h = [(f.keep[h].to(ct), f.always[h].to(ct), int((f.keep[h] & ~f.always[h]).sum()), f.order[h], f.counts[h])
-                 for f in families]
-        for c0 in range(0, T, chunk):
-            c1 = min(T, c0 + chunk)
-            t = c1 - c0
-            qs = q[tok[c0:c1], h].to(ct) * sc  # [t, D]
-            s = (qs @ kp.reshape(nb * b, D).T).view(t, nb, b).masked_fill(~key_valid, float("-inf"))
-            m = s.amax(dim=(1, 2))  # [t]
-            e = torch.exp(s - m[:, None, None])
-            Z = e.sum(-1)  # [t, nb]
-            Y = torch.einsum("tjb,jbd->tjd", e, vp)  # [t, nb, D]
-            del e, s
-            dense = Y.sum(1) / Z.sum(1, keepdim=True)
-            ww, kd, qbc = w[c0:c1], kind[c0:c1], qb[c0:c1]
-            ref = dense.abs().sum(-1).double() * ww
+        kp, vp = k_pad[:, :, h], v_pad[:, :, h]  # [nb, b, D]
+        always = torch.stack([f.always[h] for f in families]).to(ct)  # [F, nb]
+        cand = torch.stack([f.keep[h] & ~f.always[h] for f in families]).to(ct)
+        # the candidates' pseudo-key numerators summed per family are a[t, σ] @ cand_v[σ, (F, D)]
+        cand_v = [(cand[:, p.parent, None] * p.vbar[h]).transpose(0, 1).reshape(-1, F * D) for p in pseudo]
+        pl = _Plans.of(families, h, smp.blocks)
+        by_size = torch.argsort(pl.size.sum(0), stable=True)  # blocks with as many distinct plans together
+        for c0 in range(0, S, chunk):
+            sel_cpu = by_size[c0 : c0 + chunk]
+            sel = sel_cpu.to(dev)
+            n = sel.numel()
+            t = n * M
+            qs = q[smp.tokens[sel].flatten(), h].to(ct) * sc  # [t, D]
+            m, Z, Y, dense = block_terms(qs, kp, vp, key_valid if padded else None)  # [t], [t, nb], [nb, t, D], [t, D]
+            w, kinds = smp.weights[sel], smp.kinds[sel]  # [n, M], [n]
+            ref = (dense.abs().sum(-1).double().view(n, M) * w).sum(-1)
             for kid in range(2):
-                out["den"][h, kid] += ref[kd == kid].sum()
-            for psi, (kb, vb_pad, cnt, idx) in enumerate(pseudo):
-                a = torch.cat([cnt * torch.exp(qs @ kb.T - m[:, None]), torch.zeros(t, 1, dtype=ct, device=dev)], 1)[:, idx]
-                A = torch.einsum("tjs,jsd->tjd", a, vb_pad)  # [t, nb, D] pseudo-key numerators per block
-                a = a.sum(-1)  # [t, nb]
-                dY, dZ = Y - A, Z - a
-                for fi, (keep, always, n_cand, order, counts) in enumerate(fam_h):
-                    cand = keep - always
-                    num0 = torch.einsum("tjd,j->td", Y, always) + torch.einsum("tjd,j->td", A, cand)
-                    den0 = Z @ always + a @ cand
-                    n = counts[qbc]  # [t, G]
-                    num, den = num0[:, None].expand(t, G, D), den0[:, None].expand(t, G)
-                    if n_cand:
-                        o_idx = order[qbc, :n_cand]  # [t, K']
-                        run = torch.gather(dY, 1, o_idx[..., None].expand(t, n_cand, D))
-                        run = torch.cumsum(run, 1, out=run)  # [t, K', D]: sums over the first r + 1 candidates
-                        pos = (n - 1).clamp(min=0)
-                        some = (n > 0).to(ct)
-                        num = num + torch.gather(run, 1, pos[..., None].expand(t, G, D)) * some[..., None]
-                        den = den + torch.gather(torch.cumsum(torch.gather(dZ, 1, o_idx), 1), 1, pos) * some
-                    err = (num / den[..., None] - dense[:, None]).abs().sum(-1).double() * ww[:, None]  # [t, G]
-                    for kid in range(2):
-                        out["num"][h, kid, fi, :, psi] += err[kd == kid].sum(0)
+                out["den"][h, kid] += torch.where(kinds == kid, ref, 0.0).sum()
+            # every plan's |o − o*|₁ (module docstring): per key block Y' − A' and Z − a, per family its base terms,
+            # then one product with the 0/1 rows of the chunk's distinct plans
+            Yd = Y.addcmul_(Z.T[..., None], dense, value=-1.0)  # Y' [nb, t, D]
+            base_y = (always @ Yd.view(nb, t * D)).view(F, t, D) if has_text else 0.0
+            rows, index = pl.rows(sel_cpu, ct)  # [n, R', K], [n, F·G]
+            Rn = rows.shape[1]
+            err = torch.empty(n, Rn, PS, dtype=torch.float64, device=dev)
+            for psi, p in enumerate(pseudo):
+                U, V = terms[psi, :, :t], den_terms[psi, :, :t]
+                a_sub = p.counts * torch.exp(qs @ p.kbar[h].T - m[:, None])  # [t, n_sub]
+                a = torch.cat([a_sub, a_sub.new_zeros(t, 1)], 1)[:, p.slot].transpose(0, 1)  # [nb, t, b/s]
+                torch.baddbmm(Yd, a, p.vslot[h], alpha=-1.0, out=U[:nb])  # Y − A − Z·o*
+                a = a.sum(-1)  # [nb, t]
+                U[:nb].addcmul_(a[..., None], dense)  # Y' − A'
+                torch.addcmul((a_sub @ cand_v[psi]).view(t, F, D).transpose(0, 1), (cand @ a)[..., None], dense,
+                              value=-1.0, out=U[nb:]).add_(base_y)
+                torch.sub(Z.T, a, out=V[:nb])
+                V[nb:] = cand @ a + (always @ Z.T if has_text else 0.0)
+                diff = torch.bmm(rows, U.view(K, n, M * D).transpose(0, 1), out=diffs[: n * Rn * M * D].view(n, Rn, M * D))
+                num = diff.abs_().view(n, Rn, M, D).sum(-1)  # |num − den·o*|₁ [n, R', M]
+                den = torch.bmm(rows, V.view(K, n, M).transpose(0, 1))
+                err[..., psi] = ((num / den).double() * w[:, None, :]).sum(-1)
+            err = torch.gather(err, 1, index[..., None].expand(n, R, PS))  # [n, F·G, PS]
+            for kid in range(2):
+                out["num"][h, kid] += torch.where((kinds == kid)[:, None, None], err, 0.0).sum(0).view(F, G, PS)
     return out
