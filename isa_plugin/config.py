@@ -135,8 +135,8 @@ class ISAConfig:
         Raises:
             ValueError: a per-head value whose length differs from ``num_heads``.
         """
-        try:
-            return self.selection.per_head(self.settings, num_heads, device)
+        try:  # copies: the mode's planners share its cached tensors
+            return {k: v.clone() for k, v in self.selection.per_head(self.settings, num_heads, device).items()}
         except ValueError as e:
             msg = str(e)
             raise ValueError(msg if msg.startswith("ISAConfig.") else f"ISAConfig.{msg}") from None

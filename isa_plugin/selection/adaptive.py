@@ -188,8 +188,9 @@ class AdaptiveMode(SelectionMode):
         return torch.where(o.is_x[None, None, :, None], kp, n_exact)  # text query blocks: all of KV'
 
     def plan(self, qbar, kbar, blocks: BlockLayout, settings: AdaptiveSettings, scale: float) -> BlockPlan:
-        """The plan of block means q̄, k̄ [B, H, nb, D]: torch ops on the CPU, :meth:`plan_fused` on a GPU."""
-        if qbar.is_cuda:
+        """The plan of block means q̄, k̄ [B, H, nb, D]: torch ops on the CPU (and for float64 block means, the
+        reference's), :meth:`plan_fused` on a GPU."""
+        if qbar.is_cuda and qbar.dtype != torch.float64:
             return self.plan_fused(qbar, kbar, blocks, settings, scale)
         B, H, nb, _ = qbar.shape
         dev = qbar.device
