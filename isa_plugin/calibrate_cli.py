@@ -30,6 +30,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks-per-kind", type=int, default=48, help="query blocks sampled per kind and call (default 48)")
     p.add_argument("--tokens-per-block", type=int, default=16, help="tokens sampled per sampled block (default 16)")
     p.add_argument("--timestep-buckets", type=int, default=1, help="separate settings per timestep bucket (default 1)")
+    p.add_argument("--bucket-budgets", type=budget_arg("bucket_budgets"), nargs="+", default=None, metavar="B",
+                   help="one budget per timestep bucket, from the least noisy to the noisiest (as many as "
+                        "--timestep-buckets; replaces --budget there, e.g. 0.03 0.12: more error at high noise)")
     p.add_argument("--per-head", choices=("auto", "always", "off"), default="auto", help="per-head ratios (default: where they pay)")
     p.add_argument("--margin", type=float, default=0.85, help="fit to margin x budget (sampling noise; default 0.85)")
     p.add_argument("--mode", dest="modes", action="append", metavar="MODE",
@@ -67,6 +70,9 @@ def _calibrate(args) -> int:
     if args.plan_reuse < 1:
         raise CLIError(f"--plan-reuse {args.plan_reuse} must be at least 1 (1: plan every step)")
     budget = parse_budget((args.budget, args.context_budget if args.context_budget is not None else args.budget))
+    if args.bucket_budgets is not None and len(args.bucket_budgets) != args.timestep_buckets:
+        raise CLIError(f"--bucket-budgets gives {len(args.bucket_budgets)} budget(s) for --timestep-buckets "
+                       f"{args.timestep_buckets}; give one per bucket, from the least noisy to the noisiest")
     if args.inputs is None:
         from .calibration.video import sample_media_paths
 
@@ -108,7 +114,8 @@ def _calibrate(args) -> int:
     meta["pipeline"] = args.pipeline
     meta["seconds"] = round(time.perf_counter() - t0, 2)
     per_head = {"auto": "auto", "always": "always", "off": False}[args.per_head]
-    profile = fit_profile(stats, budget, cost_model, per_head=per_head, margin=args.margin, metadata=meta)
+    profile = fit_profile(stats, budget, cost_model, per_head=per_head, margin=args.margin, metadata=meta,
+                          bucket_budgets=args.bucket_budgets)
     if args.plan_reuse > 1:
         from .calibration.plan_reuse import choose_plan_reuse, measure_plan_reuse
 

@@ -259,3 +259,19 @@ def test_calibrate_plan_reuse(pipes, tmp_path, capsys):
     assert reuse and all(1 <= r <= 3 for r in reuse)
     assert main(["calibrate", "--pipeline", pipes["ok"], "--videos", "v.mp4", "--out", str(out), "--plan-reuse", "0"]) == 2
     assert "--plan-reuse 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_calibrate_bucket_budgets(pipes, tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    rc = main(["calibrate", "--pipeline", pipes["ok"], "--adapter", "wan-icl", "--videos", str(sample_video_path()),
+               "--steps", "4", "--calib-steps", "4", "--height", "64", "--width", "64", "--frames", "9", "--block-size", "8",
+               "--timestep-buckets", "2", "--bucket-budgets", "0.05", "0.3", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    prof = ThresholdProfile.load(out)
+    assert prof.num_buckets == 2
+    assert prof.calibrated_on["bucket_budgets"] == [{"target": 0.05, "context": 0.05}, {"target": 0.3, "context": 0.3}]
+    capsys.readouterr()
+    assert main(["calibrate", "--pipeline", pipes["ok"], "--videos", "v.mp4", "--out", str(out), "--timestep-buckets", "2",
+                 "--bucket-budgets", "0.05"]) == 2
+    assert "--bucket-budgets gives 1 budget(s) for --timestep-buckets 2" in capsys.readouterr().err
+    assert main(["calibrate", "--pipeline", pipes["ok"], "--videos", "v.mp4", "--out", str(out), "--bucket-budgets", "3"]) == 2

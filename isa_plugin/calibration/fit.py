@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -77,7 +77,8 @@ def fit_layer(ls: LayerErrorStats, grid: Grid, budget: Dict[str, Any], cost_mode
 
 def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: Optional[CostModel] = None, *,
                 per_head: Union[bool, str] = "auto", margin: float = 0.85, min_gain: float = 0.02,
-                metadata: Optional[Mapping[str, Any]] = None, held_out: bool = True) -> ThresholdProfile:
+                metadata: Optional[Mapping[str, Any]] = None, held_out: bool = True,
+                bucket_budgets: Optional[Sequence[BudgetArg]] = None) -> ThresholdProfile:
     """Pick, per layer (and timestep bucket), the cheapest ISA setting whose errors stay within budget.
 
     A pure function of its arguments. Every mode the statistics measured (``stats.grid.modes``) proposes
@@ -103,18 +104,29 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
             check every layer leave-one-sample-out and tighten its margin until the held-out errors meet
             the budget (else the layer stays dense). ``calibrated_on["held_out"][layer][bucket]`` records
             the predicted and held-out errors and the margin used.
+        bucket_budgets: one budget per timestep bucket (each as ``budget``; bucket 0 holds the smallest
+            timesteps, the last one the noisiest steps), fitted instead of ``budget`` in that bucket and
+            recorded in ``calibrated_on["bucket_budgets"]``. Spending more of the budget at high noise keeps
+            the edit closer to the dense one at the same cost (docs/ADAPTIVE.md, lever (e)).
 
     Returns:
         A :class:`ThresholdProfile`.
 
     Raises:
-        ValueError: a bad budget, or statistics without any measured layer.
+        ValueError: a bad budget, ``bucket_budgets`` whose length is not the statistics' number of timestep
+            buckets, or statistics without any measured layer.
 
     Example:
         >>> profile = fit_profile(stats, budget=0.05, cost_model=load_cost_model())
         >>> profile.save("profile.yaml")
     """
     b = parse_budget(budget)
+    per_bucket_budget = [b] * stats.num_buckets
+    if bucket_budgets is not None:
+        if isinstance(bucket_budgets, (str, bytes)) or not isinstance(bucket_budgets, Sequence) or len(bucket_budgets) != stats.num_buckets:
+            raise ValueError(f"bucket_budgets={bucket_budgets!r} must give one budget per timestep bucket "
+                             f"({stats.num_buckets}, from the least noisy to the noisiest)")
+        per_bucket_budget = [parse_budget(x) for x in bucket_budgets]
     if not (0 < margin <= 1):
         raise ValueError(f"margin={margin!r} must lie in (0, 1]")
     if per_head not in (True, False, "auto", "always"):
@@ -134,8 +146,9 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
                 per_check.append(None)
                 continue
             samples = {i: stats.get(name, bucket, sample=i) for i in stats.sample_ids(name, bucket)} if held_out else {}
-            fit_at = lambda st, m: fit_layer(st, stats.grid, b, cm, per_head, m, min_gain, stats.block_size)  # noqa: E731
-            setting, check = fit_generalising(ls, samples, stats.grid, b, fit_at, margin)
+            bb = per_bucket_budget[bucket]
+            fit_at = lambda st, m, bb=bb: fit_layer(st, stats.grid, bb, cm, per_head, m, min_gain, stats.block_size)  # noqa: E731
+            setting, check = fit_generalising(ls, samples, stats.grid, bb, fit_at, margin)
             per_bucket.append(setting)
             per_check.append(dict(check, predicted_target=setting.error_target, predicted_context=setting.error_context))
         layers[name] = per_bucket
@@ -160,6 +173,8 @@ def fit_profile(stats: CalibrationStats, budget: BudgetArg = 0.05, cost_model: O
         "versions": library_versions(),
         "diagnostics": diagnostics,
     }
+    if bucket_budgets is not None:
+        on["bucket_budgets"] = [{"target": x["target"], "context": x["context"]} for x in per_bucket_budget]
     on.update(dict(metadata or {}))
     return ThresholdProfile(layers=layers, budget=b, block_size=stats.block_size, timestep_edges=stats.timestep_edges,
                             calibrated_on=on, cost_model=cm.to_dict())

@@ -212,3 +212,20 @@ def test_timestep_buckets():
     assert prof.timestep_edges == (500.0,) and prof.num_buckets == 2
     assert not prof.setting("blocks.0.attn1", 100).dense and prof.setting("blocks.0.attn1", 900).dense
     assert prof.config_for("blocks.0.attn1", 900) is None
+
+
+def test_bucket_budgets_fit_each_bucket_at_its_own_budget():
+    st = _stats(_smooth)
+    st.timestep_edges = (500.0,)
+    st.layers[("blocks.0.attn1", 1)] = st.get("blocks.0.attn1")
+    tight, loose = fit_profile(st, 0.03, per_head=False), fit_profile(st, 0.12, per_head=False)
+    assert loose.setting("blocks.0.attn1", 900).relative_cost < tight.setting("blocks.0.attn1", 900).relative_cost
+    prof = fit_profile(st, 0.05, per_head=False, bucket_budgets=(0.03, 0.12))
+    assert prof.setting("blocks.0.attn1", 100) == tight.setting("blocks.0.attn1", 100)  # low noise: 0.03
+    assert prof.setting("blocks.0.attn1", 900) == loose.setting("blocks.0.attn1", 900)  # high noise: 0.12
+    assert prof.calibrated_on["bucket_budgets"] == [{"target": 0.03, "context": 0.03}, {"target": 0.12, "context": 0.12}]
+    assert "bucket_budgets" not in tight.calibrated_on
+    with pytest.raises(ValueError, match="one budget per timestep bucket"):
+        fit_profile(st, 0.05, bucket_budgets=(0.03,))
+    with pytest.raises(ValueError, match="budget"):
+        fit_profile(st, 0.05, bucket_budgets=(0.03, 2.0))
