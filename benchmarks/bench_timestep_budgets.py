@@ -2,9 +2,8 @@
 
 Builds the package's tiny Wan in-context edit pipeline (random weights, ``isa_plugin.pipelines.tiny``; 3 layers,
 4 heads × 32, block 16), records calibration statistics on the bundled sample video in two timestep buckets
-(``record(..., timestep_buckets=2)``: high-noise and low-noise steps), and fits one profile per budget. A policy
-(b_high, b_low) takes each layer's high-noise bucket from the profile fitted at b_high and its low-noise bucket
-from the one fitted at b_low. Each policy then edits a second video (held out: not the calibration video) end to
+(``record(..., timestep_buckets=2)``: high-noise and low-noise steps). A policy (b_high, b_low) is the profile
+``fit_profile(..., bucket_budgets=(b_low, b_high))`` (what ``isa calibrate --bucket-budgets`` fits). Each policy then edits a second video (held out: not the calibration video) end to
 end with the same seed as a dense run, and the study reports
 
 - cost: the profile's relative cost (exact + pseudo pairs over dense, from calibration) averaged over layers and
@@ -67,20 +66,17 @@ def main(argv=None) -> int:
     stats, meta = record(pipe, [str(sample_video_path())], prompt, steps=a.steps, calib_steps=6, block_size=16,
                          grid=Grid.defaults([a.mode], 16), timestep_buckets=2, **size)
     cm = load_cost_model()
-    fitted = {b: fit_profile(stats, b, cm, metadata=meta, held_out=False) for b in sorted({x for p in POLICIES for x in p})}
-    edges = fitted[0.05].timestep_edges
+    edges = stats.timestep_edges  # bucket 0: the smaller timesteps (less noise), bucket 1: the noisiest steps
     pipe.scheduler.set_timesteps(a.steps)
     step_buckets = [bucket_index(float(t), edges) for t in pipe.scheduler.timesteps]
-    high = max(step_buckets)  # the bucket of the largest timesteps (the first, noisiest steps)
+    high = max(step_buckets)
     kw = dict(height=128, width=128, num_frames=9, num_inference_steps=a.steps)
     video = make_sample_video(frames=9, height=128, width=128, seed=7)  # held out: not the calibration video
     dense = latents(pipe, video, prompt, kw, a.seed)
     rows = []
     for b_high, b_low in POLICIES:
-        hi, lo = fitted[b_high], fitted[b_low]
-        layers = {n: [hi.layers[n][i] if i == high else lo.layers[n][i] for i in range(hi.num_buckets)] for n in hi.layers}
-        prof = lo.__class__(layers=layers, budget=lo.budget, block_size=lo.block_size, timestep_edges=edges,
-                            calibrated_on=lo.calibrated_on, cost_model=lo.cost_model)
+        prof = fit_profile(stats, b_low, cm, metadata=meta, held_out=False, bucket_budgets=(b_low, b_high))
+        layers = prof.layers
         cost = sum(s.relative_cost if s.relative_cost is not None else (1.0 if s.dense else float("nan"))
                    for ss in layers.values() for s in (ss[b] for b in step_buckets)) / (len(layers) * len(step_buckets))
         apply_isa(pipe, prof)
