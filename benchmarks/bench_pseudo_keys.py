@@ -22,8 +22,6 @@ Usage: ``python benchmarks/bench_pseudo_keys.py [--threads 2] [--json out.json]`
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -32,10 +30,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from workload_study import add_workload_args, set_threads, workload_model  # noqa: E402
+from workload_study import VariantErrors, lever_study_main, mass_rows, workload_model  # noqa: E402
 from isa_plugin import ISAConfig  # noqa: E402
 from isa_plugin.executors.reference import plan_reference  # noqa: E402
-from isa_plugin.layout import CONTEXT, TARGET  # noqa: E402
 
 VARIANTS = ("mean", "sub2", "sub4", "kmeans2", "kmeans4", "mean+var")
 MASSES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
@@ -100,8 +97,7 @@ def run(workload, a):
     rows = []
     for mass in MASSES:
         cfg = ISAConfig("adaptive", mass=mass, alpha_s=1.0, block_size=a.block_size)
-        acc = {v: {"cost": [], "t": [0.0] * spec.layers, "c": [0.0] * spec.layers, "dt": [0.0] * spec.layers,
-                   "dc": [0.0] * spec.layers} for v in VARIANTS}
+        acc = {v: VariantErrors(spec.layers) for v in VARIANTS}
         for layer in range(spec.layers):
             for s in a.held_out:
                 q, k, v, layout = model.sample(layer, s, dtype=torch.float64)
@@ -119,39 +115,14 @@ def run(workload, a):
                     o = execute(q[0], k[0], v[0], plan, blocks, var, sc)
                     m = {"mean": 1, "sub2": 2, "sub4": 4, "kmeans2": 2, "kmeans4": 4, "mean+var": 1}[var]
                     p_pairs = float((n_pseudo_blocks * rows_per_block).sum()) * m
-                    acc[var]["cost"].append((e_pairs + p_pairs) / (N * N * q.shape[2]))
-                    for key, kind, dk in (("t", TARGET, "dt"), ("c", CONTEXT, "dc")):
-                        sel = kinds == kind
-                        acc[var][key][layer] += float((o[sel] - dense[sel]).abs().sum())
-                        acc[var][dk][layer] += float(dense[sel].abs().sum())
-        for var in VARIANTS:
-            x = acc[var]
-            et = max(n / d for n, d in zip(x["t"], x["dt"]))
-            ec = max(n / d for n, d in zip(x["c"], x["dc"]))
-            rows.append(dict(workload=workload, mass=mass, variant=var, cost=sum(x["cost"]) / len(x["cost"]), err_t=et, err_c=ec))
-            print(f"{workload} p={mass} {var}: cost {rows[-1]['cost']:.3f} worst err t/c {et:.4f}/{ec:.4f}", flush=True)
+                    acc[var].costs.append((e_pairs + p_pairs) / (N * N * q.shape[2]))
+                    acc[var].add(layer, o, dense, kinds)
+        rows += mass_rows(acc, workload, mass)
     return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_workload_args(ap, calibration=False)
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args(argv)
-    set_threads(a)
-    rows = [r for w in a.workloads for r in run(w, a)]
-    print("\n| workload | variant | cheapest within budget: mass | cost | worst err t/c |\n|---|---|---|---|---|")
-    for w in a.workloads:
-        for var in VARIANTS:
-            ok = [r for r in rows if r["workload"] == w and r["variant"] == var and max(r["err_t"], r["err_c"]) <= a.budget]
-            best = min(ok, key=lambda r: r["cost"]) if ok else None
-            print(f"| {w} | {var} | " + (f"{best['mass']} | {best['cost']:.3f} | {best['err_t']:.4f}/{best['err_c']:.4f} |"
-                                          if best else "none | – | – |"))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "rows": rows}, f, indent=1)
-    return 0
+    return lever_study_main(__doc__.split("\n")[0], run, VARIANTS, argv)
 
 
 if __name__ == "__main__":
