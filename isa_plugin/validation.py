@@ -92,6 +92,22 @@ def validate_budget(budget: Any, name: str = "budget") -> float:
     return value
 
 
+def validate_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices`` (the allowed names of an option).
+
+    Raises:
+        ValueError: any other value, naming it and the allowed ones.
+
+    Example:
+        >>> validate_choice("attention", "sparse", ("auto", "isa", "dense"))
+        Traceback (most recent call last):
+        ValueError: attention='sparse' is not supported; supported: 'auto', 'isa', 'dense'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; supported: {', '.join(map(repr, choices))}")
+    return value
+
+
 def validate_count(name: str, value: Any, low: int) -> Count:
     """Check a count setting: an integer >= ``low``, or one per head (tuple).
 

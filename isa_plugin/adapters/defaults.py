@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..config import ISAConfig
+from ..validation import validate_choice
 from .context import LayoutSpec
 from .install import apply_isa, isa_processors
 from .parallel import carry_settings
@@ -46,9 +47,7 @@ def check_attention(value) -> str:
     Raises:
         ValueError: any other value, naming it and the allowed ones.
     """
-    if not isinstance(value, str) or value not in ATTENTION_MODES:
-        raise ValueError(f"attention={value!r} is not supported; supported: {', '.join(map(repr, ATTENTION_MODES))}")
-    return value
+    return validate_choice("attention", value, ATTENTION_MODES)
 
 
 def runs_isa_by_default(pipe) -> bool:

@@ -40,6 +40,7 @@ from . import liveditor_recipe as recipe_lib
 from .liveditor import LIVEditorTransformer3DModel
 from .liveditor_precision import check_precision, computing_in_fp32
 from .wan_icl import WanInContextEditPipeline
+from ..validation import validate_choice
 
 __all__ = ["LIVEditorPipeline", "liveditor_scheduler", "DEFAULT_NEGATIVE_PROMPT", "WAN_NEGATIVE_PROMPT", "LIVEDITOR_RECIPE", "RECIPES"]
 
@@ -305,9 +306,7 @@ class LIVEditorPipeline(DiffusionPipeline):
         from ..adapters.defaults import attention_for_call, check_attention, user_isa_applied
         from ..adapters.families.liveditor import authors_isa
 
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe={recipe!r} is not supported; supported: {', '.join(map(repr, RECIPES))}")
-        authors = recipe == "authors"
+        authors = validate_choice("recipe", recipe, RECIPES) == "authors"
         if check_attention(attention) == "auto":
             attention = "isa" if authors or user_isa_applied(self) else "dense"
         precision = ("authors" if authors else "native") if precision is None else check_precision(precision)

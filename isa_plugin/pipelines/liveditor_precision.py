@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
+from ..validation import validate_choice
+
 __all__ = ["PRECISIONS", "check_precision", "fp32_linear", "LIVEditorTransformerBlock", "authors_condition", "fp32_head",
            "computing_in_fp32"]
 
@@ -49,9 +51,7 @@ def check_precision(value) -> str:
     Raises:
         ValueError: any other value, naming it and the allowed ones.
     """
-    if not isinstance(value, str) or value not in PRECISIONS:
-        raise ValueError(f"precision={value!r} is not supported; supported: {', '.join(map(repr, PRECISIONS))}")
-    return value
+    return validate_choice("precision", value, PRECISIONS)
 
 
 def fp32_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch
 
 from ...config import ISAConfig
 from ...layout import Layout
+from ...validation import validate_choice
 from ...pipelines.wan_attention import liveditor_gate
 from ..context import LayoutProvider
 from ..registry import FamilyAdapter, PipelineAdapter, register_family, register_pipeline
@@ -73,8 +74,7 @@ def liveditor_layout(n_target: int, n_source: int, block_size: int = 64, *, bloc
     Example:
         >>> liveditor_layout(32760, 32760, 64, blocking="sequence")   # target 32,768, context 32,752
     """
-    if blocking not in _BLOCKINGS:
-        raise ValueError(f"blocking={blocking!r} is not supported; supported: {', '.join(map(repr, _BLOCKINGS))}")
+    validate_choice("blocking", blocking, _BLOCKINGS)
     if min(n_target, n_source) <= 0 or block_size <= 0:
         raise ValueError(f"token counts and block size must be positive, got {n_target}, {n_source}, {block_size}")
     if blocking == "sequence":
