@@ -266,18 +266,14 @@ def test_coarse_residual_add_validates():
 def test_executor_plan_serves_later_inputs(rng):
     """The Triton executor's plan (selections only) made on one step's q, k runs another step's q, k, v as the
     reference runs the reference plan of the first step (plan reuse across denoising steps)."""
-    from isa_plugin.execution import get_executor
+    from sparse_attn_helpers import stale_plan_outputs
 
     layout = Layout(LAYOUTS[1])
     cfg = ISAConfig(alpha_s=0.5, alpha_f=0.4, alpha_ns=0.3)
     q1, k1, _ = _qkv(rng, 2, layout.num_tokens, 2, 32, torch.float32)
     q2, k2, v2 = _qkv(rng, 2, layout.num_tokens, 2, 32, torch.float32)
-    sc = 32 ** -0.5
-    ex = get_executor("triton")
-    got = ex.execute(q2, k2, v2, layout, cfg, sc, ex.plan(q1, k1, None, layout, cfg, sc))
-    ref = execute_plan_reference(q2.double(), k2.double(), v2.double(), plan_reference(q1.double(), k1.double(), layout, cfg, sc), sc)
-    fresh = execute_plan_reference(q2.double(), k2.double(), v2.double(), plan_reference(q2.double(), k2.double(), layout, cfg, sc), sc)
-    assert (got.double() - ref).abs().max().item() < 1e-5
+    got, ref, fresh = stale_plan_outputs("triton", layout, cfg, (q1, k1), (q2, k2, v2), 32 ** -0.5)
+    assert (got - ref).abs().max().item() < 1e-5
     assert (fresh - ref).abs().max().item() > 1e-3  # the stale plan is a different plan for these inputs
 
 

@@ -118,3 +118,19 @@ def check_fused_adaptive_plan(layout, B, H, settings, device, block_size=64, D=3
     n = rebuilt.col_idx.shape[-1]
     assert torch.equal(rebuilt.row_ptr, row_ptr) and torch.equal(rebuilt.col_idx, col_idx[..., :n])
     assert bool((col_idx[..., n:] == -1).all())
+
+
+def stale_plan_outputs(name, layout, cfg, first, second, scale):
+    """Executor ``name``'s plan made on ``first`` = (q, k) executed on ``second`` = (q, k, v), and the reference
+    executing the reference plan of ``first`` on ``second`` (float64): what plan reuse across steps must match.
+    Also the reference's fresh plan of ``second``, to show the stale plan differs. Returns (got, stale_ref, fresh_ref)."""
+    from isa_plugin.execution import get_executor
+    from isa_plugin.executors.reference import plan_reference
+
+    (q1, k1), (q2, k2, v2) = first, second
+    ex = get_executor(name)
+    got = ex.execute(q2, k2, v2, layout, cfg, scale, ex.plan(q1, k1, None, layout, cfg, scale))
+    d = [t.double() for t in (q1, k1, q2, k2, v2)]
+    stale = execute_plan_reference(d[2], d[3], d[4], plan_reference(d[0], d[1], layout, cfg, scale), scale)
+    fresh = execute_plan_reference(d[2], d[3], d[4], plan_reference(d[2], d[3], layout, cfg, scale), scale)
+    return got.double(), stale, fresh

@@ -234,17 +234,12 @@ def test_executor_plan_serves_later_inputs():
     """The block-sparse executor's plan made on one step's q, k runs another step's q, k, v as the reference
     runs the reference plan of the first step (plan reuse across denoising steps; pseudo-keys of the new k, v)."""
     from isa_plugin import ISAConfig
-    from isa_plugin.execution import get_executor
-    from isa_plugin.executors.reference import plan_reference
-    from isa_plugin.kernels.reference import execute_plan_reference
+    from sparse_attn_helpers import stale_plan_outputs
 
     rng = torch.Generator().manual_seed(5)
     layout = Layout(LAYOUTS[1])
     cfg = ISAConfig("adaptive", block_size=64, mass=0.8)
     q1, k1, _ = qkv(rng, 1, layout.num_tokens, 2, 64, torch.float32)
     q2, k2, v2 = qkv(rng, 1, layout.num_tokens, 2, 64, torch.float32)
-    sc = 64 ** -0.5
-    ex = get_executor("sparse")
-    got = ex.execute(q2, k2, v2, layout, cfg, sc, ex.plan(q1, k1, None, layout, cfg, sc))
-    ref = execute_plan_reference(q2.double(), k2.double(), v2.double(), plan_reference(q1.double(), k1.double(), layout, cfg, sc), sc)
-    assert (got.double() - ref).abs().max().item() < 1e-4
+    got, ref, _ = stale_plan_outputs("sparse", layout, cfg, (q1, k1), (q2, k2, v2), 64 ** -0.5)
+    assert (got - ref).abs().max().item() < 1e-4
