@@ -7,16 +7,19 @@ on held-out samples 100, 101 (relative L1 of all target / context query outputs 
 = (exact + pseudo pairs) / N² of the held-out plans). One row per variant:
 
 - ``fixed``: ``Grid()``, the fixed mode alone;
-- ``former``: both modes, the former adaptive grid (9 masses 0.7 … 0.99) and the former margin search
-  (shrink only): what the package calibrated before these levers;
-- ``fine``: the fine mass grid (``ADAPTIVE_MASS``, 48 masses 0.3 … 0.995, one measurement pass), former
-  margin search;
-- ``fine+bisect``: the fine grid and the margin bisection (:data:`~isa_plugin.calibration.heldout.MARGIN_BISECTIONS`):
-  the package's calibration now;
+- ``former``: both modes, the former adaptive grid (9 masses 0.7 … 0.99, block and sub-block means) and the former
+  margin search (shrink only): what the package calibrated before these levers;
+- ``fine`` (``--with-fine``): the fine mass grid (``ADAPTIVE_MASS``, 48 masses 0.3 … 0.995, one measurement pass),
+  former margin search, block and sub-block means;
+- ``fine+bisect``: the fine grid and the margin bisection (:data:`~isa_plugin.calibration.heldout.MARGIN_BISECTIONS`),
+  block and sub-block means as pseudo-keys;
+- ``fine+bisect+kmeans``: the same with the default grid's pseudo-keys, 16-token k-means slots or one block mean per
+  block (lever c): the package's calibration now;
+- ``fine+bisect+both``: both kinds of 16-token pseudo-keys offered;
 - ``subblock-mass``: lever (b), a study only: the adaptive planner's pooled mass estimated from the means of
   16-token key sub-blocks (m_ij ∝ Σ_σ c_σ·exp(q̄_i·k̄_σ·scale)) instead of key-block means;
-- ``oracle``: the cheapest single layer-wide setting of either mode (fine grid) whose errors on the held-out
-  samples themselves meet the budget (every token measured, no margin).
+- ``oracle``: the cheapest single layer-wide setting of either mode (fine grid, both kinds of pseudo-keys) whose
+  errors on the held-out samples themselves meet the budget (every token measured, no margin).
 
 Also: per variant the calibration time ratio (statistics collection of ``CalibrationStats.observe`` /
 dense SDPA forward of the same q, k, v), the same ratio for each mode's grid alone (every call timed
@@ -152,12 +155,12 @@ def curves(model, stats, budget):
             cost = table.cost.sum(0) if table.cost.ndim == 2 else ls.heads * table.cost
             n = sum(ls.mean_tokens().values())
             per_layer.append((err, cost / DEFAULT_COST_MODEL.dense_time(n, ls.heads, ls.head_dim)))
-        if mode_name == "adaptive":  # mass = context_mass, alpha_s = 1, each pseudo-key size
+        if mode_name == "adaptive":  # mass = context_mass, alpha_s = 1, each pseudo-key variant
             S, P, PS = g.shape
             si = g.alpha_s.index(1.0)
-            for qi, ps in enumerate(g.pseudo_block):
+            for qi, (ps, kind) in enumerate(g.pseudo_variants):
                 idx = [((si * P + p) * P + p) * PS + qi for p in range(P)]
-                out[f"adaptive s={ps}"] = [(sum(float(c[i]) for _, c in per_layer) / len(names),
+                out[f"adaptive s={ps} {kind}"] = [(sum(float(c[i]) for _, c in per_layer) / len(names),
                                             max(float(e[0, i]) for e, _ in per_layer), max(float(e[1, i]) for e, _ in per_layer))
                                            for i in idx]
         else:  # fixed: alpha_s = 1, each alpha_ns, alpha_f swept (topk_mass)
@@ -211,10 +214,15 @@ def run_workload(name, a):
     if a.timing_only:
         res["timing"] = calibration_time(model, a)
         return res
-    variants = [("fixed", Grid(), a.bisections, False), ("former", Grid(mass=FORMER_MASS), 0, False),
-                ("fine", Grid(mass=ADAPTIVE_MASS), 0, False), ("fine+bisect", Grid(mass=ADAPTIVE_MASS), a.bisections, False)]
+    mean = ("mean",)
+    variants = [("fixed", Grid(), a.bisections, False), ("former", Grid(mass=FORMER_MASS, pseudo_keys=mean), 0, False),
+                ("fine+bisect", Grid(mass=ADAPTIVE_MASS, pseudo_keys=mean), a.bisections, False),
+                ("fine+bisect+kmeans", Grid(mass=ADAPTIVE_MASS), a.bisections, False),
+                ("fine+bisect+both", Grid(mass=ADAPTIVE_MASS, pseudo_keys=("mean", "kmeans")), a.bisections, False)]
+    if a.with_fine:
+        variants.insert(2, ("fine", Grid(mass=ADAPTIVE_MASS, pseudo_keys=mean), 0, False))
     if not a.skip_subblock:
-        variants.append(("subblock-mass", Grid(mass=ADAPTIVE_MASS), a.bisections, True))
+        variants.append(("subblock-mass", Grid(mass=ADAPTIVE_MASS, pseudo_keys=mean), a.bisections, True))
     stats_cache = {}
     for vname, grid, bis, sub in variants:
         key = (repr(grid), sub)
@@ -239,7 +247,7 @@ def run_workload(name, a):
     res["timing"] = calibration_time(model, a)
     # the oracle: every token of the held-out samples measured, the best single layer-wide setting per layer
     full = argparse.Namespace(**dict(vars(a), blocks_per_kind=1 << 20, tokens_per_block=1 << 20))
-    ho_stats = calibrate(model, a.held_out, Grid(mass=ADAPTIVE_MASS), full, {})
+    ho_stats = calibrate(model, a.held_out, Grid(mass=ADAPTIVE_MASS, pseudo_keys=("mean", "kmeans")), full, {})
     oracle = fit_profile(ho_stats, a.budget, per_head=False, margin=1.0, held_out=False)
     res["variants"]["oracle"] = dict(summarise(evaluate_synthetic(model, oracle, a.held_out)),
                                      modes={n: (oracle.config_for(n).mode if oracle.config_for(n) is not None else "dense")
@@ -304,6 +312,7 @@ def main(argv=None):
     add_workload_args(ap)
     ap.add_argument("--bisections", type=int, default=heldout.MARGIN_BISECTIONS)
     ap.add_argument("--skip-subblock", action="store_true", help="leave out the lever (b) study")
+    ap.add_argument("--with-fine", action="store_true", help="also the fine grid without the margin bisection")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--plot", action="store_true", help="write levers_<shape>.png")
     ap.add_argument("--timing-only", action="store_true",

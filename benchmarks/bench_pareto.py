@@ -94,7 +94,8 @@ def describe(cfg: ISAConfig) -> str:
     if cfg.mode == "fixed":
         return f"fixed a_s={cfg.alpha_s} a_f={cfg.alpha_f} a_ns={cfg.alpha_ns} {cfg.sharpness} b={cfg.block_size}"
     ctx = "" if cfg.context_mass is None else f"/{cfg.context_mass}"
-    return f"adaptive p={cfg.mass}{ctx} s={cfg.pseudo_block} a_s={cfg.alpha_s} b={cfg.block_size}"
+    kind = " kmeans" if cfg.pseudo_keys == "kmeans" else ""
+    return f"adaptive p={cfg.mass}{ctx} s={cfg.pseudo_block}{kind} a_s={cfg.alpha_s} b={cfg.block_size}"
 
 
 def describe_setting(setting: LayerSetting, block_size: int) -> str:
@@ -275,7 +276,7 @@ def flex_plan(q, k, v, layout, config, scale):
     from isa_plugin.selection import plan_from_pooled
 
     blocks = layout.blocks(config.block_size).to(q.device)
-    prepared = flex_prepare(q, k, v, blocks, config.pseudo_block_size)
+    prepared = flex_prepare(q, k, v, blocks, config.pseudo_block_size, config.pseudo_keys)
     plan = plan_from_pooled(config.selection, prepared.qbar, prepared.kbar, blocks, config.settings, scale, config.share_plan)
     return build_flex_inputs(q, k, v, plan, prepared)
 
@@ -298,10 +299,11 @@ def timing_study(args):
     H = args.heads if not args.tiny else 2
     D = 128 if not args.tiny else 32
     fixed = [dict(alpha_s=s, alpha_f=f, alpha_ns=n) for s in (0.25, 0.5, 1.0) for f in (0.25, 0.5, 0.75, 1.0) for n in (0.0625, 0.125)]
-    adaptive = [ISAConfig(mode="adaptive", mass=p, pseudo_block=ps, alpha_s=s, block_size=bs, backend=ex)
+    adaptive = [ISAConfig(mode="adaptive", mass=p, pseudo_block=ps, pseudo_keys=kind, alpha_s=s, block_size=bs, backend=ex)
                 for ex in (args.adaptive_executors if cuda else ["reference"])
                 for bs, pss in ((128, (128, 32, 16)), (64, (64, 16))) if bs in args.adaptive_block_sizes
                 for ps in pss if args.adaptive_pseudo_blocks is None or ps in args.adaptive_pseudo_blocks
+                for kind in args.adaptive_pseudo_keys if kind == "mean" or ps < bs
                 for s in args.adaptive_alpha_s for p in args.adaptive_masses]
     fixed = fixed if "fixed" in args.modes else []
     adaptive = adaptive if "adaptive" in args.modes else []
@@ -573,6 +575,8 @@ def main(argv=None):
                     help="timing study: modes to run (split long runs)")
     ap.add_argument("--adaptive-executors", nargs="+", default=["sparse"], choices=["sparse", "flex", "reference"],
                     help="executors the adaptive settings are timed on (GPU timing study)")
+    ap.add_argument("--adaptive-pseudo-keys", nargs="+", default=["mean"], choices=["mean", "kmeans"],
+                    help="pseudo-key kinds of the adaptive settings with several pseudo-keys per block (default: mean)")
     ap.add_argument("--adaptive-pseudo-blocks", type=int, nargs="+", default=None,
                     help="only these pseudo-key sizes of the adaptive settings (default: 128, 32, 16 at b=128; 64, 16 at b=64)")
     ap.add_argument("--workload", default="structured", choices=["structured", "diffuse"],

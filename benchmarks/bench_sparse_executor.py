@@ -50,6 +50,8 @@ from sparse_attn_helpers import random_plan, reference_out, sparsity_plan  # noq
 
 from isa_plugin import Layout  # noqa: E402
 from isa_plugin.kernels import sparse_attn  # noqa: E402
+from isa_plugin.kernels.pseudo import KMEANS_ITERS  # noqa: E402
+from isa_plugin.plan import BlockPlan  # noqa: E402
 
 
 def _env(device) -> dict:
@@ -127,13 +129,17 @@ def dense_baseline(args, device, dtype, bench) -> dict:
     return res
 
 
-def run_config(args, device, dtype, bench, q, k, v, bs, s) -> dict:
+def run_config(args, device, dtype, bench, q, k, v, bs, s, pseudo=None) -> dict:
     N, H, D = args.n, args.heads, args.dim
     layout = Layout([("target", N // 2), ("context", N - N // 2)])
     blocks = layout.blocks(bs)
     plan = sparsity_plan(blocks, 1, H, s, seed=int(bs * 100 + s * 100), device=device)
+    ps, kind = pseudo or (bs, "mean")
+    ps = min(ps, bs)
+    if ps != bs:  # the same exact lists with C = bs / ps pseudo-key slots per block
+        plan = BlockPlan(plan.blocks, plan.kv_keep, plan.row_ptr, plan.col_idx, ps, pseudo_keys=kind)
     exact_pairs, pseudo_pairs = plan.pair_counts()
-    row = {"block": bs, "sparsity": s, "nb": blocks.num_blocks,
+    row = {"block": bs, "sparsity": s, "nb": blocks.num_blocks, "pseudo_block": ps, "pseudo_keys": kind,
            "exact_blocks_per_row": int(plan.exact_counts()[0, 0, 0]), "exact_pairs": exact_pairs, "pseudo_pairs": pseudo_pairs}
     out = sparse_attn.execute_block_plan(q, k, v, plan)  # autotunes on the first call of this shape
     g = torch.Generator(device=device).manual_seed(1)
@@ -147,8 +153,9 @@ def run_config(args, device, dtype, bench, q, k, v, bs, s) -> dict:
     del out
     ms = bench(lambda: sparse_attn.execute_block_plan(q, k, v, plan))
     starts, counts, log2n = sparse_attn.block_meta(plan.blocks, str(q.device))
+    iters = 0 if plan.mean_pseudo_keys else KMEANS_ITERS
     prep = lambda: sparse_attn._prepare(q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n,  # noqa: E731
-                                        bs, D ** -0.5)
+                                        bs, D ** -0.5, None, ps, iters)
     prepared = prep()
     ms_kernel = bench(lambda: sparse_attn._launch(prepared))
     # the exact part alone (the same kernel without the pseudo-key tail): the time the exact-pair rate is defined on
@@ -182,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-rows", type=int, default=128, help="sampled query rows checked per configuration")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None, help="write the environment and every row here")
+    ap.add_argument("--pseudo", nargs="+", default=None,
+                    help="pseudo-key variants SIZE:KIND (e.g. 128:mean 16:mean 16:kmeans; default: one block mean per block)")
     args = ap.parse_args(argv)
     device = args.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -197,30 +206,31 @@ def main(argv=None) -> int:
           f"{dense['tflops_view']:.1f} TFLOP/s on transposed [B, N, H, D] views")
     q, k, v = _inputs(1, args.n, args.heads, args.dim, dtype, device, seed=1)
     rows, failed = [], False
+    pseudo = [(int(x.split(":")[0]), x.split(":")[1]) for x in args.pseudo] if args.pseudo else [None]
     for bs in args.blocks:
-        for s in args.sparsity:
-            r = run_config(args, device, dtype, bench, q, k, v, bs, s)
+        for s, ps in [(s, ps) for s in args.sparsity for ps in pseudo]:
+            r = run_config(args, device, dtype, bench, q, k, v, bs, s, ps)
             if "ms" in r:
                 r["ratio_cudnn"] = r["exact_tflops"] / dense["tflops"]
                 r["ratio_cudnn_kernel"] = r["exact_tflops_kernel"] / dense["tflops"]
                 r["ratio_cudnn_exact_part"] = r["exact_tflops_exact_part"] / dense["tflops"]
-                print(f"b={bs} s={s}: {r['ms']:.2f} ms (kernel {r['ms_kernel']:.2f}, prep {r['ms_prep']:.2f}), "
+                print(f"b={bs} s={s} pseudo={r['pseudo_block']}:{r['pseudo_keys']}: {r['ms']:.2f} ms (kernel {r['ms_kernel']:.2f}, prep {r['ms_prep']:.2f}), "
                       f"exact {r['exact_tflops']:.1f} TFLOP/s = {r['ratio_cudnn']:.3f} x cuDNN", flush=True)
             failed |= not r["correct"]
             rows.append(r)
     print()
-    print(f"| b | sparsity | exact blocks/row | ms | kernel ms | prep ms | exact TF/s | /cuDNN | kernel /cuDNN | exact part ms | "
+    print(f"| b | pseudo-keys | sparsity | exact blocks/row | ms | kernel ms | prep ms | exact TF/s | /cuDNN | kernel /cuDNN | exact part ms | "
           f"exact part /cuDNN | all TF/s | max err (torch err) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "ms" in r:
-            print(f"| {r['block']} | {r['sparsity']:.2f} | {r['exact_blocks_per_row']} / {r['nb']} | {r['ms']:.2f} | {r['ms_kernel']:.2f} | "
+            print(f"| {r['block']} | {r['pseudo_block']}:{r['pseudo_keys']} | {r['sparsity']:.2f} | {r['exact_blocks_per_row']} / {r['nb']} | {r['ms']:.2f} | {r['ms_kernel']:.2f} | "
                   f"{r['ms_prep']:.2f} | {r['exact_tflops']:.1f} | {r['ratio_cudnn']:.3f} | {r['ratio_cudnn_kernel']:.3f} | "
                   f"{r['ms_exact_part']:.2f} | {r['ratio_cudnn_exact_part']:.3f} | {r['all_tflops']:.1f} | {r['max_err']:.2e} ({r['torch_err']:.2e}) |")
         else:
-            print(f"| {r['block']} | {r['sparsity']:.2f} | {r['exact_blocks_per_row']} / {r['nb']} | WRONG | | | | | | | | | "
+            print(f"| {r['block']} | {r['pseudo_block']}:{r['pseudo_keys']} | {r['sparsity']:.2f} | {r['exact_blocks_per_row']} / {r['nb']} | WRONG | | | | | | | | | "
                   f"{r['max_err']:.2e} ({r['torch_err']:.2e}) |")
-    print(f"| cuDNN dense | 0 | all | {dense['ms']:.2f} | | | {dense['tflops']:.1f} | 1.000 | | | | | |")
+    print(f"| cuDNN dense | | 0 | all | {dense['ms']:.2f} | | | {dense['tflops']:.1f} | 1.000 | | | | | |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "args": vars(args), "cudnn_dense": dense, "rows": rows}, f, indent=1)

@@ -11,8 +11,10 @@
 # forward with both modes), h (LIVEditor's precision regime against float32), i (the executor and planning tests, the
 # precision check in brief, the executors' cost model for dispatch, the planning profile), j (the fused adaptive
 # planner: its tests, its profile, the Pareto settings within budget at three lengths, the Wan forward), k (the GPU
-# suite, the exact-pair rate, the planning profile, the diffuse workload).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|j|k|part1|part2
+# suite, the exact-pair rate, the planning profile, the diffuse workload), l (k-means pseudo-keys: their GPU tests,
+# the executor's time with 1, 4 and 8 pseudo-key slots per block, the slot kernel's share of a call) and m (k-means
+# pseudo-keys within a budget: error, FLOPs and time against block means on both workloads).
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|j|k|l|m|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -100,5 +102,15 @@ k)
   run profile_plan 60 python benchmarks/profile_plan.py --n 65536 --heads 40
   run pareto_diffuse 100 python benchmarks/bench_pareto.py --n 65536 --heads 40 --workload diffuse --modes fixed adaptive --no-fixed-grid --fixed-defaults --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 --adaptive-alpha-s 1.0 0.5 --adaptive-masses 0.7 0.8 0.9 0.95 --out "$OUT/pareto_diffuse"
   ;;
-*) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|part1|part2"; exit 2 ;;
+l)
+  run gpu_tests_kmeans 260 python -m pytest -q -m gpu tests/kernels/test_sparse_attn_gpu.py tests/executors tests/test_attention_gpu.py -p no:cacheprovider -n 4
+  run sparse_bench_kmeans 200 python benchmarks/bench_sparse_executor.py --blocks 128 --sparsity 0.5 0.75 0.9 --pseudo 128:mean 16:mean 16:kmeans 32:kmeans --json "$OUT/sparse_bench_kmeans.json"
+  run profile_plan_kmeans 60 python benchmarks/profile_plan.py --n 65536 --heads 40 --config '{"mode": "adaptive", "mass": 0.7, "alpha_s": 1.0, "block_size": 128, "pseudo_block": 16, "pseudo_keys": "kmeans"}'
+  ;;
+m)
+  for w in structured diffuse; do
+    run "pareto_kmeans_$w" 250 python benchmarks/bench_pareto.py --n 65536 --heads 40 --workload $w --modes adaptive --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 16 --adaptive-pseudo-keys mean kmeans --adaptive-alpha-s 1.0 --adaptive-masses 0.4 0.5 0.6 0.7 0.8 0.9 --out "$OUT/pareto_kmeans_$w"
+  done
+  ;;
+*) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|part1|part2"; exit 2 ;;
 esac

@@ -122,6 +122,11 @@ class ISAConfig:
         return self.selection.pseudo_block(self.settings, self.block_size)
 
     @property
+    def pseudo_keys(self) -> str:
+        """How this config's plans form their pseudo-keys: ``"mean"`` or ``"kmeans"`` (:mod:`isa_plugin.kernels.pseudo`)."""
+        return self.selection.pseudo_keys(self.settings)
+
+    @property
     def num_heads(self) -> Optional[int]:
         """The head count implied by per-head values, or None when all are scalars (-1 when they disagree)."""
         lens = {len(v) for n in self.selection.per_head_fields if isinstance(v := getattr(self.settings, n), tuple)}

@@ -12,7 +12,9 @@ A :class:`BlockPlan` refers to the per-span blocking of the call (:class:`~isa_p
 - ``pseudo_block``: the pseudo-key granularity. Every KV' block that is not exact for a query block
   enters its softmax as pseudo-keys: the means of its sub-blocks of ``pseudo_block`` tokens, each with
   logit bias ln(its token count). ``pseudo_block == blocks.block_size`` is one block-mean pseudo-key per
-  block (ISA's 0th-order Taylor term).
+  block (ISA's 0th-order Taylor term);
+- ``pseudo_keys``: how the pseudo-keys are formed, ``"mean"`` (the sub-block means above) or ``"kmeans"``
+  (the same number of slots per block, refined by k-means on the block's keys: :mod:`isa_plugin.kernels.pseudo`).
 
 ``full_rows`` [B, H, nb] bool marks the query blocks whose exact list is all of KV' (an executor may run
 them as dense attention over KV'). ``diagnostics`` holds what the mode measured while planning
@@ -31,6 +33,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .kernels.pseudo import validate_pseudo_keys
 from .layout import BlockLayout
 
 __all__ = ["BlockPlan"]
@@ -45,6 +48,7 @@ class BlockPlan:
         row_ptr: [B, H, nb + 1] int64, CSR offsets of every (b, h)'s lists (``row_ptr[..., 0] == 0``).
         col_idx: [B, H, nnz] int64, exact key blocks per query block, ascending; -1 past the last offset.
         pseudo_block: tokens per pseudo-key (divides ``blocks.block_size``).
+        pseudo_keys: ``"mean"`` or ``"kmeans"`` (:mod:`isa_plugin.kernels.pseudo`).
         full_rows: [B, H, nb] bool, the query block's exact list is all of KV'.
         diagnostics: the mode's per-block diagnostics, [B, H, nb] tensors by name.
 
@@ -64,7 +68,8 @@ class BlockPlan:
     """
 
     def __init__(self, blocks: BlockLayout, kv_keep: torch.Tensor, row_ptr: Optional[torch.Tensor], col_idx: Optional[torch.Tensor],
-                 pseudo_block: int, diagnostics: Optional[Dict[str, torch.Tensor]] = None, *, _mask: Optional[torch.Tensor] = None):
+                 pseudo_block: int, diagnostics: Optional[Dict[str, torch.Tensor]] = None, *, _mask: Optional[torch.Tensor] = None,
+                 pseudo_keys: str = "mean"):
         if (row_ptr is None or col_idx is None) and _mask is None:
             raise ValueError("a BlockPlan needs its exact lists (row_ptr, col_idx) or an exact mask (BlockPlan.from_masks)")
         self.blocks = blocks
@@ -72,15 +77,18 @@ class BlockPlan:
         self._row_ptr, self._col_idx, self._mask = row_ptr, col_idx, _mask
         self._full = None
         self.pseudo_block = int(pseudo_block)
+        self.pseudo_keys = validate_pseudo_keys("BlockPlan.pseudo_keys", pseudo_keys)
         self.diagnostics = dict(diagnostics or {})
 
     def __repr__(self) -> str:
-        return f"BlockPlan(shape={self.shape}, block_size={self.blocks.block_size}, pseudo_block={self.pseudo_block})"
+        return (f"BlockPlan(shape={self.shape}, block_size={self.blocks.block_size}, pseudo_block={self.pseudo_block}, "
+                f"pseudo_keys={self.pseudo_keys!r})")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_masks(cls, blocks: BlockLayout, kv_keep: torch.Tensor, exact_kv: torch.Tensor, pseudo_block: int,
-                   diagnostics: Optional[Dict[str, torch.Tensor]] = None, validate: Optional[bool] = None) -> "BlockPlan":
+                   diagnostics: Optional[Dict[str, torch.Tensor]] = None, validate: Optional[bool] = None,
+                   pseudo_keys: str = "mean") -> "BlockPlan":
         """A plan from dense masks.
 
         Args:
@@ -91,6 +99,7 @@ class BlockPlan:
             diagnostics: the mode's [B, H, nb] diagnostics.
             validate: check that exact blocks are kept (default: off CUDA only, where it costs no
                 synchronisation).
+            pseudo_keys: ``"mean"`` or ``"kmeans"``.
 
         Raises:
             ValueError: shapes that do not match ``blocks``, or exact key blocks outside KV'.
@@ -101,7 +110,7 @@ class BlockPlan:
                              f"{blocks.num_blocks} blocks")
         if (not exact_kv.is_cuda if validate is None else validate) and bool((exact_kv & ~kv_keep[:, :, None, :]).any()):
             raise ValueError("exact key blocks must be kept key blocks (exact_kv within kv_keep)")
-        return cls(blocks, kv_keep, None, None, pseudo_block, diagnostics, _mask=exact_kv)
+        return cls(blocks, kv_keep, None, None, pseudo_block, diagnostics, _mask=exact_kv, pseudo_keys=pseudo_keys)
 
     def _lists(self) -> None:
         exact_kv = self._mask
@@ -137,6 +146,12 @@ class BlockPlan:
         if self._full is None:
             self._full = (self.exact_mask() == self.kv_keep[:, :, None, :]).all(-1)
         return self._full
+
+    @property
+    def mean_pseudo_keys(self) -> bool:
+        """Every pseudo-key is the mean of contiguous tokens: ``"mean"`` pseudo-keys, or one per block (the block
+        mean, whatever the kind)."""
+        return self.pseudo_keys == "mean" or self.pseudo_block == self.blocks.block_size
 
     # ------------------------------------------------------------------ views
     @property
@@ -198,9 +213,16 @@ class BlockPlan:
     def at_pseudo_granularity(self) -> "BlockPlan":
         """The same attention as a plan over the sub-blocks of ``pseudo_block`` tokens, whose pseudo-keys are
         then one mean per (sub-)block: what an executor with block-mean pseudo-keys runs. ``self`` when
-        ``pseudo_block`` is the block size."""
+        ``pseudo_block`` is the block size.
+
+        Raises:
+            ValueError: a plan with k-means pseudo-keys (their slots are not contiguous tokens).
+        """
         if self.pseudo_block == self.blocks.block_size:
             return self
+        if not self.mean_pseudo_keys:
+            raise ValueError(f"a plan with pseudo_keys={self.pseudo_keys!r} has no finer blocking: its pseudo-keys are "
+                             "k-means slots of whole blocks (run it at its own blocking)")
         sub, parent = self.blocks.split(self.pseudo_block)
         parent = parent.to(self.kv_keep.device)
         exact = self.exact_mask()[:, :, parent][:, :, :, parent]
@@ -214,4 +236,4 @@ class BlockPlan:
             raise ValueError(f"expand_batch needs a plan of batch 1, got batch {self.kv_keep.shape[0]}")
         rep = lambda t: None if t is None else t.expand(batch, *t.shape[1:]).contiguous()  # noqa: E731
         return BlockPlan(self.blocks, rep(self.kv_keep), rep(self._row_ptr), rep(self._col_idx), self.pseudo_block,
-                         {k: rep(v) for k, v in self.diagnostics.items()}, _mask=rep(self._mask))
+                         {k: rep(v) for k, v in self.diagnostics.items()}, _mask=rep(self._mask), pseudo_keys=self.pseudo_keys)

@@ -27,7 +27,7 @@ def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     """
     layout.check(q.shape[1])
     blocks = layout.blocks(config.block_size).to(q.device)
-    prepared = flex_prepare(q, k, v, blocks, config.pseudo_block_size)
+    prepared = flex_prepare(q, k, v, blocks, config.pseudo_block_size, config.pseudo_keys)
     plan = plan_from_pooled(config.selection, prepared.qbar, prepared.kbar, blocks, config.settings, scale, config.share_plan)
     if plan_only:
         return plan

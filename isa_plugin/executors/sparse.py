@@ -1,9 +1,9 @@
 """The block-sparse executor (:mod:`isa_plugin.kernels.sparse_attn`): any mode's plan, walked as CSR lists.
 
-Per query block one Triton program walks the row's exact key blocks and then the pseudo-key tail (one
-block mean per other kept block, count-biased), in one online softmax. The config's mode plans from block
-means pooled on the device (with ``share_plan``, one plan from the batch means); a plan with finer
-pseudo-keys runs at its pseudo-key granularity.
+Per query block one Triton program walks the row's exact key blocks and then the pseudo-key tail (the
+pseudo-key slots of every other kept block, count-biased), in one online softmax. The config's mode plans
+from block means pooled on the device (with ``share_plan``, one plan from the batch means); finer pseudo-keys
+(sub-block means or k-means slots) are computed per block before the attention kernel.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class SparseExecutor(Executor):
     def ineligible(self, q, config) -> Optional[str]:
         if not q.is_cuda:
             return f"inputs are on {q.device.type}, the block-sparse executor needs CUDA"
-        return sparse_ineligible_for(q, config.pseudo_block_size)
+        return sparse_ineligible_for(q, config.block_size)
 
     def plan(self, q, k, v, layout, config, scale):
         return sparse_plan(q, k, layout, config, scale)

@@ -31,6 +31,7 @@ import torch
 
 from ..layout import BlockLayout
 from ..plan import BlockPlan
+from .pseudo import kmeans_slots
 
 __all__ = ["FlexInputs", "flex_prepare", "execute_flex", "build_flex_inputs", "FLEX_BLOCK_SIZES", "flex_ineligible"]
 
@@ -75,11 +76,13 @@ class FlexInputs:
     """The padded inputs and pooled means of one call (:func:`flex_prepare`).
 
     ``qbar``, ``kbar`` [B, H, nb, D] (compute dtype) are the block means a planner takes; ``ksub``, ``vsub``
-    [B, H, nb·r, D] the sub-block means (r = block_size / pseudo_block).
+    [B, H, nb·r, D] the pseudo-key slots (r = block_size / pseudo_block: sub-block means, or k-means
+    centroids and their values) and ``slot_cnt`` [B, H, nb·r] their token counts (0: an empty slot).
     """
 
     blocks: BlockLayout
     pseudo_block: int
+    pseudo_keys: str
     q_pad: torch.Tensor
     k_pad: torch.Tensor
     v_pad: torch.Tensor
@@ -92,8 +95,9 @@ class FlexInputs:
     key_valid: torch.Tensor
 
 
-def flex_prepare(q, k, v, blocks: BlockLayout, pseudo_block: int) -> FlexInputs:
-    """Pad q, k, v [B, N, H, D] block by block and pool them (block and sub-block means).
+def flex_prepare(q, k, v, blocks: BlockLayout, pseudo_block: int, pseudo_keys: str = "mean") -> FlexInputs:
+    """Pad q, k, v [B, N, H, D] block by block and pool them (block means and the pseudo-key slots of
+    ``pseudo_keys``, :mod:`.pseudo`).
 
     Raises:
         ValueError: ``pseudo_block`` does not divide the block size.
@@ -116,9 +120,15 @@ def flex_prepare(q, k, v, blocks: BlockLayout, pseudo_block: int) -> FlexInputs:
     vsub = v_pad.view(B, H, nb * r, s, D).to(ct).sum(3)
     qbar = q_pad.view(B, H, nb, b, D).to(ct).sum(3) / cnt[:, None]
     kbar = ksub.view(B, H, nb, r, D).sum(3) / cnt[:, None]
-    ksub = ksub / slot_cnt.clamp(min=1).to(ct)[:, None]
-    vsub = vsub / slot_cnt.clamp(min=1).to(ct)[:, None]
-    return FlexInputs(blocks, s, q_pad, k_pad, v_pad, qbar, kbar, ksub, vsub, slot_cnt, dst, key_valid)
+    if pseudo_keys == "mean" or r == 1:
+        ksub = ksub / slot_cnt.clamp(min=1).to(ct)[:, None]
+        vsub = vsub / slot_cnt.clamp(min=1).to(ct)[:, None]
+        slot_cnt = slot_cnt.expand(B, H, -1)
+    else:
+        cent, vals, cnt_s = kmeans_slots(k_pad.view(B, H, nb, b, D).to(ct), v_pad.view(B, H, nb, b, D).to(ct),
+                                         key_valid.view(nb, b), s)
+        ksub, vsub, slot_cnt = cent.reshape(B, H, nb * r, D), vals.reshape(B, H, nb * r, D), cnt_s.reshape(B, H, nb * r).long()
+    return FlexInputs(blocks, s, pseudo_keys, q_pad, k_pad, v_pad, qbar, kbar, ksub, vsub, slot_cnt, dst, key_valid)
 
 
 def build_flex_inputs(q, k, v, plan: BlockPlan, prepared: Optional[FlexInputs] = None):
@@ -135,8 +145,8 @@ def build_flex_inputs(q, k, v, plan: BlockPlan, prepared: Optional[FlexInputs] =
     B, N, H, D = q.shape
     dev = q.device
     blocks = plan.blocks.to(dev)
-    if prepared is None or prepared.pseudo_block != plan.pseudo_block:
-        prepared = flex_prepare(q, k, v, blocks, plan.pseudo_block)
+    if prepared is None or (prepared.pseudo_block, prepared.pseudo_keys) != (plan.pseudo_block, plan.pseudo_keys):
+        prepared = flex_prepare(q, k, v, blocks, plan.pseudo_block, plan.pseudo_keys)
     b, s = blocks.block_size, plan.pseudo_block
     nb = blocks.num_blocks
     n_pad = nb * b
@@ -160,7 +170,7 @@ def build_flex_inputs(q, k, v, plan: BlockPlan, prepared: Optional[FlexInputs] =
     ps_parent = torch.zeros(B, H, p_len, dtype=torch.int64, device=dev)
     ps_parent[..., :n_slots] = slot_parent[order]
     ps_log = torch.zeros(B, H, p_len, dtype=ct, device=dev)
-    ps_log[..., :n_slots] = torch.log(slot_cnt[order].clamp(min=1).to(ct))
+    ps_log[..., :n_slots] = torch.log(torch.gather(slot_cnt, -1, order).clamp(min=1).to(ct))
     pk = torch.zeros(B, H, p_len, D, dtype=q.dtype, device=dev)
     pv = torch.zeros_like(pk)
     pk[:, :, :n_slots] = torch.gather(ksub, 2, order[..., None].expand(B, H, n_slots, D)).to(q.dtype)

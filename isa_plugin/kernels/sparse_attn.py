@@ -1,5 +1,5 @@
 """Block-sparse attention executor for a :class:`~isa_plugin.plan.BlockPlan`: exact key blocks from CSR
-lists plus one block-mean pseudo-key per remaining KV' block, in one online softmax (forward only).
+lists plus the pseudo-keys of every remaining KV' block, in one online softmax (forward only).
 
 Semantics (:func:`~isa_plugin.kernels.reference.execute_plan_reference` is the specification), per batch
 entry b, head h and query block i of the plan's per-span blocking:
@@ -9,14 +9,18 @@ entry b, head h and query block i of the plan's per-span blocking:
 
 with s_tr = q_t·k_r·scale, k̄_j / v̄_j the block means (true counts n_j, short last blocks of a span
 included) and the exact list of row i being ``col_idx[b, h, row_ptr[b, h, i] : row_ptr[b, h, i + 1]]``.
+A plan with ``pseudo_block < block_size`` has C = block_size / pseudo_block pseudo-key slots per block
+instead of one mean (sub-block means, or k-means centroids for ``pseudo_keys="kmeans"``: :mod:`.pseudo`),
+each with its own count bias; :mod:`.pseudo_triton` computes them before the attention kernel.
 A non-finite value anywhere in k (v) of a (b, h) makes that head's output (those feature columns) NaN,
 as dense attention would; a (b, h) with no kept key block gives NaN rows (softmax over nothing).
 
 Layout:
     q, k, v, out: [B, N, H, D] (diffusers' layout; read and written through strides, D contiguous),
         fp16 / bf16, or fp32 (IEEE dots without tensor cores: for tests and fp32 callers, slow).
-    kbar, vbar: [B*H, nb, D] block means in the input dtype (:mod:`~isa_plugin.kernels.pooling`);
-        log2n: [nb] float32, log2 of the true counts (the pseudo-key bias ln n_j in base 2);
+    kbar, vbar: [B*H, nb·C, D] pseudo-keys in the input dtype (C = 1: block means,
+        :mod:`~isa_plugin.kernels.pooling`); log2n: log2 of their token counts (the bias ln n in base 2), [nb]
+        float32 shared by the heads (C = 1) or [B*H, nb·C] (−inf: an empty slot), row stride ``s_lg``;
         poison: [B*H, D] float32, 0 or NaN (non-finite k / v of the head).
     starts, counts: [nb] int32 block starts and true token counts.
     row_ptr: [B*H, nb + 1], col_idx: [B*H, nnz] (int64 or int32, the plan's CSR lists, ascending).
@@ -27,7 +31,8 @@ Layout:
 Grid: (B*H*nb,). Program w runs item ``order[w]`` with its [BLOCK, D] query tile (BLOCK = the block size
 rounded up to a power of two) and one (m, l, acc) softmax state in float32, log2 domain:
 
-1. the tail: the (b, h)'s KV' list in tiles of BP pseudo-keys (gathered k̄ / v̄ rows, bias log2 n_j),
+1. the tail: the C slots of each block of the (b, h)'s KV' list in tiles of BP pseudo-keys (gathered k̄ / v̄
+   rows, bias log2 of the slot's count),
    the row's exact blocks masked out by one gathered bit-set word per candidate; rows whose list is all
    of KV' skip it;
 2. the exact list in tiles of KB key blocks (KB * BLOCK keys): gathered K / V rows, cp.async-pipelined.
@@ -53,6 +58,8 @@ import triton.language as tl
 
 from ..plan import BlockPlan
 from .pooling import pool_blocks_triton
+from .pseudo import KMEANS_ITERS
+from .pseudo_triton import pseudo_slots_triton
 
 __all__ = ["execute_block_plan", "block_meta", "sparse_ineligible", "sparse_ineligible_for", "sparse_attn_op", "sparse_attn_fwd", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
 
@@ -159,7 +166,7 @@ def _exact_bits_kernel(
 def _sparse_attn_fwd_kernel(
     Q, K, V, O,
     K_DESC, V_DESC,  # TMA descriptors of k, v as [B, N, H*D] with [1, BLOCK, D] boxes (TMA=True), else k, v again
-    KBAR, VBAR, LOG2N, POISON,
+    KBAR, VBAR, LOG2N, POISON,  # pseudo-keys [B*H, nb*C, D] (C slots per block), log2 counts (row stride s_lg), poison
     STARTS, COUNTS,
     ROW_PTR, COL_IDX,
     KV_LIST, KV_LEN, EXACT_BITS,
@@ -168,7 +175,7 @@ def _sparse_attn_fwd_kernel(
     sk_b, sk_n, sk_h,
     sv_b, sv_n, sv_h,
     so_b, so_n, so_h,
-    H, nb, nnz, n_words, scale_log2,
+    H, nb, nnz, n_words, scale_log2, s_lg,
     D: tl.constexpr,  # head dim: width of every tile and dot, must be static
     BLOCK: tl.constexpr,  # padded block size (power of two >= every count): query tile height, key rows per block
     KB: tl.constexpr,  # key blocks per exact tile, 1 or 2 (tile = KB * BLOCK keys): static dot shape
@@ -177,6 +184,7 @@ def _sparse_attn_fwd_kernel(
     TAIL: tl.constexpr = True,  # False: the exact part alone (a benchmark's timing of it; the output lacks the pseudo-keys)
     TMA: tl.constexpr = False,  # exact K / V tiles through the TMA descriptors (KB = 1; Hopper)
     TMA_OK: tl.constexpr = False,  # the call has descriptors (an autotuning key: TMA configs are pruned otherwise)
+    C: tl.constexpr = 1,  # pseudo-key slots per block (1: the block mean; more: sub-block means or k-means slots)
 ):
     tl.static_assert(BLOCK >= 16)
     tl.static_assert(BP >= 16)
@@ -208,36 +216,38 @@ def _sparse_attn_fwd_kernel(
     b_m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK], dtype=tl.float32)
 
-    # ---- pseudo-keys: every KV' block not in the exact list, bias log2(n_j). (This loop runs before the
-    # exact one: in the other order ptxas serialises the exact loop's wgmma (C7515) on sm_90.)
+    # ---- pseudo-keys: the C slots of every KV' block not in the exact list, bias log2(slot count). (This loop
+    # runs before the exact one: in the other order ptxas serialises the exact loop's wgmma (C7515) on sm_90.)
     kv_len = tl.load(KV_LEN + i_bh)
-    n_tail = tl.where(kv_len > l_len, kv_len, 0)  # full rows (list == KV') skip the tail
+    n_tail = tl.where(kv_len > l_len, kv_len * C, 0)  # slots; full rows (list == KV') skip the tail
     if not TAIL:
         n_tail = 0
     o_p = tl.arange(0, BP)
     p_kvl = KV_LIST + i_bh64 * nb
-    p_bar = i_bh64 * nb * D + o_d[None, :]
+    p_bar = i_bh64 * nb * C * D + o_d[None, :]
+    p_lg = LOG2N + i_bh64 * s_lg
     p_bits = EXACT_BITS + (i_bh64 * nb + i_qb) * n_words  # the row's exact blocks as a bit set
     # candidates one tile ahead (loop-carried), so the k̄ / v̄ loads depend on no load of their iteration;
     # every candidate is loaded, the exact ones are masked out of the scores only
-    i_cand_nx = tl.load(p_kvl + o_p, mask=o_p < n_tail, other=-1)  # [BP]
+    i_cand_nx = tl.load(p_kvl + o_p // C, mask=o_p < n_tail, other=-1)  # [BP]
     for p0 in range(0, n_tail, BP):
-        i_cand = i_cand_nx  # [BP] ascending KV' blocks, -1 past the end
-        i_cand_nx = tl.load(p_kvl + p0 + BP + o_p, mask=(p0 + BP + o_p) < n_tail, other=-1)
+        i_cand = i_cand_nx  # [BP] the slots' KV' blocks (ascending), -1 past the end
+        i_cand_nx = tl.load(p_kvl + (p0 + BP + o_p) // C, mask=(p0 + BP + o_p) < n_tail, other=-1)
         m_p = i_cand >= 0
-        o_bar = tl.where(m_p, i_cand, 0)
+        o_blk = tl.where(m_p, i_cand, 0)
+        o_bar = o_blk * C + (p0 + o_p) % C  # [BP] slot rows
         b_kb = tl.load(KBAR + p_bar + o_bar.to(tl.int64)[:, None] * D, mask=m_p[:, None], other=0.0)  # [BP, D]
         b_vb = tl.load(VBAR + p_bar + o_bar.to(tl.int64)[:, None] * D, mask=m_p[:, None], other=0.0)  # [BP, D]
-        b_lg = tl.load(LOG2N + o_bar, mask=m_p, other=0.0)  # [BP]
-        i_word = tl.load(p_bits + (o_bar >> 5), mask=m_p, other=0)  # [BP]
-        m_a = m_p & (((i_word >> (o_bar & 31)) & 1) == 0)  # [BP] pseudo-keys of this tile
+        b_lg = tl.load(p_lg + o_bar, mask=m_p, other=0.0)  # [BP] (−inf: an empty slot)
+        i_word = tl.load(p_bits + (o_blk >> 5), mask=m_p, other=0)  # [BP]
+        m_a = m_p & (((i_word >> (o_blk & 31)) & 1) == 0)  # [BP] pseudo-keys of this tile
         if IEEE:
             b_s = tl.dot(b_q, tl.trans(b_kb), input_precision="ieee")  # [BLOCK, BP]
         else:
             b_s = tl.dot(b_q, tl.trans(b_kb))  # [BLOCK, BP]
         b_s = b_s * scale_log2 + tl.where(m_a, b_lg, float("-inf"))[None, :]
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # no pseudo-key yet (tiles of exact blocks only)
+        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # no pseudo-key yet (tiles of exact blocks / empty slots only)
         b_p = tl.math.exp2(b_s - b_ms[:, None])  # [BLOCK, BP]
         b_alpha = tl.math.exp2(b_m - b_ms)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
@@ -304,7 +314,7 @@ def _sparse_attn_fwd_kernel(
 
 _sparse_attn_fwd_tuned = triton.autotune(
     # nb in the key: a problem of another size is tuned again (a pipeline repeats a few shapes)
-    configs=_configs(), key=["D", "BLOCK", "IEEE", "nb", "TMA_OK"], prune_configs_by={"early_config_prune": _prune}
+    configs=_configs(), key=["D", "BLOCK", "IEEE", "nb", "TMA_OK", "C"], prune_configs_by={"early_config_prune": _prune}
 )(_sparse_attn_fwd_kernel)
 
 
@@ -322,14 +332,13 @@ def _ineligible(q: torch.Tensor, block_size: int) -> Optional[Tuple[type, str]]:
     if D not in SUPPORTED_HEAD_DIMS:
         return ValueError, f"head_dim={D} is not supported; supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
     if block_size not in SUPPORTED_BLOCK_SIZES:
-        return ValueError, (f"block size {block_size} (the plan's pseudo-key granularity) is not supported; "
+        return ValueError, (f"block size {block_size} is not supported; "
                             f"supported: {', '.join(map(str, SUPPORTED_BLOCK_SIZES))}")
     if q.stride(-1) != 1:
         return ValueError, f"q has stride {q.stride(-1)} on the head dimension; it needs 1 (call q.contiguous())"
     if q.is_cuda and q.dtype == torch.float32 and block_size > 64:
         return ValueError, (f"float32 inputs on CUDA support block sizes up to 64 (block size {block_size} does not fit "
-                            "in shared memory without tensor cores); use float16 / bfloat16 inputs or a plan with "
-                            "pseudo_block <= 64")
+                            "in shared memory without tensor cores); use float16 / bfloat16 inputs or block_size <= 64")
     if q.is_cuda:
         major, minor = torch.cuda.get_device_capability(q.device)
         if major < 8:
@@ -343,9 +352,8 @@ def sparse_ineligible(q: torch.Tensor, plan: BlockPlan) -> Optional[str]:
 
     Args:
         q: [B, N, H, D] query tensor (device, dtype, head_dim and stride on D are checked).
-        plan: the :class:`~isa_plugin.plan.BlockPlan` to execute; its pseudo-key granularity
-            ``pseudo_block`` is the block size the kernel runs at (``blocks.block_size`` for one
-            block-mean pseudo-key per block).
+        plan: the :class:`~isa_plugin.plan.BlockPlan` to execute; the kernel runs at its block size (its
+            pseudo-keys are C = block_size / pseudo_block slots per block).
 
     Returns:
         A sentence naming the unsupported value and what is supported, or None.
@@ -354,12 +362,12 @@ def sparse_ineligible(q: torch.Tensor, plan: BlockPlan) -> Optional[str]:
         >>> sparse_ineligible(torch.zeros(1, 128, 2, 80), plan)  # doctest: +SKIP
         'head_dim=80 is not supported; supported: 64, 128'
     """
-    return sparse_ineligible_for(q, int(plan.pseudo_block))
+    return sparse_ineligible_for(q, int(plan.blocks.block_size))
 
 
-def sparse_ineligible_for(q: torch.Tensor, pseudo_block: int) -> Optional[str]:
-    """:func:`sparse_ineligible` for a plan of this pseudo-key granularity (before the plan is made)."""
-    r = _ineligible(q, int(pseudo_block))
+def sparse_ineligible_for(q: torch.Tensor, block_size: int) -> Optional[str]:
+    """:func:`sparse_ineligible` for a plan of this block size (before the plan is made)."""
+    r = _ineligible(q, int(block_size))
     return None if r is None else r[1]
 
 
@@ -377,8 +385,10 @@ def sparse_attn_fwd(
     starts: torch.Tensor, counts: torch.Tensor, log2n: torch.Tensor,
     block_size: int, scale: float,
     out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+    pseudo_block: Optional[int] = None, iters: int = 0,
 ) -> torch.Tensor:
-    """Host launcher: pool k̄ / v̄, build the KV' lists, bit sets and work order on the device, launch.
+    """Host launcher: pool k̄ / v̄ (or the pseudo-key slots), build the KV' lists, bit sets and work order on the
+    device, launch.
 
     The caller (:func:`execute_block_plan`) has validated the arguments; no device value is read here.
 
@@ -390,6 +400,9 @@ def sparse_attn_fwd(
         out: optional [B, N, H, D] buffer in q's dtype (every element is written).
         config: launch these meta-parameters (``{"KB", "BP", "num_warps", "num_stages", "TMA"}``) instead of the
             autotuned ones (tests use it to cover every tile shape under the interpreter).
+        pseudo_block: tokens per starting pseudo-key slot (divides ``block_size``; default: one block mean per block).
+        iters: Lloyd iterations of the slots (0: sub-block means; :data:`~isa_plugin.kernels.pseudo.KMEANS_ITERS`:
+            k-means pseudo-keys).
 
     Returns:
         ``out`` ([B, N, H, D] in q's dtype).
@@ -400,14 +413,17 @@ def sparse_attn_fwd(
     if config is not None and set(config) - {"KB", "BP", "num_warps", "num_stages", "TMA"}:
         raise ValueError(f"unknown launch parameters {sorted(set(config) - {'KB', 'BP', 'num_warps', 'num_stages', 'TMA'})}; "
                          "known: KB, BP, num_warps, num_stages, TMA")
-    prepared = _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale, out)
+    prepared = _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale, out,
+                        pseudo_block, iters)
     _launch(prepared, config)
     return prepared["out"]
 
 
-def _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale, out=None) -> dict:
-    """Everything before the attention kernel (device work only): pooled k̄ / v̄ and the poison row, the
-    KV' lists, the exact-block bit sets and the work order. Returns the kernel's arguments."""
+def _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale, out=None,
+             pseudo_block=None, iters=0) -> dict:
+    """Everything before the attention kernel (device work only): the pseudo-keys (pooled k̄ / v̄, or C slots per
+    block) and the poison row, the KV' lists, the exact-block bit sets and the work order. Returns the kernel's
+    arguments."""
     B, N, H, D = q.shape
     nb = int(starts.shape[0])
     if out is None:
@@ -415,15 +431,21 @@ def _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_si
     if B * H * nb == 0 or N == 0:
         return {"out": out, "grid": None}
     bs = int(block_size)
-    if k.stride() == v.stride():
-        kbar, vbar = pool_blocks_triton(k, v, starts=starts, counts=counts, block_size=bs)
+    n_slots = bs // int(pseudo_block or bs)
+    if n_slots > 1:
+        kbar, vbar, log2n, poison = pseudo_slots_triton(k, v, starts, counts, bs, int(pseudo_block), iters)
+        s_lg = nb * n_slots
     else:
-        kbar = pool_blocks_triton(k, starts=starts, counts=counts, block_size=bs)[0]
-        vbar = pool_blocks_triton(v, starts=starts, counts=counts, block_size=bs)[0]
-    # dense attention turns a non-finite k anywhere in a head (v: in a feature column) into NaN: keep that
-    poison = (kbar.sum(dim=(2, 3))[..., None] + vbar.sum(dim=2)) * 0  # [B, H, D] float32
-    kbar = kbar.to(q.dtype).reshape(B * H, nb, D)
-    vbar = vbar.to(q.dtype).reshape(B * H, nb, D)
+        if k.stride() == v.stride():
+            kbar, vbar = pool_blocks_triton(k, v, starts=starts, counts=counts, block_size=bs)
+        else:
+            kbar = pool_blocks_triton(k, starts=starts, counts=counts, block_size=bs)[0]
+            vbar = pool_blocks_triton(v, starts=starts, counts=counts, block_size=bs)[0]
+        # dense attention turns a non-finite k anywhere in a head (v: in a feature column) into NaN: keep that
+        poison = (kbar.sum(dim=(2, 3))[..., None] + vbar.sum(dim=2)) * 0  # [B, H, D] float32
+        kbar = kbar.to(q.dtype).reshape(B * H, nb, D)
+        vbar = vbar.to(q.dtype).reshape(B * H, nb, D)
+        s_lg = 0  # one log2 count per block, shared by the heads
     keep = kv_keep.reshape(B * H, nb)
     # kept blocks first, ascending (stable sort on the dropped flag)
     kv_list = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
@@ -445,9 +467,9 @@ def _prepare(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_si
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        H, nb, nnz, n_words, float(scale) * _LOG2E,
+        H, nb, nnz, n_words, float(scale) * _LOG2E, s_lg,
     )
-    consts = {"D": D, "BLOCK": BLOCK, "IEEE": q.dtype == torch.float32, "TMA_OK": descs is not None}
+    consts = {"D": D, "BLOCK": BLOCK, "IEEE": q.dtype == torch.float32, "TMA_OK": descs is not None, "C": n_slots}
     return {"out": out, "grid": (B * H * nb,), "args": args, "consts": consts}
 
 
@@ -494,14 +516,15 @@ def sparse_attn_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kv_keep: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     starts: torch.Tensor, counts: torch.Tensor, log2n: torch.Tensor,
-    block_size: int, scale: float,
+    block_size: int, scale: float, pseudo_block: int, iters: int,
 ) -> torch.Tensor:
     """``isa_plugin::sparse_attn``: :func:`sparse_attn_fwd` as one opaque node for ``torch.compile``."""
-    return sparse_attn_fwd(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale)
+    return sparse_attn_fwd(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale,
+                           pseudo_block=pseudo_block, iters=iters)
 
 
 @sparse_attn_op.register_fake
-def _(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale):
+def _(q, k, v, kv_keep, row_ptr, col_idx, starts, counts, log2n, block_size, scale, pseudo_block, iters):
     return torch.empty_like(q)
 
 
@@ -541,23 +564,20 @@ def _check_inputs(q, k, v, plan: BlockPlan) -> None:
 
 def execute_block_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
                        scale: Optional[float] = None) -> torch.Tensor:
-    """Run ``plan`` on q, k, v with the Triton block-sparse executor: exact key blocks plus block-mean
-    pseudo-keys (bias ln n_j) in one softmax, the semantics of
-    :func:`~isa_plugin.kernels.reference.execute_plan_reference`.
+    """Run ``plan`` on q, k, v with the Triton block-sparse executor: exact key blocks plus pseudo-keys in one
+    softmax, the semantics of :func:`~isa_plugin.kernels.reference.execute_plan_reference`.
 
     Query block i of head (b, h) attends to every token of the key blocks in its exact list
-    ``plan.col_idx[b, h, plan.row_ptr[b, h, i] : plan.row_ptr[b, h, i + 1]]`` and to one pseudo-key per
-    other kept block j (``plan.kv_keep``): key k̄_j, value v̄_j (block means over the true count n_j),
-    logit bias ln(n_j). Dropped blocks take no part. A row whose exact list is empty attends to
+    ``plan.col_idx[b, h, plan.row_ptr[b, h, i] : plan.row_ptr[b, h, i + 1]]`` and to the pseudo-keys of
+    every other kept block j (``plan.kv_keep``): with ``plan.pseudo_block`` equal to the block size one
+    pseudo-key, key k̄_j, value v̄_j (block means over the true count n_j), logit bias ln(n_j); else
+    block_size / pseudo_block slots (sub-block means or k-means centroids, ``plan.pseudo_keys``), each with
+    the bias ln of its count. Dropped blocks take no part. A row whose exact list is empty attends to
     pseudo-keys only; a head with no kept block gives NaN rows, and a non-finite value anywhere in a
     head's k (v) gives NaN outputs for that head (those feature columns), as dense attention would.
 
-    A plan whose ``pseudo_block`` is finer than its blocks is first converted with
-    :meth:`~isa_plugin.plan.BlockPlan.at_pseudo_granularity` (blocks of ``pseudo_block`` tokens: more
-    work items and longer lists; that conversion reads the plan on the host, so only plans with
-    ``pseudo_block == blocks.block_size`` run without a host synchronisation). Otherwise the call reads
-    no device value on the host and can be captured in a CUDA graph once a first call has autotuned the
-    kernel for its (head_dim, block size, dtype).
+    The call reads no device value on the host and can be captured in a CUDA graph once a first call has
+    autotuned the kernel for its (head_dim, block size, dtype, slots per block).
 
     Args:
         q, k, v: [B, N, H, D] (diffusers' layout), one dtype (float16, bfloat16 or float32) and device,
@@ -587,7 +607,7 @@ def execute_block_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
         >>> out = execute_block_plan(q, k, v, plan)  # doctest: +SKIP
     """
     _check_inputs(q, k, v, plan)
-    bad = _ineligible(q, int(plan.pseudo_block))
+    bad = _ineligible(q, int(plan.blocks.block_size))
     if bad is not None:
         raise bad[0](bad[1])
     if scale is None:
@@ -596,12 +616,10 @@ def execute_block_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
     if not math.isfinite(scale):
         raise ValueError(f"scale={scale} must be finite (default 1/sqrt(head_dim))")
     bs = plan.blocks.block_size
-    if plan.pseudo_block != bs:
-        if bs % plan.pseudo_block:
-            raise ValueError(f"plan.pseudo_block={plan.pseudo_block} must divide the block size {bs}")
-        plan = plan.at_pseudo_granularity()
+    if plan.pseudo_block < 1 or bs % plan.pseudo_block:
+        raise ValueError(f"plan.pseudo_block={plan.pseudo_block} must divide the block size {bs}")
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     starts, counts, log2n = block_meta(plan.blocks, str(q.device))
     return sparse_attn_op(q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n,
-                          int(plan.blocks.block_size), scale)
+                          int(bs), scale, int(plan.pseudo_block), 0 if plan.mean_pseudo_keys else KMEANS_ITERS)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..plan import BlockPlan
-from .reference import pool_blocks
+from .reference import plan_pseudo_keys
 
 __all__ = ["plan_rows", "check_close"]
 
@@ -26,12 +26,10 @@ def plan_rows(q, k, v, plan: BlockPlan, rows: torch.Tensor, scale: Optional[floa
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     wt = q.dtype if lowp else ct
-    plan = plan.at_pseudo_granularity()
+    plan, kbar, vbar, log_n, C = plan_pseudo_keys(k, v, plan, ct)  # [B, H, P, D] pseudo-keys, [B, H, P] log counts
+    kbar, vbar = kbar.to(wt), vbar.to(wt)
     blocks = plan.blocks.to(q.device)
     tb = blocks.token_block
-    kbar = pool_blocks(k, blocks).to(wt)  # [B, H, nb, D]
-    vbar = pool_blocks(v, blocks).to(wt)
-    log_n = torch.log(blocks.counts.to(ct))
     kh = k.to(wt).permute(0, 2, 1, 3)
     vh = v.to(wt).permute(0, 2, 1, 3)
     exact_kv, approx = plan.exact_mask(), plan.approx_mask()
@@ -43,8 +41,8 @@ def plan_rows(q, k, v, plan: BlockPlan, rows: torch.Tensor, scale: Optional[floa
             qc = q[b, rr].to(wt).permute(1, 0, 2)  # [H, T, D]
             s_tok = torch.matmul(qc, kh[b].transpose(-1, -2)).to(ct) * sc
             s_tok = s_tok.masked_fill(~exact_kv[b][:, qb][:, :, tb], float("-inf"))
-            s_bar = torch.matmul(qc, kbar[b].transpose(-1, -2)).to(ct) * sc + log_n
-            s_bar = s_bar.masked_fill(~approx[b][:, qb], float("-inf"))
+            s_bar = torch.matmul(qc, kbar[b].transpose(-1, -2)).to(ct) * sc + log_n[b][:, None, :]
+            s_bar = s_bar.masked_fill(~approx[b][:, qb].repeat_interleave(C, -1), float("-inf"))
             p = torch.softmax(torch.cat([s_tok, s_bar], dim=-1), dim=-1).to(wt)
             o = torch.matmul(p[..., :N], vh[b]) + torch.matmul(p[..., N:], vbar[b])
             out[b, r0 : r0 + rr.numel()] = o.to(q.dtype).to(ct).permute(1, 0, 2)

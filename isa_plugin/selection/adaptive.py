@@ -9,19 +9,22 @@ Per (batch, head):
    descending m_ij, stable) whose mass, with the text blocks', reaches p (``context_mass`` for context query
    blocks, ``mass`` for the others), clamped to [min_blocks, max_blocks]; text query blocks attend exactly
    over KV';
-4. every other KV' block enters as pseudo-keys: the means of its sub-blocks of ``pseudo_block`` tokens.
+4. every other KV' block enters as pseudo-keys: the means of its sub-blocks of ``pseudo_block`` tokens, or with
+   ``pseudo_keys="kmeans"`` as many k-means centroids of its keys (:mod:`isa_plugin.kernels.pseudo`).
 
 The plan's diagnostics are ``covered`` (pooled mass held by the exact blocks), ``n_exact`` and ``saliency``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..kernels.pseudo import validate_pseudo_keys
 from ..layout import CONTEXT, TEXT, BlockLayout
 from ..plan import BlockPlan
 from ..validation import Count, Ratio, as_tuple, validate_count, validate_ratio
@@ -49,6 +52,9 @@ class AdaptiveSettings:
         max_blocks: at most this many (0 = no bound; else >= ``min_blocks``). Per head.
         pseudo_block: tokens per pseudo-key; divides the block size. None: the block size (one pseudo-key
             per block, as in the fixed mode).
+        pseudo_keys: ``"mean"`` (the means of contiguous sub-blocks of ``pseudo_block`` tokens) or ``"kmeans"``
+            (as many centroids, by k-means on the block's keys; :mod:`isa_plugin.kernels.pseudo`). With one
+            pseudo-key per block both are the block mean.
         alpha_s: fraction of context blocks kept (the fixed mode's context pre-selection, with its default). Per head.
 
     Raises:
@@ -61,6 +67,7 @@ class AdaptiveSettings:
     max_blocks: Count = 0
     pseudo_block: Optional[int] = None
     alpha_s: Ratio = 0.125
+    pseudo_keys: str = "mean"
 
     def __post_init__(self):
         object.__setattr__(self, "mass", validate_ratio("ISAConfig.mass", self.mass))
@@ -69,6 +76,7 @@ class AdaptiveSettings:
         object.__setattr__(self, "alpha_s", validate_ratio("ISAConfig.alpha_s", self.alpha_s))
         object.__setattr__(self, "min_blocks", validate_count("ISAConfig.min_blocks", self.min_blocks, 1))
         object.__setattr__(self, "max_blocks", validate_count("ISAConfig.max_blocks", self.max_blocks, 0))
+        validate_pseudo_keys("ISAConfig.pseudo_keys", self.pseudo_keys)
         s = self.pseudo_block
         if s is not None and (isinstance(s, bool) or not isinstance(s, numbers.Integral)):
             raise TypeError(f"ISAConfig.pseudo_block={s!r} must be an integer dividing the block size")
@@ -83,11 +91,16 @@ class AdaptiveSettings:
 
 @dataclass(frozen=True)
 class AdaptiveGrid:
-    """The adaptive mode's calibration candidates: every (α_s, mass, context_mass, pseudo_block)."""
+    """The adaptive mode's calibration candidates: every (α_s, mass, context_mass, pseudo-key variant).
+
+    The pseudo-key variants are every (``pseudo_block``, ``pseudo_keys``) pair, ``pseudo_block``-major
+    (:attr:`pseudo_variants`); by default 16-token k-means slots and one block mean per block.
+    """
 
     alpha_s: Tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
     mass: Tuple[float, ...] = ADAPTIVE_MASS
     pseudo_block: Tuple[int, ...] = (16, 64)
+    pseudo_keys: Tuple[str, ...] = ("kmeans",)
 
     def __post_init__(self):
         for name in ("alpha_s", "mass"):
@@ -102,11 +115,20 @@ class AdaptiveGrid:
         if not ps or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1 for x in ps):
             raise ValueError(f"Grid.pseudo_block={ps!r} must be a non-empty list of positive integers (tokens per pseudo-key)")
         object.__setattr__(self, "pseudo_block", tuple(sorted(int(x) for x in ps)))
+        kinds = (self.pseudo_keys,) if isinstance(self.pseudo_keys, str) else tuple(self.pseudo_keys)
+        if not kinds:
+            raise ValueError("Grid.pseudo_keys is empty; give 'mean', 'kmeans' or both")
+        object.__setattr__(self, "pseudo_keys", tuple(dict.fromkeys(validate_pseudo_keys("Grid.pseudo_keys", k) for k in kinds)))
+
+    @property
+    def pseudo_variants(self) -> Tuple[Tuple[int, str], ...]:
+        """The measured (pseudo_block, pseudo_keys) pairs, ``pseudo_block``-major."""
+        return tuple((s, kind) for s in self.pseudo_block for kind in self.pseudo_keys)
 
     @property
     def shape(self) -> Tuple[int, int, int]:
-        """(alpha_s, mass, pseudo_block)."""
-        return (len(self.alpha_s), len(self.mass), len(self.pseudo_block))
+        """(alpha_s, mass, pseudo-key variants)."""
+        return (len(self.alpha_s), len(self.mass), len(self.pseudo_variants))
 
 
 class AdaptiveMode(SelectionMode):
@@ -117,7 +139,7 @@ class AdaptiveMode(SelectionMode):
     spec = "docs/ADAPTIVE.md"
     per_head_fields = ("alpha_s", "mass", "context_mass", "min_blocks", "max_blocks")
     profile_fields = ("alpha_s", "mass")
-    optional_profile_fields = ("context_mass", "pseudo_block")
+    optional_profile_fields = ("context_mass", "pseudo_block", "pseudo_keys")
     # profiles of earlier versions list the fixed mode's fields beside the adaptive ones (unused)
     legacy_profile_fields = ("alpha_f", "alpha_ns", "sharpness")
     grid_type = AdaptiveGrid
@@ -128,9 +150,7 @@ class AdaptiveMode(SelectionMode):
         if not (1 <= s <= block_size) or block_size % s:
             raise ValueError(f"ISAConfig.pseudo_block={settings.pseudo_block!r} must divide block_size={block_size} "
                              f"(e.g. 16 or {block_size})")
-        return settings if s == settings.pseudo_block else AdaptiveSettings(
-            mass=settings.mass, context_mass=settings.context_mass, min_blocks=settings.min_blocks,
-            max_blocks=settings.max_blocks, pseudo_block=s, alpha_s=settings.alpha_s)
+        return settings if s == settings.pseudo_block else dataclasses.replace(settings, pseudo_block=s)
 
     def per_head(self, settings: AdaptiveSettings, num_heads: int, device=None) -> Dict[str, torch.Tensor]:
         out = super().per_head(settings, num_heads, device)
@@ -143,6 +163,9 @@ class AdaptiveMode(SelectionMode):
 
     def pseudo_block(self, settings: AdaptiveSettings, block_size: int) -> int:
         return block_size if settings.pseudo_block is None else settings.pseudo_block
+
+    def pseudo_keys(self, settings: AdaptiveSettings) -> str:
+        return settings.pseudo_keys
 
     def exact_settings(self) -> Dict[str, Any]:
         return {"alpha_s": 1.0, "mass": 1.0}
@@ -205,7 +228,8 @@ class AdaptiveMode(SelectionMode):
         exact_kv = ((rank < n_exact[..., None]) & cand) | (o.is_x & o.kv_keep)[:, :, None, :]
         covered = (o.m * exact_kv).sum(-1)
         return BlockPlan.from_masks(blocks, o.kv_keep, exact_kv, self.pseudo_block(settings, blocks.block_size),
-                                    {"covered": covered, "n_exact": n_exact, "saliency": o.saliency.float()})
+                                    {"covered": covered, "n_exact": n_exact, "saliency": o.saliency.float()},
+                                    pseudo_keys=settings.pseudo_keys)
 
     @staticmethod
     def _thresholds(blocks: BlockLayout, ph: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -229,19 +253,21 @@ class AdaptiveMode(SelectionMode):
         exact, row_ptr, col_idx, n_exact, covered = mass_select_triton(
             raw, log_n, kv_keep, blocks.kinds == TEXT, self._thresholds(blocks, ph), ph["min_blocks"], ph["max_blocks"])
         return BlockPlan(blocks, kv_keep, row_ptr, col_idx, self.pseudo_block(settings, blocks.block_size),
-                         {"covered": covered, "n_exact": n_exact, "saliency": saliency.float()}, _mask=exact)
+                         {"covered": covered, "n_exact": n_exact, "saliency": saliency.float()}, _mask=exact,
+                         pseudo_keys=settings.pseudo_keys)
 
     # ------------------------------------------------------------------ calibration
     def default_grid(self, block_size: int) -> AdaptiveGrid:
         return AdaptiveGrid(pseudo_block=tuple({s for s in (16, block_size) if block_size % s == 0}))
 
     def check_grid(self, grid: AdaptiveGrid, block_size: int) -> None:
+        """Raise a ValueError for ``pseudo_block`` values that do not divide the block size."""
         bad = [s for s in grid.pseudo_block if s > block_size or block_size % s]
         if bad:
             raise ValueError(f"Grid.pseudo_block values {bad} do not divide block_size={block_size}")
 
     def measure(self, q, k, v, layout, grid: AdaptiveGrid, *, block_size: int, sampler, scale=None):
-        """Errors per (α_s, mass, pseudo_block) and the pair counts of target and context rows, from one pass
+        """Errors per (α_s, mass, pseudo-key variant) and the pair counts of target and context rows, from one pass
         (:mod:`.ordered_measure`: for one α_s the plans of every mass differ only in how many of each query
         block's ordered candidates are exact). A query block's selection depends on its own threshold only, so
         any (mass, context_mass) pair is a sum of two measured entries."""
@@ -257,7 +283,7 @@ class AdaptiveMode(SelectionMode):
             o = self.order(call.qbar, call.kbar, call.blocks, torch.full((H,), a_s, dtype=torch.float64, device=q.device), call.scale)
             n = self.exact_count(o, p, base["min_blocks"], base["max_blocks"])
             families.append(OrderedFamily(o.kv_keep[0], (o.is_x & o.kv_keep)[0], o.order[0], n[0]))
-        r = measure_ordered(call, families, grid.pseudo_block)
+        r = measure_ordered(call, families, grid.pseudo_variants)
         return {"ad_num": r["num"], "ad_den": r["den"], "ad_pairs": r["pairs"]}
 
     def zero_stats(self, heads: int, grid: AdaptiveGrid, device=None) -> Dict[str, torch.Tensor]:
@@ -266,7 +292,7 @@ class AdaptiveMode(SelectionMode):
         return {"ad_num": z(heads, 2, S, P, PS), "ad_den": z(heads, 2), "ad_pairs": z(heads, S, P, PS, 2, 2)}
 
     def candidates(self, stats, grid: AdaptiveGrid, layer, cost_model) -> CandidateTable:
-        """Candidates (α_s, mass, context_mass, pseudo_block), flattened in that order: target errors and the
+        """Candidates (α_s, mass, context_mass, pseudo-key variant), flattened in that order: target errors and the
         rows of non-context query blocks follow ``mass``, context errors and rows ``context_mass``."""
         a, b, c = self.cost_coefficients(cost_model)
         scale = cost_model.dim_scale(layer.head_dim)
@@ -301,15 +327,17 @@ class AdaptiveMode(SelectionMode):
             a_s.append(grid.alpha_s[si]), mt.append(grid.mass[pt]), mc.append(grid.mass[pc])
             qis.add(qi)
         one = lambda v: v[0] if len(set(v)) == 1 else tuple(v)  # noqa: E731
+        ps, kind = grid.pseudo_variants[qis.pop() if qis else 0]
         return {"alpha_s": one(a_s), "mass": one(mt), "context_mass": None if mc == mt else one(mc),
-                "pseudo_block": grid.pseudo_block[qis.pop() if qis else 0]}
+                "pseudo_block": ps, "pseudo_keys": kind}
 
     def candidate_index(self, grid: AdaptiveGrid, settings: AdaptiveSettings, heads: int) -> List[int]:
         S, P, PS = grid.shape
         per = lambda v: v if isinstance(v, tuple) else (v,) * heads  # noqa: E731
         a_s, mt = per(settings.alpha_s), per(settings.mass)
         mc = mt if settings.context_mass is None else per(settings.context_mass)
-        qi = grid.pseudo_block.index(settings.pseudo_block) if settings.pseudo_block in grid.pseudo_block else None
+        variant = (settings.pseudo_block, settings.pseudo_keys)
+        qi = grid.pseudo_variants.index(variant) if variant in grid.pseudo_variants else None
         out = []
         for h in range(heads):
             if (a_s[h], mt[h], mc[h]) == (1.0, 1.0, 1.0) and grid_index(grid.mass, 1.0) is None:
@@ -317,7 +345,7 @@ class AdaptiveMode(SelectionMode):
                 continue
             si, pt, pc = grid_index(grid.alpha_s, a_s[h]), grid_index(grid.mass, mt[h]), grid_index(grid.mass, mc[h])
             if None in (si, pt, pc, qi):
-                raise ValueError(f"head {h}: adaptive setting {(a_s[h], mt[h], mc[h], settings.pseudo_block)} is not on the "
+                raise ValueError(f"head {h}: adaptive setting {(a_s[h], mt[h], mc[h], *variant)} is not on the "
                                  f"calibration grid {self.grid_to_dict(grid)}")
             out.append(((si * P + pt) * P + pc) * PS + qi)
         return out

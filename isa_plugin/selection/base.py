@@ -263,6 +263,10 @@ class SelectionMode:
         """Tokens per pseudo-key of the mode's plans (default: one pseudo-key per block)."""
         return block_size
 
+    def pseudo_keys(self, settings: Any) -> str:
+        """How the mode's plans form their pseudo-keys (default: means, :mod:`isa_plugin.kernels.pseudo`)."""
+        return "mean"
+
     # ------------------------------------------------------------------ planning
     def plan(self, qbar: torch.Tensor, kbar: torch.Tensor, blocks: BlockLayout, settings: Any, scale: float) -> BlockPlan:
         """The plan for block means q̄, k̄ [B, H, nb, D] (float32 or float64) with softmax ``scale``."""

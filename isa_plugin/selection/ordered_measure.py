@@ -30,6 +30,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..kernels.pseudo import kmeans_slots, padded_blocks
 from ..kernels.reference import pool_blocks
 from ..layout import CONTEXT, TEXT
 from .measure import SampledCall, block_terms, sample_blocks
@@ -57,14 +58,15 @@ class OrderedFamily:
 
 @dataclass
 class _PseudoKeys:
-    """The pseudo-keys of one size s: sub-blocks of s tokens of every block (the last one of a block short).
+    """The pseudo-keys of one variant (s, kind): sub-blocks of s tokens of every block (the last one of a block
+    short), or as many k-means slots per block (:mod:`isa_plugin.kernels.pseudo`).
 
     Attributes:
-        kbar, vbar: [H, n_sub, D] sub-block key and value means.
-        counts: [n_sub] sub-block token counts.
-        parent: [n_sub] int64, each sub-block's block.
-        slot: [nb, ⌈b/s⌉] int64, each block's sub-blocks (n_sub for an empty slot).
-        vslot: [H, nb, ⌈b/s⌉, D] the value means per block slot (0 in an empty one).
+        kbar, vbar: [H, n_sub, D] pseudo-key keys and values.
+        counts: [H, n_sub] their token counts (0: an empty k-means slot, no weight).
+        parent: [n_sub] int64, each pseudo-key's block.
+        slot: [nb, ⌈b/s⌉] int64, each block's pseudo-keys (n_sub for an empty slot).
+        vslot: [H, nb, ⌈b/s⌉, D] the values per block slot (0 in an empty one).
     """
 
     kbar: torch.Tensor
@@ -75,7 +77,9 @@ class _PseudoKeys:
     vslot: torch.Tensor
 
     @classmethod
-    def of(cls, k, v, blocks_cpu, s: int, ct: torch.dtype) -> "_PseudoKeys":
+    def of(cls, k, v, blocks_cpu, s: int, kind: str, ct: torch.dtype) -> "_PseudoKeys":
+        if kind != "mean" and s < blocks_cpu.block_size:
+            return cls.kmeans(k, v, blocks_cpu, s, ct)
         sub, parent = blocks_cpu.split(s)
         n_sub, nb = int(parent.numel()), blocks_cpu.num_blocks
         first = torch.cumsum(torch.bincount(parent, minlength=nb), 0) - torch.bincount(parent, minlength=nb)
@@ -86,10 +90,24 @@ class _PseudoKeys:
         vbar = pool_blocks(v[None], sub.to(dev))[0].to(ct)
         slot = slot.to(dev)
         vslot = torch.cat([vbar, vbar.new_zeros(vbar.shape[0], 1, vbar.shape[-1])], 1)[:, slot]
-        return cls(kbar, vbar, sub.counts.to(dev, ct), parent.to(dev), slot, vslot)
+        return cls(kbar, vbar, sub.counts.to(dev, ct).expand(k.shape[1], -1), parent.to(dev), slot, vslot)
+
+    @classmethod
+    def kmeans(cls, k, v, blocks_cpu, s: int, ct: torch.dtype) -> "_PseudoKeys":
+        """k-means slots of k, v [N, H, D]: every block has C = b/s slots, an empty one counts 0 (its key, the
+        slot's last centroid, is a mean of the block's keys, so its score never exceeds the row maximum)."""
+        k_blk, valid = padded_blocks(k[None], blocks_cpu, ct)
+        v_blk, _ = padded_blocks(v[None], blocks_cpu, ct)
+        cent, vals, cnt = kmeans_slots(k_blk[0], v_blk[0], valid, s)  # [H, nb, C, D], ..., [H, nb, C]
+        H, nb, C, D = cent.shape
+        dev = k.device
+        parent = torch.arange(nb, device=dev).repeat_interleave(C)
+        return cls(cent.reshape(H, nb * C, D), vals.reshape(H, nb * C, D), cnt.reshape(H, nb * C), parent,
+                   torch.arange(nb * C, device=dev).view(nb, C), vals)
 
 
 def _pairs(call: SampledCall, fam: OrderedFamily, pseudo_block: Sequence[int]) -> torch.Tensor:
+    # (a k-means slot counts like the sub-block it starts as: the pairs depend on s only)
     """[H, G, PS, 2 (rows: non-context, context), 2 (exact, pseudo)] float64 pair counts of the family's plans."""
     blocks = call.blocks
     cnt = blocks.counts.to(fam.order.device, torch.float64)  # [nb]
@@ -157,14 +175,14 @@ class _Plans:
 
 
 @torch.no_grad()
-def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo_block: Sequence[int],
+def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo_variants: Sequence[Tuple[int, str]],
                     max_chunk_elems: int = 1 << 24) -> Dict[str, torch.Tensor]:
     """Errors and pair counts of every plan of several ordered-prefix families of one call.
 
     Args:
         call: from :func:`~isa_plugin.selection.measure.sampled_call`.
         families: F families (e.g. one per α_s) with the same number G of plans.
-        pseudo_block: the pseudo-key sizes (each divides the block size).
+        pseudo_variants: the pseudo-key variants (s, kind): s divides the block size, kind ``"mean"`` or ``"kmeans"``.
         max_chunk_elems: bound on the transient buffers of one chunk of sampled query blocks (elements).
 
     Returns:
@@ -175,7 +193,8 @@ def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo
     q, k, v, ct, sc = call.q, call.k, call.v, call.ct, call.scale
     N, H, D = q.shape
     dev = q.device
-    F, PS = len(families), len(pseudo_block)
+    F, PS = len(families), len(pseudo_variants)
+    pseudo_block = [s for s, _ in pseudo_variants]
     G = families[0].counts.shape[-1]
     b = call.block_size
     blocks, blocks_cpu = call.blocks, call.blocks_cpu
@@ -193,7 +212,7 @@ def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo
     has_text = bool((blocks_cpu.kinds == TEXT).any())
     k_pad = k[key_idx].to(ct).mul_(key_valid[..., None, None])  # [nb, b, H, D], zero on padding slots
     v_pad = v[key_idx].to(ct).mul_(key_valid[..., None, None])
-    pseudo = [_PseudoKeys.of(k, v, blocks_cpu, s, ct) for s in pseudo_block]
+    pseudo = [_PseudoKeys.of(k, v, blocks_cpu, s, kind, ct) for s, kind in pseudo_variants]
     R, K = F * G, nb + F
     chunk = max(1, min(S, max_chunk_elems // (M * (N + 2 * nb * D + (PS * K + R) * D) + R * K)))
     terms = torch.empty(PS, K, chunk * M, D, dtype=ct, device=dev)  # per key block Y' − A', then per family base
@@ -227,7 +246,7 @@ def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo
             err = torch.empty(n, Rn, PS, dtype=torch.float64, device=dev)
             for psi, p in enumerate(pseudo):
                 U, V = terms[psi, :, :t], den_terms[psi, :, :t]
-                a_sub = p.counts * torch.exp(qs @ p.kbar[h].T - m[:, None])  # [t, n_sub]
+                a_sub = p.counts[h] * torch.exp(qs @ p.kbar[h].T - m[:, None])  # [t, n_sub]
                 a = torch.cat([a_sub, a_sub.new_zeros(t, 1)], 1)[:, p.slot].transpose(0, 1)  # [nb, t, b/s]
                 torch.baddbmm(Yd, a, p.vslot[h], alpha=-1.0, out=U[:nb])  # Y − A − Z·o*
                 a = a.sum(-1)  # [nb, t]

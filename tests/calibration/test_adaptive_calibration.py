@@ -22,16 +22,17 @@ SPEC = SyntheticSpec(frames=2, height=8, width=8, heads=3, head_dim=32, layers=2
 def test_statistics_with_every_token_equal_the_reference_error():
     model = SyntheticModel(SPEC, seed=3)
     q, k, v, layout = model.sample(1, 5, dtype=torch.float64)
-    a_s, mass, ps = (0.5, 1.0), (0.6, 0.9), (4, 16)
-    r = get_mode("adaptive").measure(q, k, v, layout, AdaptiveGrid(alpha_s=a_s, mass=mass, pseudo_block=ps), block_size=16,
+    a_s, mass = (0.5, 1.0), (0.6, 0.9)
+    grid = AdaptiveGrid(alpha_s=a_s, mass=mass, pseudo_block=(4, 16), pseudo_keys=("mean", "kmeans"))
+    r = get_mode("adaptive").measure(q, k, v, layout, grid, block_size=16,
                                      sampler=Sampler(blocks_per_kind=10_000, tokens_per_block=16))
     dense = dense_attention_reference(q, k, v)
     blocks = layout.blocks(16)
     kinds = blocks.kinds[blocks.token_block]
     for si, a in enumerate(a_s):
         for pi, p in enumerate(mass):
-            for qi, s in enumerate(ps):
-                cfg = ISAConfig(mode="adaptive", alpha_s=a, mass=p, pseudo_block=s, block_size=16)
+            for qi, (s, kind) in enumerate(grid.pseudo_variants):
+                cfg = ISAConfig(mode="adaptive", alpha_s=a, mass=p, pseudo_block=s, pseudo_keys=kind, block_size=16)
                 out, plan = isa_attention_reference(q, k, v, layout, cfg, return_plan=True)
                 for h in range(SPEC.heads):
                     for kid in range(2):
@@ -43,7 +44,7 @@ def test_statistics_with_every_token_equal_the_reference_error():
     # a (mass, context_mass) pair costs the non-context rows of one entry and the context rows of another
     cfg = ISAConfig(mode="adaptive", alpha_s=1.0, mass=0.6, context_mass=0.9, pseudo_block=4, block_size=16)
     _, plan = isa_attention_reference(q, k, v, layout, cfg, return_plan=True)
-    mixed = r["ad_pairs"][:, 1, 0, 0, 0].sum(0) + r["ad_pairs"][:, 1, 1, 0, 1].sum(0)
+    mixed = r["ad_pairs"][:, 1, 0, 0, 0].sum(0) + r["ad_pairs"][:, 1, 1, 0, 1].sum(0)  # variant 0: (4, "mean")
     assert tuple(round(float(x)) for x in mixed) == plan.pair_counts()
 
 

@@ -10,6 +10,7 @@ from isa_plugin.config import ISAConfig
 from isa_plugin.executors.flex import flex_attention_call
 from isa_plugin.executors.reference import isa_attention_reference, plan_reference
 from isa_plugin.kernels.flex import build_flex_inputs
+from isa_plugin.kernels.pseudo import KMEANS_ITERS
 from isa_plugin.kernels.reference import dense_attention_reference, execute_plan_reference
 from isa_plugin.layout import Layout
 from isa_plugin.plan import BlockPlan
@@ -48,6 +49,21 @@ def _spans_blocks(layout, b):
             out.append((kind, pos + off, min(b, n - off)))
         pos += n
     return out
+
+
+def _loop_kmeans(K, V, s, b):
+    """The k-means pseudo-keys of one block's keys K [n, D] restated with loops: b / s slots starting as tokens
+    [c·s, (c+1)·s), KMEANS_ITERS Lloyd steps among the slots non-empty before the step (nearest by squared
+    distance, ties to the lower slot); (centroid, mean value, count) of every non-empty slot."""
+    C, n = b // s, K.shape[0]
+    slot = [u // s for u in range(n)]
+    cent = {c: K[[u for u in range(n) if slot[u] == c]].mean(0) for c in set(slot)}
+    for _ in range(KMEANS_ITERS):
+        live = sorted(cent)
+        slot = [min(live, key=lambda c: (float(((K[u] - cent[c]) ** 2).sum()), c)) for u in range(n)]
+        cent = {c: K[[u for u in range(n) if slot[u] == c]].mean(0) for c in set(slot)}
+    assert max(slot) < C
+    return [(cent[c], V[[u for u in range(n) if slot[u] == c]].mean(0), slot.count(c)) for c in sorted(cent)]
 
 
 def _loop_adaptive(q, k, v, layout, st: ISAConfig):
@@ -104,6 +120,10 @@ def _loop_adaptive(q, k, v, layout, st: ISAConfig):
                     _, s0, n = bl[j]
                     if j in exact:
                         keys.append(K[s0:s0 + n]), vals.append(V[s0:s0 + n]), bias.append(torch.zeros(n, dtype=torch.float64))
+                    elif st.pseudo_keys == "kmeans":
+                        for cent, val, c in _loop_kmeans(K[s0:s0 + n], V[s0:s0 + n], st.pseudo_block, st.block_size):
+                            keys.append(cent[None]), vals.append(val[None])
+                            bias.append(torch.full((1,), math.log(c), dtype=torch.float64))
                     else:
                         for u in range(0, n, st.pseudo_block):
                             c = min(st.pseudo_block, n - u)
@@ -124,10 +144,12 @@ SETTINGS = [
     AdaptiveConfig(mass=0.9, block_size=16, pseudo_block=16, alpha_s=0.34),
     AdaptiveConfig(mass=0.75, block_size=6, pseudo_block=3, min_blocks=2),
     AdaptiveConfig(mass=(0.9, 0.7, 1.0), context_mass=(0.5, 1.0, 0.8), block_size=8, pseudo_block=4, alpha_s=0.5),
+    AdaptiveConfig(mass=0.5, block_size=8, pseudo_block=2, pseudo_keys="kmeans"),
+    AdaptiveConfig(mass=(0.3, 0.8, 0.95), block_size=6, pseudo_block=3, pseudo_keys="kmeans", alpha_s=0.5),
 ]
 
 # every layout and every setting at least once, without the full product (test time)
-CASES = [(0, 0), (1, 1), (2, 2), (1, 3), (0, 1), (1, 4)]
+CASES = [(0, 0), (1, 1), (2, 2), (1, 3), (0, 1), (1, 4), (0, 5), (1, 6), (2, 5)]
 
 
 @pytest.mark.parametrize("li, si", CASES)

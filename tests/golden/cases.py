@@ -56,6 +56,7 @@ def reference_configs():
         "adaptive_ctx": ISAConfig(mode="adaptive", mass=(0.7, 0.9, 0.95), context_mass=0.6, alpha_s=0.5, max_blocks=3,
                                   min_blocks=2, block_size=32),
         "adaptive_share": ISAConfig(mode="adaptive", mass=0.85, share_plan=True, block_size=32, pseudo_block=16),
+        "adaptive_kmeans": ISAConfig(mode="adaptive", mass=0.7, pseudo_block=8, pseudo_keys="kmeans", block_size=32),
     }
 
 

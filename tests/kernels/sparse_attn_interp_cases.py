@@ -152,13 +152,37 @@ def test_full_rows_is_attention_over_kv_prime(rng):
 
 def test_public_entry_point_and_fine_pseudo_keys(rng):
     """execute_block_plan on a plan with block-mean pseudo-keys, and on one with 32-token pseudo-keys
-    (converted to sub-blocks by the host wrapper), against the reference on the same plans."""
+    (two slots per block in the tail), against the reference on the same plans."""
     layout = Layout(LAYOUTS[1])
     q, k, v = qkv(rng, 2, layout.num_tokens, 2, 64, torch.float16)
     plan = random_plan(layout.blocks(64), 2, 2, rng)
     _assert_matches(sparse_attn.execute_block_plan(q, k, v, plan), q, k, v, plan)
     fine = BlockPlan.from_masks(plan.blocks, plan.kv_keep, plan.exact_mask(), pseudo_block=32)
     _assert_matches(sparse_attn.execute_block_plan(q, k, v, fine, scale=0.1), q, k, v, fine.at_pseudo_granularity(), scale=0.1)
+
+
+@pytest.mark.parametrize("kind", ["mean", "kmeans"])
+@pytest.mark.parametrize("bs,ps", [(32, 8), (64, 16), (64, 4), (32, 16)])
+def test_pseudo_key_slots_match_the_reference(rng, kind, bs, ps):
+    """Plans with C = bs / ps pseudo-key slots per block (sub-block means, or k-means centroids whose clusters
+    the slot kernel finds), short blocks and a text span included, against the reference on the same plan."""
+    layout = Layout([("target", 2 * bs + 5), ("context", bs + 9), ("text", 7)])
+    q, k, v = qkv(rng, 1, layout.num_tokens, 2, 64, torch.float32)
+    plan = random_plan(layout.blocks(bs), 1, 2, rng)
+    plan = BlockPlan.from_masks(plan.blocks, plan.kv_keep, plan.exact_mask(), pseudo_block=ps, pseudo_keys=kind)
+    _assert_matches(sparse_attn.execute_block_plan(q, k, v, plan), q, k, v, plan)
+
+
+def test_kmeans_pseudo_keys_differ_from_sub_block_means(rng):
+    """The k-means slots are not the sub-block means they start from (the kernel runs the iterations)."""
+    layout = Layout([("target", 64), ("context", 64)])
+    q, k, v = qkv(rng, 1, layout.num_tokens, 1, 64, torch.float32)
+    k = k + 3.0 * torch.randn(1, 128, 1, 1, generator=torch.Generator().manual_seed(1)).sign()  # two key clusters
+    plan = random_plan(layout.blocks(32), 1, 1, rng)
+    out = {kind: sparse_attn.execute_block_plan(q, k, v, BlockPlan.from_masks(plan.blocks, plan.kv_keep, plan.exact_mask(),
+                                                                              pseudo_block=8, pseudo_keys=kind))
+           for kind in ("mean", "kmeans")}
+    assert (out["mean"] - out["kmeans"]).abs().max() > 1e-3
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -223,7 +247,7 @@ def test_custom_op_fake_and_compile(rng):
     q, k, v = qkv(rng, 1, layout.num_tokens, 1, 64, torch.float32)
     plan = random_plan(blocks, 1, 1, rng)
     starts, counts, log2n = sparse_attn.block_meta(blocks, "cpu")
-    args = (q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n, 64, 0.125)
+    args = (q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n, 64, 0.125, 64, 0)
     torch.library.opcheck(sparse_attn.sparse_attn_op, args, test_utils=("test_schema", "test_faketensor"))
     eager = sparse_attn.sparse_attn_op(*args)
     f = torch.compile(lambda *a: sparse_attn.sparse_attn_op(*a) * 2, fullgraph=True, backend="aot_eager")

@@ -95,6 +95,22 @@ def test_fp32_and_fine_pseudo_keys():
     assert ok, f"fine pseudo-keys: kernel error {err:.3e} vs torch-bf16 error {berr:.3e}"
 
 
+@pytest.mark.parametrize("bs,ps,dtype", [(128, 16, torch.bfloat16), (64, 16, torch.float16), (128, 32, torch.float32)])
+def test_kmeans_pseudo_keys(bs, ps, dtype):
+    """k-means pseudo-key slots (computed by the slot kernel, C = bs / ps per block) against the reference on
+    the same plan; every input dtype."""
+    from isa_plugin.kernels.sparse_attn import execute_block_plan
+
+    layout = Layout(LAYOUTS[1])
+    q, k, v = _inputs(2, layout.num_tokens, 2, 64 if dtype == torch.float32 else 128, dtype, seed=12)
+    if dtype == torch.float32 and bs > 64:
+        bs = 64
+    plan = random_plan(layout.blocks(bs), 2, 2, _gen(4), device="cuda")
+    plan = BlockPlan.from_masks(plan.blocks, plan.kv_keep, plan.exact_mask(), pseudo_block=ps, pseudo_keys="kmeans")
+    ok, err, berr = reference_out(execute_block_plan(q, k, v, plan), q, k, v, plan)
+    assert ok, f"kmeans pseudo-keys: kernel error {err:.3e} vs torch-{dtype} error {berr:.3e}"
+
+
 @pytest.mark.parametrize("bs", [64, 128])
 def test_all_full_rows_is_dense_attention(bs):
     """Anchor: every row full and every block kept is dense attention (against SDPA in bf16's rule)."""
@@ -176,7 +192,7 @@ def test_compile_fullgraph():
 
     q, k, v, plan = _call_setup(64)
     starts, counts, log2n = sparse_attn.block_meta(plan.blocks, "cuda")
-    args = (q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n, 64, 128 ** -0.5)
+    args = (q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n, 64, 128 ** -0.5, 64, 0)
     eager = sparse_attn.sparse_attn_op(*args)
     f = torch.compile(lambda *a: sparse_attn.sparse_attn_op(*a) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(f(*args), eager * 2)
