@@ -9,13 +9,15 @@ on held-out samples 100, 101 (relative L1 of all target / context query outputs 
 - ``fixed``: ``Grid()``, the fixed mode alone;
 - ``former``: both modes, the former adaptive grid (9 masses 0.7 … 0.99, block and sub-block means) and the former
   margin search (shrink only): what the package calibrated before these levers;
-- ``fine`` (``--with-fine``): the fine mass grid (``ADAPTIVE_MASS``, 48 masses 0.3 … 0.995, one measurement pass),
-  former margin search, block and sub-block means;
+- ``fine`` (``--with-fine``): the fine mass grid (48 masses 0.3 … 0.995, one measurement pass), former margin
+  search, block and sub-block means;
 - ``fine+bisect``: the fine grid and the margin bisection (:data:`~isa_plugin.calibration.heldout.MARGIN_BISECTIONS`),
-  block and sub-block means as pseudo-keys;
+  block and sub-block means as pseudo-keys: the calibration before k-means pseudo-keys;
 - ``fine+bisect+kmeans``: the same with the default grid's pseudo-keys, 16-token k-means slots or one block mean per
-  block (lever c): the package's calibration now;
-- ``fine+bisect+both``: both kinds of 16-token pseudo-keys offered;
+  block (lever c);
+- ``kmeans+low masses``: the package's calibration now: k-means pseudo-keys and the mass grid ``ADAPTIVE_MASS``
+  (51 masses 0.05 … 0.995);
+- ``kmeans+low masses+mean`` (``--with-both``): the same with 16-token sub-block means offered too;
 - ``subblock-mass``: lever (b), a study only: the adaptive planner's pooled mass estimated from the means of
   16-token key sub-blocks (m_ij ∝ Σ_σ c_σ·exp(q̄_i·k̄_σ·scale)) instead of key-block means;
 - ``oracle``: the cheapest single layer-wide setting of either mode (fine grid, both kinds of pseudo-keys) whose
@@ -63,6 +65,8 @@ from isa_plugin.selection.adaptive import ADAPTIVE_MASS  # noqa: E402
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "2026-12-05-cpu-levers")
 #: the adaptive grid's masses before the fine grid
 FORMER_MASS = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+#: the fine grid before k-means pseudo-keys were adopted (48 masses, 0.3 … 0.995)
+FINE48_MASS = tuple(round(1.0 - 0.7 * 0.9**i, 4) for i in range(48))
 #: tokens per key sub-block of the sub-block mass estimate (lever b)
 SUBBLOCK = 16
 
@@ -216,11 +220,13 @@ def run_workload(name, a):
         return res
     mean = ("mean",)
     variants = [("fixed", Grid(), a.bisections, False), ("former", Grid(mass=FORMER_MASS, pseudo_keys=mean), 0, False),
-                ("fine+bisect", Grid(mass=ADAPTIVE_MASS, pseudo_keys=mean), a.bisections, False),
-                ("fine+bisect+kmeans", Grid(mass=ADAPTIVE_MASS), a.bisections, False),
-                ("fine+bisect+both", Grid(mass=ADAPTIVE_MASS, pseudo_keys=("mean", "kmeans")), a.bisections, False)]
+                ("fine+bisect", Grid(mass=FINE48_MASS, pseudo_keys=mean), a.bisections, False),
+                ("fine+bisect+kmeans", Grid(mass=FINE48_MASS), a.bisections, False),
+                ("kmeans+low masses", Grid(mass=ADAPTIVE_MASS), a.bisections, False)]
+    if a.with_both:
+        variants.append(("kmeans+low masses+mean", Grid(mass=ADAPTIVE_MASS, pseudo_keys=("mean", "kmeans")), a.bisections, False))
     if a.with_fine:
-        variants.insert(2, ("fine", Grid(mass=ADAPTIVE_MASS, pseudo_keys=mean), 0, False))
+        variants.insert(2, ("fine", Grid(mass=FINE48_MASS, pseudo_keys=mean), 0, False))
     if not a.skip_subblock:
         variants.append(("subblock-mass", Grid(mass=ADAPTIVE_MASS, pseudo_keys=mean), a.bisections, True))
     stats_cache = {}
@@ -313,6 +319,7 @@ def main(argv=None):
     ap.add_argument("--bisections", type=int, default=heldout.MARGIN_BISECTIONS)
     ap.add_argument("--skip-subblock", action="store_true", help="leave out the lever (b) study")
     ap.add_argument("--with-fine", action="store_true", help="also the fine grid without the margin bisection")
+    ap.add_argument("--with-both", action="store_true", help="also the package's grid with sub-block means offered beside k-means")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--plot", action="store_true", help="write levers_<shape>.png")
     ap.add_argument("--timing-only", action="store_true",

@@ -303,7 +303,7 @@ def timing_study(args):
                 for ex in (args.adaptive_executors if cuda else ["reference"])
                 for bs, pss in ((128, (128, 32, 16)), (64, (64, 16))) if bs in args.adaptive_block_sizes
                 for ps in pss if args.adaptive_pseudo_blocks is None or ps in args.adaptive_pseudo_blocks
-                for kind in args.adaptive_pseudo_keys if kind == "mean" or ps < bs
+                for kind in (args.adaptive_pseudo_keys if ps < bs else ["mean"])
                 for s in args.adaptive_alpha_s for p in args.adaptive_masses]
     fixed = fixed if "fixed" in args.modes else []
     adaptive = adaptive if "adaptive" in args.modes else []
@@ -576,7 +576,8 @@ def main(argv=None):
     ap.add_argument("--adaptive-executors", nargs="+", default=["sparse"], choices=["sparse", "flex", "reference"],
                     help="executors the adaptive settings are timed on (GPU timing study)")
     ap.add_argument("--adaptive-pseudo-keys", nargs="+", default=["mean"], choices=["mean", "kmeans"],
-                    help="pseudo-key kinds of the adaptive settings with several pseudo-keys per block (default: mean)")
+                    help="pseudo-key kinds of the adaptive settings with several pseudo-keys per block (default: mean; "
+                         "one pseudo-key per block is always the block mean)")
     ap.add_argument("--adaptive-pseudo-blocks", type=int, nargs="+", default=None,
                     help="only these pseudo-key sizes of the adaptive settings (default: 128, 32, 16 at b=128; 64, 16 at b=64)")
     ap.add_argument("--workload", default="structured", choices=["structured", "diffuse"],

@@ -13,8 +13,9 @@
 # planner: its tests, its profile, the Pareto settings within budget at three lengths, the Wan forward), k (the GPU
 # suite, the exact-pair rate, the planning profile, the diffuse workload), l (k-means pseudo-keys: their GPU tests,
 # the executor's time with 1, 4 and 8 pseudo-key slots per block, the slot kernel's share of a call) and m (k-means
-# pseudo-keys within a budget: error, FLOPs and time against block means on both workloads).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|j|k|l|m|part1|part2
+# pseudo-keys within a budget: error, FLOPs and time against block means on both workloads), n (the GPU suite, the
+# block-sparse executor's cost model refitted over block-mean and k-means settings).
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -109,8 +110,13 @@ l)
   ;;
 m)
   for w in structured diffuse; do
-    run "pareto_kmeans_$w" 250 python benchmarks/bench_pareto.py --n 65536 --heads 40 --workload $w --modes adaptive --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 16 --adaptive-pseudo-keys mean kmeans --adaptive-alpha-s 1.0 --adaptive-masses 0.4 0.5 0.6 0.7 0.8 0.9 --out "$OUT/pareto_kmeans_$w"
+    run "pareto_kmeans_$w" 250 python benchmarks/bench_pareto.py --n 65536 --heads 40 --workload $w --modes adaptive --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 32 16 --adaptive-pseudo-keys kmeans --adaptive-alpha-s 1.0 --adaptive-masses 0.3 0.4 0.5 0.6 0.7 0.8 0.9 --out "$OUT/pareto_kmeans_$w"
   done
   ;;
-*) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|part1|part2"; exit 2 ;;
+n)
+  run gpu_suite 330 python -m pytest -q -m gpu tests -p no:cacheprovider -n 8
+  cp isa_plugin/kernels/cost_model.json "$OUT/cost_model.json"
+  run executor_costs_kmeans 230 python benchmarks/bench_pareto.py --n 65536 --heads 40 --modes fixed adaptive --no-fixed-grid --fixed-defaults --fixed-executors triton sparse --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 32 16 --adaptive-pseudo-keys kmeans --adaptive-alpha-s 1.0 --adaptive-masses 0.3 0.5 0.7 0.9 --executor-costs "$OUT/cost_model.json" --out "$OUT/executor_costs_kmeans"
+  ;;
+*) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|part1|part2"; exit 2 ;;
 esac

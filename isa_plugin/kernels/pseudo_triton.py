@@ -3,9 +3,10 @@
 :mod:`.pseudo` defines both kinds; this kernel computes them for the block-sparse executor. One program per
 (batch entry, head, block) loads the block's [BLOCK, D] keys once, starts from C slots of ``S`` tokens
 (``ITERS = 0``: the sub-block means) and runs ``ITERS`` Lloyd iterations: the distances |c|² − 2·k·c and the
-centroid sums (one-hot assignment × keys) are two dots with C padded to 16 rows. Keys enter the dots in the
-input dtype with float32 accumulation (float32 inputs: IEEE dots), so near-ties may resolve differently from
-the float32 torch definition; the sums and counts are exact up to float32 rounding. Outputs:
+centroid sums (one-hot assignment × keys) are two dots with C padded to 16 rows. The distances are float32
+dots (three-pass TF32 on tensor cores, IEEE for float32 inputs) and the sums take the keys in the input dtype
+with float32 accumulation, so they match the float32 torch definition up to float32 rounding (a token almost
+equidistant from two centroids may still go the other way). Outputs:
 
 - ``kc``, ``vc``: [B*H, nb*C, D] in the input dtype, block j's slots at [j·C, (j+1)·C) (an empty slot keeps its
   last centroid; its value is 0);
@@ -61,10 +62,11 @@ def _pseudo_slots_kernel(
     b_cent = _slot_sums(b_oh, b_kf if IEEE else b_k, IEEE) / tl.maximum(b_n, 1.0)[:, None]  # [CP, D]
     for _ in tl.static_range(ITERS):
         b_cc = tl.sum(b_cent * b_cent, 1)  # [CP]
+        # the distances in float32 (three-pass TF32 on tensor cores), as the torch definition computes them
         if IEEE:
             b_dot = tl.dot(b_kf, tl.trans(b_cent), input_precision="ieee")  # [BLOCK, CP]
         else:
-            b_dot = tl.dot(b_k, tl.trans(b_cent.to(b_k.dtype)))
+            b_dot = tl.dot(b_kf, tl.trans(b_cent), input_precision="tf32x3")
         b_dist = tl.where((b_n > 0)[None, :], b_cc[None, :] - 2.0 * b_dot, float("inf"))
         b_best = tl.argmin(b_dist, 1, tie_break_left=True)  # [BLOCK]
         b_oh = ((b_best[:, None] == o_c[None, :]) & m_r[:, None]).to(tl.float32)

@@ -35,9 +35,10 @@ from .ordered_measure import OrderedFamily, measure_ordered
 __all__ = ["AdaptiveSettings", "AdaptiveGrid", "AdaptiveMode", "ADAPTIVE_MASS"]
 
 #: the adaptive mode's calibration grid of pooled-mass thresholds: from p = 1 - UNSPENT_MAX on, each step leaves
-#: UNSPENT_STEP of the previous step's unspent mass 1 - p (48 values, 0.3 … 0.995). The measurement costs the
-#: same for any number of thresholds (:mod:`.ordered_measure`), so the grid is as fine as the fit can use.
-UNSPENT_MAX, UNSPENT_STEP, MASS_STEPS = 0.7, 0.9, 48
+#: UNSPENT_STEP of the previous step's unspent mass 1 - p (51 values, 0.05 … 0.995; at 0.05 a query block keeps
+#: about its ``min_blocks`` exact blocks, the rest is pseudo-keys). The measurement costs the same for any number of
+#: thresholds (:mod:`.ordered_measure`), so the grid is as fine as the fit can use.
+UNSPENT_MAX, UNSPENT_STEP, MASS_STEPS = 0.95, 0.9, 51
 ADAPTIVE_MASS = tuple(round(1.0 - UNSPENT_MAX * UNSPENT_STEP**i, 4) for i in range(MASS_STEPS))
 
 

@@ -90,7 +90,7 @@ def test_state_dict_round_trip_with_adaptive_statistics():
 def test_profile_round_trip_with_adaptive_layers(tmp_path):
     layers = {
         "a": [LayerSetting(mode="adaptive", alpha_s=0.5, mass=(0.9, 0.95, 0.99), context_mass=0.8, pseudo_block=16,
-                           error_target=0.01, error_context=0.02, relative_cost=0.4)],
+                           pseudo_keys="kmeans", error_target=0.01, error_context=0.02, relative_cost=0.4)],
         "b": [LayerSetting(alpha_s=0.25, alpha_f=0.5, alpha_ns=0.125)],
         "c": [LayerSetting(dense=True)],
     }
@@ -100,7 +100,7 @@ def test_profile_round_trip_with_adaptive_layers(tmp_path):
     assert back == prof
     cfg = back.layers["a"][0].to_config()
     assert cfg.mode == "adaptive" and cfg.mass == (0.9, 0.95, 0.99) and cfg.pseudo_block == 16 and cfg.alpha_s == 0.5
-    assert cfg.context_mass == 0.8
+    assert cfg.context_mass == 0.8 and cfg.pseudo_keys == "kmeans"
     assert back.layers["b"][0].to_config().mode == "fixed"
     assert "mode" not in path.read_text().split("b:")[1].split("c:")[0]
 

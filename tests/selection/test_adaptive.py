@@ -6,8 +6,8 @@ import torch
 from isa_plugin.attention import isa_attention, select_backend
 from isa_plugin.config import ISAConfig
 from isa_plugin.executors.reference import isa_attention_reference, plan_reference
-from isa_plugin.kernels.reference import execute_plan_reference
-from isa_plugin.selection.adaptive import AdaptiveSettings
+from isa_plugin.kernels.reference import dense_attention_reference, execute_plan_reference
+from isa_plugin.selection.adaptive import AdaptiveGrid, AdaptiveSettings
 from isa_plugin.layout import Layout
 from naive_isa import naive_pair_counts
 
@@ -36,6 +36,9 @@ def test_config_round_trip_and_fixed_dict_unchanged():
     d = ISAConfig().to_dict()
     assert "mode" not in d and "mass" not in d and "pseudo_block" not in d
     assert ISAConfig(mode="adaptive").pseudo_block == 64
+    assert ISAConfig(mode="adaptive").pseudo_keys == "mean" and ISAConfig().pseudo_keys == "mean"
+    km = ISAConfig(mode="adaptive", pseudo_block=16, pseudo_keys="kmeans")
+    assert km.pseudo_keys == "kmeans" and ISAConfig.decode(km.encode()) == km and ISAConfig.from_dict(km.to_dict()) == km
     assert ISAConfig(mode="adaptive", mass=1.0, alpha_s=1.0).is_dense
     assert not ISAConfig(mode="adaptive", mass=0.9, alpha_s=1.0).is_dense
 
@@ -51,6 +54,8 @@ def test_config_round_trip_and_fixed_dict_unchanged():
     (dict(mode="adaptive", max_blocks=2.5), TypeError, "max_blocks"),
     (dict(context_mass=0.5), ValueError, "mode='adaptive'"),
     (dict(mode="adaptive", context_mass=0.0), ValueError, "context_mass"),
+    (dict(mode="adaptive", pseudo_keys="centroids"), ValueError, "pseudo_keys='centroids' is not supported; supported: 'mean', 'kmeans'"),
+    (dict(pseudo_keys="kmeans"), ValueError, "mode='adaptive'"),
 ])
 def test_config_validation(kw, exc, word):
     with pytest.raises(exc, match=word):
@@ -88,3 +93,26 @@ def test_fixed_plan_pair_counts(rng):
     assert plan.pair_counts() == (exact, approx)
     N = LAYOUT.num_tokens
     assert plan.relative_cost() == pytest.approx((exact + approx) / (N * N * B * H), rel=1e-12)
+
+
+def test_kmeans_pseudo_keys_anchors(rng):
+    """One slot per block is the block mean for either kind; one token per slot is attention over KV'; k-means
+    plans have no finer blocking; the grid checks its kinds."""
+    layout = Layout([("target", 70), ("context", 58)])
+    q, k, v = (torch.randn(1, 128, 2, 16, generator=rng, dtype=torch.float64) for _ in range(3))
+    for s, dense in ((16, False), (1, True)):
+        km = isa_attention_reference(q, k, v, layout, ISAConfig(mode="adaptive", mass=0.5, alpha_s=1.0, block_size=16,
+                                                                pseudo_block=s, pseudo_keys="kmeans"))
+        other = (dense_attention_reference(q, k, v) if dense else
+                 isa_attention_reference(q, k, v, layout, ISAConfig(mode="adaptive", mass=0.5, alpha_s=1.0, block_size=16)))
+        assert (km - other).abs().max().item() <= 1e-12
+    plan = plan_reference(q, k, layout, ISAConfig(mode="adaptive", mass=0.5, block_size=16, pseudo_block=4, pseudo_keys="kmeans"))
+    assert plan.pseudo_keys == "kmeans" and not plan.mean_pseudo_keys
+    with pytest.raises(ValueError, match="no finer blocking"):
+        plan.at_pseudo_granularity()
+    with pytest.raises(ValueError, match="Grid.pseudo_keys='medoids' is not supported"):
+        AdaptiveGrid(pseudo_keys=("medoids",))
+    with pytest.raises(ValueError, match="Grid.pseudo_keys is empty"):
+        AdaptiveGrid(pseudo_keys=())
+    assert AdaptiveGrid(pseudo_block=(16, 64), pseudo_keys=("mean", "kmeans")).pseudo_variants == (
+        (16, "mean"), (16, "kmeans"), (64, "mean"), (64, "kmeans"))
