@@ -14,8 +14,9 @@
 # suite, the exact-pair rate, the planning profile, the diffuse workload), l (k-means pseudo-keys: their GPU tests,
 # the executor's time with 1, 4 and 8 pseudo-key slots per block, the slot kernel's share of a call) and m (k-means
 # pseudo-keys within a budget: error, FLOPs and time against block means on both workloads), n (the GPU suite, the
-# block-sparse executor's cost model refitted over block-mean and k-means settings).
-# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|part1|part2
+# block-sparse executor's cost model refitted over block-mean and k-means settings), o (LTX-2's calibration time
+# against its dense runs, the fixed mode alone and both modes).
+# Usage (repo root):  bash benchmarks/gpu_release.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|part1|part2
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -118,5 +119,9 @@ n)
   cp isa_plugin/kernels/cost_model.json "$OUT/cost_model.json"
   run executor_costs_kmeans 230 python benchmarks/bench_pareto.py --n 65536 --heads 40 --modes fixed adaptive --no-fixed-grid --fixed-defaults --fixed-executors triton sparse --adaptive-block-sizes 128 --adaptive-pseudo-blocks 128 32 16 --adaptive-pseudo-keys kmeans --adaptive-alpha-s 1.0 --adaptive-masses 0.3 0.5 0.7 0.9 --executor-costs "$OUT/cost_model.json" --out "$OUT/executor_costs_kmeans"
   ;;
-*) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|part1|part2"; exit 2 ;;
+o)
+  run calibration_ltx2_fixed 150 python benchmarks/bench_calibration_family.py --mode fixed --json "$OUT/calibration_ltx2_fixed.json"
+  run calibration_ltx2_both 200 python benchmarks/bench_calibration_family.py --mode fixed --mode adaptive --json "$OUT/calibration_ltx2_both.json"
+  ;;
+*) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|part1|part2"; exit 2 ;;
 esac
