@@ -139,24 +139,24 @@ def block_terms(qs: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, key_valid:
     """Exact softmax terms of sampled query tokens per key block (the plan measurements' score pass).
 
     Args:
-        qs: [t, D] query tokens, the softmax scale folded in.
-        kp, vp: [nb, b, D] keys and values laid out per block (zero on slots past a short block's end).
+        qs: [..., t, D] query tokens, the softmax scale folded in (leading dims: e.g. a group of heads).
+        kp, vp: [..., nb, b, D] keys and values laid out per block (zero on slots past a short block's end).
         key_valid: [nb, b] bool, the slots that hold a token; None when every block is full.
 
     Returns:
-        ``(m, Z, Y, dense)``: row maxima m [t]; Z [t, nb] = Σ_{r∈j} e^{s_tr−m_t}; Y [nb, t, D] =
-        Σ_{r∈j} e^{s_tr−m_t} v_r; the dense output [t, D].
+        ``(m, Z, Y, dense)``: row maxima m [..., t]; Z [..., t, nb] = Σ_{r∈j} e^{s_tr−m_t}; Y [..., nb, t, D] =
+        Σ_{r∈j} e^{s_tr−m_t} v_r; the dense output [..., t, D].
     """
-    t, D = qs.shape
-    nb, b, _ = kp.shape
-    e = (qs @ kp.reshape(nb * b, D).T).view(t, nb, b)
+    t, D = qs.shape[-2:]
+    nb, b = kp.shape[-3:-1]
+    e = (qs @ kp.reshape(*kp.shape[:-3], nb * b, D).transpose(-1, -2)).view(*qs.shape[:-2], t, nb, b)
     if key_valid is not None:
         e.masked_fill_(~key_valid, float("-inf"))
-    m = e.amax(dim=(1, 2))
-    e = e.sub_(m[:, None, None]).exp_()
+    m = e.amax(dim=(-2, -1))
+    e = e.sub_(m[..., None, None]).exp_()
     Z = e.sum(-1)
-    Y = torch.bmm(e.transpose(0, 1), vp)
-    return m, Z, Y, Y.sum(0) / Z.sum(1)[:, None]
+    Y = e.transpose(-3, -2) @ vp
+    return m, Z, Y, Y.sum(-3) / Z.sum(-1)[..., None]
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ sampler state); with every token sampled the errors equal the reference ISA's (t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -129,13 +129,14 @@ def _pairs(call: SampledCall, fam: OrderedFamily, pseudo_block: Sequence[int]) -
 
 @dataclass
 class _Plans:
-    """Head ``h``'s distinct plans per sampled query block, per family (lists of F tensors).
+    """The distinct plans of a group of heads per sampled query block, per family (lists of F tensors).
 
     Attributes:
-        rank: [S, nb] int64, each key block's position in the block's order (candidates first).
-        counts: [S, G] int64, the distinct exact counts of the block's plans first (then the last one repeated).
-        index: [S, G] int64, each plan's position in ``counts``.
-        size: [F, S] int64 on the CPU, the number of distinct counts per family and block.
+        rank: [h, S, nb] int64, each key block's position in the block's order (candidates first).
+        counts: [h, S, G] int64, the distinct exact counts of the block's plans first (then the last one repeated,
+            so a padded plan is a copy of a real one).
+        index: [h, S, G] int64, each plan's position in ``counts``.
+        size: [F, h, S] int64 on the CPU, the number of distinct counts per family, head and block.
     """
 
     rank: List[torch.Tensor]
@@ -144,46 +145,77 @@ class _Plans:
     size: torch.Tensor
 
     @classmethod
-    def of(cls, families: Sequence[OrderedFamily], h: int, blocks: torch.Tensor) -> "_Plans":
+    def of(cls, families: Sequence[OrderedFamily], heads: slice, blocks: torch.Tensor) -> "_Plans":
         rank, counts, index = [], [], []
         for fam in families:
-            o = fam.order[h, blocks]  # [S, nb]
+            o = fam.order[heads][:, blocks]  # [h, S, nb]
             rank.append(torch.empty_like(o).scatter_(-1, o, torch.arange(o.shape[-1], device=o.device).expand_as(o)))
-            c = fam.counts[h, blocks]  # [S, G]
+            c = fam.counts[heads][:, blocks]  # [h, S, G]
             new = torch.ones_like(c, dtype=torch.bool)
-            new[:, 1:] = c[:, 1:] != c[:, :-1]
-            idx = torch.cumsum(new, 1) - 1
+            new[..., 1:] = c[..., 1:] != c[..., :-1]
+            idx = torch.cumsum(new, -1) - 1
             index.append(idx)
-            counts.append(c[:, -1:].expand(c.shape[0], c.shape[1]).clone().scatter_(1, idx, c))
-        return cls(rank, counts, index, torch.stack([i[:, -1] + 1 for i in index]).cpu())
+            counts.append(c[..., -1:].expand_as(c).clone().scatter_(-1, idx, c))
+        return cls(rank, counts, index, torch.stack([i[..., -1] + 1 for i in index]).cpu())
 
     def rows(self, sel_cpu: torch.Tensor, ct: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """For the sampled blocks ``sel_cpu`` [n] (positions in ``blocks``, on the CPU): the 0/1 rows [n, R, nb + F]
+        """For the sampled blocks ``sel_cpu`` [n] (positions in ``blocks``, on the CPU): the 0/1 rows [h, n, R, nb + F]
         of their distinct plans (per family its exact candidates, the first ``counts`` of the order, then a
-        one-hot column for the family's base term), and each plan's row [n, F·G]."""
+        one-hot column for the family's base term), and each plan's row [h, n, F·G]."""
         F = len(self.rank)
-        sizes = self.size[:, sel_cpu].amax(1).tolist()
+        sizes = self.size[:, :, sel_cpu].amax((1, 2)).tolist()
         sel = sel_cpu.to(self.rank[0].device)
         rows, index, first = [], [], 0
         for fi in range(F):
-            exact = self.rank[fi][sel][:, None, :] < self.counts[fi][sel, : sizes[fi], None]  # [n, U, nb]
-            family = (torch.arange(F, device=exact.device) == fi).expand(sel.numel(), sizes[fi], F)
+            rank = self.rank[fi][:, sel]  # [h, n, nb]
+            exact = rank[:, :, None, :] < self.counts[fi][:, sel, : sizes[fi], None]  # [h, n, U, nb]
+            family = (torch.arange(F, device=exact.device) == fi).expand(*exact.shape[:3], F)
             rows.append(torch.cat([exact, family], -1))
-            index.append(self.index[fi][sel] + first)
+            index.append(self.index[fi][:, sel] + first)
             first += sizes[fi]
-        return torch.cat(rows, 1).to(ct), torch.cat(index, 1)
+        return torch.cat(rows, 2).to(ct), torch.cat(index, 2)
+
+
+def _mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [h, i, j] @ y [h, j, k]; one head as a plain matrix product (a batch of one runs single-threaded on the CPU)."""
+    return (x[0] @ y[0])[None] if x.shape[0] == 1 else x @ y
+
+
+def _row_products(rows: torch.Tensor, terms: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """rows [h, n, R, K] times terms [h, K, n, W] per (head, block): [h, n, R, W] (one head: a strided bmm, no copy),
+    into ``out`` when given (a buffer reused across chunks: fresh memory costs its first touch on the CPU)."""
+    if rows.shape[0] == 1:
+        return torch.bmm(rows[0], terms[0].transpose(0, 1), out=None if out is None else out[0])[None]
+    return torch.matmul(rows, terms.transpose(1, 2), out=out)
+
+
+def _sub_products(y: torch.Tensor, a: torch.Tensor, vals: torch.Tensor, out: torch.Tensor) -> None:
+    """out = y − a @ vals for y, out [h, nb, t, D], a [h, nb, t, C], vals [h, nb, C, D] (one head: one baddbmm)."""
+    if y.shape[0] == 1:
+        torch.baddbmm(y[0], a[0], vals[0], alpha=-1.0, out=out[0])
+    else:
+        torch.sub(y, a @ vals, out=out)
+
+
+def _default_chunk_elems(device: torch.device) -> Tuple[int, bool]:
+    """The measurement's bound on one chunk's transient buffers (elements), and whether heads are grouped: on a GPU
+    2^29 elements and groups of heads, so that a call takes few, large products (the launches, not the products,
+    bound the time there); on the CPU 2^24 and one head at a time (a group pads every head's product to the
+    group's largest number of distinct plans)."""
+    return (1 << 29, True) if device.type == "cuda" else (1 << 24, False)
 
 
 @torch.no_grad()
 def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo_variants: Sequence[Tuple[int, str]],
-                    max_chunk_elems: int = 1 << 24) -> Dict[str, torch.Tensor]:
+                    max_chunk_elems: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Errors and pair counts of every plan of several ordered-prefix families of one call.
 
     Args:
         call: from :func:`~isa_plugin.selection.measure.sampled_call`.
         families: F families (e.g. one per α_s) with the same number G of plans.
         pseudo_variants: the pseudo-key variants (s, kind): s divides the block size, kind ``"mean"`` or ``"kmeans"``.
-        max_chunk_elems: bound on the transient buffers of one chunk of sampled query blocks (elements).
+        max_chunk_elems: bound on the transient buffers of one chunk of heads and sampled query blocks (elements;
+            default 2^24 on the CPU, one head at a time; 2^29 on a GPU, heads in groups).
 
     Returns:
         ``{"num": [H, 2, F, G, PS], "den": [H, 2], "pairs": [H, F, G, PS, 2, 2]}`` float64, as
@@ -210,56 +242,69 @@ def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo
     key_idx = torch.where(key_valid, blocks.starts[:, None] + ar[None, :], torch.zeros((), dtype=torch.int64, device=dev))
     padded = bool((blocks_cpu.counts < b).any())
     has_text = bool((blocks_cpu.kinds == TEXT).any())
-    k_pad = k[key_idx].to(ct).mul_(key_valid[..., None, None])  # [nb, b, H, D], zero on padding slots
-    v_pad = v[key_idx].to(ct).mul_(key_valid[..., None, None])
+    k_pad = k[key_idx].to(ct).mul_(key_valid[..., None, None]).permute(2, 0, 1, 3)  # [H, nb, b, D], zero on padding slots
+    v_pad = v[key_idx].to(ct).mul_(key_valid[..., None, None]).permute(2, 0, 1, 3)
     pseudo = [_PseudoKeys.of(k, v, blocks_cpu, s, kind, ct) for s, kind in pseudo_variants]
     R, K = F * G, nb + F
-    chunk = max(1, min(S, max_chunk_elems // (M * (N + 2 * nb * D + (PS * K + R) * D) + R * K)))
-    terms = torch.empty(PS, K, chunk * M, D, dtype=ct, device=dev)  # per key block Y' − A', then per family base
-    den_terms = torch.empty(PS, K, chunk * M, dtype=ct, device=dev)  # Z − a, then Z_always + a_cand
-    diffs = torch.empty(chunk * R * M * D, dtype=ct, device=dev)  # the plans' num − den·o*
-    for h in range(H):
-        kp, vp = k_pad[:, :, h], v_pad[:, :, h]  # [nb, b, D]
-        always = torch.stack([f.always[h] for f in families]).to(ct)  # [F, nb]
-        cand = torch.stack([f.keep[h] & ~f.always[h] for f in families]).to(ct)
+    # heads are measured in groups, sampled blocks in chunks: both as large as the element bound allows
+    limit, group = _default_chunk_elems(dev)
+    limit = limit if max_chunk_elems is None else max_chunk_elems
+    per_block = M * (N + 2 * nb * D + (PS * K + R) * D) + R * K  # elements of one sampled block and head
+    hg = H if group else 1
+    while hg > 1 and hg * per_block > limit:
+        hg = -(-hg // 2)
+    chunk = max(1, min(S, limit // (hg * per_block)))
+    terms = torch.empty(PS, hg, K, chunk * M, D, dtype=ct, device=dev)  # per key block Y' − A', then per family base
+    den_terms = torch.empty(PS, hg, K, chunk * M, dtype=ct, device=dev)  # Z − a, then Z_always + a_cand
+    diffs = torch.empty(hg * chunk * R * M * D, dtype=ct, device=dev)  # the plans' num − den·o*
+    for h0 in range(0, H, hg):
+        hs = slice(h0, min(H, h0 + hg))
+        nh = hs.stop - hs.start
+        kp, vp = k_pad[hs], v_pad[hs]  # [h, nb, b, D]
+        always = torch.stack([f.always[hs] for f in families], 1).to(ct)  # [h, F, nb]
+        cand = torch.stack([f.keep[hs] & ~f.always[hs] for f in families], 1).to(ct)
         # the candidates' pseudo-key numerators summed per family are a[t, σ] @ cand_v[σ, (F, D)]
-        cand_v = [(cand[:, p.parent, None] * p.vbar[h]).transpose(0, 1).reshape(-1, F * D) for p in pseudo]
-        pl = _Plans.of(families, h, smp.blocks)
-        by_size = torch.argsort(pl.size.sum(0), stable=True)  # blocks with as many distinct plans together
+        cand_v = [(cand[:, :, p.parent, None] * p.vbar[hs][:, None]).transpose(1, 2).reshape(nh, -1, F * D) for p in pseudo]
+        pl = _Plans.of(families, hs, smp.blocks)
+        by_size = torch.argsort(pl.size.sum((0, 1)), stable=True)  # blocks with as many distinct plans together
         for c0 in range(0, S, chunk):
             sel_cpu = by_size[c0 : c0 + chunk]
             sel = sel_cpu.to(dev)
             n = sel.numel()
             t = n * M
-            qs = q[smp.tokens[sel].flatten(), h].to(ct) * sc  # [t, D]
-            m, Z, Y, dense = block_terms(qs, kp, vp, key_valid if padded else None)  # [t], [t, nb], [nb, t, D], [t, D]
+            qs = q[smp.tokens[sel].flatten(), hs].to(ct).transpose(0, 1) * sc  # [h, t, D]
+            if nh == 1:  # one head: plain matrix products (a batch of one runs single-threaded on the CPU)
+                m, Z, Y, dense = (x[None] for x in block_terms(qs[0], kp[0], vp[0], key_valid if padded else None))
+            else:
+                m, Z, Y, dense = block_terms(qs, kp, vp, key_valid if padded else None)  # [h, t], [h, t, nb], [h, nb, t, D], [h, t, D]
+            Zt = Z.transpose(1, 2)  # [h, nb, t]
             w, kinds = smp.weights[sel], smp.kinds[sel]  # [n, M], [n]
-            ref = (dense.abs().sum(-1).double().view(n, M) * w).sum(-1)
+            ref = (dense.abs().sum(-1).double().view(nh, n, M) * w).sum(-1)  # [h, n]
             for kid in range(2):
-                out["den"][h, kid] += torch.where(kinds == kid, ref, 0.0).sum()
+                out["den"][hs, kid] += torch.where(kinds == kid, ref, 0.0).sum(-1)
             # every plan's |o − o*|₁ (module docstring): per key block Y' − A' and Z − a, per family its base terms,
             # then one product with the 0/1 rows of the chunk's distinct plans
-            Yd = Y.addcmul_(Z.T[..., None], dense, value=-1.0)  # Y' [nb, t, D]
-            base_y = (always @ Yd.view(nb, t * D)).view(F, t, D) if has_text else 0.0
-            rows, index = pl.rows(sel_cpu, ct)  # [n, R', K], [n, F·G]
-            Rn = rows.shape[1]
-            err = torch.empty(n, Rn, PS, dtype=torch.float64, device=dev)
+            Yd = Y.addcmul_(Zt[..., None], dense[:, None], value=-1.0)  # Y' [h, nb, t, D]
+            base_y = _mm(always, Yd.view(nh, nb, t * D)).view(nh, F, t, D) if has_text else 0.0
+            rows, index = pl.rows(sel_cpu, ct)  # [h, n, R', K], [h, n, F·G]
+            Rn = rows.shape[2]
+            err = torch.empty(nh, n, Rn, PS, dtype=torch.float64, device=dev)
             for psi, p in enumerate(pseudo):
-                U, V = terms[psi, :, :t], den_terms[psi, :, :t]
-                a_sub = p.counts[h] * torch.exp(qs @ p.kbar[h].T - m[:, None])  # [t, n_sub]
-                a = torch.cat([a_sub, a_sub.new_zeros(t, 1)], 1)[:, p.slot].transpose(0, 1)  # [nb, t, b/s]
-                torch.baddbmm(Yd, a, p.vslot[h], alpha=-1.0, out=U[:nb])  # Y − A − Z·o*
-                a = a.sum(-1)  # [nb, t]
-                U[:nb].addcmul_(a[..., None], dense)  # Y' − A'
-                torch.addcmul((a_sub @ cand_v[psi]).view(t, F, D).transpose(0, 1), (cand @ a)[..., None], dense,
-                              value=-1.0, out=U[nb:]).add_(base_y)
-                torch.sub(Z.T, a, out=V[:nb])
-                V[nb:] = cand @ a + (always @ Z.T if has_text else 0.0)
-                diff = torch.bmm(rows, U.view(K, n, M * D).transpose(0, 1), out=diffs[: n * Rn * M * D].view(n, Rn, M * D))
-                num = diff.abs_().view(n, Rn, M, D).sum(-1)  # |num − den·o*|₁ [n, R', M]
-                den = torch.bmm(rows, V.view(K, n, M).transpose(0, 1))
+                U, V = terms[psi, :nh, :, :t], den_terms[psi, :nh, :, :t]
+                a_sub = p.counts[hs][:, None, :] * torch.exp(_mm(qs, p.kbar[hs].transpose(1, 2)) - m[..., None])  # [h, t, n_sub]
+                a = torch.cat([a_sub, a_sub.new_zeros(nh, t, 1)], -1)[:, :, p.slot].transpose(1, 2)  # [h, nb, t, b/s]
+                _sub_products(Yd, a, p.vslot[hs], out=U[:, :nb])  # Y − A − Z·o*
+                a = a.sum(-1)  # [h, nb, t]
+                U[:, :nb].addcmul_(a[..., None], dense[:, None])  # Y' − A'
+                torch.addcmul(_mm(a_sub, cand_v[psi]).view(nh, t, F, D).transpose(1, 2), _mm(cand, a)[..., None], dense[:, None],
+                              value=-1.0, out=U[:, nb:]).add_(base_y)
+                torch.sub(Zt, a, out=V[:, :nb])
+                V[:, nb:] = _mm(cand, a) + (_mm(always, Zt) if has_text else 0.0)
+                diff = _row_products(rows, U.reshape(nh, K, n, M * D), out=diffs[: nh * n * Rn * M * D].view(nh, n, Rn, M * D))
+                num = diff.abs_().view(nh, n, Rn, M, D).sum(-1)  # |num − den·o*|₁ [h, n, R', M]
+                den = _row_products(rows, V.reshape(nh, K, n, M))
                 err[..., psi] = ((num / den).double() * w[:, None, :]).sum(-1)
-            err = torch.gather(err, 1, index[..., None].expand(n, R, PS))  # [n, F·G, PS]
+            err = torch.gather(err, 2, index[..., None].expand(nh, n, R, PS))  # [h, n, F·G, PS]
             for kid in range(2):
-                out["num"][h, kid] += torch.where((kinds == kid)[:, None, None], err, 0.0).sum(0).view(F, G, PS)
+                out["num"][hs, kid] += torch.where((kinds == kid)[:, None, None], err, 0.0).sum(1).view(nh, F, G, PS)
     return out

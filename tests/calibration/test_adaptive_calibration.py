@@ -48,6 +48,27 @@ def test_statistics_with_every_token_equal_the_reference_error():
     assert tuple(round(float(x)) for x in mixed) == plan.pair_counts()
 
 
+def test_statistics_do_not_depend_on_head_groups_and_chunks(monkeypatch):
+    """The measurement groups heads and chunks sampled blocks by a memory bound; one head and one block at a
+    time gives the same statistics."""
+    from isa_plugin.selection import ordered_measure
+
+    model = SyntheticModel(SPEC, seed=4)
+    q, k, v, layout = model.sample(0, 2)
+    grid = AdaptiveGrid(alpha_s=(0.5, 1.0), mass=(0.3, 0.8, 0.95), pseudo_block=(8, 16))
+
+    def run():
+        return get_mode("adaptive").measure(q, k, v, layout, grid, block_size=16,
+                                            sampler=Sampler(blocks_per_kind=6, tokens_per_block=5, generator=torch.Generator().manual_seed(0)))
+
+    monkeypatch.setattr(ordered_measure, "_default_chunk_elems", lambda device: (1 << 24, True))
+    whole = run()  # every head and block in one product
+    monkeypatch.setattr(ordered_measure, "_default_chunk_elems", lambda device: (1, True))
+    pieces = run()  # one head and one block at a time
+    for key in whole:
+        assert torch.allclose(whole[key], pieces[key], rtol=1e-5, atol=1e-9), key
+
+
 def test_fit_searches_both_modes_and_keeps_fixed_results_without_adaptive():
     model = SyntheticModel(SPEC, seed=0)
     fixed_only = calibrate_synthetic(model, [0], block_size=16, blocks_per_kind=8, tokens_per_block=4)
