@@ -36,8 +36,8 @@ Both at N = 4,096 (``benchmarks/bench_workloads.py``: 4 heads, D = 64, 3 layers,
 samples 0, 1, held-out 100, 101, budget 0.05; cost = (exact + pseudo pairs) / N² on the held-out samples):
 the fixed mode's profile costs 0.415 of dense on the structured workload and 0.546 on the diffuse one; with
 the adaptive mode offered too (the former 9-mass grid), 0.322 (0.78× fixed) and 0.485 (0.89×), and 0.328 and
-0.435 with the 48-mass ``ADAPTIVE_MASS`` grid and the margin bisection (``benchmarks/bench_levers.py``); every
-held-out error stays within 0.05. Another model seed and N = 8,192 give the same picture for the fixed mode
+0.435 with a 48-mass grid and the margin bisection, and 0.286 and 0.125 with the package's grid now (k-means
+pseudo-keys, masses down to 0.05; ``benchmarks/bench_levers.py``); every held-out error stays within 0.05. Another model seed and N = 8,192 give the same picture for the fixed mode
 (diffuse 1.3–1.9× structured) and 0.75× / 0.74× for the adaptive mode on the diffuse workload:
 ``docs/ADAPTIVE.md`` § Workloads.
 """
