@@ -28,7 +28,7 @@ from ..layout import CONTEXT, TARGET, BlockLayout, Layout
 from ..plan import BlockPlan
 
 __all__ = ["Sampler", "SampledCall", "SampledBlocks", "single_entry", "sampled_call", "sample_blocks", "sample_tokens",
-           "block_terms", "measure_plans"]
+           "batched_mm", "block_terms", "measure_plans"]
 
 
 @dataclass
@@ -135,6 +135,14 @@ def sample_tokens(blocks_cpu, sampler: Sampler):
     return s.tokens[used], s.weights[used], s.kinds[:, None].expand_as(used)[used]
 
 
+def batched_mm(x: torch.Tensor, y: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.matmul(x, y, out=out)`` for x, y of equal rank >= 3; a leading dim of 1 is dropped for the product
+    (on the CPU a batch of one runs single-threaded, and a 3-d product of strided operands needs no copy)."""
+    if x.ndim >= 3 and x.ndim == y.ndim and x.shape[0] == 1 and y.shape[0] == 1:
+        return torch.matmul(x[0], y[0], out=None if out is None else out[0])[None]
+    return torch.matmul(x, y, out=out)
+
+
 def block_terms(qs: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, key_valid: Optional[torch.Tensor]):
     """Exact softmax terms of sampled query tokens per key block (the plan measurements' score pass).
 
@@ -149,13 +157,13 @@ def block_terms(qs: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, key_valid:
     """
     t, D = qs.shape[-2:]
     nb, b = kp.shape[-3:-1]
-    e = (qs @ kp.reshape(*kp.shape[:-3], nb * b, D).transpose(-1, -2)).view(*qs.shape[:-2], t, nb, b)
+    e = batched_mm(qs, kp.reshape(*kp.shape[:-3], nb * b, D).transpose(-1, -2)).view(*qs.shape[:-2], t, nb, b)
     if key_valid is not None:
         e.masked_fill_(~key_valid, float("-inf"))
     m = e.amax(dim=(-2, -1))
     e = e.sub_(m[..., None, None]).exp_()
     Z = e.sum(-1)
-    Y = e.transpose(-3, -2) @ vp
+    Y = batched_mm(e.transpose(-3, -2), vp)
     return m, Z, Y, Y.sum(-3) / Z.sum(-1)[..., None]
 
 

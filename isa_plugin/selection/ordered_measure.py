@@ -33,7 +33,7 @@ import torch
 from ..kernels.pseudo import kmeans_slots, padded_blocks
 from ..kernels.reference import pool_blocks
 from ..layout import CONTEXT, TEXT
-from .measure import SampledCall, block_terms, sample_blocks
+from .measure import SampledCall, batched_mm, block_terms, sample_blocks
 
 __all__ = ["OrderedFamily", "measure_ordered"]
 
@@ -176,27 +176,6 @@ class _Plans:
         return torch.cat(rows, 2).to(ct), torch.cat(index, 2)
 
 
-def _mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x [h, i, j] @ y [h, j, k]; one head as a plain matrix product (a batch of one runs single-threaded on the CPU)."""
-    return (x[0] @ y[0])[None] if x.shape[0] == 1 else x @ y
-
-
-def _row_products(rows: torch.Tensor, terms: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """rows [h, n, R, K] times terms [h, K, n, W] per (head, block): [h, n, R, W] (one head: a strided bmm, no copy),
-    into ``out`` when given (a buffer reused across chunks: fresh memory costs its first touch on the CPU)."""
-    if rows.shape[0] == 1:
-        return torch.bmm(rows[0], terms[0].transpose(0, 1), out=None if out is None else out[0])[None]
-    return torch.matmul(rows, terms.transpose(1, 2), out=out)
-
-
-def _sub_products(y: torch.Tensor, a: torch.Tensor, vals: torch.Tensor, out: torch.Tensor) -> None:
-    """out = y − a @ vals for y, out [h, nb, t, D], a [h, nb, t, C], vals [h, nb, C, D] (one head: one baddbmm)."""
-    if y.shape[0] == 1:
-        torch.baddbmm(y[0], a[0], vals[0], alpha=-1.0, out=out[0])
-    else:
-        torch.sub(y, a @ vals, out=out)
-
-
 def _default_chunk_elems(device: torch.device) -> Tuple[int, bool]:
     """The measurement's bound on one chunk's transient buffers (elements), and whether heads are grouped: on a GPU
     2^29 elements and groups of heads, so that a call takes few, large products (the launches, not the products,
@@ -273,10 +252,7 @@ def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo
             n = sel.numel()
             t = n * M
             qs = q[smp.tokens[sel].flatten(), hs].to(ct).transpose(0, 1) * sc  # [h, t, D]
-            if nh == 1:  # one head: plain matrix products (a batch of one runs single-threaded on the CPU)
-                m, Z, Y, dense = (x[None] for x in block_terms(qs[0], kp[0], vp[0], key_valid if padded else None))
-            else:
-                m, Z, Y, dense = block_terms(qs, kp, vp, key_valid if padded else None)  # [h, t], [h, t, nb], [h, nb, t, D], [h, t, D]
+            m, Z, Y, dense = block_terms(qs, kp, vp, key_valid if padded else None)  # [h, t], [h, t, nb], [h, nb, t, D], [h, t, D]
             Zt = Z.transpose(1, 2)  # [h, nb, t]
             w, kinds = smp.weights[sel], smp.kinds[sel]  # [n, M], [n]
             ref = (dense.abs().sum(-1).double().view(nh, n, M) * w).sum(-1)  # [h, n]
@@ -285,24 +261,25 @@ def measure_ordered(call: SampledCall, families: Sequence[OrderedFamily], pseudo
             # every plan's |o − o*|₁ (module docstring): per key block Y' − A' and Z − a, per family its base terms,
             # then one product with the 0/1 rows of the chunk's distinct plans
             Yd = Y.addcmul_(Zt[..., None], dense[:, None], value=-1.0)  # Y' [h, nb, t, D]
-            base_y = _mm(always, Yd.view(nh, nb, t * D)).view(nh, F, t, D) if has_text else 0.0
+            base_y = batched_mm(always, Yd.view(nh, nb, t * D)).view(nh, F, t, D) if has_text else 0.0
             rows, index = pl.rows(sel_cpu, ct)  # [h, n, R', K], [h, n, F·G]
             Rn = rows.shape[2]
             err = torch.empty(nh, n, Rn, PS, dtype=torch.float64, device=dev)
             for psi, p in enumerate(pseudo):
                 U, V = terms[psi, :nh, :, :t], den_terms[psi, :nh, :, :t]
-                a_sub = p.counts[hs][:, None, :] * torch.exp(_mm(qs, p.kbar[hs].transpose(1, 2)) - m[..., None])  # [h, t, n_sub]
+                a_sub = p.counts[hs][:, None, :] * torch.exp(batched_mm(qs, p.kbar[hs].transpose(1, 2)) - m[..., None])  # [h, t, n_sub]
                 a = torch.cat([a_sub, a_sub.new_zeros(nh, t, 1)], -1)[:, :, p.slot].transpose(1, 2)  # [h, nb, t, b/s]
-                _sub_products(Yd, a, p.vslot[hs], out=U[:, :nb])  # Y − A − Z·o*
+                torch.sub(Yd, batched_mm(a, p.vslot[hs]), out=U[:, :nb])  # Y − A − Z·o*
                 a = a.sum(-1)  # [h, nb, t]
                 U[:, :nb].addcmul_(a[..., None], dense[:, None])  # Y' − A'
-                torch.addcmul(_mm(a_sub, cand_v[psi]).view(nh, t, F, D).transpose(1, 2), _mm(cand, a)[..., None], dense[:, None],
+                torch.addcmul(batched_mm(a_sub, cand_v[psi]).view(nh, t, F, D).transpose(1, 2), batched_mm(cand, a)[..., None], dense[:, None],
                               value=-1.0, out=U[:, nb:]).add_(base_y)
                 torch.sub(Zt, a, out=V[:, :nb])
-                V[:, nb:] = _mm(cand, a) + (_mm(always, Zt) if has_text else 0.0)
-                diff = _row_products(rows, U.reshape(nh, K, n, M * D), out=diffs[: nh * n * Rn * M * D].view(nh, n, Rn, M * D))
+                V[:, nb:] = batched_mm(cand, a) + (batched_mm(always, Zt) if has_text else 0.0)
+                # (into a buffer reused across chunks: fresh memory costs its first touch on the CPU)
+                diff = batched_mm(rows, U.reshape(nh, K, n, M * D).transpose(1, 2), out=diffs[: nh * n * Rn * M * D].view(nh, n, Rn, M * D))
                 num = diff.abs_().view(nh, n, Rn, M, D).sum(-1)  # |num − den·o*|₁ [h, n, R', M]
-                den = _row_products(rows, V.reshape(nh, K, n, M))
+                den = batched_mm(rows, V.reshape(nh, K, n, M).transpose(1, 2))
                 err[..., psi] = ((num / den).double() * w[:, None, :]).sum(-1)
             err = torch.gather(err, 2, index[..., None].expand(nh, n, R, PS))  # [h, n, F·G, PS]
             for kid in range(2):
