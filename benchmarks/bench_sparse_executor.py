@@ -50,7 +50,6 @@ from sparse_attn_helpers import random_plan, reference_out, sparsity_plan  # noq
 
 from isa_plugin import Layout  # noqa: E402
 from isa_plugin.kernels import sparse_attn  # noqa: E402
-from isa_plugin.kernels.pseudo import KMEANS_ITERS  # noqa: E402
 from isa_plugin.plan import BlockPlan  # noqa: E402
 
 
@@ -153,9 +152,8 @@ def run_config(args, device, dtype, bench, q, k, v, bs, s, pseudo=None) -> dict:
     del out
     ms = bench(lambda: sparse_attn.execute_block_plan(q, k, v, plan))
     starts, counts, log2n = sparse_attn.block_meta(plan.blocks, str(q.device))
-    iters = 0 if plan.mean_pseudo_keys else KMEANS_ITERS
     prep = lambda: sparse_attn._prepare(q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n,  # noqa: E731
-                                        bs, D ** -0.5, None, ps, iters)
+                                        bs, D ** -0.5, None, ps, plan.pseudo_key_iterations)
     prepared = prep()
     ms_kernel = bench(lambda: sparse_attn._launch(prepared))
     # the exact part alone (the same kernel without the pseudo-key tail): the time the exact-pair rate is defined on

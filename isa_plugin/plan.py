@@ -33,7 +33,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .kernels.pseudo import validate_pseudo_keys
+from .kernels.pseudo import KMEANS_ITERS, validate_pseudo_keys
 from .layout import BlockLayout
 
 __all__ = ["BlockPlan"]
@@ -152,6 +152,12 @@ class BlockPlan:
         """Every pseudo-key is the mean of contiguous tokens: ``"mean"`` pseudo-keys, or one per block (the block
         mean, whatever the kind)."""
         return self.pseudo_keys == "mean" or self.pseudo_block == self.blocks.block_size
+
+    @property
+    def pseudo_key_iterations(self) -> int:
+        """Lloyd iterations that form the pseudo-key slots from their starting sub-blocks: 0 for means,
+        :data:`~isa_plugin.kernels.pseudo.KMEANS_ITERS` for k-means slots."""
+        return 0 if self.mean_pseudo_keys else KMEANS_ITERS
 
     # ------------------------------------------------------------------ views
     @property

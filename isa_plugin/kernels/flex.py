@@ -117,12 +117,11 @@ def flex_prepare(q, k, v, blocks: BlockLayout, pseudo_block: int, pseudo_keys: s
     r = b // s
     slot_cnt = (blocks.counts[:, None] - torch.arange(r, device=dev)[None, :] * s).clamp(0, s).reshape(-1)  # [nb·r]
     ksub = k_pad.view(B, H, nb * r, s, D).to(ct).sum(3)
-    vsub = v_pad.view(B, H, nb * r, s, D).to(ct).sum(3)
     qbar = q_pad.view(B, H, nb, b, D).to(ct).sum(3) / cnt[:, None]
     kbar = ksub.view(B, H, nb, r, D).sum(3) / cnt[:, None]
     if pseudo_keys == "mean" or r == 1:
         ksub = ksub / slot_cnt.clamp(min=1).to(ct)[:, None]
-        vsub = vsub / slot_cnt.clamp(min=1).to(ct)[:, None]
+        vsub = v_pad.view(B, H, nb * r, s, D).to(ct).sum(3) / slot_cnt.clamp(min=1).to(ct)[:, None]
         slot_cnt = slot_cnt.expand(B, H, -1)
     else:
         cent, vals, cnt_s = kmeans_slots(k_pad.view(B, H, nb, b, D).to(ct), v_pad.view(B, H, nb, b, D).to(ct),

@@ -58,7 +58,6 @@ import triton.language as tl
 
 from ..plan import BlockPlan
 from .pooling import pool_blocks_triton
-from .pseudo import KMEANS_ITERS
 from .pseudo_triton import pseudo_slots_triton
 
 __all__ = ["execute_block_plan", "block_meta", "sparse_ineligible", "sparse_ineligible_for", "sparse_attn_op", "sparse_attn_fwd", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
@@ -622,4 +621,4 @@ def execute_block_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
     v = v if v.stride(-1) == 1 else v.contiguous()
     starts, counts, log2n = block_meta(plan.blocks, str(q.device))
     return sparse_attn_op(q, k, v, plan.kv_keep, plan.row_ptr, plan.col_idx, starts, counts, log2n,
-                          int(bs), scale, int(plan.pseudo_block), 0 if plan.mean_pseudo_keys else KMEANS_ITERS)
+                          int(bs), scale, int(plan.pseudo_block), plan.pseudo_key_iterations)
