@@ -178,9 +178,10 @@ def test_kmeans_pseudo_keys_differ_from_sub_block_means(rng):
     layout = Layout([("target", 64), ("context", 64)])
     q, k, v = qkv(rng, 1, layout.num_tokens, 1, 64, torch.float32)
     k = k + 3.0 * torch.randn(1, 128, 1, 1, generator=torch.Generator().manual_seed(1)).sign()  # two key clusters
-    plan = random_plan(layout.blocks(32), 1, 1, rng)
-    out = {kind: sparse_attn.execute_block_plan(q, k, v, BlockPlan.from_masks(plan.blocks, plan.kv_keep, plan.exact_mask(),
-                                                                              pseudo_block=8, pseudo_keys=kind))
+    blocks = layout.blocks(32)
+    keep = torch.ones(1, 1, blocks.num_blocks, dtype=torch.bool)
+    exact = torch.eye(blocks.num_blocks, dtype=torch.bool)[None, None]  # every other block enters as pseudo-keys
+    out = {kind: sparse_attn.execute_block_plan(q, k, v, BlockPlan.from_masks(blocks, keep, exact, pseudo_block=8, pseudo_keys=kind))
            for kind in ("mean", "kmeans")}
     assert (out["mean"] - out["kmeans"]).abs().max() > 1e-3
 
